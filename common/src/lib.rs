@@ -1,0 +1,16 @@
+//! ferry-common: what the sender and the receiver must agree on.
+//!
+//! - [`manifest`]: the bundle manifest (`manifest.json`) and bundle file names;
+//! - [`bundle`]: writing a bundle as one zstd-compressed tar stream, manifest first;
+//! - [`reader`]: reading a bundle back, verifying every member's checksum and path;
+//! - [`ident`]: table names, and quoting identifiers and literals for SQL;
+//! - [`durable`]: write-to-temporary, fsync, rename.
+
+pub mod bundle;
+pub mod durable;
+pub mod ident;
+pub mod manifest;
+pub mod reader;
+
+pub use ident::TableName;
+pub use manifest::{Kind, Manifest, Member, Seq};

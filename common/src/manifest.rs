@@ -1,0 +1,231 @@
+//! The bundle manifest: `manifest.json`, always the first member of a bundle.
+//!
+//! It says what the bundle is (kind, sequence, what it builds on), what the source
+//! looked like (engine, version, tables and their columns, a schema fingerprint),
+//! and lists every other member with its size and SHA-256, so that a receiver can
+//! verify the whole bundle before it commits anything. See `docs/bundle-format.md`.
+
+use crate::TableName;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// The bundle format version this code writes and reads.
+pub const FORMAT: u32 = 1;
+
+/// A bundle's sequence number: strictly increasing per sender, without gaps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Seq(pub u64);
+
+impl fmt::Display for Seq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// What a bundle carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Every selected table whole, with schema: replaces the receiver's copy.
+    Complete,
+    /// The rows changed since the previous bundle, as upserts and deletes.
+    Partial,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Complete => "complete",
+            Kind::Partial => "partial",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The final file name of a bundle: `<sender>-<seq, 12 digits>-<kind>.tar.zst`.
+/// Names of one sender sort in sequence order.
+pub fn bundle_file_name(sender_id: &str, seq: Seq, kind: Kind) -> String {
+    format!("{sender_id}-{:012}-{kind}.tar.zst", seq.0)
+}
+
+/// Parses a final bundle file name back into (sender, seq, kind); `None` for
+/// anything else (temporary names, stray files).
+pub fn parse_bundle_file_name(name: &str) -> Option<(String, Seq, Kind)> {
+    let stem = name.strip_suffix(".tar.zst")?;
+    if stem.starts_with('.') {
+        return None;
+    }
+    let (rest, kind) = stem.rsplit_once('-')?;
+    let kind = match kind {
+        "complete" => Kind::Complete,
+        "partial" => Kind::Partial,
+        _ => return None,
+    };
+    let (sender, seq) = rest.rsplit_once('-')?;
+    if seq.len() != 12 || sender.is_empty() {
+        return None;
+    }
+    Some((sender.to_owned(), Seq(seq.parse().ok()?), kind))
+}
+
+/// The source database engine and its version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Source {
+    /// `postgresql` or `sqlite`.
+    pub engine: String,
+    pub version: String,
+}
+
+/// A column of a selected table, as the source describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Column {
+    pub name: String,
+    /// The source's type name (`format_type` on PostgreSQL, the declared type on SQLite).
+    #[serde(rename = "type")]
+    pub sql_type: String,
+    pub not_null: bool,
+}
+
+/// A foreign key between two selected tables.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForeignKey {
+    pub columns: Vec<String>,
+    pub references: TableName,
+    pub referenced_columns: Vec<String>,
+}
+
+/// A selected table: what a receiver needs to check and load its data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Table {
+    pub name: TableName,
+    pub columns: Vec<Column>,
+    pub primary_key: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub foreign_keys: Vec<ForeignKey>,
+    /// The change column partials select by; absent when the table is complete-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_column: Option<String>,
+}
+
+/// What a member holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// DDL that creates types and tables (complete only).
+    PreData,
+    /// DDL that adds indexes, constraints, foreign keys (complete only).
+    PostData,
+    /// `setval` calls for the tables' sequences (complete only).
+    Sequences,
+    /// One table's rows.
+    Data,
+    /// A media file.
+    Media,
+}
+
+/// How a data member is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataFormat {
+    /// PostgreSQL `COPY ... TO STDOUT` text format (tab-separated, `\N` for NULL).
+    PgCopyText,
+    /// JSON lines: `{"op":"upsert","row":{...}}` or `{"op":"delete","key":{...}}`.
+    JsonLines,
+}
+
+/// One member of the bundle besides the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub path: String,
+    pub role: Role,
+    pub size: u64,
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<TableName>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DataFormat>,
+    /// For media: the set name and the modification time (ns since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_set: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime_ns: Option<i128>,
+}
+
+/// The whole manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub sender_id: String,
+    pub kind: Kind,
+    pub seq: Seq,
+    /// The complete this bundle builds on (its own seq for a complete).
+    pub base_seq: Seq,
+    /// The bundle right before this one, if any: a receiver holds on a gap.
+    pub prev_seq: Option<Seq>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub source: Source,
+    /// SHA-256 over the selected tables' names, columns, types and keys.
+    pub schema_fingerprint: String,
+    pub tables: Vec<Table>,
+    /// The sender's change-capture watermarks after this bundle (per table, and
+    /// `"<deletes>"` for the delete log). Informational for receivers; the sender
+    /// uses them to recover its state after a crash.
+    #[serde(default)]
+    pub watermarks: BTreeMap<String, Option<String>>,
+    pub members: Vec<Member>,
+}
+
+impl Manifest {
+    /// Total rows over all data members.
+    pub fn rows(&self) -> u64 {
+        self.members.iter().filter_map(|m| m.rows).sum()
+    }
+}
+
+/// The fingerprint of a set of tables: stable under reordering of the tables.
+pub fn schema_fingerprint(tables: &[Table]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut sorted: Vec<&Table> = tables.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut h = Sha256::new();
+    for t in sorted {
+        h.update(format!("table {}\n", t.name.quoted()));
+        for c in &t.columns {
+            h.update(format!(
+                "  {} {} {}\n",
+                crate::ident::quote_ident(&c.name),
+                c.sql_type,
+                c.not_null
+            ));
+        }
+        h.update(format!("  pk {:?}\n", t.primary_key));
+    }
+    hex::encode(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_sort() {
+        let a = bundle_file_name("app-1", Seq(9), Kind::Partial);
+        let b = bundle_file_name("app-1", Seq(10), Kind::Complete);
+        assert!(a < b);
+        assert_eq!(
+            parse_bundle_file_name(&b),
+            Some(("app-1".to_owned(), Seq(10), Kind::Complete))
+        );
+        assert_eq!(parse_bundle_file_name(&format!(".{a}.tmp")), None);
+        assert_eq!(parse_bundle_file_name("x.tar.zst"), None);
+    }
+}
