@@ -91,6 +91,9 @@ pub struct Column {
     #[serde(rename = "type")]
     pub sql_type: String,
     pub not_null: bool,
+    /// A generated (computed) column: present in rows, never written by a loader.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub generated: bool,
 }
 
 /// A foreign key between two selected tables.

@@ -1,1 +1,19 @@
-//! sender
+//! ferry-sender: takes consistent complete snapshots and partial diffs of an
+//! application's database (PostgreSQL or SQLite) and its media files, and writes
+//! each as one verified bundle into a durable local outbox.
+//!
+//! A bundle's path through the sender, by module:
+//! [`extract`] (source engines, staging, media) → [`bundle`] (the writer thread) →
+//! [`outbox`] (durable names, crash recovery) → [`state`] (watermarks, history).
+//! [`job`] runs one complete or partial; [`report`] answers `status` and `check`.
+
+pub mod bundle;
+pub mod config;
+pub mod extract;
+pub mod job;
+pub mod lock;
+pub mod outbox;
+pub mod report;
+pub mod state;
+
+pub use config::Config;

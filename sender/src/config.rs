@@ -1,0 +1,422 @@
+//! The sender's configuration: one TOML file, validated right after loading and
+//! before any I/O. Unknown keys are errors that name the key (serde's
+//! `deny_unknown_fields`); every other error names the key and the fix.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// An error in the configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("could not read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {}: `{key}`: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// The whole sender configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Names this sender in bundle names and manifests: `[A-Za-z0-9_.]`, no `-`.
+    pub sender_id: String,
+    /// State (watermarks, history) and the outbox (`<state_dir>/outbox`).
+    pub state_dir: PathBuf,
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub partial: PartialConfig,
+    #[serde(default)]
+    pub bundle: BundleConfig,
+    #[serde(default)]
+    pub media: Vec<MediaSet>,
+}
+
+/// Where the application's database is and which tables to take.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// `postgres://user[:password]@host[:port]/db` or `sqlite:///path/to/db.sqlite3`.
+    pub url: String,
+    /// Table patterns (`schema.table`, `*` and `?` wildcards); default: every table.
+    #[serde(default)]
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Parallel readers for a complete (PostgreSQL): connections sharing one snapshot.
+    #[serde(default = "default_jobs")]
+    pub jobs: usize,
+    /// The `pg_dump` used for schema DDL (PostgreSQL); must be at least the server's version.
+    #[serde(default = "default_pg_dump")]
+    pub pg_dump: PathBuf,
+    /// PostgreSQL: the time zone the application writes `timestamp without time
+    /// zone` change columns in (Django with `USE_TZ = False`: its `TIME_ZONE`).
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+}
+
+// The URL may hold a password: never print it.
+impl std::fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("url", &redact_url(&self.url))
+            .field("include", &self.include)
+            .field("exclude", &self.exclude)
+            .field("jobs", &self.jobs)
+            .finish()
+    }
+}
+
+fn default_jobs() -> usize {
+    2
+}
+
+fn default_timezone() -> String {
+    "UTC".to_owned()
+}
+
+fn default_pg_dump() -> PathBuf {
+    PathBuf::from("pg_dump")
+}
+
+/// How partials select changed rows and capture deletes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PartialConfig {
+    /// The change column of every table unless overridden.
+    pub change_column: Option<String>,
+    /// How far behind the safe horizon the next partial starts again: covers
+    /// application clocks that stamp rows slightly before their transaction
+    /// starts. Re-sent rows are harmless upserts.
+    #[serde(with = "humantime_serde_compat")]
+    pub overlap: Duration,
+    /// `"trigger"`: the sender installs delete-capture triggers and a log table;
+    /// `"off"`: deletes are not captured (and the sender removes its triggers).
+    pub deletes: DeleteCapture,
+    /// How long delete-log entries are kept after the watermark passed them.
+    #[serde(with = "humantime_serde_compat")]
+    pub delete_log_retention: Duration,
+    /// Per-table settings; keys are `schema.table` (case-sensitive).
+    pub tables: BTreeMap<String, TableOverride>,
+}
+
+impl Default for PartialConfig {
+    fn default() -> Self {
+        Self {
+            change_column: None,
+            overlap: Duration::from_secs(60),
+            deletes: DeleteCapture::Trigger,
+            delete_log_retention: Duration::from_secs(7 * 86400),
+            tables: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeleteCapture {
+    Trigger,
+    Off,
+}
+
+/// Per-table partial settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TableOverride {
+    pub change_column: Option<String>,
+    /// `false`: the table travels in completes only (e.g. it has no primary key).
+    pub partial: Option<bool>,
+}
+
+/// Bundle compression.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BundleConfig {
+    pub zstd_level: i32,
+    pub zstd_workers: u32,
+}
+
+impl Default for BundleConfig {
+    fn default() -> Self {
+        Self {
+            zstd_level: 3,
+            zstd_workers: 2,
+        }
+    }
+}
+
+/// A directory of media files shipped with the rows.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediaSet {
+    /// The set's name: bundle paths are `media/<name>/<relative path>`.
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// `humantime` strings (`"90s"`, `"5m"`, `"7d"`) for `Duration` fields.
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a duration ({e}); write e.g. \"90s\", \"5m\" or \"7d\""
+            ))
+        })
+    }
+}
+
+/// The database engine a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Postgres,
+    Sqlite,
+}
+
+impl SourceConfig {
+    pub fn engine(&self) -> Option<Engine> {
+        if self.url.starts_with("postgres://") || self.url.starts_with("postgresql://") {
+            Some(Engine::Postgres)
+        } else if self.url.starts_with("sqlite:") {
+            Some(Engine::Sqlite)
+        } else {
+            None
+        }
+    }
+}
+
+/// The URL with any password replaced by `***`, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text (`path` is for messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        if self.sender_id.is_empty()
+            || !self
+                .sender_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+            || self.sender_id.starts_with('.')
+        {
+            return Err(invalid(
+                "sender_id",
+                format!(
+                    "{:?} must be non-empty and use only letters, digits, `_` and `.` \
+                     (not starting with `.`), e.g. \"transapp\"",
+                    self.sender_id
+                ),
+            ));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(invalid(
+                "state_dir",
+                format!(
+                    "{} must be an absolute path, e.g. \"/var/lib/ferry-sender\"",
+                    self.state_dir.display()
+                ),
+            ));
+        }
+        if self.source.engine().is_none() {
+            return Err(invalid(
+                "source.url",
+                format!(
+                    "{} is neither postgres://… nor sqlite://…; write e.g. \
+                     \"postgres://ferry@127.0.0.1/app\" or \"sqlite:///srv/app/db.sqlite3\"",
+                    redact_url(&self.source.url)
+                ),
+            ));
+        }
+        for (key, patterns) in [
+            ("source.include", &self.source.include),
+            ("source.exclude", &self.source.exclude),
+        ] {
+            for p in patterns {
+                if let Err(e) = glob::Pattern::new(p) {
+                    return Err(invalid(key, format!("pattern {p:?} is invalid: {e}")));
+                }
+            }
+        }
+        if self.source.timezone.is_empty()
+            || !self
+                .source
+                .timezone
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "/_+-:".contains(c))
+        {
+            return Err(invalid(
+                "source.timezone",
+                format!("{:?} is not a time zone name, e.g. \"Europe/Berlin\"", self.source.timezone),
+            ));
+        }
+        if self.source.jobs == 0 || self.source.jobs > 64 {
+            return Err(invalid("source.jobs", "must be between 1 and 64".into()));
+        }
+        if !(1..=19).contains(&self.bundle.zstd_level) {
+            return Err(invalid("bundle.zstd_level", "must be between 1 and 19".into()));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, m) in self.media.iter().enumerate() {
+            let ok = !m.name.is_empty()
+                && m.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+                && !m.name.starts_with('.');
+            if !ok {
+                return Err(invalid(
+                    &format!("media[{i}].name"),
+                    format!("{:?} must use only letters, digits, `_`, `-`, `.`", m.name),
+                ));
+            }
+            if !names.insert(&m.name) {
+                return Err(invalid(
+                    &format!("media[{i}].name"),
+                    format!("{:?} is used twice; every media set needs its own name", m.name),
+                ));
+            }
+            if !m.path.is_absolute() {
+                return Err(invalid(
+                    &format!("media[{i}].path"),
+                    format!("{} must be an absolute path", m.path.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn outbox(&self) -> PathBuf {
+        self.state_dir.join("outbox")
+    }
+
+    /// The change column for a table (`schema.table` as configured), if any.
+    pub fn change_column(&self, table: &str) -> Option<&str> {
+        self.partial
+            .tables
+            .get(table)
+            .and_then(|t| t.change_column.as_deref())
+            .or(self.partial.change_column.as_deref())
+    }
+
+    /// Whether partials include this table (default: yes).
+    pub fn partial_enabled(&self, table: &str) -> bool {
+        self.partial
+            .tables
+            .get(table)
+            .and_then(|t| t.partial)
+            .unwrap_or(true)
+    }
+}
+
+/// The commented example configuration (also `ferry-sender example-config`).
+pub const EXAMPLE: &str = include_str!("../../docs/sender.example.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn example_parses() {
+        let c = parse(EXAMPLE).unwrap();
+        assert_eq!(c.sender_id, "transapp");
+        assert_eq!(
+            c.change_column("public.AndroidRequests_report"),
+            Some("timeStamp")
+        );
+        assert_eq!(c.change_column("public.other"), Some("updated_at"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse(
+            "sender_id='a'\nstate_dir='/x'\n[source]\nurl='sqlite:///x'\nincludes=['a']\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown field `includes`"), "{e}");
+        assert!(e.contains("include"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_fix() {
+        let e = parse("sender_id='a-b'\nstate_dir='/x'\n[source]\nurl='sqlite:///x'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`sender_id`"), "{e}");
+        let e = parse("sender_id='a'\nstate_dir='/x'\n[source]\nurl='mysql://x'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`source.url`") && e.contains("postgres://"), "{e}");
+        let e = parse(
+            "sender_id='a'\nstate_dir='/x'\n[source]\nurl='sqlite:///x'\n[partial]\noverlap='soon'\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("overlap") && e.contains("\"5m\""), "{e}");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5/db"),
+            "postgres://u:***@h:5/db"
+        );
+        let c = parse("sender_id='a'\nstate_dir='/x'\n[source]\nurl='postgres://u:pw@h/db'\n")
+            .unwrap();
+        assert!(!format!("{c:?}").contains("pw"));
+    }
+}

@@ -1,0 +1,274 @@
+//! Extraction: reading the application's database into staged bundle members.
+//!
+//! One [`Source`] per engine (PostgreSQL, SQLite) behind a small enum; the rest
+//! of the sender never branches on the engine. A source
+//! - lists the selected tables with their columns, keys and change columns;
+//! - takes a *complete*: one consistent snapshot of every selected table, plus
+//!   schema DDL, and the starting watermarks for the partials that follow;
+//! - takes a *partial*: in one snapshot, the rows whose change column is at or past
+//!   each table's watermark, the rows they reference (transitively, through foreign
+//!   keys), and the deletes the delete log recorded since the last watermark; plus
+//!   new, *safe* watermarks (see `docs/change-capture.md`).
+//!
+//! Members are staged as files ([`stage`]) and handed to the bundle writer as they
+//! finish; watermarks are returned, and only stored once the bundle is durable.
+
+pub mod media;
+pub mod postgres;
+pub mod select;
+pub mod sqlite;
+pub mod stage;
+
+use crate::config::{Config, Engine};
+use ferry_common::manifest::{self, Source as SourceInfo};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+pub use stage::{Stager, Staged};
+
+/// The key under which the delete log's watermark is stored.
+pub const DELETES_KEY: &str = "<deletes>";
+
+/// Watermarks by table (`schema.table`) plus [`DELETES_KEY`]. `None`: no bound,
+/// the next partial takes every row.
+pub type Watermarks = BTreeMap<String, Option<String>>;
+
+/// An error while reading the source database.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    #[error("could not connect to the source database {url}: {source}; check `source.url`, that the server is running and that the user may log in")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("source database error while {doing}: {source}")]
+    Db {
+        doing: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("{0}")]
+    Selection(String),
+    #[error("pg_dump failed while dumping the schema ({what}): {message}")]
+    PgDump { what: String, message: String },
+    #[error("could not stage {what}: {source}")]
+    Stage {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the bundle writer stopped: {0}")]
+    WriterGone(String),
+}
+
+impl ExtractError {
+    pub(crate) fn db(doing: impl Into<String>) -> impl FnOnce(sqlx::Error) -> Self {
+        let doing = doing.into();
+        move |source| ExtractError::Db { doing, source }
+    }
+
+    pub(crate) fn stage(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| ExtractError::Stage { what, source }
+    }
+
+    /// Whether trying again later can help (the database was down or busy).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ExtractError::Connect { .. } => true,
+            ExtractError::Db { source, .. } => matches!(
+                source,
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_)
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// How a change column is compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// A point in time (PostgreSQL date/timestamp/timestamptz; SQLite text datetimes).
+    Timestamp,
+    /// A number assigned in commit order (SQLite integer or real columns only).
+    Number,
+}
+
+/// A selected table as the sender sees it.
+#[derive(Debug, Clone)]
+pub struct TableMeta {
+    pub info: manifest::Table,
+    /// The configured change column and how it compares; `None` when partials skip
+    /// the table.
+    pub change: Option<(String, ChangeKind)>,
+    /// Whether an index starts with the change column.
+    pub change_indexed: bool,
+    /// A size estimate used to start the largest tables first.
+    pub size_hint: i64,
+}
+
+impl TableMeta {
+    pub fn key(&self) -> String {
+        self.info.name.to_string()
+    }
+}
+
+/// Settings the extraction needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct ExtractSettings {
+    pub overlap: Duration,
+    pub capture_deletes: bool,
+    pub delete_log_retention: Duration,
+    pub jobs: usize,
+}
+
+impl ExtractSettings {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            overlap: config.partial.overlap,
+            capture_deletes: config.partial.deletes == crate::config::DeleteCapture::Trigger,
+            delete_log_retention: config.partial.delete_log_retention,
+            jobs: config.source.jobs,
+        }
+    }
+}
+
+/// What a complete or a partial produced besides its staged members.
+#[derive(Debug, Default)]
+pub struct Extracted {
+    pub watermarks: Watermarks,
+}
+
+/// The source database.
+pub enum Source {
+    Postgres(postgres::PgSource),
+    Sqlite(sqlite::SqliteSource),
+}
+
+impl Source {
+    /// Connects to the configured source.
+    pub async fn connect(config: &Config) -> Result<Self, ExtractError> {
+        match config.source.engine() {
+            Some(Engine::Postgres) => Ok(Source::Postgres(
+                postgres::PgSource::connect(&config.source).await?,
+            )),
+            Some(Engine::Sqlite) => Ok(Source::Sqlite(
+                sqlite::SqliteSource::connect(&config.source.url).await?,
+            )),
+            None => Err(ExtractError::Selection(
+                "source.url names no supported engine".into(),
+            )),
+        }
+    }
+
+    pub fn info(&self) -> SourceInfo {
+        match self {
+            Source::Postgres(s) => s.info(),
+            Source::Sqlite(s) => s.info(),
+        }
+    }
+
+    /// The selected tables, with their change columns resolved and checked.
+    /// `for_partial` makes missing change columns and primary keys errors.
+    pub async fn tables(&mut self, config: &Config) -> Result<Vec<TableMeta>, ExtractError> {
+        let all = match self {
+            Source::Postgres(s) => s.catalog().await?,
+            Source::Sqlite(s) => s.catalog().await?,
+        };
+        select::resolve(config, all, matches!(self, Source::Postgres(_)))
+    }
+
+    /// Takes a complete snapshot of `tables` into `stager`.
+    pub async fn complete(
+        &mut self,
+        tables: &[TableMeta],
+        settings: &ExtractSettings,
+        stager: &Stager,
+    ) -> Result<Extracted, ExtractError> {
+        match self {
+            Source::Postgres(s) => s.complete(tables, settings, stager).await,
+            Source::Sqlite(s) => s.complete(tables, settings, stager).await,
+        }
+    }
+
+    /// Takes a partial: changes since `watermarks`.
+    pub async fn partial(
+        &mut self,
+        tables: &[TableMeta],
+        watermarks: &Watermarks,
+        settings: &ExtractSettings,
+        stager: &Stager,
+    ) -> Result<Extracted, ExtractError> {
+        match self {
+            Source::Postgres(s) => s.partial(tables, watermarks, settings, stager).await,
+            Source::Sqlite(s) => s.partial(tables, watermarks, settings, stager).await,
+        }
+    }
+
+    /// Installs (or, when `enabled` is false, removes) the delete-capture triggers.
+    pub async fn set_delete_capture(
+        &mut self,
+        tables: &[TableMeta],
+        enabled: bool,
+    ) -> Result<(), ExtractError> {
+        match self {
+            Source::Postgres(s) => s.set_delete_capture(tables, enabled).await,
+            Source::Sqlite(s) => s.set_delete_capture(tables, enabled).await,
+        }
+    }
+
+    /// Removes delete-log entries older than `before_watermark` minus `retention`.
+    pub async fn prune_delete_log(
+        &mut self,
+        watermark: Option<&str>,
+        retention: Duration,
+    ) -> Result<u64, ExtractError> {
+        match self {
+            Source::Postgres(s) => s.prune_delete_log(watermark, retention).await,
+            Source::Sqlite(s) => s.prune_delete_log(watermark, retention).await,
+        }
+    }
+}
+
+/// Tables in partial mode, and the foreign keys among them (child index, fk).
+pub(crate) fn partial_graph(tables: &[TableMeta]) -> Vec<(usize, usize, &manifest::ForeignKey)> {
+    let mut edges = Vec::new();
+    for (ci, child) in tables.iter().enumerate() {
+        if child.change.is_none() {
+            continue;
+        }
+        for fk in &child.info.foreign_keys {
+            if let Some(pi) = tables
+                .iter()
+                .position(|t| t.info.name == fk.references && t.change.is_some())
+            {
+                edges.push((ci, pi, fk));
+            }
+        }
+    }
+    edges
+}
+
+/// `a.x = b.y AND …` over pairs of columns.
+pub(crate) fn join_on(a: &str, a_cols: &[String], b: &str, b_cols: &[String]) -> String {
+    use ferry_common::ident::quote_ident;
+    a_cols
+        .iter()
+        .zip(b_cols)
+        .map(|(x, y)| format!("{a}.{} = {b}.{}", quote_ident(x), quote_ident(y)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// A comma-separated list of quoted columns, each prefixed with `prefix.` if given.
+pub(crate) fn column_list(prefix: Option<&str>, cols: &[String]) -> String {
+    use ferry_common::ident::quote_ident;
+    cols.iter()
+        .map(|c| match prefix {
+            Some(p) => format!("{p}.{}", quote_ident(c)),
+            None => quote_ident(c),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}

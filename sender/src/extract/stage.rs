@@ -1,0 +1,185 @@
+//! Staging: members are written to files in the staging directory (hashing and
+//! counting rows on the way) and handed to the bundle writer when complete. The
+//! writer needs each member's size before its bytes, so a member cannot be
+//! streamed straight into the tar.
+
+use super::ExtractError;
+use ferry_common::bundle::HashingWriter;
+use ferry_common::manifest::Member;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::mpsc;
+
+/// A finished staged member, ready for the bundle writer.
+#[derive(Debug)]
+pub struct Staged {
+    /// Path, role, table, rows and format; size and sha256 are filled by the writer.
+    pub member: Member,
+    pub file: PathBuf,
+    pub sha256: String,
+}
+
+/// Creates staged files and forwards finished ones to the bundle writer.
+#[derive(Clone)]
+pub struct Stager {
+    dir: PathBuf,
+    counter: std::sync::Arc<AtomicU64>,
+    tx: mpsc::Sender<Staged>,
+}
+
+impl Stager {
+    pub fn new(dir: &Path, tx: mpsc::Sender<Staged>) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            counter: Default::default(),
+            tx,
+        }
+    }
+
+    /// A fresh file name in the staging directory.
+    pub fn new_path(&self) -> PathBuf {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        self.dir.join(format!(".stage-{n}"))
+    }
+
+    /// Opens a staged file for a member.
+    pub fn create(&self, member: Member) -> Result<StageWriter, ExtractError> {
+        let path = self.new_path();
+        let file = File::create(&path).map_err(ExtractError::stage(member.path.clone()))?;
+        Ok(StageWriter {
+            writer: HashingWriter::new(BufWriter::with_capacity(256 * 1024, file)),
+            path,
+            member,
+            rows: 0,
+        })
+    }
+
+    /// Hands a finished member to the bundle writer.
+    pub async fn send(&self, staged: Staged) -> Result<(), ExtractError> {
+        self.tx
+            .send(staged)
+            .await
+            .map_err(|_| ExtractError::WriterGone("bundle writer closed its queue".into()))
+    }
+}
+
+/// A member being staged. Blocking I/O: use it on a blocking thread, or for
+/// small members.
+pub struct StageWriter {
+    writer: HashingWriter<BufWriter<File>>,
+    path: PathBuf,
+    member: Member,
+    rows: u64,
+}
+
+impl StageWriter {
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), ExtractError> {
+        self.writer
+            .write_all(bytes)
+            .map_err(ExtractError::stage(self.member.path.clone()))
+    }
+
+    /// Writes one line (a JSON change) and counts it as a row.
+    pub fn write_line(&mut self, line: &[u8]) -> Result<(), ExtractError> {
+        self.write(line)?;
+        self.write(b"\n")?;
+        self.rows += 1;
+        Ok(())
+    }
+
+    pub fn add_rows(&mut self, rows: u64) {
+        self.rows += rows;
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Flushes and closes the file (fsync happens on the whole bundle, not here).
+    pub fn finish(self, count_rows: bool) -> Result<Staged, ExtractError> {
+        let (buffered, sha256) = self
+            .writer
+            .finish()
+            .map_err(ExtractError::stage(self.member.path.clone()))?;
+        drop(buffered);
+        let mut member = self.member;
+        if count_rows {
+            member.rows = Some(self.rows);
+        }
+        Ok(Staged {
+            member,
+            file: self.path,
+            sha256,
+        })
+    }
+}
+
+/// A member template: everything but size and checksum.
+pub fn member(path: String, role: ferry_common::manifest::Role) -> Member {
+    Member {
+        path,
+        role,
+        size: 0,
+        sha256: String::new(),
+        table: None,
+        rows: None,
+        format: None,
+        media_set: None,
+        mtime_ns: None,
+    }
+}
+
+/// Feeds a [`StageWriter`] on a blocking thread from async code, in batches.
+pub struct BlockingSink {
+    tx: mpsc::Sender<Vec<u8>>,
+    handle: tokio::task::JoinHandle<Result<Staged, ExtractError>>,
+}
+
+impl BlockingSink {
+    /// `count_newlines`: every `\n` ends one row (COPY text, JSON lines).
+    pub fn spawn(mut writer: StageWriter, count_newlines: bool) -> Self {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
+        let handle = tokio::task::spawn_blocking(move || {
+            while let Some(buf) = rx.blocking_recv() {
+                if count_newlines {
+                    writer.add_rows(buf.iter().filter(|&&b| b == b'\n').count() as u64);
+                }
+                writer.write(&buf)?;
+            }
+            writer.finish(true)
+        });
+        Self { tx, handle }
+    }
+
+    pub async fn send(&self, buf: Vec<u8>) -> Result<(), ExtractError> {
+        if self.tx.send(buf).await.is_err() {
+            return Err(ExtractError::WriterGone("staging thread stopped".into()));
+        }
+        Ok(())
+    }
+
+    /// Waits for the staged file; returns the writer's error if it failed.
+    pub async fn finish(self) -> Result<Staged, ExtractError> {
+        drop(self.tx);
+        self.handle
+            .await
+            .map_err(|e| ExtractError::WriterGone(format!("staging thread panicked: {e}")))?
+    }
+}
+
+/// Collects small chunks into batches of about `BATCH` bytes.
+pub const BATCH: usize = 256 * 1024;
+
+/// Stages a small text member (schema DDL).
+pub async fn stage_text(
+    stager: &Stager,
+    path: &str,
+    role: ferry_common::manifest::Role,
+    text: String,
+) -> Result<(), ExtractError> {
+    let mut w = stager.create(member(path.into(), role))?;
+    w.write(text.as_bytes())?;
+    stager.send(w.finish(false)?).await
+}

@@ -1,0 +1,218 @@
+//! One job: a complete or a partial, from the lock to the committed state.
+//!
+//! extract → stage → bundle → outbox → state. The watermarks move only after the
+//! bundle is durable in the outbox; an interrupted job leaves temporaries that the
+//! next start removes, and the same rows are taken again.
+
+use crate::bundle::Assembly;
+use crate::config::Config;
+use crate::extract::{
+    DELETES_KEY, ExtractError, ExtractSettings, Source, Stager, TableMeta, media,
+};
+use crate::lock::{LockError, StateLock};
+use crate::outbox::{self, OutboxError};
+use crate::state::{State, StateError};
+use ferry_common::bundle::Compression;
+use ferry_common::manifest::{self, FORMAT, Kind, Manifest, Seq};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Why a job failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Extract(#[from] ExtractError),
+    #[error("could not write the bundle: {0}")]
+    Write(#[from] ferry_common::bundle::WriteError),
+    #[error("no complete bundle yet, so a partial has nothing to build on: run `ferry-sender complete` first")]
+    NoComplete,
+}
+
+impl JobError {
+    /// Whether the same job can succeed later without anyone changing anything.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            JobError::Lock(LockError::Busy { .. }) => true,
+            JobError::Extract(e) => e.is_transient(),
+            JobError::Write(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// What a job produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobOutcome {
+    pub kind: Kind,
+    /// `None` when a partial found nothing to send (no bundle written).
+    pub seq: Option<u64>,
+    pub file: Option<PathBuf>,
+    pub rows: u64,
+    pub bytes: u64,
+    pub tables: usize,
+    pub media_files: u64,
+    pub duration_ms: u64,
+    /// Set when a partial was asked for but the schema changed since the complete.
+    pub note: Option<String>,
+}
+
+/// Takes a complete or a partial. Holds the state lock for its duration.
+pub async fn run(config: &Config, requested: Kind) -> Result<JobOutcome, JobError> {
+    let started = Instant::now();
+    let _lock = StateLock::acquire(&config.state_dir)?;
+    outbox::prepare(&config.state_dir)?;
+    let mut state = State::open(&config.state_dir).await?;
+    let outbox_dir = config.outbox();
+    outbox::recover(&mut state, &outbox_dir, &config.sender_id).await?;
+
+    let mut source = Source::connect(config).await?;
+    let tables = source.tables(config).await?;
+    let settings = ExtractSettings::from_config(config);
+    let fingerprint = manifest::schema_fingerprint(
+        &tables.iter().map(|t| t.info.clone()).collect::<Vec<_>>(),
+    );
+
+    let mut kind = requested;
+    let mut note = None;
+    let last_complete = state.last(Some(Kind::Complete)).await?;
+    if kind == Kind::Partial {
+        match &last_complete {
+            None => return Err(JobError::NoComplete),
+            Some(c) if c.schema_fingerprint != fingerprint => {
+                let msg = format!(
+                    "the selected tables' schema changed since complete #{} (columns, types or \
+                     keys): taking a complete instead of a partial",
+                    c.seq
+                );
+                tracing::warn!(base_seq = c.seq, "{msg}");
+                note = Some(msg);
+                kind = Kind::Complete;
+            }
+            Some(_) => {}
+        }
+    }
+    if !settings.capture_deletes {
+        source.set_delete_capture(&tables, false).await?;
+    }
+
+    let seq = state.next_seq().await?;
+    let prev_seq = state.last(None).await?.map(|b| Seq(b.seq));
+    let base_seq = match kind {
+        Kind::Complete => seq,
+        Kind::Partial => Seq(last_complete.as_ref().map_or(seq.0, |c| c.seq)),
+    };
+    let watermarks_before = state.watermarks().await?;
+
+    let staging = outbox::staging_dir(&config.state_dir);
+    let compression = Compression {
+        level: config.bundle.zstd_level,
+        workers: config.bundle.zstd_workers,
+    };
+    let assembly = Assembly::start(&staging.join(".body"), compression)?;
+    let stager = Stager::new(&staging, assembly.tx.clone());
+    let extracted = match kind {
+        Kind::Complete => source.complete(&tables, &settings, &stager).await,
+        Kind::Partial => {
+            source
+                .partial(&tables, &watermarks_before, &settings, &stager)
+                .await
+        }
+    };
+    let media_files = match extracted {
+        Ok(_) => {
+            let index = (kind == Kind::Partial).then_some(&mut state);
+            media::stage_media(&config.media, index, &stager).await
+        }
+        Err(_) => Ok(0),
+    };
+    drop(stager);
+    let writer = assembly.finish().await;
+    let extracted = extracted?;
+    let media_files = media_files?;
+    let writer = writer?;
+
+    let rows = crate::bundle::data_rows(writer.members());
+    if kind == Kind::Partial && rows == 0 && media_files == 0 {
+        // Nothing changed: no bundle, and the watermarks stay where they are
+        // (always safe; the next partial looks again from the same point).
+        tracing::info!(tables = tables.len(), "no changes since the last bundle");
+        return Ok(JobOutcome {
+            kind,
+            seq: None,
+            file: None,
+            rows: 0,
+            bytes: 0,
+            tables: tables.len(),
+            media_files: 0,
+            duration_ms: started.elapsed().as_millis() as u64,
+            note,
+        });
+    }
+
+    let manifest = Manifest {
+        format: FORMAT,
+        sender_id: config.sender_id.clone(),
+        kind,
+        seq,
+        base_seq,
+        prev_seq,
+        created_at: chrono::Utc::now(),
+        source: source.info(),
+        schema_fingerprint: fingerprint,
+        tables: tables.iter().map(|t: &TableMeta| t.info.clone()).collect(),
+        watermarks: extracted.watermarks.clone(),
+        members: writer.members().to_vec(),
+    };
+    let file_name = manifest::bundle_file_name(&config.sender_id, seq, kind);
+    let final_path = outbox_dir.join(&file_name);
+    let bytes = tokio::task::spawn_blocking({
+        let manifest = manifest.clone();
+        let final_path = final_path.clone();
+        move || writer.finish(&manifest, &final_path)
+    })
+    .await
+    .map_err(|e| ExtractError::WriterGone(format!("bundle writer panicked: {e}")))??;
+    let duration_ms = started.elapsed().as_millis() as u64;
+    state
+        .commit_bundle(&manifest, &file_name, bytes, duration_ms)
+        .await?;
+    tracing::info!(
+        bundle = %file_name,
+        seq = seq.0,
+        kind = %kind,
+        rows,
+        bytes,
+        media_files,
+        duration_ms,
+        "bundle written"
+    );
+
+    if settings.capture_deletes {
+        let wm = extracted.watermarks.get(DELETES_KEY).cloned().flatten();
+        match source
+            .prune_delete_log(wm.as_deref(), settings.delete_log_retention)
+            .await
+        {
+            Ok(n) if n > 0 => tracing::info!(entries = n, "delete log pruned"),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "could not prune the delete log"),
+        }
+    }
+    Ok(JobOutcome {
+        kind,
+        seq: Some(seq.0),
+        file: Some(final_path),
+        rows,
+        bytes,
+        tables: tables.len(),
+        media_files,
+        duration_ms,
+        note,
+    })
+}

@@ -1,0 +1,64 @@
+//! The state-directory lock: one ferry-sender at a time per `state_dir`, so two
+//! jobs never allocate the same sequence number or move the same watermark. The OS
+//! releases the lock when the process dies, even on `kill -9`.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("another ferry-sender is working in {} (its lock {} is held); wait for it to finish or stop it", dir.display(), lock.display())]
+    Busy { dir: PathBuf, lock: PathBuf },
+    #[error("could not create or lock {}: {source}; check that the state directory exists and is writable by this user", lock.display())]
+    Io {
+        lock: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Held for as long as the value lives.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
+}
+
+impl StateLock {
+    pub fn acquire(state_dir: &Path) -> Result<Self, LockError> {
+        let lock = state_dir.join("lock");
+        let io = |source| LockError::Io {
+            lock: lock.clone(),
+            source,
+        };
+        std::fs::create_dir_all(state_dir).map_err(io)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Self { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Busy {
+                dir: state_dir.to_owned(),
+                lock,
+            }),
+            Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_lock_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = StateLock::acquire(dir.path()).unwrap();
+        let e = StateLock::acquire(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("another ferry-sender"), "{e}");
+        drop(first);
+        StateLock::acquire(dir.path()).unwrap();
+    }
+}

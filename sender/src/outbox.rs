@@ -1,0 +1,123 @@
+//! The outbox: `<state_dir>/outbox`, where finished bundles wait to be pushed.
+//!
+//! Only final names (`<sender>-<seq>-<kind>.tar.zst`) are bundles; names starting
+//! with `.` are temporaries that a crash may leave behind and that are removed at
+//! start. Staged members live in `<state_dir>/staging`, emptied at start too.
+
+use crate::state::{State, StateError};
+use ferry_common::durable::is_temp_name;
+use ferry_common::manifest::{Seq, parse_bundle_file_name};
+use ferry_common::reader::{Limits, read_manifest};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("outbox {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("bundle {} in the outbox could not be read back ({source}); move it aside and run again", path.display())]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: ferry_common::reader::ReadError,
+    },
+}
+
+/// A bundle waiting in the outbox.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Pending {
+    pub seq: u64,
+    pub kind: String,
+    pub file: String,
+    pub bytes: u64,
+}
+
+pub fn staging_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("staging")
+}
+
+/// Creates the outbox and staging directories and removes temporaries left by a
+/// crash. Call with the state lock held.
+pub fn prepare(state_dir: &Path) -> Result<(), OutboxError> {
+    let outbox = state_dir.join("outbox");
+    let staging = staging_dir(state_dir);
+    for dir in [&outbox, &staging] {
+        std::fs::create_dir_all(dir).map_err(|source| OutboxError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    for dir in [&outbox, &staging] {
+        let entries = std::fs::read_dir(dir).map_err(|source| OutboxError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if is_temp_name(&name) {
+                tracing::warn!(file = %e.path().display(), "removing a temporary file left by an interrupted run");
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The finished bundles of `sender_id` in the outbox, in sequence order.
+pub fn list(outbox: &Path, sender_id: &str) -> Result<Vec<Pending>, OutboxError> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(outbox) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(source) => {
+            return Err(OutboxError::Io {
+                path: outbox.to_owned(),
+                source,
+            });
+        }
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some((sender, seq, kind)) = parse_bundle_file_name(&name)
+            && sender == sender_id
+        {
+            out.push(Pending {
+                seq: seq.0,
+                kind: kind.to_string(),
+                file: name,
+                bytes: e.metadata().map(|m| m.len()).unwrap_or(0),
+            });
+        }
+    }
+    out.sort_by_key(|p| p.seq);
+    Ok(out)
+}
+
+/// Adopts bundles that reached the outbox but not the state (a crash between the
+/// rename and the state commit): their manifests carry the watermarks.
+pub async fn recover(
+    state: &mut State,
+    outbox: &Path,
+    sender_id: &str,
+) -> Result<(), OutboxError> {
+    let last = state.last(None).await?.map_or(0, |b| b.seq);
+    for p in list(outbox, sender_id)? {
+        if p.seq <= last {
+            continue;
+        }
+        let path = outbox.join(&p.file);
+        let manifest = read_manifest(&path, &Limits::default())
+            .map_err(|source| OutboxError::Unreadable { path: path.clone(), source })?;
+        if manifest.seq != Seq(p.seq) {
+            continue;
+        }
+        tracing::warn!(bundle = %p.file, seq = p.seq, "adopting a bundle the previous run wrote but did not record");
+        state.commit_bundle(&manifest, &p.file, p.bytes, 0).await?;
+    }
+    Ok(())
+}

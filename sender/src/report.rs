@@ -1,0 +1,264 @@
+//! `status` and `check`: what the sender has done, and whether it can work.
+
+use crate::config::{Config, Engine, redact_url};
+use crate::extract::{ChangeKind, Source, Watermarks};
+use crate::outbox::{self, Pending};
+use crate::state::{BundleRecord, State};
+use ferry_common::manifest::Kind;
+use serde::Serialize;
+
+/// `ferry-sender status`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub sender_id: String,
+    pub state_dir: String,
+    pub last_complete: Option<BundleRecord>,
+    pub last_partial: Option<BundleRecord>,
+    pub watermarks: Watermarks,
+    pub outbox: Vec<Pending>,
+    pub outbox_bytes: u64,
+}
+
+/// Reads the status without taking the lock (it only reads).
+pub async fn status(config: &Config) -> anyhow::Result<Status> {
+    let mut s = Status {
+        sender_id: config.sender_id.clone(),
+        state_dir: config.state_dir.display().to_string(),
+        last_complete: None,
+        last_partial: None,
+        watermarks: Watermarks::new(),
+        outbox: outbox::list(&config.outbox(), &config.sender_id)?,
+        outbox_bytes: 0,
+    };
+    s.outbox_bytes = s.outbox.iter().map(|p| p.bytes).sum();
+    if config.state_dir.join("state.db").exists() {
+        let mut state = State::open(&config.state_dir).await?;
+        s.last_complete = state.last(Some(Kind::Complete)).await?;
+        s.last_partial = state.last(Some(Kind::Partial)).await?;
+        s.watermarks = state.watermarks().await?;
+    }
+    Ok(s)
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "sender {}  (state {})", self.sender_id, self.state_dir)?;
+        for (label, b) in [("complete", &self.last_complete), ("partial", &self.last_partial)] {
+            match b {
+                Some(b) => writeln!(
+                    f,
+                    "last {label:<8} #{} at {}  {} rows  {} bytes  {} ms  ({})",
+                    b.seq, b.created_at, b.rows, b.bytes, b.duration_ms, b.file
+                )?,
+                None => writeln!(f, "last {label:<8} none")?,
+            }
+        }
+        if self.watermarks.is_empty() {
+            writeln!(f, "watermarks: none (no complete yet)")?;
+        } else {
+            writeln!(f, "watermarks (partials resend rows changed at or after):")?;
+            for (k, v) in &self.watermarks {
+                writeln!(f, "  {k:<40} {}", v.as_deref().unwrap_or("(all rows)"))?;
+            }
+        }
+        writeln!(
+            f,
+            "outbox: {} bundle(s), {} bytes",
+            self.outbox.len(),
+            self.outbox_bytes
+        )?;
+        for p in &self.outbox {
+            writeln!(f, "  {}  {} bytes", p.file, p.bytes)?;
+        }
+        Ok(())
+    }
+}
+
+/// One line of `check`.
+#[derive(Debug, Serialize)]
+pub struct Finding {
+    pub level: Level,
+    pub what: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    Warn,
+    Error,
+}
+
+/// `ferry-sender check`: config, database, tables, change columns and their
+/// indexes, pg_dump, privileges, media sets and the state directory.
+pub async fn check(config: &Config) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut push = |level, what: String| out.push(Finding { level, what });
+    push(Level::Ok, "configuration is valid".into());
+
+    match std::fs::create_dir_all(&config.state_dir).and_then(|_| {
+        let probe = config.state_dir.join(".check-probe");
+        std::fs::write(&probe, b"")?;
+        std::fs::remove_file(&probe)
+    }) {
+        Ok(()) => push(
+            Level::Ok,
+            format!("state_dir {} is writable", config.state_dir.display()),
+        ),
+        Err(e) => push(
+            Level::Error,
+            format!(
+                "state_dir {} is not writable ({e}); create it and give it to the sender's user",
+                config.state_dir.display()
+            ),
+        ),
+    }
+
+    let mut source = match Source::connect(config).await {
+        Ok(s) => s,
+        Err(e) => {
+            push(Level::Error, e.to_string());
+            return out;
+        }
+    };
+    let info = source.info();
+    push(
+        Level::Ok,
+        format!(
+            "database {} reachable ({} {})",
+            redact_url(&config.source.url),
+            info.engine,
+            info.version
+        ),
+    );
+    if let Source::Postgres(pg) = &mut source {
+        match pg.can_see_all_sessions().await {
+            Ok(true) => push(Level::Ok, "the source user can see all sessions (safe horizon)".into()),
+            Ok(false) => push(
+                Level::Error,
+                "the source user cannot see other sessions' transactions: run \
+                 `GRANT pg_read_all_stats TO <ferry user>` so partials can compute a safe watermark"
+                    .into(),
+            ),
+            Err(e) => push(Level::Error, e.to_string()),
+        }
+        check_pg_dump(config, &info.version, &mut push).await;
+    }
+    match source.tables(config).await {
+        Err(e) => {
+            for line in e.to_string().lines() {
+                push(Level::Error, line.to_owned());
+            }
+        }
+        Ok(tables) => {
+            push(
+                Level::Ok,
+                format!(
+                    "{} table(s) selected: {}",
+                    tables.len(),
+                    tables.iter().map(|t| t.key()).collect::<Vec<_>>().join(", ")
+                ),
+            );
+            for t in &tables {
+                match &t.change {
+                    None => push(
+                        Level::Ok,
+                        format!("{}: completes only (`partial = false`)", t.key()),
+                    ),
+                    Some((col, kind)) => {
+                        let ty = t
+                            .info
+                            .columns
+                            .iter()
+                            .find(|c| &c.name == col)
+                            .map_or("", |c| c.sql_type.as_str());
+                        if t.change_indexed {
+                            push(
+                                Level::Ok,
+                                format!("{}: change column {col:?} ({ty}), indexed", t.key()),
+                            );
+                        } else {
+                            push(
+                                Level::Warn,
+                                format!(
+                                    "{}: change column {col:?} has no index, so every partial \
+                                     scans the whole table; create one: CREATE INDEX ON {} ({})",
+                                    t.key(),
+                                    t.info.name.quoted(),
+                                    ferry_common::ident::quote_ident(col)
+                                ),
+                            );
+                        }
+                        if *kind == ChangeKind::Timestamp
+                            && ty == "timestamp without time zone"
+                            && config.source.engine() == Some(Engine::Postgres)
+                        {
+                            push(
+                                Level::Warn,
+                                format!(
+                                    "{}: {col:?} has no time zone; ferry reads it as {} \
+                                     (`source.timezone`): set that to the app's time zone",
+                                    t.key(),
+                                    config.source.timezone
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for set in &config.media {
+        let set2 = set.clone();
+        match tokio::task::spawn_blocking(move || crate::extract::media::scan(&set2)).await {
+            Ok(Ok(files)) => push(
+                Level::Ok,
+                format!(
+                    "media set {:?}: {} ({} files)",
+                    set.name,
+                    set.path.display(),
+                    files.len()
+                ),
+            ),
+            Ok(Err(e)) => push(Level::Error, e.to_string()),
+            Err(e) => push(Level::Error, format!("media scan failed: {e}")),
+        }
+    }
+    out
+}
+
+async fn check_pg_dump(config: &Config, server: &str, push: &mut impl FnMut(Level, String)) {
+    let out = tokio::process::Command::new(&config.source.pg_dump)
+        .arg("--version")
+        .output()
+        .await;
+    let major = |v: &str| -> Option<u32> {
+        v.split(|c: char| !c.is_ascii_digit())
+            .find(|s| !s.is_empty())?
+            .parse()
+            .ok()
+    };
+    match out {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+            let dump = text.rsplit(' ').next().and_then(major);
+            match (dump, major(server)) {
+                (Some(d), Some(s)) if d < s => push(
+                    Level::Error,
+                    format!(
+                        "{text} is older than the server ({server}); install pg_dump {s} or \
+                         newer and set `source.pg_dump`"
+                    ),
+                ),
+                _ => push(Level::Ok, format!("{text} (schema DDL)")),
+            }
+        }
+        _ => push(
+            Level::Error,
+            format!(
+                "{} cannot be run; install the PostgreSQL client tools or set `source.pg_dump`",
+                config.source.pg_dump.display()
+            ),
+        ),
+    }
+}

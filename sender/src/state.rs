@@ -1,0 +1,239 @@
+//! The sender's durable state, in `<state_dir>/state.db` (SQLite): the bundles it
+//! has committed, the change-capture watermarks, and the media index (what was last
+//! sent of each media file).
+//!
+//! Invariant: a bundle's row, its watermarks and its media entries are written in
+//! one transaction, *after* the bundle file is durable under its final name. A crash
+//! in between leaves a bundle the state does not know; [`crate::outbox::recover`]
+//! adopts it from its manifest at the next start, so no sequence number is reused
+//! and no watermark moves past rows that were not shipped.
+
+use crate::extract::Watermarks;
+use ferry_common::manifest::{Kind, Manifest, Role, Seq};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{Connection, Row};
+use std::path::Path;
+
+/// An error reading or writing the state database.
+#[derive(Debug, thiserror::Error)]
+#[error("sender state {path}: {doing}: {source}")]
+pub struct StateError {
+    path: String,
+    doing: &'static str,
+    #[source]
+    source: sqlx::Error,
+}
+
+/// One committed bundle.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BundleRecord {
+    pub seq: u64,
+    pub kind: String,
+    pub file: String,
+    pub base_seq: u64,
+    pub created_at: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub duration_ms: u64,
+    pub schema_fingerprint: String,
+}
+
+pub struct State {
+    conn: SqliteConnection,
+    path: String,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS bundles (
+  seq INTEGER PRIMARY KEY,
+  kind TEXT NOT NULL,
+  file TEXT NOT NULL,
+  base_seq INTEGER NOT NULL,
+  created_at TEXT NOT NULL,
+  rows INTEGER NOT NULL,
+  bytes INTEGER NOT NULL,
+  duration_ms INTEGER NOT NULL,
+  schema_fingerprint TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS watermarks (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS media_index (
+  set_name TEXT NOT NULL,
+  path TEXT NOT NULL,
+  size INTEGER NOT NULL,
+  mtime_ns TEXT NOT NULL,
+  PRIMARY KEY (set_name, path));
+PRAGMA user_version = 1;
+";
+
+impl State {
+    /// Opens (creating if needed) the state database in `state_dir`.
+    pub async fn open(state_dir: &Path) -> Result<Self, StateError> {
+        let file = state_dir.join("state.db");
+        let path = file.display().to_string();
+        let err = |doing| {
+            let path = path.clone();
+            move |source| StateError { path, doing, source }
+        };
+        let options = SqliteConnectOptions::new()
+            .filename(&file)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full);
+        let mut conn = SqliteConnection::connect_with(&options)
+            .await
+            .map_err(err("opening"))?;
+        // The schema is created idempotently; `user_version` marks its version for
+        // future migrations.
+        sqlx::raw_sql(SCHEMA)
+            .execute(&mut conn)
+            .await
+            .map_err(err("creating the schema"))?;
+        Ok(Self { conn, path })
+    }
+
+    fn err(&self, doing: &'static str) -> impl FnOnce(sqlx::Error) -> StateError + '_ {
+        move |source| StateError {
+            path: self.path.clone(),
+            doing,
+            source,
+        }
+    }
+
+    /// The newest bundle, or the newest of a kind.
+    pub async fn last(&mut self, kind: Option<Kind>) -> Result<Option<BundleRecord>, StateError> {
+        let kind = kind.map(|k| k.as_str().to_owned());
+        let row = sqlx::query(
+            "SELECT * FROM bundles WHERE ?1 IS NULL OR kind = ?1 ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(kind)
+        .fetch_optional(&mut self.conn)
+        .await
+        .map_err(|source| StateError {
+            path: self.path.clone(),
+            doing: "reading bundles",
+            source,
+        })?;
+        Ok(row.map(|r| BundleRecord {
+            seq: r.get::<i64, _>("seq") as u64,
+            kind: r.get("kind"),
+            file: r.get("file"),
+            base_seq: r.get::<i64, _>("base_seq") as u64,
+            created_at: r.get("created_at"),
+            rows: r.get::<i64, _>("rows") as u64,
+            bytes: r.get::<i64, _>("bytes") as u64,
+            duration_ms: r.get::<i64, _>("duration_ms") as u64,
+            schema_fingerprint: r.get("schema_fingerprint"),
+        }))
+    }
+
+    pub async fn watermarks(&mut self) -> Result<Watermarks, StateError> {
+        let rows: Vec<(String, Option<String>)> =
+            sqlx::query_as("SELECT key, value FROM watermarks ORDER BY key")
+                .fetch_all(&mut self.conn)
+                .await
+                .map_err(self.err("reading watermarks"))?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// What was last sent of a media file: (size, mtime in ns).
+    pub async fn media_entry(
+        &mut self,
+        set: &str,
+        path: &str,
+    ) -> Result<Option<(u64, i128)>, StateError> {
+        let row: Option<(i64, String)> = sqlx::query_as(
+            "SELECT size, mtime_ns FROM media_index WHERE set_name = ? AND path = ?",
+        )
+        .bind(set)
+        .bind(path)
+        .fetch_optional(&mut self.conn)
+        .await
+        .map_err(self.err("reading the media index"))?;
+        Ok(row.map(|(s, m)| (s as u64, m.parse().unwrap_or(-1))))
+    }
+
+    /// Records a durable bundle: its row, the watermarks after it and its media,
+    /// in one transaction. A complete resets watermarks and the media index.
+    pub async fn commit_bundle(
+        &mut self,
+        manifest: &Manifest,
+        file: &str,
+        bytes: u64,
+        duration_ms: u64,
+    ) -> Result<(), StateError> {
+        let path = self.path.clone();
+        let err = |doing| {
+            let path = path.clone();
+            move |source| StateError { path, doing, source }
+        };
+        let mut tx = self.conn.begin().await.map_err(err("committing a bundle"))?;
+        sqlx::query(
+            "INSERT INTO bundles (seq, kind, file, base_seq, created_at, rows, bytes,
+                                  duration_ms, schema_fingerprint)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(manifest.seq.0 as i64)
+        .bind(manifest.kind.as_str())
+        .bind(file)
+        .bind(manifest.base_seq.0 as i64)
+        .bind(manifest.created_at.to_rfc3339())
+        .bind(manifest.rows() as i64)
+        .bind(bytes as i64)
+        .bind(duration_ms as i64)
+        .bind(&manifest.schema_fingerprint)
+        .execute(&mut *tx)
+        .await
+        .map_err(err("recording the bundle"))?;
+        if manifest.kind == Kind::Complete {
+            sqlx::raw_sql("DELETE FROM watermarks; DELETE FROM media_index;")
+                .execute(&mut *tx)
+                .await
+                .map_err(err("resetting watermarks"))?;
+        }
+        for (key, value) in &manifest.watermarks {
+            sqlx::query("INSERT OR REPLACE INTO watermarks (key, value) VALUES (?, ?)")
+                .bind(key)
+                .bind(value)
+                .execute(&mut *tx)
+                .await
+                .map_err(err("storing watermarks"))?;
+        }
+        for m in manifest.members.iter().filter(|m| m.role == Role::Media) {
+            let (Some(set), Some(mtime)) = (&m.media_set, m.mtime_ns) else {
+                continue;
+            };
+            let rel = m
+                .path
+                .strip_prefix(&format!("media/{set}/"))
+                .unwrap_or(&m.path);
+            sqlx::query(
+                "INSERT OR REPLACE INTO media_index (set_name, path, size, mtime_ns)
+                 VALUES (?, ?, ?, ?)",
+            )
+            .bind(set)
+            .bind(rel)
+            .bind(m.size as i64)
+            .bind(mtime.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(err("updating the media index"))?;
+        }
+        tx.commit().await.map_err(err("committing a bundle"))?;
+        Ok(())
+    }
+
+    /// The next sequence number (1 for the first bundle).
+    pub async fn next_seq(&mut self) -> Result<Seq, StateError> {
+        Ok(Seq(self.last(None).await?.map_or(1, |b| b.seq + 1)))
+    }
+
+    /// The newest `limit` bundles, newest first.
+    pub async fn history(&mut self, limit: u32) -> Result<Vec<(u64, String, String)>, StateError> {
+        let rows: Vec<(i64, String, String)> =
+            sqlx::query_as("SELECT seq, kind, file FROM bundles ORDER BY seq DESC LIMIT ?")
+                .bind(limit as i64)
+                .fetch_all(&mut self.conn)
+                .await
+                .map_err(self.err("reading bundles"))?;
+        Ok(rows.into_iter().map(|(s, k, f)| (s as u64, k, f)).collect())
+    }
+}
