@@ -94,6 +94,10 @@ pub struct Column {
     /// A generated (computed) column: present in rows, never written by a loader.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub generated: bool,
+    /// PostgreSQL identity columns: `"always"` or `"by default"`. A loader inserts
+    /// them with `OVERRIDING SYSTEM VALUE` and never updates an `always` one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// A foreign key between two selected tables.

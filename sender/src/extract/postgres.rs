@@ -138,6 +138,8 @@ impl PgSource {
             "SELECT a.attrelid::int8 AS rel, a.attname::text AS name,
                     format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull AS not_null,
                     a.attgenerated <> '' AS generated,
+                    CASE a.attidentity WHEN 'a' THEN 'always' WHEN 'd' THEN 'by default' END
+                      AS identity,
                     (CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END)::int8 AS base
              FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
              WHERE a.attrelid::int8 = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped
@@ -166,6 +168,7 @@ impl PgSource {
                 sql_type: r.get("type"),
                 not_null: r.get("not_null"),
                 generated: r.get("generated"),
+                identity: r.get("identity"),
             });
         }
 
@@ -296,7 +299,7 @@ impl PgSource {
             )));
         }
 
-        let pre = self.pg_dump(&snapshot, tables, "pre-data").await?;
+        let pre = plain_sql(&self.pg_dump(&snapshot, tables, "pre-data").await?);
         stage_text(stager, "schema/pre-data.sql", Role::PreData, pre).await?;
 
         // Readers: `jobs` connections sharing the snapshot, largest tables first.
@@ -331,12 +334,7 @@ impl PgSource {
         while let Some(done) = readers.join_next().await {
             done.map_err(|e| ExtractError::WriterGone(format!("table reader failed: {e}")))??;
         }
-        let post = post?;
-        let post: String = post
-            .lines()
-            .filter(|l| !l.starts_with(&format!("CREATE TRIGGER {TRIGGER_NAME} ")))
-            .map(|l| format!("{l}\n"))
-            .collect();
+        let post = plain_sql(&post?);
         stage_text(stager, "schema/post-data.sql", Role::PostData, post).await?;
 
         let sequences = self.sequences(tables).await?;
@@ -419,7 +417,8 @@ impl PgSource {
             .into_iter()
             .collect();
         let rows = sqlx::query(
-            "SELECT c.oid::regclass::text AS seq, pg_sequence_last_value(c.oid) AS v
+            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS seq,
+                    pg_sequence_last_value(c.oid) AS v
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE c.relkind = 'S' AND n.nspname = ANY($1) ORDER BY 1",
         )
@@ -723,6 +722,24 @@ impl PgSource {
     }
 }
 
+/// pg_dump's output as plain SQL for any client: without psql's `\restrict` /
+/// `\unrestrict` meta-commands (pg_dump 15.14+), and without ferry's own
+/// delete-capture triggers, which must not exist on a receiver.
+fn plain_sql(dump: &str) -> String {
+    let ours = format!("CREATE TRIGGER {TRIGGER_NAME} ");
+    dump.lines()
+        .filter(|l| !l.starts_with("\\restrict ") && !l.starts_with("\\unrestrict "))
+        .filter(|l| !l.starts_with(&ours))
+        .map(|l| match l.strip_prefix("CREATE SCHEMA ") {
+            // The receiver's database may have the schema already (always `public`).
+            Some(rest) if !rest.starts_with("IF NOT EXISTS") => {
+                format!("CREATE SCHEMA IF NOT EXISTS {rest}\n")
+            }
+            _ => format!("{l}\n"),
+        })
+        .collect()
+}
+
 async fn setup_session(conn: &mut PgConnection, timezone: &str) -> Result<(), ExtractError> {
     let sql = format!(
         "SET statement_timeout = 0; SET lock_timeout = '60s';
@@ -849,6 +866,16 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dumps_become_plain_sql() {
+        assert_eq!(
+            plain_sql("CREATE SCHEMA public;\n"),
+            "CREATE SCHEMA IF NOT EXISTS public;\n"
+        );
+        let dump = "\\restrict abc\nCREATE TABLE t ();\nCREATE TRIGGER ferry_capture_delete AFTER DELETE ON t;\n\\unrestrict abc\n";
+        assert_eq!(plain_sql(dump), "CREATE TABLE t ();\n");
+    }
 
     #[test]
     fn password_leaves_the_url() {

@@ -121,6 +121,7 @@ impl SqliteSource {
                     sql_type: ty,
                     not_null: c.get::<i64, _>("nn") != 0,
                     generated: c.get::<i64, _>("hidden") >= 2,
+                    identity: None,
                 });
             }
             pk.sort();
