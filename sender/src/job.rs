@@ -6,6 +6,7 @@
 
 use crate::bundle::Assembly;
 use crate::config::Config;
+use crate::extract::stage::Dedup;
 use crate::extract::{
     DELETES_KEY, ExtractError, ExtractSettings, Source, Stager, TableMeta, media,
 };
@@ -115,7 +116,11 @@ pub async fn run(config: &Config, requested: Kind) -> Result<JobOutcome, JobErro
         workers: config.bundle.zstd_workers,
     };
     let assembly = Assembly::start(&staging.join(".body"), compression)?;
-    let stager = Stager::new(&staging, assembly.tx.clone());
+    let dedup = match kind {
+        Kind::Partial => Some(std::sync::Arc::new(Dedup::new(state.sent_lines().await?))),
+        Kind::Complete => None,
+    };
+    let stager = Stager::new(&staging, assembly.tx.clone(), dedup.clone());
     let extracted = match kind {
         Kind::Complete => source.complete(&tables, &settings, &stager).await,
         Kind::Partial => {
@@ -179,8 +184,9 @@ pub async fn run(config: &Config, requested: Kind) -> Result<JobOutcome, JobErro
     .await
     .map_err(|e| ExtractError::WriterGone(format!("bundle writer panicked: {e}")))??;
     let duration_ms = started.elapsed().as_millis() as u64;
+    let sent = dedup.map(|d| d.take_sent()).unwrap_or_default();
     state
-        .commit_bundle(&manifest, &file_name, bytes, duration_ms)
+        .commit_bundle(&manifest, &file_name, bytes, duration_ms, &sent)
         .await?;
     tracing::info!(
         bundle = %file_name,

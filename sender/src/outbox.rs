@@ -117,7 +117,9 @@ pub async fn recover(
             continue;
         }
         tracing::warn!(bundle = %p.file, seq = p.seq, "adopting a bundle the previous run wrote but did not record");
-        state.commit_bundle(&manifest, &p.file, p.bytes, 0).await?;
+        // The line fingerprints are not in the manifest: the next partial may re-send
+        // a few overlap rows, which is harmless.
+        state.commit_bundle(&manifest, &p.file, p.bytes, 0, &[]).await?;
     }
     Ok(())
 }

@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS bundles (
   duration_ms INTEGER NOT NULL,
   schema_fingerprint TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS watermarks (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS sent_lines (hash BLOB PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS media_index (
   set_name TEXT NOT NULL,
   path TEXT NOT NULL,
@@ -151,14 +152,27 @@ impl State {
         Ok(row.map(|(s, m)| (s as u64, m.parse().unwrap_or(-1))))
     }
 
-    /// Records a durable bundle: its row, the watermarks after it and its media,
-    /// in one transaction. A complete resets watermarks and the media index.
+    /// The fingerprints of the change lines the newest bundle carried.
+    pub async fn sent_lines(
+        &mut self,
+    ) -> Result<std::collections::HashSet<crate::extract::stage::LineHash>, StateError> {
+        let rows: Vec<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM sent_lines")
+            .fetch_all(&mut self.conn)
+            .await
+            .map_err(self.err("reading sent lines"))?;
+        Ok(rows.into_iter().filter_map(|h| h.try_into().ok()).collect())
+    }
+
+    /// Records a durable bundle: its row, the watermarks after it, its media and
+    /// the fingerprints of its change lines, in one transaction. A complete resets
+    /// watermarks and the media index.
     pub async fn commit_bundle(
         &mut self,
         manifest: &Manifest,
         file: &str,
         bytes: u64,
         duration_ms: u64,
+        sent_lines: &[crate::extract::stage::LineHash],
     ) -> Result<(), StateError> {
         let path = self.path.clone();
         let err = |doing| {
@@ -188,6 +202,17 @@ impl State {
                 .execute(&mut *tx)
                 .await
                 .map_err(err("resetting watermarks"))?;
+        }
+        sqlx::raw_sql("DELETE FROM sent_lines")
+            .execute(&mut *tx)
+            .await
+            .map_err(err("resetting sent lines"))?;
+        for h in sent_lines {
+            sqlx::query("INSERT OR IGNORE INTO sent_lines (hash) VALUES (?)")
+                .bind(&h[..])
+                .execute(&mut *tx)
+                .await
+                .map_err(err("storing sent lines"))?;
         }
         for (key, value) in &manifest.watermarks {
             sqlx::query("INSERT OR REPLACE INTO watermarks (key, value) VALUES (?, ?)")

@@ -175,6 +175,10 @@ async fn insert_sqlite(conn: &mut SqliteConnection, t: &Table, row: &str, replac
 /// Loads a complete bundle from a SQLite source into an empty SQLite database.
 pub async fn load_complete_sqlite(conn: &mut SqliteConnection, bundle: &Path) -> Manifest {
     let (m, members) = bundle_contents(bundle);
+    sqlx::raw_sql("PRAGMA foreign_keys = OFF")
+        .execute(&mut *conn)
+        .await
+        .expect("pragma");
     sqlx::raw_sql(AssertSqlSafe(text(&members, "schema/pre-data.sql")))
         .execute(&mut *conn)
         .await

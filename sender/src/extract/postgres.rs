@@ -543,7 +543,7 @@ impl PgSource {
             let mut m = member(path, Role::Data);
             m.table = Some(t.info.name.clone());
             m.format = Some(DataFormat::JsonLines);
-            let sink = BlockingSink::spawn(stager.create(m)?, true);
+            let sink = BlockingSink::spawn_changes(stager.create(m)?, stager.dedup());
             let json_cols = self.json_columns.get(&t.info.name);
             let select = t
                 .info

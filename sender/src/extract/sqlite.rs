@@ -338,7 +338,7 @@ impl SqliteSource {
         let mut m = member(path, Role::Data);
         m.table = Some(t.info.name.clone());
         m.format = Some(DataFormat::JsonLines);
-        let sink = BlockingSink::spawn(stager.create(m)?, true);
+        let sink = BlockingSink::spawn_changes(stager.create(m)?, stager.dedup());
         let names = column_names(t);
         let mut buf = Vec::with_capacity(BATCH + 64 * 1024);
         {

@@ -21,21 +21,59 @@ pub struct Staged {
     pub sha256: String,
 }
 
+/// A change line's fingerprint (SHA-256 of the line).
+pub type LineHash = [u8; 32];
+
+/// Skips change lines identical to a line of the previous bundle.
+///
+/// Why this is safe: the receiver applies bundles in order, so after the previous
+/// bundle it holds exactly the row state that bundle's line described. A line that
+/// is identical now describes the same state; the only bundle between the two
+/// snapshots is the previous one itself, so the receiver cannot have seen any other
+/// state of that row in between. Only the *immediately* previous bundle counts.
+/// Without this, the overlap that keeps watermarks safe would re-send the newest
+/// rows in every partial and an idle application would never have empty partials.
+#[derive(Default)]
+pub struct Dedup {
+    previous: std::collections::HashSet<LineHash>,
+    sent: std::sync::Mutex<Vec<LineHash>>,
+}
+
+impl Dedup {
+    pub fn new(previous: std::collections::HashSet<LineHash>) -> Self {
+        Self {
+            previous,
+            sent: Default::default(),
+        }
+    }
+
+    /// The fingerprints of every line sent by this bundle.
+    pub fn take_sent(&self) -> Vec<LineHash> {
+        self.sent.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default()
+    }
+}
+
 /// Creates staged files and forwards finished ones to the bundle writer.
 #[derive(Clone)]
 pub struct Stager {
     dir: PathBuf,
     counter: std::sync::Arc<AtomicU64>,
     tx: mpsc::Sender<Staged>,
+    dedup: Option<std::sync::Arc<Dedup>>,
 }
 
 impl Stager {
-    pub fn new(dir: &Path, tx: mpsc::Sender<Staged>) -> Self {
+    pub fn new(dir: &Path, tx: mpsc::Sender<Staged>, dedup: Option<std::sync::Arc<Dedup>>) -> Self {
         Self {
             dir: dir.to_owned(),
             counter: Default::default(),
             tx,
+            dedup,
         }
+    }
+
+    pub fn dedup(&self) -> Option<std::sync::Arc<Dedup>> {
+        self.dedup.clone()
     }
 
     /// A fresh file name in the staging directory.
@@ -147,6 +185,36 @@ impl BlockingSink {
                     writer.add_rows(buf.iter().filter(|&&b| b == b'\n').count() as u64);
                 }
                 writer.write(&buf)?;
+            }
+            writer.finish(true)
+        });
+        Self { tx, handle }
+    }
+
+    /// Like [`spawn`](Self::spawn) for JSON change lines (batches of whole lines),
+    /// skipping lines the [`Dedup`] says the previous bundle already carried.
+    pub fn spawn_changes(mut writer: StageWriter, dedup: Option<std::sync::Arc<Dedup>>) -> Self {
+        use sha2::Digest;
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
+        let handle = tokio::task::spawn_blocking(move || {
+            let mut sent = Vec::new();
+            while let Some(buf) = rx.blocking_recv() {
+                for line in buf.split_inclusive(|&b| b == b'\n') {
+                    if let Some(d) = &dedup {
+                        let h: LineHash = sha2::Sha256::digest(line).into();
+                        sent.push(h);
+                        if d.previous.contains(&h) {
+                            continue;
+                        }
+                    }
+                    writer.write(line)?;
+                    writer.add_rows(1);
+                }
+            }
+            if let Some(d) = &dedup
+                && let Ok(mut all) = d.sent.lock()
+            {
+                all.extend(sent);
             }
             writer.finish(true)
         });

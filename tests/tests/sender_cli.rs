@@ -1,0 +1,185 @@
+//! The real `ferry-sender` binary: exit codes and messages for bad input, and
+//! kill -9 in the middle of a complete.
+
+use ferry_tests::pg::{PgServer, exec, free_port, table_rows};
+use ferry_tests::{binary, bundle_contents, outbox_files, write_config};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn sender(config: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(binary("ferry-sender"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run ferry-sender")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn a_bad_config_key_is_named_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "sender_id = \"a\"\nstate_dir = \"/tmp/x\"\n[source]\nurl = \"sqlite:///x\"\n[partial]\nchange_colum = \"updated_at\"\n",
+    );
+    let out = sender(&cfg, &["complete"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(e.contains("unknown field `change_colum`") && e.contains("change_column"), "{e}");
+    assert!(e.contains("sender.toml"), "the message names the file: {e}");
+
+    let missing = sender(&dir.path().join("nope.toml"), &["status"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(stderr(&missing).contains("nope.toml"));
+}
+
+#[test]
+fn the_example_config_parses_and_is_printed() {
+    let out = Command::new(binary("ferry-sender"))
+        .arg("example-config")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    ferry_sender::Config::parse(&text, std::path::Path::new("example")).expect("example parses");
+}
+
+#[test]
+fn an_unreachable_database_is_a_clear_transient_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "sender_id = \"a\"\nstate_dir = {:?}\n[source]\nurl = \"postgres://ferry:secret@127.0.0.1:{port}/app\"\n[partial]\nchange_column = \"updated_at\"\n",
+            dir.path().join("state")
+        ),
+    );
+    let out = sender(&cfg, &["complete"]);
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(e.contains("could not connect to the source database"), "{e}");
+    assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
+    assert!(!e.contains("secret"), "the password leaked: {e}");
+    let check = sender(&cfg, &["check"]);
+    assert_eq!(check.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&check.stdout).contains("ERROR could not connect"));
+}
+
+#[tokio::test]
+async fn check_names_missing_change_columns_and_unindexed_ones() {
+    let server = PgServer::start();
+    server
+        .create_db(
+            "app",
+            "CREATE TABLE a (id int PRIMARY KEY, updated_at timestamptz);
+             CREATE TABLE b (id int PRIMARY KEY, modified timestamptz);",
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "sender_id = \"a\"\nstate_dir = {:?}\n[source]\nurl = {:?}\n[partial]\nchange_column = \"updated_at\"\n",
+            dir.path().join("state"),
+            server.url("app")
+        ),
+    );
+    let out = sender(&cfg, &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("ERROR table public.b has no column \"updated_at\""), "{text}");
+    assert!(text.contains("modified"), "the message lists the columns: {text}");
+    // Starting a job fails the same way.
+    let job = sender(&cfg, &["partial"]);
+    assert_eq!(job.status.code(), Some(1));
+    assert!(stderr(&job).contains("public.b has no column"), "{}", stderr(&job));
+
+    // Fixed: b uses its own column; a's column has no index, which is a warning.
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}[partial.tables.\"public.b\"]\nchange_column = \"modified\"\n",
+            std::fs::read_to_string(&cfg).unwrap()
+        ),
+    )
+    .unwrap();
+    let out = sender(&cfg, &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("warn  public.a: change column \"updated_at\" has no index"), "{text}");
+    assert!(text.contains("CREATE INDEX ON \"public\".\"a\" (\"updated_at\")"), "{text}");
+}
+
+#[tokio::test]
+async fn kill_9_during_a_complete_leaves_no_bundle_and_loses_nothing() {
+    let server = PgServer::start();
+    let mut src = server
+        .create_db(
+            "app",
+            "CREATE TABLE big (id bigint PRIMARY KEY, payload text, updated_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO big (id, payload) SELECT g, repeat(md5(g::text), 8) FROM generate_series(1, 400000) g;
+             CREATE TABLE small (id int PRIMARY KEY, updated_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO small (id) VALUES (1);",
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "sender_id = \"app\"\nstate_dir = {state:?}\n[source]\nurl = {:?}\n[partial]\nchange_column = \"updated_at\"\n",
+            server.url("app")
+        ),
+    );
+    let mut child = Command::new(binary("ferry-sender"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("complete")
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    // Wait until the job is writing (a staged file exists), then kill it.
+    let staging = state.join("staging");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let busy = std::fs::read_dir(&staging)
+            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(".stage")))
+            .unwrap_or(false);
+        if busy {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the complete never started writing");
+        assert!(child.try_wait().unwrap().is_none(), "the complete finished before it could be killed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let outbox = state.join("outbox");
+    let finals: Vec<String> = outbox_files(&outbox)
+        .into_iter()
+        .filter(|f| !f.starts_with('.'))
+        .collect();
+    assert!(finals.is_empty(), "a final bundle after kill -9: {finals:?}");
+
+    // The next run starts clean, takes seq 1, and ships every row.
+    let out = sender(&cfg, &["complete"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let files = outbox_files(&outbox);
+    assert_eq!(files, vec!["app-000000000001-complete.tar.zst".to_owned()]);
+    assert!(std::fs::read_dir(&staging).unwrap().next().is_none(), "staging not cleaned");
+    let (m, members) = bundle_contents(&outbox.join(&files[0]));
+    let big = m.members.iter().find(|x| x.path == "data/public.big.copy").unwrap();
+    assert_eq!(big.rows, Some(400000));
+    assert_eq!(
+        members["data/public.big.copy"].iter().filter(|&&b| b == b'\n').count(),
+        400000
+    );
+    assert_eq!(table_rows(&mut src, "small").await.len(), 1);
+    exec(&mut src, "SELECT 1").await;
+}

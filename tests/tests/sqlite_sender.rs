@@ -1,0 +1,119 @@
+//! ferry-sender on the embedded default, SQLite: complete and partial round trips
+//! (integers, reals, text, blobs, NULLs), deletes through the sender's triggers,
+//! foreign-key closure, media files new and changed.
+
+use ferry_common::manifest::{DataFormat, Kind, Role};
+use ferry_sender::Config;
+use ferry_sender::job;
+use ferry_tests::bundle_contents;
+use ferry_tests::loader::{apply_partial_sqlite, load_complete_sqlite, sqlite_rows};
+use sqlx::{Connection, SqliteConnection};
+use std::path::Path;
+
+async fn open(path: &Path, create: bool) -> SqliteConnection {
+    let url = format!("sqlite://{}{}", path.display(), if create { "?mode=rwc" } else { "" });
+    SqliteConnection::connect(&url).await.expect("open SQLite")
+}
+
+async fn exec(conn: &mut SqliteConnection, sql: &str) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(conn)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {sql}"));
+}
+
+const SCHEMA: &str = r#"
+PRAGMA journal_mode = WAL;
+CREATE TABLE author (id INTEGER PRIMARY KEY, name TEXT NOT NULL, updated_at DATETIME NOT NULL);
+CREATE TABLE "AndroidRequests_report" (
+  id INTEGER PRIMARY KEY,
+  author_id INTEGER REFERENCES author(id),
+  score REAL,
+  body TEXT,
+  photo BLOB,
+  "timeStamp" DATETIME NOT NULL);
+CREATE INDEX report_ts ON "AndroidRequests_report" ("timeStamp");
+CREATE TABLE tag (name TEXT, lang TEXT, note TEXT, updated_at TEXT NOT NULL, PRIMARY KEY (name, lang));
+INSERT INTO author VALUES (1, 'ann', '2024-01-01 10:00:00.000000'), (2, 'bob', '2024-01-01 10:00:00.000000');
+INSERT INTO "AndroidRequests_report" VALUES
+ (1, 1, -0.0, 'tab	and
+newline \ backslash', X'00FF10', '2024-01-01 10:00:00.000000'),
+ (2, 2, 1.5e300, '', X'', '2024-01-01 10:00:00.000000'),
+ (3, NULL, NULL, NULL, NULL, '2024-01-01 10:00:00.000000');
+INSERT INTO tag VALUES ('a', 'en', 'x', '2024-01-01T10:00:00'), ('a', 'de', NULL, '2024-01-01T10:00:00');
+"#;
+
+const TABLES: [&str; 3] = ["author", "AndroidRequests_report", "tag"];
+
+async fn assert_same(a: &mut SqliteConnection, b: &mut SqliteConnection) {
+    for t in TABLES {
+        let (x, y) = (sqlite_rows(a, t).await, sqlite_rows(b, t).await);
+        assert_eq!(x, y, "table {t} differs");
+    }
+}
+
+#[tokio::test]
+async fn sqlite_complete_and_partials_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.sqlite3");
+    let media = dir.path().join("media");
+    std::fs::create_dir_all(media.join("2024")).unwrap();
+    std::fs::write(media.join("2024/a.jpg"), b"jpeg-a").unwrap();
+    let mut src = open(&db, true).await;
+    exec(&mut src, SCHEMA).await;
+    let text = format!(
+        r#"sender_id = "app"
+state_dir = {:?}
+[source]
+url = "sqlite://{}"
+[partial]
+change_column = "updated_at"
+overlap = "0s"
+[partial.tables."AndroidRequests_report"]
+change_column = "timeStamp"
+[[media]]
+name = "images"
+path = {:?}
+"#,
+        dir.path().join("state"),
+        db.display(),
+        media
+    );
+    let config = Config::parse(&text, Path::new("t.toml")).unwrap();
+
+    let out = job::run(&config, Kind::Complete).await.expect("complete");
+    let (m, members) = bundle_contents(out.file.as_deref().unwrap());
+    assert_eq!(m.source.engine, "sqlite");
+    assert_eq!(members["media/images/2024/a.jpg"], b"jpeg-a");
+    assert!(m.members.iter().all(|x| x.role != Role::Data || x.format == Some(DataFormat::JsonLines)));
+    let copy_path = dir.path().join("copy.sqlite3");
+    let mut copy = open(&copy_path, true).await;
+    load_complete_sqlite(&mut copy, out.file.as_deref().unwrap()).await;
+    assert_same(&mut src, &mut copy).await;
+
+    // A new parent row stamped in the past travels with the child that references it.
+    exec(
+        &mut src,
+        r#"INSERT INTO author VALUES (3, 'cy', '2000-01-01 00:00:00.000000');
+           INSERT INTO "AndroidRequests_report" VALUES (4, 3, 2.25, 'new', X'CAFE', '2024-06-01 09:00:00.000000');
+           UPDATE "AndroidRequests_report" SET body = 'edited', "timeStamp" = '2024-06-01 09:00:01.000000' WHERE id = 2;
+           DELETE FROM "AndroidRequests_report" WHERE id = 3;
+           DELETE FROM tag WHERE lang = 'de';
+           UPDATE tag SET note = 'y', updated_at = '2024-06-01T09:00:00' WHERE lang = 'en';"#,
+    )
+    .await;
+    std::fs::write(media.join("2024/a.jpg"), b"jpeg-a-changed").unwrap();
+    std::fs::write(media.join("b.png"), b"png").unwrap();
+    let out = job::run(&config, Kind::Partial).await.expect("partial");
+    let (m, members) = bundle_contents(out.file.as_deref().unwrap());
+    assert_eq!(m.kind, Kind::Partial);
+    assert!(String::from_utf8_lossy(&members["data/author.jsonl"]).contains("\"cy\""));
+    assert_eq!(members["media/images/2024/a.jpg"], b"jpeg-a-changed");
+    assert_eq!(members["media/images/b.png"], b"png");
+    apply_partial_sqlite(&mut copy, out.file.as_deref().unwrap()).await;
+    assert_same(&mut src, &mut copy).await;
+
+    // Unchanged media is not sent again; nothing changed means no bundle.
+    let out = job::run(&config, Kind::Partial).await.expect("partial");
+    assert_eq!(out.seq, None);
+}
