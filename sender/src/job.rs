@@ -64,6 +64,7 @@ pub struct JobOutcome {
 }
 
 /// Takes a complete or a partial. Holds the state lock for its duration.
+#[tracing::instrument(skip_all, fields(sender = %config.sender_id, kind = %requested))]
 pub async fn run(config: &Config, requested: Kind) -> Result<JobOutcome, JobError> {
     let started = Instant::now();
     let _lock = StateLock::acquire(&config.state_dir)?;

@@ -289,6 +289,24 @@ impl PgSource {
             .execute(&mut self.conn)
             .await
             .map_err(ExtractError::db("starting the snapshot"))?;
+        // Whatever happens inside, the exporting transaction ends here.
+        let result = self.complete_in_snapshot(tables, settings, stager).await;
+        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut self.conn).await;
+        result?;
+        let mut watermarks = Watermarks::new();
+        for t in tables.iter().filter(|t| t.change.is_some()) {
+            watermarks.insert(t.key(), Some(horizon.clone()));
+        }
+        watermarks.insert(DELETES_KEY.into(), Some(horizon));
+        Ok(Extracted { watermarks })
+    }
+
+    async fn complete_in_snapshot(
+        &mut self,
+        tables: &[TableMeta],
+        settings: &ExtractSettings,
+        stager: &Stager,
+    ) -> Result<(), ExtractError> {
         let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
             .fetch_one(&mut self.conn)
             .await
@@ -338,18 +356,7 @@ impl PgSource {
         stage_text(stager, "schema/post-data.sql", Role::PostData, post).await?;
 
         let sequences = self.sequences(tables).await?;
-        stage_text(stager, "schema/sequences.sql", Role::Sequences, sequences).await?;
-        sqlx::raw_sql("ROLLBACK")
-            .execute(&mut self.conn)
-            .await
-            .map_err(ExtractError::db("ending the snapshot"))?;
-
-        let mut watermarks = Watermarks::new();
-        for t in tables.iter().filter(|t| t.change.is_some()) {
-            watermarks.insert(t.key(), Some(horizon.clone()));
-        }
-        watermarks.insert(DELETES_KEY.into(), Some(horizon));
-        Ok(Extracted { watermarks })
+        stage_text(stager, "schema/sequences.sql", Role::Sequences, sequences).await
     }
 
     /// Runs pg_dump for one section with the exported snapshot, returning its SQL.
@@ -756,47 +763,87 @@ async fn setup_session(conn: &mut PgConnection, timezone: &str) -> Result<(), Ex
     Ok(())
 }
 
-/// COPY one table into a staged member.
+/// Bytes after which a table's COPY data continues in a new member (a *part*), so
+/// that the bundle writer can compress one part while the next is being read.
+pub const PART_BYTES: usize = 32 << 20;
+
+/// The member path of a table's COPY data, part 1, 2, …: `data/<t>.copy`, then
+/// `data/<t>.copy.000002`, … (in name order, which is load order).
+pub fn copy_part_path(table: &TableName, part: u32) -> String {
+    match part {
+        1 => format!("data/{}.copy", table.file_stem()),
+        n => format!("data/{}.copy.{n:06}", table.file_stem()),
+    }
+}
+
+/// COPY one table into one or more staged members.
 async fn copy_table(
     conn: &mut PgConnection,
     table: &TableMeta,
     stager: &Stager,
 ) -> Result<(), ExtractError> {
     let started = std::time::Instant::now();
-    let path = format!("data/{}.copy", table.info.name.file_stem());
-    let mut m = member(path, Role::Data);
-    m.table = Some(table.info.name.clone());
-    m.format = Some(DataFormat::PgCopyText);
-    let sink = BlockingSink::spawn(stager.create(m)?, true);
+    let new_part = |part: u32| -> Result<BlockingSink, ExtractError> {
+        let mut m = member(copy_part_path(&table.info.name, part), Role::Data);
+        m.table = Some(table.info.name.clone());
+        m.format = Some(DataFormat::PgCopyText);
+        Ok(BlockingSink::spawn(stager.create(m)?, true))
+    };
+    let mut part = 1;
+    let mut sink = new_part(part)?;
+    let mut in_part = 0usize;
+    let mut rows = 0u64;
     let sql = format!("COPY {} TO STDOUT", table.info.name.quoted());
     let mut stream = conn
         .copy_out_raw(&sql)
         .await
         .map_err(ExtractError::db(format!("reading {}", table.key())))?;
     let mut buf = Vec::with_capacity(BATCH + 64 * 1024);
-    while let Some(chunk) = stream
-        .try_next()
-        .await
-        .map_err(ExtractError::db(format!("reading {}", table.key())))?
-    {
-        buf.extend_from_slice(&chunk);
-        if buf.len() >= BATCH {
+    loop {
+        let chunk = stream
+            .try_next()
+            .await
+            .map_err(ExtractError::db(format!("reading {}", table.key())))?;
+        let done = chunk.is_none();
+        if let Some(chunk) = chunk {
+            buf.extend_from_slice(&chunk);
+        }
+        if buf.len() < BATCH && !done {
+            continue;
+        }
+        if in_part + buf.len() > PART_BYTES && in_part > 0 && !done {
+            // Close this part at the last row boundary; the rest starts the next.
+            let cut = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            let rest = buf.split_off(cut);
+            sink.send(std::mem::replace(&mut buf, rest)).await?;
+            let staged = sink.finish().await?;
+            rows += staged.member.rows.unwrap_or(0);
+            stager.send(staged).await?;
+            part += 1;
+            sink = new_part(part)?;
+            in_part = 0;
+        }
+        in_part += buf.len();
+        if !buf.is_empty() {
             sink.send(std::mem::replace(&mut buf, Vec::with_capacity(BATCH + 64 * 1024)))
                 .await?;
         }
+        if done {
+            break;
+        }
     }
     drop(stream);
-    if !buf.is_empty() {
-        sink.send(buf).await?;
-    }
     let staged = sink.finish().await?;
+    rows += staged.member.rows.unwrap_or(0);
+    stager.send(staged).await?;
     tracing::info!(
         table = %table.key(),
-        rows = staged.member.rows.unwrap_or(0),
+        rows,
+        parts = part,
         ms = started.elapsed().as_millis() as u64,
         "table read"
     );
-    stager.send(staged).await
+    Ok(())
 }
 
 /// Streams a one-column text query into a sink, one line per row.

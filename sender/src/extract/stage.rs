@@ -178,7 +178,7 @@ pub struct BlockingSink {
 impl BlockingSink {
     /// `count_newlines`: every `\n` ends one row (COPY text, JSON lines).
     pub fn spawn(mut writer: StageWriter, count_newlines: bool) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
         let handle = tokio::task::spawn_blocking(move || {
             while let Some(buf) = rx.blocking_recv() {
                 if count_newlines {
