@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 /// Compression settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Compression {
-    /// zstd level (1..=19); 3 is zstd's default and a good trade-off.
+    /// zstd level (1..=19).
     pub level: i32,
     /// zstd worker threads (0 = compress on the calling thread).
     pub workers: u32,
@@ -30,8 +30,8 @@ pub struct Compression {
 impl Default for Compression {
     fn default() -> Self {
         Self {
-            level: 3,
-            workers: 2,
+            level: 1,
+            workers: 0,
         }
     }
 }

@@ -59,8 +59,14 @@ TOML
 
 # Warm the page cache once.
 pg_dump -h 127.0.0.1 -p "$port" -U postgres "${tables[@]}" bench >/dev/null
-base=(); ours=(); rss=()
+sed 's/^sender_id = "bench"/sender_id = "bench3"/; s#state_dir = .*#state_dir = "'"$work"'/state3"#' "$work/complete.toml" > "$work/complete3.toml"
+printf '[bundle]\nzstd_level = 3\n' >> "$work/complete3.toml"
+base=(); ours=(); rss=(); ours3=(); rss3=()
 for i in $(seq "$RUNS"); do
+  rm -rf "$work/state3"
+  /usr/bin/time -f "%e %M" -o "$work/time" "$bin" --config "$work/complete3.toml" complete >/dev/null 2>"$work/err" || { cat "$work/err"; exit 1; }
+  read -r secs kb < "$work/time"
+  ours3+=("$secs"); rss3+=("$kb")
   s=$(date +%s.%N)
   pg_dump -h 127.0.0.1 -p "$port" -U postgres "${tables[@]}" bench | zstd -3 -T2 -q > "$work/dump.sql.zst"
   base+=("$(echo "$(date +%s.%N) - $s" | bc)")
@@ -76,8 +82,10 @@ echo
 echo "## complete bundle: $rows rows, $((raw / 1000000)) MB uncompressed, median of $RUNS runs, page cache warm"
 printf '| method | s | rows/s | MB/s | compressed MB | peak RSS MiB |\n|---|---|---|---|---|---|\n'
 printf '| pg_dump \\| zstd -3 -T2 | %.2f | %.0f | %.0f | %d | - |\n' "$b" "$(echo "$rows/$b" | bc -l)" "$(echo "$raw/1000000/$b" | bc -l)" "$(( $(stat -c %s "$work/dump.sql.zst") / 1000000 ))"
-printf '| ferry-sender complete | %.2f | %.0f | %.0f | %d | %.1f |\n' "$o" "$(echo "$rows/$o" | bc -l)" "$(echo "$raw/1000000/$o" | bc -l)" "$(( $(stat -c %s "$bundle") / 1000000 ))" "$(echo "$r/1024" | bc -l)"
-printf 'ratio ferry/pg_dump: %.2f\n' "$(echo "$o/$b" | bc -l)"
+printf '| ferry-sender complete (default: zstd_level = 1) | %.2f | %.0f | %.0f | %d | %.1f |\n' "$o" "$(echo "$rows/$o" | bc -l)" "$(echo "$raw/1000000/$o" | bc -l)" "$(( $(stat -c %s "$bundle") / 1000000 ))" "$(echo "$r/1024" | bc -l)"
+o3=$(printf '%s\n' "${ours3[@]}" | median); r3=$(printf '%s\n' "${rss3[@]}" | sort -n | tail -1); b3=$(ls "$work"/state3/outbox/*.tar.zst)
+printf '| ferry-sender complete, zstd_level = 3 | %.2f | %.0f | %.0f | %d | %.1f |\n' "$o3" "$(echo "$rows/$o3" | bc -l)" "$(echo "$raw/1000000/$o3" | bc -l)" "$(( $(stat -c %s "$b3") / 1000000 ))" "$(echo "$r3/1024" | bc -l)"
+printf 'ratio ferry (default, level 1) / pg_dump|zstd -3 -T2: %.2f\n' "$(echo "$o/$b" | bc -l)"
 
 # Partials in a $BIG-row table, index on the change column.
 cat > "$work/partial.toml" <<TOML

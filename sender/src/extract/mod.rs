@@ -68,6 +68,14 @@ impl ExtractError {
         move |source| ExtractError::Db { doing, source }
     }
 
+    /// Like [`db`](Self::db) for hot loops: nothing is allocated unless it fails.
+    pub(crate) fn db_lazy(doing: &str) -> impl FnOnce(sqlx::Error) -> Self + '_ {
+        move |source| ExtractError::Db {
+            doing: doing.to_owned(),
+            source,
+        }
+    }
+
     pub(crate) fn stage(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
         let what = what.into();
         move |source| ExtractError::Stage { what, source }

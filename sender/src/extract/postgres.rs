@@ -794,16 +794,17 @@ async fn copy_table(
     let mut in_part = 0usize;
     let mut rows = 0u64;
     let sql = format!("COPY {} TO STDOUT", table.info.name.quoted());
+    let doing = format!("reading {}", table.key());
     let mut stream = conn
         .copy_out_raw(&sql)
         .await
-        .map_err(ExtractError::db(format!("reading {}", table.key())))?;
+        .map_err(ExtractError::db_lazy(&doing))?;
     let mut buf = Vec::with_capacity(BATCH + 64 * 1024);
     loop {
         let chunk = stream
             .try_next()
             .await
-            .map_err(ExtractError::db(format!("reading {}", table.key())))?;
+            .map_err(ExtractError::db_lazy(&doing))?;
         let done = chunk.is_none();
         if let Some(chunk) = chunk {
             buf.extend_from_slice(&chunk);
@@ -853,12 +854,13 @@ async fn stream_lines<'q>(
     sink: &BlockingSink,
     table: &str,
 ) -> Result<(), ExtractError> {
+    let doing = format!("reading changes of {table}");
     let mut rows = query.fetch(conn);
     let mut buf = Vec::with_capacity(BATCH + 64 * 1024);
     while let Some(line) = rows
         .try_next()
         .await
-        .map_err(ExtractError::db(format!("reading changes of {table}")))?
+        .map_err(ExtractError::db_lazy(&doing))?
     {
         buf.extend_from_slice(line.as_bytes());
         buf.push(b'\n');

@@ -341,15 +341,15 @@ impl SqliteSource {
         let sink = BlockingSink::spawn_changes(stager.create(m)?, stager.dedup());
         let names = column_names(t);
         let mut buf = Vec::with_capacity(BATCH + 64 * 1024);
+        let doing = format!("reading {}", t.key());
         {
             let mut rows = sqlx::query(q(sql)).fetch(&mut self.conn);
             while let Some(row) = rows
                 .try_next()
                 .await
-                .map_err(ExtractError::db(format!("reading {}", t.key())))?
+                .map_err(ExtractError::db_lazy(&doing))?
             {
-                encode_row(&row, &names, &mut buf)
-                    .map_err(ExtractError::db(format!("encoding a row of {}", t.key())))?;
+                encode_row(&row, &names, &mut buf).map_err(ExtractError::db_lazy(&doing))?;
                 if buf.len() >= BATCH {
                     sink.send(std::mem::take(&mut buf)).await?;
                 }
@@ -364,7 +364,7 @@ impl SqliteSource {
             while let Some(key) = keys
                 .try_next()
                 .await
-                .map_err(ExtractError::db(format!("reading deletes of {}", t.key())))?
+                .map_err(ExtractError::db_lazy(&doing))?
             {
                 buf.extend_from_slice(b"{\"op\":\"delete\",\"key\":");
                 buf.extend_from_slice(key.as_bytes());

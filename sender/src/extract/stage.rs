@@ -182,7 +182,7 @@ impl BlockingSink {
         let handle = tokio::task::spawn_blocking(move || {
             while let Some(buf) = rx.blocking_recv() {
                 if count_newlines {
-                    writer.add_rows(buf.iter().filter(|&&b| b == b'\n').count() as u64);
+                    writer.add_rows(bytecount::count(&buf, b'\n') as u64);
                 }
                 writer.write(&buf)?;
             }
