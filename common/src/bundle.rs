@@ -404,11 +404,13 @@ mod tests {
     #[test]
     fn round_trip_with_manifest_first() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = BundleWriter::create(&dir.path().join(".body"), Compression::default()).unwrap();
+        let mut w =
+            BundleWriter::create(&dir.path().join(".body"), Compression::default()).unwrap();
         let big = vec![7u8; 3 << 20];
         w.append_reader(member("media/a/big.bin"), big.len() as u64, &big[..])
             .unwrap();
-        w.append_reader(member("media/a/empty"), 0, &b""[..]).unwrap();
+        w.append_reader(member("media/a/empty"), 0, &b""[..])
+            .unwrap();
         let m = manifest(w.members().to_vec());
         let out = dir.path().join("t-000000000001-complete.tar.zst");
         w.finish(&m, &out).unwrap();
@@ -425,26 +427,36 @@ mod tests {
         .unwrap();
         assert_eq!(
             seen,
-            vec![("media/a/big.bin".into(), 3 << 20), ("media/a/empty".into(), 0)]
+            vec![
+                ("media/a/big.bin".into(), 3 << 20),
+                ("media/a/empty".into(), 0)
+            ]
         );
     }
 
     #[test]
     fn short_or_long_reader_is_a_changed_file() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = BundleWriter::create(&dir.path().join(".body"), Compression::default()).unwrap();
-        let e = w.append_reader(member("m/x"), 10, &b"12345"[..]).unwrap_err();
+        let mut w =
+            BundleWriter::create(&dir.path().join(".body"), Compression::default()).unwrap();
+        let e = w
+            .append_reader(member("m/x"), 10, &b"12345"[..])
+            .unwrap_err();
         assert!(matches!(e, WriteError::Changed { actual: 5, .. }), "{e}");
-        let e = w.append_reader(member("m/y"), 2, &b"12345"[..]).unwrap_err();
+        let e = w
+            .append_reader(member("m/y"), 2, &b"12345"[..])
+            .unwrap_err();
         assert!(matches!(e, WriteError::Changed { .. }), "{e}");
     }
 
     #[test]
     fn corruption_and_truncation_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = BundleWriter::create(&dir.path().join(".body"), Compression::default()).unwrap();
+        let mut w =
+            BundleWriter::create(&dir.path().join(".body"), Compression::default()).unwrap();
         let data: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
-        w.append_reader(member("m/data"), data.len() as u64, &data[..]).unwrap();
+        w.append_reader(member("m/data"), data.len() as u64, &data[..])
+            .unwrap();
         let mut m = manifest(w.members().to_vec());
         let out = dir.path().join("b.tar.zst");
         m.members[0].sha256 = "00".repeat(32);

@@ -108,9 +108,7 @@ fn first_manifest<R: Read>(
         Some(Err(e)) => return Err(ReadError::malformed(bundle, format!("unreadable: {e}"))),
         None => return Err(ReadError::malformed(bundle, "empty archive")),
     };
-    let path = entry
-        .path_bytes()
-        .into_owned();
+    let path = entry.path_bytes().into_owned();
     if path != b"manifest.json" {
         return Err(ReadError::malformed(
             bundle,
@@ -121,7 +119,10 @@ fn first_manifest<R: Read>(
         ));
     }
     if entry.header().entry_type() != tar::EntryType::Regular {
-        return Err(ReadError::malformed(bundle, "manifest.json is not a regular file"));
+        return Err(ReadError::malformed(
+            bundle,
+            "manifest.json is not a regular file",
+        ));
     }
     if entry.size() > limits.max_manifest_bytes {
         return Err(ReadError::TooLarge {
@@ -183,14 +184,20 @@ pub fn read_bundle(
     let mut archive = tar::Archive::new(dec);
     let mut entries = archive.entries().map_err(io_err)?;
     let manifest = first_manifest(bundle, &mut entries, limits)?;
-    let mut expected: HashMap<&str, &Member> =
-        manifest.members.iter().map(|m| (m.path.as_str(), m)).collect();
+    let mut expected: HashMap<&str, &Member> = manifest
+        .members
+        .iter()
+        .map(|m| (m.path.as_str(), m))
+        .collect();
     if expected.len() != manifest.members.len() {
-        return Err(ReadError::malformed(bundle, "manifest lists a member twice"));
+        return Err(ReadError::malformed(
+            bundle,
+            "manifest lists a member twice",
+        ));
     }
     for entry in entries {
-        let entry =
-            entry.map_err(|e| ReadError::malformed(bundle, format!("truncated or corrupt: {e}")))?;
+        let entry = entry
+            .map_err(|e| ReadError::malformed(bundle, format!("truncated or corrupt: {e}")))?;
         let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let kind = entry.header().entry_type();
         if !kind.is_file() {
@@ -223,9 +230,8 @@ pub fn read_bundle(
             ));
         }
         let mut hashing = HashingReader::new(entry);
-        on_member(member, &mut hashing).map_err(|e| {
-            ReadError::malformed(bundle, format!("member {path} unreadable: {e}"))
-        })?;
+        on_member(member, &mut hashing)
+            .map_err(|e| ReadError::malformed(bundle, format!("member {path} unreadable: {e}")))?;
         io::copy(&mut hashing, &mut io::sink())
             .map_err(|e| ReadError::malformed(bundle, format!("member {path} unreadable: {e}")))?;
         let actual = hashing.hex_digest();

@@ -300,14 +300,20 @@ impl Config {
         {
             return Err(invalid(
                 "source.timezone",
-                format!("{:?} is not a time zone name, e.g. \"Europe/Berlin\"", self.source.timezone),
+                format!(
+                    "{:?} is not a time zone name, e.g. \"Europe/Berlin\"",
+                    self.source.timezone
+                ),
             ));
         }
         if self.source.jobs == 0 || self.source.jobs > 64 {
             return Err(invalid("source.jobs", "must be between 1 and 64".into()));
         }
         if !(1..=19).contains(&self.bundle.zstd_level) {
-            return Err(invalid("bundle.zstd_level", "must be between 1 and 19".into()));
+            return Err(invalid(
+                "bundle.zstd_level",
+                "must be between 1 and 19".into(),
+            ));
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, m) in self.media.iter().enumerate() {
@@ -325,7 +331,10 @@ impl Config {
             if !names.insert(&m.name) {
                 return Err(invalid(
                     &format!("media[{i}].name"),
-                    format!("{:?} is used twice; every media set needs its own name", m.name),
+                    format!(
+                        "{:?} is used twice; every media set needs its own name",
+                        m.name
+                    ),
                 ));
             }
             if !m.path.is_absolute() {
@@ -385,11 +394,10 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let e = parse(
-            "sender_id='a'\nstate_dir='/x'\n[source]\nurl='sqlite:///x'\nincludes=['a']\n",
-        )
-        .unwrap_err()
-        .to_string();
+        let e =
+            parse("sender_id='a'\nstate_dir='/x'\n[source]\nurl='sqlite:///x'\nincludes=['a']\n")
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("unknown field `includes`"), "{e}");
         assert!(e.contains("include"), "{e}");
     }
@@ -403,7 +411,10 @@ mod tests {
         let e = parse("sender_id='a'\nstate_dir='/x'\n[source]\nurl='mysql://x'\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("`source.url`") && e.contains("postgres://"), "{e}");
+        assert!(
+            e.contains("`source.url`") && e.contains("postgres://"),
+            "{e}"
+        );
         let e = parse(
             "sender_id='a'\nstate_dir='/x'\n[source]\nurl='sqlite:///x'\n[partial]\noverlap='soon'\n",
         )
@@ -418,8 +429,8 @@ mod tests {
             redact_url("postgres://u:secret@h:5/db"),
             "postgres://u:***@h:5/db"
         );
-        let c = parse("sender_id='a'\nstate_dir='/x'\n[source]\nurl='postgres://u:pw@h/db'\n")
-            .unwrap();
+        let c =
+            parse("sender_id='a'\nstate_dir='/x'\n[source]\nurl='postgres://u:pw@h/db'\n").unwrap();
         assert!(!format!("{c:?}").contains("pw"));
     }
 }

@@ -31,7 +31,9 @@ pub enum JobError {
     Extract(#[from] ExtractError),
     #[error("could not write the bundle: {0}")]
     Write(#[from] ferry_common::bundle::WriteError),
-    #[error("no complete bundle yet, so a partial has nothing to build on: run `ferry-sender complete` first")]
+    #[error(
+        "no complete bundle yet, so a partial has nothing to build on: run `ferry-sender complete` first"
+    )]
     NoComplete,
 }
 
@@ -76,9 +78,8 @@ pub async fn run(config: &Config, requested: Kind) -> Result<JobOutcome, JobErro
     let mut source = Source::connect(config).await?;
     let tables = source.tables(config).await?;
     let settings = ExtractSettings::from_config(config);
-    let fingerprint = manifest::schema_fingerprint(
-        &tables.iter().map(|t| t.info.clone()).collect::<Vec<_>>(),
-    );
+    let fingerprint =
+        manifest::schema_fingerprint(&tables.iter().map(|t| t.info.clone()).collect::<Vec<_>>());
 
     let mut kind = requested;
     let mut note = None;

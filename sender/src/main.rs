@@ -13,7 +13,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "ferry-sender", version, about = "Ship an app's database and media as verified bundles")]
+#[command(
+    name = "ferry-sender",
+    version,
+    about = "Ship an app's database and media as verified bundles"
+)]
 struct Cli {
     /// The configuration file.
     #[arg(long, global = true, default_value = "/etc/ferry/sender.toml")]
@@ -71,7 +75,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ferry-sender: could not start the runtime: {e}");
@@ -111,7 +118,11 @@ async fn run(command: Command, config: Config) -> ExitCode {
                     println!("{tag} {}", f.what);
                 }
             }
-            if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+            if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Command::ExampleConfig => ExitCode::SUCCESS,
     }

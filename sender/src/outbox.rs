@@ -100,26 +100,27 @@ pub fn list(outbox: &Path, sender_id: &str) -> Result<Vec<Pending>, OutboxError>
 
 /// Adopts bundles that reached the outbox but not the state (a crash between the
 /// rename and the state commit): their manifests carry the watermarks.
-pub async fn recover(
-    state: &mut State,
-    outbox: &Path,
-    sender_id: &str,
-) -> Result<(), OutboxError> {
+pub async fn recover(state: &mut State, outbox: &Path, sender_id: &str) -> Result<(), OutboxError> {
     let last = state.last(None).await?.map_or(0, |b| b.seq);
     for p in list(outbox, sender_id)? {
         if p.seq <= last {
             continue;
         }
         let path = outbox.join(&p.file);
-        let manifest = read_manifest(&path, &Limits::default())
-            .map_err(|source| OutboxError::Unreadable { path: path.clone(), source })?;
+        let manifest =
+            read_manifest(&path, &Limits::default()).map_err(|source| OutboxError::Unreadable {
+                path: path.clone(),
+                source,
+            })?;
         if manifest.seq != Seq(p.seq) {
             continue;
         }
         tracing::warn!(bundle = %p.file, seq = p.seq, "adopting a bundle the previous run wrote but did not record");
         // The line fingerprints are not in the manifest: the next partial may re-send
         // a few overlap rows, which is harmless.
-        state.commit_bundle(&manifest, &p.file, p.bytes, 0, &[]).await?;
+        state
+            .commit_bundle(&manifest, &p.file, p.bytes, 0, &[])
+            .await?;
     }
     Ok(())
 }

@@ -43,7 +43,10 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "sender {}  (state {})", self.sender_id, self.state_dir)?;
-        for (label, b) in [("complete", &self.last_complete), ("partial", &self.last_partial)] {
+        for (label, b) in [
+            ("complete", &self.last_complete),
+            ("partial", &self.last_partial),
+        ] {
             match b {
                 Some(b) => writeln!(
                     f,
@@ -133,7 +136,10 @@ pub async fn check(config: &Config) -> Vec<Finding> {
     );
     if let Source::Postgres(pg) = &mut source {
         match pg.can_see_all_sessions().await {
-            Ok(true) => push(Level::Ok, "the source user can see all sessions (safe horizon)".into()),
+            Ok(true) => push(
+                Level::Ok,
+                "the source user can see all sessions (safe horizon)".into(),
+            ),
             Ok(false) => push(
                 Level::Error,
                 "the source user cannot see other sessions' transactions: run \
@@ -156,7 +162,11 @@ pub async fn check(config: &Config) -> Vec<Finding> {
                 format!(
                     "{} table(s) selected: {}",
                     tables.len(),
-                    tables.iter().map(|t| t.key()).collect::<Vec<_>>().join(", ")
+                    tables
+                        .iter()
+                        .map(|t| t.key())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             );
             for t in &tables {

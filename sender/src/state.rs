@@ -72,7 +72,11 @@ impl State {
         let path = file.display().to_string();
         let err = |doing| {
             let path = path.clone();
-            move |source| StateError { path, doing, source }
+            move |source| StateError {
+                path,
+                doing,
+                source,
+            }
         };
         let options = SqliteConnectOptions::new()
             .filename(&file)
@@ -177,9 +181,17 @@ impl State {
         let path = self.path.clone();
         let err = |doing| {
             let path = path.clone();
-            move |source| StateError { path, doing, source }
+            move |source| StateError {
+                path,
+                doing,
+                source,
+            }
         };
-        let mut tx = self.conn.begin().await.map_err(err("committing a bundle"))?;
+        let mut tx = self
+            .conn
+            .begin()
+            .await
+            .map_err(err("committing a bundle"))?;
         sqlx::query(
             "INSERT INTO bundles (seq, kind, file, base_seq, created_at, rows, bytes,
                                   duration_ms, schema_fingerprint)

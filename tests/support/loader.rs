@@ -74,11 +74,9 @@ pub async fn apply_partial_pg(conn: &mut PgConnection, bundle: &Path) -> Manifes
         let exprs = cols
             .iter()
             .map(|c| match c.sql_type.as_str() {
-                "json" | "json[]" => format!(
-                    "($1::json ->> {})::{}",
-                    quote_literal(&c.name),
-                    c.sql_type
-                ),
+                "json" | "json[]" => {
+                    format!("($1::json ->> {})::{}", quote_literal(&c.name), c.sql_type)
+                }
                 _ => format!("r.{}", quote_ident(&c.name)),
             })
             .collect::<Vec<_>>()

@@ -99,7 +99,18 @@ impl PgServer {
             let log = server.dir.join("log");
             let ok = server.pg_status(
                 "pg_ctl",
-                &["-D", path_str(&data), "-o", &opts, "-l", path_str(&log), "-w", "-t", "60", "start"],
+                &[
+                    "-D",
+                    path_str(&data),
+                    "-o",
+                    &opts,
+                    "-l",
+                    path_str(&log),
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ],
             );
             if ok {
                 return server;
@@ -170,7 +181,10 @@ impl PgServer {
     /// Stops the server now (for "database is down" tests).
     pub fn stop(&self) {
         let data = self.dir.join("data");
-        self.pg_status("pg_ctl", &["-D", path_str(&data), "-m", "immediate", "-w", "stop"]);
+        self.pg_status(
+            "pg_ctl",
+            &["-D", path_str(&data), "-m", "immediate", "-w", "stop"],
+        );
     }
 
     pub fn dir(&self) -> &Path {

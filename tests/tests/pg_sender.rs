@@ -152,12 +152,17 @@ async fn type_zoo_survives_complete_and_partial() {
     job::run(&config, Kind::Partial).await.expect("partial");
     let (_, members) = bundle_contents(&fx.bundle(3, Kind::Partial));
     let lines = String::from_utf8(members["data/public.composite.jsonl"].clone()).unwrap();
-    assert!(lines.lines().all(|l| split_change(l).0 == "upsert"), "{lines}");
+    assert!(
+        lines.lines().all(|l| split_change(l).0 == "upsert"),
+        "{lines}"
+    );
     apply_partial_pg(&mut copy, &fx.bundle(3, Kind::Partial)).await;
     assert_same(&mut src, &mut copy, &TABLES).await;
 
     // Nothing changed: no bundle.
-    let out = job::run(&config, Kind::Partial).await.expect("empty partial");
+    let out = job::run(&config, Kind::Partial)
+        .await
+        .expect("empty partial");
     assert_eq!(out.seq, None);
     assert_eq!(outbox_files(&fx.state_dir().join("outbox")).len(), 3);
 }
@@ -182,13 +187,17 @@ async fn a_late_commit_is_not_missed() {
     let out = job::run(&config, Kind::Partial).await.expect("partial 1");
     let (m, members) = bundle_contents(out.file.as_deref().unwrap());
     let first = String::from_utf8(members["data/public.events.jsonl"].clone()).unwrap();
-    assert!(first.contains("on time") && !first.contains("\"late\""), "{first}");
+    assert!(
+        first.contains("on time") && !first.contains("\"late\""),
+        "{first}"
+    );
     // The watermark stayed at or before the open transaction's start.
-    let started: String =
-        sqlx::query_scalar("SELECT xact_start::text FROM pg_stat_activity WHERE query LIKE '%''late''%'")
-            .fetch_one(&mut other)
-            .await
-            .unwrap();
+    let started: String = sqlx::query_scalar(
+        "SELECT xact_start::text FROM pg_stat_activity WHERE query LIKE '%''late''%'",
+    )
+    .fetch_one(&mut other)
+    .await
+    .unwrap();
     let wm = m.watermarks["public.events"].clone().unwrap();
     let ok: bool = sqlx::query_scalar("SELECT $1::timestamptz <= $2::timestamptz")
         .bind(&wm)
@@ -196,13 +205,19 @@ async fn a_late_commit_is_not_missed() {
         .fetch_one(&mut other)
         .await
         .unwrap();
-    assert!(ok, "watermark {wm} is past the open transaction's start {started}");
+    assert!(
+        ok,
+        "watermark {wm} is past the open transaction's start {started}"
+    );
 
     exec(&mut late, "COMMIT").await;
     let out = job::run(&config, Kind::Partial).await.expect("partial 2");
     let (_, members) = bundle_contents(out.file.as_deref().unwrap());
     let second = String::from_utf8(members["data/public.events.jsonl"].clone()).unwrap();
-    assert!(second.contains("\"late\""), "the late row was lost: {second}");
+    assert!(
+        second.contains("\"late\""),
+        "the late row was lost: {second}"
+    );
 }
 
 #[tokio::test]
@@ -230,14 +245,29 @@ async fn referenced_rows_travel_transitively() {
     .await;
     let out = job::run(&config, Kind::Partial).await.expect("partial");
     let (_, members) = bundle_contents(out.file.as_deref().unwrap());
-    let get = |t: &str| String::from_utf8(members[&format!("data/public.{t}.jsonl")].clone()).unwrap();
+    let get =
+        |t: &str| String::from_utf8(members[&format!("data/public.{t}.jsonl")].clone()).unwrap();
     assert!(get("report").contains("\"id\":200"));
-    assert!(get("city").contains("\"id\":20"), "city 20 missing: {}", get("city"));
-    assert!(get("region").contains("\"id\":2,"), "region 2 missing: {}", get("region"));
-    assert!(!get("region").contains("\"id\":1,"), "unreferenced region 1 sent");
+    assert!(
+        get("city").contains("\"id\":20"),
+        "city 20 missing: {}",
+        get("city")
+    );
+    assert!(
+        get("region").contains("\"id\":2,"),
+        "region 2 missing: {}",
+        get("region")
+    );
+    assert!(
+        !get("region").contains("\"id\":1,"),
+        "unreferenced region 1 sent"
+    );
     let nodes = get("node");
     for id in [1, 2, 3] {
-        assert!(nodes.contains(&format!("\"id\":{id},")), "node {id} missing: {nodes}");
+        assert!(
+            nodes.contains(&format!("\"id\":{id},")),
+            "node {id} missing: {nodes}"
+        );
     }
 }
 
@@ -250,9 +280,15 @@ async fn tables_without_a_primary_key_are_refused_with_options() {
     )
     .await;
     let config = fx.config("[partial]\nchange_column = \"updated_at\"\n");
-    let err = job::run(&config, Kind::Complete).await.unwrap_err().to_string();
+    let err = job::run(&config, Kind::Complete)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("public.audit_log has no primary key"), "{err}");
-    assert!(err.contains("partial = false") && err.contains("exclude"), "{err}");
+    assert!(
+        err.contains("partial = false") && err.contains("exclude"),
+        "{err}"
+    );
     // ... and the table has no change column of that name either.
     assert!(err.contains("has no column \"updated_at\""), "{err}");
 
@@ -262,7 +298,11 @@ async fn tables_without_a_primary_key_are_refused_with_options() {
     let out = job::run(&config, Kind::Complete).await.expect("complete");
     let (m, members) = bundle_contents(out.file.as_deref().unwrap());
     assert!(members.contains_key("data/public.audit_log.copy"));
-    assert!(m.tables.iter().any(|t| t.name.name == "audit_log" && t.change_column.is_none()));
+    assert!(
+        m.tables
+            .iter()
+            .any(|t| t.name.name == "audit_log" && t.change_column.is_none())
+    );
     let mut src = fx.server.connect("app").await;
     exec(&mut src, "INSERT INTO items (id) VALUES (2)").await;
     let out = job::run(&config, Kind::Partial).await.expect("partial");
@@ -274,8 +314,14 @@ async fn tables_without_a_primary_key_are_refused_with_options() {
 async fn integer_change_columns_are_refused_on_postgres() {
     let fx = Fixture::new("CREATE TABLE t (id serial PRIMARY KEY, v text);").await;
     let config = fx.config("[partial]\nchange_column = \"id\"\n");
-    let err = job::run(&config, Kind::Complete).await.unwrap_err().to_string();
-    assert!(err.contains("must be a timestamp") && err.contains("commits late"), "{err}");
+    let err = job::run(&config, Kind::Complete)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("must be a timestamp") && err.contains("commits late"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -290,9 +336,17 @@ async fn a_partial_needs_a_complete_and_schema_drift_forces_one() {
     assert!(matches!(err, JobError::NoComplete), "{err}");
     job::run(&config, Kind::Complete).await.expect("complete");
     let mut src = fx.server.connect("app").await;
-    exec(&mut src, "ALTER TABLE t ADD COLUMN extra text; INSERT INTO t (id) VALUES (2);").await;
+    exec(
+        &mut src,
+        "ALTER TABLE t ADD COLUMN extra text; INSERT INTO t (id) VALUES (2);",
+    )
+    .await;
     let out = job::run(&config, Kind::Partial).await.expect("partial");
-    assert_eq!(out.kind, Kind::Complete, "schema drift must force a complete");
+    assert_eq!(
+        out.kind,
+        Kind::Complete,
+        "schema drift must force a complete"
+    );
     assert!(out.note.unwrap().contains("schema changed"));
 }
 
@@ -317,8 +371,14 @@ async fn a_bundle_written_but_not_recorded_is_adopted() {
     drop(state);
     let mut src = fx.server.connect("app").await;
     exec(&mut src, "INSERT INTO t (id) VALUES (2)").await;
-    let out = job::run(&config, Kind::Partial).await.expect("partial after adoption");
-    assert_eq!(out.seq, Some(2), "the sequence must continue after the adopted bundle");
+    let out = job::run(&config, Kind::Partial)
+        .await
+        .expect("partial after adoption");
+    assert_eq!(
+        out.seq,
+        Some(2),
+        "the sequence must continue after the adopted bundle"
+    );
     let (m, _) = bundle_contents(out.file.as_deref().unwrap());
     assert_eq!(m.base_seq.0, 1);
 }

@@ -30,7 +30,10 @@ fn a_bad_config_key_is_named_and_exits_2() {
     let out = sender(&cfg, &["complete"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let e = stderr(&out);
-    assert!(e.contains("unknown field `change_colum`") && e.contains("change_column"), "{e}");
+    assert!(
+        e.contains("unknown field `change_colum`") && e.contains("change_column"),
+        "{e}"
+    );
     assert!(e.contains("sender.toml"), "the message names the file: {e}");
 
     let missing = sender(&dir.path().join("nope.toml"), &["status"]);
@@ -63,7 +66,10 @@ fn an_unreachable_database_is_a_clear_transient_error() {
     let out = sender(&cfg, &["complete"]);
     assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
     let e = stderr(&out);
-    assert!(e.contains("could not connect to the source database"), "{e}");
+    assert!(
+        e.contains("could not connect to the source database"),
+        "{e}"
+    );
     assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
     assert!(!e.contains("secret"), "the password leaked: {e}");
     let check = sender(&cfg, &["check"]);
@@ -93,12 +99,22 @@ async fn check_names_missing_change_columns_and_unindexed_ones() {
     let out = sender(&cfg, &["check"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("ERROR table public.b has no column \"updated_at\""), "{text}");
-    assert!(text.contains("modified"), "the message lists the columns: {text}");
+    assert!(
+        text.contains("ERROR table public.b has no column \"updated_at\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("modified"),
+        "the message lists the columns: {text}"
+    );
     // Starting a job fails the same way.
     let job = sender(&cfg, &["partial"]);
     assert_eq!(job.status.code(), Some(1));
-    assert!(stderr(&job).contains("public.b has no column"), "{}", stderr(&job));
+    assert!(
+        stderr(&job).contains("public.b has no column"),
+        "{}",
+        stderr(&job)
+    );
 
     // Fixed: b uses its own column; a's column has no index, which is a warning.
     std::fs::write(
@@ -112,8 +128,14 @@ async fn check_names_missing_change_columns_and_unindexed_ones() {
     let out = sender(&cfg, &["check"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(0), "{text}");
-    assert!(text.contains("warn  public.a: change column \"updated_at\" has no index"), "{text}");
-    assert!(text.contains("CREATE INDEX ON \"public\".\"a\" (\"updated_at\")"), "{text}");
+    assert!(
+        text.contains("warn  public.a: change column \"updated_at\" has no index"),
+        "{text}"
+    );
+    assert!(
+        text.contains("CREATE INDEX ON \"public\".\"a\" (\"updated_at\")"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -149,13 +171,22 @@ async fn kill_9_during_a_complete_leaves_no_bundle_and_loses_nothing() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let busy = std::fs::read_dir(&staging)
-            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(".stage")))
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with(".stage"))
+            })
             .unwrap_or(false);
         if busy {
             break;
         }
-        assert!(Instant::now() < deadline, "the complete never started writing");
-        assert!(child.try_wait().unwrap().is_none(), "the complete finished before it could be killed");
+        assert!(
+            Instant::now() < deadline,
+            "the complete never started writing"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the complete finished before it could be killed"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().unwrap(); // SIGKILL
@@ -165,14 +196,20 @@ async fn kill_9_during_a_complete_leaves_no_bundle_and_loses_nothing() {
         .into_iter()
         .filter(|f| !f.starts_with('.'))
         .collect();
-    assert!(finals.is_empty(), "a final bundle after kill -9: {finals:?}");
+    assert!(
+        finals.is_empty(),
+        "a final bundle after kill -9: {finals:?}"
+    );
 
     // The next run starts clean, takes seq 1, and ships every row.
     let out = sender(&cfg, &["complete"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let files = outbox_files(&outbox);
     assert_eq!(files, vec!["app-000000000001-complete.tar.zst".to_owned()]);
-    assert!(std::fs::read_dir(&staging).unwrap().next().is_none(), "staging not cleaned");
+    assert!(
+        std::fs::read_dir(&staging).unwrap().next().is_none(),
+        "staging not cleaned"
+    );
     let (m, members) = bundle_contents(&outbox.join(&files[0]));
     // A large table is split into parts; together they hold every row once.
     let parts: Vec<_> = m
@@ -186,7 +223,13 @@ async fn kill_9_during_a_complete_leaves_no_bundle_and_loses_nothing() {
     assert_eq!(parts.iter().map(|p| p.rows.unwrap()).sum::<u64>(), 400000);
     let mut ids: Vec<u64> = parts
         .iter()
-        .flat_map(|p| String::from_utf8(members[&p.path].clone()).unwrap().lines().map(|l| l.split('\t').next().unwrap().parse::<u64>().unwrap()).collect::<Vec<_>>())
+        .flat_map(|p| {
+            String::from_utf8(members[&p.path].clone())
+                .unwrap()
+                .lines()
+                .map(|l| l.split('\t').next().unwrap().parse::<u64>().unwrap())
+                .collect::<Vec<_>>()
+        })
         .collect();
     ids.sort_unstable();
     ids.dedup();

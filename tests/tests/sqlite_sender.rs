@@ -11,7 +11,11 @@ use sqlx::{Connection, SqliteConnection};
 use std::path::Path;
 
 async fn open(path: &Path, create: bool) -> SqliteConnection {
-    let url = format!("sqlite://{}{}", path.display(), if create { "?mode=rwc" } else { "" });
+    let url = format!(
+        "sqlite://{}{}",
+        path.display(),
+        if create { "?mode=rwc" } else { "" }
+    );
     SqliteConnection::connect(&url).await.expect("open SQLite")
 }
 
@@ -85,7 +89,11 @@ path = {:?}
     let (m, members) = bundle_contents(out.file.as_deref().unwrap());
     assert_eq!(m.source.engine, "sqlite");
     assert_eq!(members["media/images/2024/a.jpg"], b"jpeg-a");
-    assert!(m.members.iter().all(|x| x.role != Role::Data || x.format == Some(DataFormat::JsonLines)));
+    assert!(
+        m.members
+            .iter()
+            .all(|x| x.role != Role::Data || x.format == Some(DataFormat::JsonLines))
+    );
     let copy_path = dir.path().join("copy.sqlite3");
     let mut copy = open(&copy_path, true).await;
     load_complete_sqlite(&mut copy, out.file.as_deref().unwrap()).await;

@@ -37,7 +37,10 @@ pub fn scan(set: &MediaSet) -> Result<Vec<MediaFile>, ExtractError> {
             set.path.display()
         )));
     }
-    for entry in walkdir::WalkDir::new(&set.path).follow_links(false).sort_by_file_name() {
+    for entry in walkdir::WalkDir::new(&set.path)
+        .follow_links(false)
+        .sort_by_file_name()
+    {
         let entry = entry.map_err(|e| {
             ExtractError::stage(format!("media set {}", set.name))(std::io::Error::other(e))
         })?;
@@ -108,10 +111,7 @@ pub async fn stage_media(
     Ok(count)
 }
 
-fn copy_to_stage(
-    f: &MediaFile,
-    stager: &Stager,
-) -> Result<Option<super::Staged>, ExtractError> {
+fn copy_to_stage(f: &MediaFile, stager: &Stager) -> Result<Option<super::Staged>, ExtractError> {
     let mut src = match std::fs::File::open(&f.abs) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -24,7 +24,7 @@ use ferry_common::manifest::{self, Source as SourceInfo};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-pub use stage::{Stager, Staged};
+pub use stage::{Staged, Stager};
 
 /// The key under which the delete log's watermark is stored.
 pub const DELETES_KEY: &str = "<deletes>";
@@ -36,7 +36,9 @@ pub type Watermarks = BTreeMap<String, Option<String>>;
 /// An error while reading the source database.
 #[derive(Debug, thiserror::Error)]
 pub enum ExtractError {
-    #[error("could not connect to the source database {url}: {source}; check `source.url`, that the server is running and that the user may log in")]
+    #[error(
+        "could not connect to the source database {url}: {source}; check `source.url`, that the server is running and that the user may log in"
+    )]
     Connect {
         url: String,
         #[source]
@@ -150,7 +152,7 @@ pub struct Extracted {
 
 /// The source database.
 pub enum Source {
-    Postgres(postgres::PgSource),
+    Postgres(Box<postgres::PgSource>),
     Sqlite(sqlite::SqliteSource),
 }
 
@@ -158,9 +160,9 @@ impl Source {
     /// Connects to the configured source.
     pub async fn connect(config: &Config) -> Result<Self, ExtractError> {
         match config.source.engine() {
-            Some(Engine::Postgres) => Ok(Source::Postgres(
+            Some(Engine::Postgres) => Ok(Source::Postgres(Box::new(
                 postgres::PgSource::connect(&config.source).await?,
-            )),
+            ))),
             Some(Engine::Sqlite) => Ok(Source::Sqlite(
                 sqlite::SqliteSource::connect(&config.source.url).await?,
             )),

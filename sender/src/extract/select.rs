@@ -34,7 +34,9 @@ pub fn resolve(
     postgres: bool,
 ) -> Result<Vec<TableMeta>, ExtractError> {
     let compile = |ps: &[String]| -> Vec<glob::Pattern> {
-        ps.iter().filter_map(|p| glob::Pattern::new(p).ok()).collect()
+        ps.iter()
+            .filter_map(|p| glob::Pattern::new(p).ok())
+            .collect()
     };
     let include = compile(&config.source.include);
     let exclude = compile(&config.source.exclude);
@@ -122,7 +124,9 @@ pub fn resolve(
     }
     // Foreign keys only matter between selected tables.
     for t in &mut selected {
-        t.info.foreign_keys.retain(|fk| names.contains(&fk.references.to_string()));
+        t.info
+            .foreign_keys
+            .retain(|fk| names.contains(&fk.references.to_string()));
     }
     if problems.is_empty() {
         Ok(selected)

@@ -223,15 +223,21 @@ impl SqliteSource {
         stager: &Stager,
     ) -> Result<Extracted, ExtractError> {
         // The watermarks first: the first read fixes the snapshot.
-        let watermarks = self.watermarks(tables, &Watermarks::new(), settings).await?;
+        let watermarks = self
+            .watermarks(tables, &Watermarks::new(), settings)
+            .await?;
         let mut pre = String::new();
         for t in tables {
-            let sql: String =
-                sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?")
-                    .bind(&t.info.name.name)
-                    .fetch_one(&mut self.conn)
-                    .await
-                    .map_err(ExtractError::db(format!("reading the schema of {}", t.key())))?;
+            let sql: String = sqlx::query_scalar(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+            )
+            .bind(&t.info.name.name)
+            .fetch_one(&mut self.conn)
+            .await
+            .map_err(ExtractError::db(format!(
+                "reading the schema of {}",
+                t.key()
+            )))?;
             pre.push_str(&sql);
             pre.push_str(";\n");
         }
@@ -275,7 +281,9 @@ impl SqliteSource {
         let mut out = Watermarks::new();
         let secs = settings.overlap.as_secs();
         for t in tables {
-            let Some((col, kind)) = &t.change else { continue };
+            let Some((col, kind)) = &t.change else {
+                continue;
+            };
             let c = quote_ident(col);
             let sql = match kind {
                 ChangeKind::Number => format!("SELECT CAST(max({c}) AS TEXT) FROM {}", t.info.name.quoted()),
@@ -292,7 +300,10 @@ impl SqliteSource {
             let wm: Option<String> = sqlx::query_scalar(q(sql))
                 .fetch_one(&mut self.conn)
                 .await
-                .map_err(ExtractError::db(format!("reading the watermark of {}", t.key())))?;
+                .map_err(ExtractError::db(format!(
+                    "reading the watermark of {}",
+                    t.key()
+                )))?;
             out.insert(
                 t.key(),
                 wm.or_else(|| previous.get(&t.key()).cloned().flatten()),
@@ -413,7 +424,9 @@ impl SqliteSource {
         let next = self.watermarks(tables, watermarks, settings).await?;
         let keys = |i: usize| format!("temp.ferry_keys_{i}");
         for (i, t) in tables.iter().enumerate() {
-            let Some((col, kind)) = &t.change else { continue };
+            let Some((col, kind)) = &t.change else {
+                continue;
+            };
             let pk = column_list(None, &t.info.primary_key);
             let name = t.info.name.quoted();
             let sql = format!(
@@ -443,7 +456,10 @@ impl SqliteSource {
             query
                 .execute(&mut self.conn)
                 .await
-                .map_err(ExtractError::db(format!("selecting changed rows of {}", t.key())))?;
+                .map_err(ExtractError::db(format!(
+                    "selecting changed rows of {}",
+                    t.key()
+                )))?;
         }
         let edges = partial_graph(tables);
         loop {
@@ -528,7 +544,11 @@ impl SqliteSource {
         tables: &[TableMeta],
         enabled: bool,
     ) -> Result<(), ExtractError> {
-        let err = || ExtractError::db("setting up delete capture (the database file must be writable by the sender; or set `[partial] deletes = \"off\"`)");
+        let err = || {
+            ExtractError::db(
+                "setting up delete capture (the database file must be writable by the sender; or set `[partial] deletes = \"off\"`)",
+            )
+        };
         let existing: Vec<String> = sqlx::query_scalar(
             "SELECT name FROM sqlite_master WHERE type = 'trigger' AND substr(name, 1, 21) = ?",
         )
@@ -584,7 +604,10 @@ impl SqliteSource {
             .map_err(err())?;
         }
         for sql in todo {
-            sqlx::raw_sql(q(sql)).execute(&mut *tx).await.map_err(err())?;
+            sqlx::raw_sql(q(sql))
+                .execute(&mut *tx)
+                .await
+                .map_err(err())?;
         }
         tx.commit().await.map_err(err())?;
         Ok(())

@@ -49,7 +49,10 @@ impl Dedup {
 
     /// The fingerprints of every line sent by this bundle.
     pub fn take_sent(&self) -> Vec<LineHash> {
-        self.sent.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default()
+        self.sent
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
     }
 }
 

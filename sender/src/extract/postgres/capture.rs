@@ -1,0 +1,144 @@
+//! Delete capture: the `ferry.deleted_rows` log and the `ferry_capture_delete`
+//! triggers the sender installs (and removes when `deletes = "off"`).
+
+use super::{PgSource, TRIGGER_NAME, q};
+use crate::extract::{ExtractError, TableMeta};
+use ferry_common::TableName;
+use ferry_common::ident::quote_literal;
+use sqlx::Connection;
+use std::time::Duration;
+
+impl PgSource {
+    /// Installs the delete log and a trigger on every partial table with a primary
+    /// key (only where missing), or removes all of it when `enabled` is false.
+    pub async fn set_delete_capture(
+        &mut self,
+        tables: &[TableMeta],
+        enabled: bool,
+    ) -> Result<(), ExtractError> {
+        let err = || {
+            ExtractError::db(
+                "setting up delete capture (the source user needs CREATE on the database and ownership of the tables; or set `[partial] deletes = \"off\"`)",
+            )
+        };
+        let existing: Vec<String> = sqlx::query_scalar(
+            "SELECT n.nspname || '.' || c.relname FROM pg_trigger g
+             JOIN pg_class c ON c.oid = g.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE g.tgname = $1",
+        )
+        .bind(TRIGGER_NAME)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(err())?;
+        let mut tx = self.conn.begin().await.map_err(err())?;
+        if enabled {
+            sqlx::raw_sql(
+                "CREATE SCHEMA IF NOT EXISTS ferry;
+                 CREATE TABLE IF NOT EXISTS ferry.deleted_rows (
+                   id bigserial PRIMARY KEY,
+                   table_name text NOT NULL,
+                   key jsonb NOT NULL,
+                   deleted_at timestamptz NOT NULL DEFAULT now());
+                 CREATE INDEX IF NOT EXISTS deleted_rows_deleted_at
+                   ON ferry.deleted_rows (deleted_at);
+                 CREATE OR REPLACE FUNCTION ferry.capture_delete() RETURNS trigger
+                 LANGUAGE plpgsql AS $f$
+                 BEGIN
+                   INSERT INTO ferry.deleted_rows (table_name, key)
+                   SELECT TG_ARGV[0], jsonb_object_agg(k, to_jsonb(OLD) -> k)
+                   FROM unnest(TG_ARGV[1:TG_NARGS - 1]) AS k;
+                   RETURN OLD;
+                 END $f$;",
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(err())?;
+        }
+        for t in tables {
+            let wanted = enabled && t.change.is_some() && !t.info.primary_key.is_empty();
+            let has = existing.contains(&t.key());
+            if wanted && !has {
+                let args = std::iter::once(t.key())
+                    .chain(t.info.primary_key.iter().cloned())
+                    .map(|a| quote_literal(&a))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let sql = format!(
+                    "CREATE TRIGGER {TRIGGER_NAME} AFTER DELETE ON {} FOR EACH ROW \
+                     EXECUTE FUNCTION ferry.capture_delete({args})",
+                    t.info.name.quoted()
+                );
+                sqlx::raw_sql(q(sql))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err())?;
+                tracing::info!(table = %t.key(), "delete capture installed");
+            } else if !wanted && has {
+                let sql = format!("DROP TRIGGER {TRIGGER_NAME} ON {}", t.info.name.quoted());
+                sqlx::raw_sql(q(sql))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err())?;
+                tracing::info!(table = %t.key(), "delete capture removed");
+            }
+        }
+        if !enabled {
+            // Triggers on tables no longer selected, then the log itself.
+            for key in &existing {
+                if let Some((s, n)) = key.split_once('.') {
+                    let sql = format!(
+                        "DROP TRIGGER IF EXISTS {TRIGGER_NAME} ON {}",
+                        TableName::new(Some(s), n).quoted()
+                    );
+                    sqlx::raw_sql(q(sql))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(err())?;
+                }
+            }
+            sqlx::raw_sql("DROP SCHEMA IF EXISTS ferry CASCADE")
+                .execute(&mut *tx)
+                .await
+                .map_err(err())?;
+        }
+        tx.commit().await.map_err(err())?;
+        Ok(())
+    }
+
+    pub async fn prune_delete_log(
+        &mut self,
+        watermark: Option<&str>,
+        retention: Duration,
+    ) -> Result<u64, ExtractError> {
+        let Some(wm) = watermark else { return Ok(0) };
+        let exists: bool =
+            sqlx::query_scalar("SELECT to_regclass('ferry.deleted_rows') IS NOT NULL")
+                .fetch_one(&mut self.conn)
+                .await
+                .map_err(ExtractError::db("pruning the delete log"))?;
+        if !exists {
+            return Ok(0);
+        }
+        Ok(sqlx::query(
+            "DELETE FROM ferry.deleted_rows
+             WHERE deleted_at < $1::timestamptz - make_interval(secs => $2)",
+        )
+        .bind(wm)
+        .bind(retention.as_secs_f64())
+        .execute(&mut self.conn)
+        .await
+        .map_err(ExtractError::db("pruning the delete log"))?
+        .rows_affected())
+    }
+
+    /// The number of rows in the delete log (for status and tests).
+    pub async fn delete_log_len(&mut self) -> Result<i64, ExtractError> {
+        sqlx::query_scalar(
+            "SELECT CASE WHEN to_regclass('ferry.deleted_rows') IS NULL THEN 0
+                    ELSE (SELECT count(*) FROM ferry.deleted_rows) END",
+        )
+        .fetch_one(&mut self.conn)
+        .await
+        .map_err(ExtractError::db("counting the delete log"))
+    }
+}

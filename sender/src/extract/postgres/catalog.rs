@@ -1,0 +1,165 @@
+//! The catalog: tables, columns (and which can be change columns), keys, indexes.
+
+use super::{JSON_OIDS, PgSource, TIMESTAMP_OIDS};
+use crate::extract::select::CatalogTable;
+use crate::extract::{ChangeKind, ExtractError};
+use ferry_common::TableName;
+use ferry_common::manifest;
+use sqlx::Row;
+use std::collections::{HashMap, HashSet};
+
+impl PgSource {
+    /// The tables of the database (outside system schemas and ferry's own).
+    pub async fn catalog(&mut self) -> Result<Vec<CatalogTable>, ExtractError> {
+        let rows = sqlx::query(
+            "SELECT c.oid::int8 AS oid, n.nspname::text AS schema, c.relname::text AS name,
+                    greatest(c.relpages, 0)::int8 AS pages
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+               AND n.nspname NOT IN ('information_schema', 'ferry')
+               AND n.nspname NOT LIKE 'pg\\_%'
+             ORDER BY 2, 3",
+        )
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(ExtractError::db("listing tables"))?;
+        let mut tables: Vec<(i64, CatalogTable)> = Vec::new();
+        for r in rows {
+            let name = TableName::new(Some(r.get::<String, _>("schema").as_str()), r.get("name"));
+            tables.push((
+                r.get("oid"),
+                CatalogTable {
+                    info: manifest::Table {
+                        name,
+                        columns: vec![],
+                        primary_key: vec![],
+                        foreign_keys: vec![],
+                        change_column: None,
+                    },
+                    change_kinds: HashMap::new(),
+                    indexed_first: HashSet::new(),
+                    size_hint: r.get("pages"),
+                },
+            ));
+        }
+        self.all_tables = tables.iter().map(|(_, t)| t.info.name.clone()).collect();
+        let oids: Vec<i64> = tables.iter().map(|(o, _)| *o).collect();
+        let by_oid: HashMap<i64, usize> = oids.iter().enumerate().map(|(i, o)| (*o, i)).collect();
+
+        let cols = sqlx::query(
+            "SELECT a.attrelid::int8 AS rel, a.attname::text AS name,
+                    format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull AS not_null,
+                    a.attgenerated <> '' AS generated,
+                    CASE a.attidentity WHEN 'a' THEN 'always' WHEN 'd' THEN 'by default' END
+                      AS identity,
+                    (CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END)::int8 AS base
+             FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+             WHERE a.attrelid::int8 = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY a.attrelid, a.attnum",
+        )
+        .bind(&oids)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(ExtractError::db("reading columns"))?;
+        self.json_columns.clear();
+        for r in cols {
+            let t = &mut tables[by_oid[&r.get::<i64, _>("rel")]].1;
+            let name: String = r.get("name");
+            let base: i64 = r.get("base");
+            if TIMESTAMP_OIDS.contains(&base) {
+                t.change_kinds.insert(name.clone(), ChangeKind::Timestamp);
+            }
+            if JSON_OIDS.contains(&base) {
+                self.json_columns
+                    .entry(t.info.name.clone())
+                    .or_default()
+                    .insert(name.clone());
+            }
+            t.info.columns.push(manifest::Column {
+                name,
+                sql_type: r.get("type"),
+                not_null: r.get("not_null"),
+                generated: r.get("generated"),
+                identity: r.get("identity"),
+            });
+        }
+
+        let pks = sqlx::query(
+            "SELECT i.indrelid::int8 AS rel, array_agg(a.attname::text ORDER BY k.ord) AS cols
+             FROM pg_index i
+             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indisprimary AND i.indrelid::int8 = ANY($1)
+             GROUP BY i.indrelid",
+        )
+        .bind(&oids)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(ExtractError::db("reading primary keys"))?;
+        for r in pks {
+            tables[by_oid[&r.get::<i64, _>("rel")]].1.info.primary_key = r.get("cols");
+        }
+
+        let idx = sqlx::query(
+            "SELECT DISTINCT i.indrelid::int8 AS rel, a.attname::text AS col
+             FROM pg_index i JOIN pg_attribute a
+               ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+             WHERE i.indrelid::int8 = ANY($1)",
+        )
+        .bind(&oids)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(ExtractError::db("reading indexes"))?;
+        for r in idx {
+            tables[by_oid[&r.get::<i64, _>("rel")]]
+                .1
+                .indexed_first
+                .insert(r.get("col"));
+        }
+
+        let fks = sqlx::query(
+            "SELECT c.conrelid::int8 AS rel, c.confrelid::int8 AS ref,
+               (SELECT array_agg(a.attname::text ORDER BY k.ord)
+                  FROM unnest(c.conkey) WITH ORDINALITY k(n, ord)
+                  JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n) AS cols,
+               (SELECT array_agg(a.attname::text ORDER BY k.ord)
+                  FROM unnest(c.confkey) WITH ORDINALITY k(n, ord)
+                  JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n) AS refcols
+             FROM pg_constraint c
+             WHERE c.contype = 'f' AND c.conrelid::int8 = ANY($1)
+             ORDER BY c.conname",
+        )
+        .bind(&oids)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(ExtractError::db("reading foreign keys"))?;
+        for r in fks {
+            let Some(&pi) = by_oid.get(&r.get::<i64, _>("ref")) else {
+                continue;
+            };
+            let references = tables[pi].1.info.name.clone();
+            tables[by_oid[&r.get::<i64, _>("rel")]]
+                .1
+                .info
+                .foreign_keys
+                .push(manifest::ForeignKey {
+                    columns: r.get("cols"),
+                    references,
+                    referenced_columns: r.get("refcols"),
+                });
+        }
+        Ok(tables.into_iter().map(|(_, t)| t).collect())
+    }
+
+    /// Whether this session can see every session's transaction start (needed for
+    /// a safe horizon): superuser or a member of `pg_read_all_stats`.
+    pub async fn can_see_all_sessions(&mut self) -> Result<bool, ExtractError> {
+        sqlx::query_scalar(
+            "SELECT rolsuper OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')
+             FROM pg_roles WHERE rolname = current_user",
+        )
+        .fetch_one(&mut self.conn)
+        .await
+        .map_err(ExtractError::db("checking the role's privileges"))
+    }
+}

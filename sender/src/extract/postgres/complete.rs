@@ -1,0 +1,307 @@
+//! A complete: one exported snapshot shared by `jobs` COPY readers and pg_dump.
+
+use super::{PgSource, TRIGGER_NAME, q, split_password};
+use crate::extract::stage::{BATCH, BlockingSink, member, stage_text};
+use crate::extract::{
+    DELETES_KEY, ExtractError, ExtractSettings, Extracted, Stager, TableMeta, Watermarks,
+};
+use ferry_common::TableName;
+use ferry_common::ident::{quote_ident, quote_literal};
+use ferry_common::manifest::{DataFormat, Role};
+use futures_util::TryStreamExt;
+use sqlx::Row;
+use sqlx::postgres::PgConnection;
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+impl PgSource {
+    pub async fn complete(
+        &mut self,
+        tables: &[TableMeta],
+        settings: &ExtractSettings,
+        stager: &Stager,
+    ) -> Result<Extracted, ExtractError> {
+        if settings.capture_deletes {
+            self.set_delete_capture(tables, true).await?;
+        }
+        let horizon = self.horizon(settings.overlap).await?;
+        sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut self.conn)
+            .await
+            .map_err(ExtractError::db("starting the snapshot"))?;
+        // Whatever happens inside, the exporting transaction ends here.
+        let result = self.complete_in_snapshot(tables, settings, stager).await;
+        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut self.conn).await;
+        result?;
+        let mut watermarks = Watermarks::new();
+        for t in tables.iter().filter(|t| t.change.is_some()) {
+            watermarks.insert(t.key(), Some(horizon.clone()));
+        }
+        watermarks.insert(DELETES_KEY.into(), Some(horizon));
+        Ok(Extracted { watermarks })
+    }
+
+    async fn complete_in_snapshot(
+        &mut self,
+        tables: &[TableMeta],
+        settings: &ExtractSettings,
+        stager: &Stager,
+    ) -> Result<(), ExtractError> {
+        let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+            .fetch_one(&mut self.conn)
+            .await
+            .map_err(ExtractError::db("exporting the snapshot"))?;
+        if !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Err(ExtractError::Selection(format!(
+                "unexpected snapshot id {snapshot:?}"
+            )));
+        }
+
+        let pre = plain_sql(&self.pg_dump(&snapshot, tables, "pre-data").await?);
+        stage_text(stager, "schema/pre-data.sql", Role::PreData, pre).await?;
+
+        // Readers: `jobs` connections sharing the snapshot, largest tables first.
+        let mut order: Vec<TableMeta> = tables.to_vec();
+        order.sort_by_key(|t| std::cmp::Reverse(t.size_hint));
+        let queue = Arc::new(Mutex::new(VecDeque::from(order)));
+        let mut readers = tokio::task::JoinSet::new();
+        for _ in 0..settings.jobs.min(tables.len()).max(1) {
+            let mut conn = self.connect_more().await?;
+            let begin = format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                quote_literal(&snapshot)
+            );
+            sqlx::raw_sql(q(begin))
+                .execute(&mut conn)
+                .await
+                .map_err(ExtractError::db("importing the snapshot"))?;
+            let queue = queue.clone();
+            let stager = stager.clone();
+            readers.spawn(async move {
+                loop {
+                    let next = queue.lock().map(|mut q| q.pop_front()).ok().flatten();
+                    let Some(table) = next else { break };
+                    copy_table(&mut conn, &table, &stager).await?;
+                }
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut conn).await;
+                Ok::<(), ExtractError>(())
+            });
+        }
+        let post = self.pg_dump(&snapshot, tables, "post-data");
+        let post = post.await;
+        while let Some(done) = readers.join_next().await {
+            done.map_err(|e| ExtractError::WriterGone(format!("table reader failed: {e}")))??;
+        }
+        let post = plain_sql(&post?);
+        stage_text(stager, "schema/post-data.sql", Role::PostData, post).await?;
+
+        let sequences = self.sequences(tables).await?;
+        stage_text(stager, "schema/sequences.sql", Role::Sequences, sequences).await
+    }
+
+    /// Runs pg_dump for one section with the exported snapshot, returning its SQL.
+    async fn pg_dump(
+        &self,
+        snapshot: &str,
+        tables: &[TableMeta],
+        section: &str,
+    ) -> Result<String, ExtractError> {
+        let selected: HashSet<&TableName> = tables.iter().map(|t| &t.info.name).collect();
+        let schemas: std::collections::BTreeSet<&str> = tables
+            .iter()
+            .filter_map(|t| t.info.name.schema.as_deref())
+            .collect();
+        let (url, password) = split_password(&self.url);
+        let mut cmd = tokio::process::Command::new(&self.pg_dump);
+        cmd.arg("--schema-only")
+            .arg("--no-owner")
+            .arg("--no-privileges")
+            .arg(format!("--section={section}"))
+            .arg(format!("--snapshot={snapshot}"))
+            .arg("--exclude-schema=ferry")
+            .arg("--dbname")
+            .arg(&url)
+            .env("PGAPPNAME", "ferry-sender")
+            .kill_on_drop(true);
+        if let Some(pw) = password {
+            cmd.env("PGPASSWORD", pw);
+        }
+        for s in &schemas {
+            cmd.arg(format!("--schema={}", quote_ident(s)));
+        }
+        for t in &self.all_tables {
+            if !selected.contains(t) && t.schema.as_deref().is_some_and(|s| schemas.contains(s)) {
+                cmd.arg(format!("--exclude-table={}", t.quoted()));
+            }
+        }
+        let out = cmd.output().await.map_err(|e| ExtractError::PgDump {
+            what: section.into(),
+            message: format!(
+                "could not run {}: {e}; install the PostgreSQL client (postgresql-client) or \
+                 set `source.pg_dump`",
+                self.pg_dump.display()
+            ),
+        })?;
+        if !out.status.success() {
+            return Err(ExtractError::PgDump {
+                what: section.into(),
+                message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        String::from_utf8(out.stdout).map_err(|e| ExtractError::PgDump {
+            what: section.into(),
+            message: format!("output is not UTF-8: {e}"),
+        })
+    }
+
+    /// `setval` calls for the sequences in the dumped schemas, read now (sequences
+    /// are not transactional; values at or past the snapshot are what we want).
+    async fn sequences(&mut self, tables: &[TableMeta]) -> Result<String, ExtractError> {
+        let schemas: Vec<String> = tables
+            .iter()
+            .filter_map(|t| t.info.name.schema.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let rows = sqlx::query(
+            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS seq,
+                    pg_sequence_last_value(c.oid) AS v
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'S' AND n.nspname = ANY($1) ORDER BY 1",
+        )
+        .bind(&schemas)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(ExtractError::db("reading sequence values"))?;
+        let mut sql = String::new();
+        for r in rows {
+            if let Some(v) = r.get::<Option<i64>, _>("v") {
+                sql.push_str(&format!(
+                    "SELECT pg_catalog.setval({}, {v}, true);\n",
+                    quote_literal(&r.get::<String, _>("seq"))
+                ));
+            }
+        }
+        Ok(sql)
+    }
+}
+
+/// pg_dump's output as plain SQL for any client: without psql's `\restrict` /
+/// `\unrestrict` meta-commands (pg_dump 15.14+), and without ferry's own
+/// delete-capture triggers, which must not exist on a receiver.
+fn plain_sql(dump: &str) -> String {
+    let ours = format!("CREATE TRIGGER {TRIGGER_NAME} ");
+    dump.lines()
+        .filter(|l| !l.starts_with("\\restrict ") && !l.starts_with("\\unrestrict "))
+        .filter(|l| !l.starts_with(&ours))
+        .map(|l| match l.strip_prefix("CREATE SCHEMA ") {
+            // The receiver's database may have the schema already (always `public`).
+            Some(rest) if !rest.starts_with("IF NOT EXISTS") => {
+                format!("CREATE SCHEMA IF NOT EXISTS {rest}\n")
+            }
+            _ => format!("{l}\n"),
+        })
+        .collect()
+}
+
+/// Bytes after which a table's COPY data continues in a new member (a *part*), so
+/// that the bundle writer can compress one part while the next is being read.
+pub const PART_BYTES: usize = 32 << 20;
+
+/// The member path of a table's COPY data, part 1, 2, …: `data/<t>.copy`, then
+/// `data/<t>.copy.000002`, … (in name order, which is load order).
+pub fn copy_part_path(table: &TableName, part: u32) -> String {
+    match part {
+        1 => format!("data/{}.copy", table.file_stem()),
+        n => format!("data/{}.copy.{n:06}", table.file_stem()),
+    }
+}
+
+/// COPY one table into one or more staged members.
+async fn copy_table(
+    conn: &mut PgConnection,
+    table: &TableMeta,
+    stager: &Stager,
+) -> Result<(), ExtractError> {
+    let started = std::time::Instant::now();
+    let new_part = |part: u32| -> Result<BlockingSink, ExtractError> {
+        let mut m = member(copy_part_path(&table.info.name, part), Role::Data);
+        m.table = Some(table.info.name.clone());
+        m.format = Some(DataFormat::PgCopyText);
+        Ok(BlockingSink::spawn(stager.create(m)?, true))
+    };
+    let mut part = 1;
+    let mut sink = new_part(part)?;
+    let mut in_part = 0usize;
+    let mut rows = 0u64;
+    let sql = format!("COPY {} TO STDOUT", table.info.name.quoted());
+    let doing = format!("reading {}", table.key());
+    let mut stream = conn
+        .copy_out_raw(&sql)
+        .await
+        .map_err(ExtractError::db_lazy(&doing))?;
+    let mut buf = Vec::with_capacity(BATCH + 64 * 1024);
+    loop {
+        let chunk = stream
+            .try_next()
+            .await
+            .map_err(ExtractError::db_lazy(&doing))?;
+        let done = chunk.is_none();
+        if let Some(chunk) = chunk {
+            buf.extend_from_slice(&chunk);
+        }
+        if buf.len() < BATCH && !done {
+            continue;
+        }
+        if in_part + buf.len() > PART_BYTES && in_part > 0 && !done {
+            // Close this part at the last row boundary; the rest starts the next.
+            let cut = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            let rest = buf.split_off(cut);
+            sink.send(std::mem::replace(&mut buf, rest)).await?;
+            let staged = sink.finish().await?;
+            rows += staged.member.rows.unwrap_or(0);
+            stager.send(staged).await?;
+            part += 1;
+            sink = new_part(part)?;
+            in_part = 0;
+        }
+        in_part += buf.len();
+        if !buf.is_empty() {
+            sink.send(std::mem::replace(
+                &mut buf,
+                Vec::with_capacity(BATCH + 64 * 1024),
+            ))
+            .await?;
+        }
+        if done {
+            break;
+        }
+    }
+    drop(stream);
+    let staged = sink.finish().await?;
+    rows += staged.member.rows.unwrap_or(0);
+    stager.send(staged).await?;
+    tracing::info!(
+        table = %table.key(),
+        rows,
+        parts = part,
+        ms = started.elapsed().as_millis() as u64,
+        "table read"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dumps_become_plain_sql() {
+        assert_eq!(
+            plain_sql("CREATE SCHEMA public;\n"),
+            "CREATE SCHEMA IF NOT EXISTS public;\n"
+        );
+        let dump = "\\restrict abc\nCREATE TABLE t ();\nCREATE TRIGGER ferry_capture_delete AFTER DELETE ON t;\n\\unrestrict abc\n";
+        assert_eq!(plain_sql(dump), "CREATE TABLE t ();\n");
+    }
+}

@@ -1,0 +1,235 @@
+//! A partial: the safe horizon, changed rows, foreign-key closure, deletes.
+
+use super::{PgSource, q};
+use crate::extract::stage::{BATCH, BlockingSink, member};
+use crate::extract::{
+    DELETES_KEY, ExtractError, ExtractSettings, Extracted, Stager, TableMeta, Watermarks,
+    column_list, join_on, partial_graph,
+};
+use ferry_common::ident::quote_ident;
+use ferry_common::manifest::{DataFormat, Role};
+use futures_util::TryStreamExt;
+use sqlx::postgres::PgConnection;
+use std::time::Duration;
+
+impl PgSource {
+    /// The safe horizon, as timestamptz text. Must run outside (before) the
+    /// snapshot transaction.
+    pub(super) async fn horizon(&mut self, overlap: Duration) -> Result<String, ExtractError> {
+        if !self.can_see_all_sessions().await? {
+            return Err(ExtractError::Selection(
+                "the source user cannot see other sessions' transactions, so no safe watermark \
+                 can be computed: run `GRANT pg_read_all_stats TO <ferry user>` on the source"
+                    .into(),
+            ));
+        }
+        sqlx::query_scalar(
+            "SELECT (least(clock_timestamp(),
+                      (SELECT min(xact_start) FROM pg_stat_activity
+                       WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid()
+                         AND backend_type NOT IN ('autovacuum worker', 'autovacuum launcher',
+                                                  'walsender')))
+                     - make_interval(secs => $1))::text",
+        )
+        .bind(overlap.as_secs_f64())
+        .fetch_one(&mut self.conn)
+        .await
+        .map_err(ExtractError::db("computing the safe horizon"))
+    }
+
+    pub async fn partial(
+        &mut self,
+        tables: &[TableMeta],
+        watermarks: &Watermarks,
+        settings: &ExtractSettings,
+        stager: &Stager,
+    ) -> Result<Extracted, ExtractError> {
+        if settings.capture_deletes {
+            self.set_delete_capture(tables, true).await?;
+        }
+        let horizon = self.horizon(settings.overlap).await?;
+        sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            .execute(&mut self.conn)
+            .await
+            .map_err(ExtractError::db("starting the snapshot"))?;
+        let result = self
+            .partial_in_snapshot(tables, watermarks, settings, stager)
+            .await;
+        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut self.conn).await;
+        result?;
+        let mut out = Watermarks::new();
+        for t in tables.iter().filter(|t| t.change.is_some()) {
+            out.insert(t.key(), Some(horizon.clone()));
+        }
+        out.insert(DELETES_KEY.into(), Some(horizon));
+        Ok(Extracted { watermarks: out })
+    }
+
+    async fn partial_in_snapshot(
+        &mut self,
+        tables: &[TableMeta],
+        watermarks: &Watermarks,
+        settings: &ExtractSettings,
+        stager: &Stager,
+    ) -> Result<(), ExtractError> {
+        let keys = |i: usize| format!("pg_temp.ferry_keys_{i}");
+        // 1. The keys of changed rows, per table.
+        for (i, t) in tables.iter().enumerate() {
+            let Some((col, _)) = &t.change else { continue };
+            let pk = column_list(None, &t.info.primary_key);
+            let name = t.info.name.quoted();
+            let sql = format!(
+                "CREATE TEMP TABLE {k} ON COMMIT DROP AS SELECT {pk} FROM {name} WITH NO DATA;
+                 ALTER TABLE {k} ADD PRIMARY KEY ({pk})",
+                k = keys(i)
+            );
+            sqlx::raw_sql(q(sql))
+                .execute(&mut self.conn)
+                .await
+                .map_err(ExtractError::db(format!("preparing {}", t.key())))?;
+            // No watermark yet: every row. Otherwise an index range on the change column.
+            let wm = watermarks.get(&t.key()).cloned().flatten();
+            let filter = match wm {
+                Some(_) => format!("WHERE {} >= $1::timestamptz", quote_ident(col)),
+                None => "WHERE $1::text IS NULL".into(),
+            };
+            let sql = format!(
+                "INSERT INTO {k} SELECT {pk} FROM {name} {filter}",
+                k = keys(i)
+            );
+            sqlx::query(q(sql))
+                .bind(wm)
+                .execute(&mut self.conn)
+                .await
+                .map_err(ExtractError::db(format!(
+                    "selecting changed rows of {}",
+                    t.key()
+                )))?;
+        }
+        // 2. Rows the changed rows reference, until nothing new is added.
+        let edges = partial_graph(tables);
+        loop {
+            let mut added = 0;
+            for (ci, pi, fk) in &edges {
+                let (c, p) = (&tables[*ci], &tables[*pi]);
+                let sql = format!(
+                    "INSERT INTO {kp} SELECT DISTINCT {ppk} FROM {kc} kc
+                     JOIN {cname} c ON {ckey}
+                     JOIN {pname} p ON {fkjoin}
+                     ON CONFLICT DO NOTHING",
+                    kp = keys(*pi),
+                    kc = keys(*ci),
+                    ppk = column_list(Some("p"), &p.info.primary_key),
+                    cname = c.info.name.quoted(),
+                    pname = p.info.name.quoted(),
+                    ckey = join_on("c", &c.info.primary_key, "kc", &c.info.primary_key),
+                    fkjoin = join_on("p", &fk.referenced_columns, "c", &fk.columns),
+                );
+                added += sqlx::query(q(sql))
+                    .execute(&mut self.conn)
+                    .await
+                    .map_err(ExtractError::db(format!(
+                        "following foreign keys from {} to {}",
+                        c.key(),
+                        p.key()
+                    )))?
+                    .rows_affected();
+            }
+            if added == 0 {
+                break;
+            }
+        }
+        // 3. Export: upserts (whole rows) and deletes (keys), one JSON line each.
+        for (i, t) in tables.iter().enumerate() {
+            if t.change.is_none() {
+                continue;
+            }
+            let path = format!("data/{}.jsonl", t.info.name.file_stem());
+            let mut m = member(path, Role::Data);
+            m.table = Some(t.info.name.clone());
+            m.format = Some(DataFormat::JsonLines);
+            let sink = BlockingSink::spawn_changes(stager.create(m)?, stager.dedup());
+            let json_cols = self.json_columns.get(&t.info.name);
+            let select = t
+                .info
+                .columns
+                .iter()
+                .map(|c| {
+                    if json_cols.is_some_and(|j| j.contains(&c.name)) {
+                        format!("t.{0}::text AS {0}", quote_ident(&c.name))
+                    } else {
+                        format!("t.{}", quote_ident(&c.name))
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "SELECT '{{\"op\":\"upsert\",\"row\":' || row_to_json(x)::text || '}}'
+                 FROM (SELECT {select} FROM {name} t JOIN {k} k ON {on}) x",
+                name = t.info.name.quoted(),
+                k = keys(i),
+                on = join_on("t", &t.info.primary_key, "k", &t.info.primary_key),
+            );
+            stream_lines(&mut self.conn, sqlx::query_scalar(q(sql)), &sink, &t.key()).await?;
+            if settings.capture_deletes {
+                let wm = watermarks.get(DELETES_KEY).cloned().flatten();
+                let exists = t
+                    .info
+                    .primary_key
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "t.{0} = (jsonb_populate_record(NULL::{name}, d.key)).{0}",
+                            quote_ident(c),
+                            name = t.info.name.quoted()
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" AND ");
+                let sql = format!(
+                    "SELECT '{{\"op\":\"delete\",\"key\":' || k || '}}' FROM (
+                       SELECT DISTINCT d.key::text AS k FROM ferry.deleted_rows d
+                       WHERE d.table_name = $1 AND {since}
+                         AND NOT EXISTS (SELECT 1 FROM {name} t WHERE {exists})) x",
+                    name = t.info.name.quoted(),
+                    since = if wm.is_some() {
+                        "d.deleted_at >= $2::timestamptz"
+                    } else {
+                        "$2::text IS NULL"
+                    },
+                );
+                let query = sqlx::query_scalar(q(sql)).bind(t.key()).bind(wm);
+                stream_lines(&mut self.conn, query, &sink, &t.key()).await?;
+            }
+            stager.send(sink.finish().await?).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Streams a one-column text query into a sink, one line per row.
+async fn stream_lines<'q>(
+    conn: &mut PgConnection,
+    query: sqlx::query::QueryScalar<'q, sqlx::Postgres, String, sqlx::postgres::PgArguments>,
+    sink: &BlockingSink,
+    table: &str,
+) -> Result<(), ExtractError> {
+    let doing = format!("reading changes of {table}");
+    let mut rows = query.fetch(conn);
+    let mut buf = Vec::with_capacity(BATCH + 64 * 1024);
+    while let Some(line) = rows
+        .try_next()
+        .await
+        .map_err(ExtractError::db_lazy(&doing))?
+    {
+        buf.extend_from_slice(line.as_bytes());
+        buf.push(b'\n');
+        if buf.len() >= BATCH {
+            sink.send(std::mem::take(&mut buf)).await?;
+        }
+    }
+    if !buf.is_empty() {
+        sink.send(buf).await?;
+    }
+    Ok(())
+}
