@@ -117,6 +117,13 @@ impl PgSource {
             .arg("--no-owner")
             .arg("--no-privileges")
             .arg(format!("--section={section}"))
+            // Pre-data starts with `DROP … IF EXISTS` for every object it creates,
+            // so a receiver can replace a previous copy in one transaction.
+            .args(if section == "pre-data" {
+                &["--clean", "--if-exists"][..]
+            } else {
+                &[][..]
+            })
             .arg(format!("--snapshot={snapshot}"))
             .arg("--exclude-schema=ferry")
             .arg("--dbname")
@@ -194,6 +201,8 @@ fn plain_sql(dump: &str) -> String {
     dump.lines()
         .filter(|l| !l.starts_with("\\restrict ") && !l.starts_with("\\unrestrict "))
         .filter(|l| !l.starts_with(&ours))
+        // A schema holds more than the selected tables: never drop it.
+        .filter(|l| !l.starts_with("DROP SCHEMA "))
         .map(|l| match l.strip_prefix("CREATE SCHEMA ") {
             // The receiver's database may have the schema already (always `public`).
             Some(rest) if !rest.starts_with("IF NOT EXISTS") => {
@@ -301,6 +310,7 @@ mod tests {
             plain_sql("CREATE SCHEMA public;\n"),
             "CREATE SCHEMA IF NOT EXISTS public;\n"
         );
+        assert_eq!(plain_sql("DROP SCHEMA IF EXISTS public;\n"), "");
         let dump = "\\restrict abc\nCREATE TABLE t ();\nCREATE TRIGGER ferry_capture_delete AFTER DELETE ON t;\n\\unrestrict abc\n";
         assert_eq!(plain_sql(dump), "CREATE TABLE t ();\n");
     }
