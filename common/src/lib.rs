@@ -9,6 +9,7 @@
 pub mod bundle;
 pub mod durable;
 pub mod ident;
+pub mod lock;
 pub mod manifest;
 pub mod reader;
 

@@ -1,10 +1,244 @@
-//! ferry-receiver: not implemented yet (issue 3). It exists so the workspace has its
-//! final shape; it refuses every command with a clear message and a non-zero exit.
+//! The `ferry-receiver` command line; outcomes map to exit status here only.
+//!
+//! Exit status: 0 success (everything applied or nothing pending); 1 a bundle
+//! failed, is held, or another failure; 2 bad usage or configuration; 75 a
+//! transient failure (target database unreachable, lock busy).
 
-fn main() -> std::process::ExitCode {
-    eprintln!(
-        "ferry-receiver is not implemented yet: bundles can be built with ferry-sender and \
-         read with `tar --zstd -xf BUNDLE` (see docs/bundle-format.md)"
-    );
-    std::process::ExitCode::from(2)
+use clap::{Parser, Subcommand, ValueEnum};
+use ferry_common::lock::StateLock;
+use ferry_receiver::load::Target;
+use ferry_receiver::{Config, daemon, quarantine, report, run};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "ferry-receiver",
+    version,
+    about = "Verify and load ferry bundles, in order and exactly once"
+)]
+struct Cli {
+    #[arg(long, global = true, default_value = "/etc/ferry/receiver.toml")]
+    config: PathBuf,
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply every pending bundle in the inbox, then exit.
+    Load {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The daemon: watch the inbox, load, prune.
+    Run,
+    /// Last applied bundles, lag, pending, held, failures.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the configuration, target database, inbox and media directories.
+    Check,
+    /// List quarantined bundles with their reasons.
+    Failures {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a quarantined bundle back into the inbox.
+    Retry { bundle: String },
+    /// Remove applied bundles past their lifetime.
+    Prune,
+    /// Print a commented example configuration.
+    ExampleConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    if let Command::ExampleConfig = cli.command {
+        print!("{}", ferry_receiver::config::EXAMPLE);
+        return ExitCode::SUCCESS;
+    }
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ferry-receiver: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(execute(cli.command, config)),
+        Err(e) => {
+            eprintln!("ferry-receiver: could not start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn fail(e: impl std::fmt::Display, transient: bool) -> ExitCode {
+    eprintln!("ferry-receiver: {e}");
+    if transient {
+        ExitCode::from(75)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+async fn execute(command: Command, config: Config) -> ExitCode {
+    match command {
+        Command::Load { json } => {
+            let _lock = match StateLock::acquire(&config.state_dir) {
+                Ok(l) => l,
+                Err(e) => return fail(e, true),
+            };
+            let mut target = match Target::connect(&config).await {
+                Ok(t) => t,
+                Err(e) => {
+                    let t = e.is_transient();
+                    return fail(e, t);
+                }
+            };
+            match run::pass(&config, &mut target).await {
+                Ok(r) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                    } else {
+                        for a in &r.applied {
+                            println!(
+                                "applied {} ({} #{}): {} rows, {} media files, {} ms",
+                                a.file, a.kind, a.seq, a.rows, a.media_files, a.duration_ms
+                            );
+                        }
+                        for h in &r.held {
+                            println!("held    {}: {}", h.file, h.reason);
+                        }
+                        for f in &r.failed {
+                            println!("FAILED  {} (quarantined): {}", f.file, f.reason);
+                        }
+                        for (file, h) in &r.hook_failures {
+                            println!("hook failed after {file}: {} ({})", h.command, h.reason);
+                        }
+                        if r.applied.is_empty() && r.held.is_empty() && r.failed.is_empty() {
+                            println!("nothing pending");
+                        }
+                    }
+                    if r.failed.is_empty() && r.held.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    let t = matches!(e, run::PassError::Transient { .. });
+                    fail(e, t)
+                }
+            }
+        }
+        Command::Run => match daemon::run(&config).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format!("{e:#}"), false),
+        },
+        Command::Status { json } => match report::status(&config).await {
+            Ok(s) if json => {
+                println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Ok(s) => {
+                print!("{s}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(format!("status: {e:#}"), false),
+        },
+        Command::Check => {
+            let findings = report::check(&config).await;
+            for (ok, what) in &findings {
+                println!("{} {what}", if *ok { "ok   " } else { "ERROR" });
+            }
+            if findings.iter().all(|(ok, _)| *ok) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Command::Failures { json } => match quarantine::list(&config.quarantine_dir()) {
+            Ok(list) if json => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).unwrap_or_default()
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(list) => {
+                if list.is_empty() {
+                    println!("no failed bundles");
+                }
+                for f in list {
+                    println!(
+                        "== {} ({} #{} {})\n{}",
+                        f.file, f.sender, f.seq, f.kind, f.report
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e, false),
+        },
+        Command::Retry { bundle } => {
+            match quarantine::retry(&config.quarantine_dir(), &config.inbox, &bundle) {
+                Ok(p) => {
+                    println!(
+                        "{} is back in the inbox; `ferry-receiver load` applies it",
+                        p.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e, false),
+            }
+        }
+        Command::Prune => {
+            let _lock = match StateLock::acquire(&config.state_dir) {
+                Ok(l) => l,
+                Err(e) => return fail(e, true),
+            };
+            let mut target = match Target::connect(&config).await {
+                Ok(t) => t,
+                Err(e) => {
+                    let t = e.is_transient();
+                    return fail(e, t);
+                }
+            };
+            match run::prune(&config, &mut target).await {
+                Ok(removed) => {
+                    println!("pruned {} bundle(s)", removed.len());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e, false),
+            }
+        }
+        Command::ExampleConfig => ExitCode::SUCCESS,
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Plain => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }

@@ -10,10 +10,10 @@ use crate::extract::stage::Dedup;
 use crate::extract::{
     DELETES_KEY, ExtractError, ExtractSettings, Source, Stager, TableMeta, media,
 };
-use crate::lock::{LockError, StateLock};
 use crate::outbox::{self, OutboxError};
 use crate::state::{State, StateError};
 use ferry_common::bundle::Compression;
+use ferry_common::lock::{LockError, StateLock};
 use ferry_common::manifest::{self, FORMAT, Kind, Manifest, Seq};
 use std::path::PathBuf;
 use std::time::Instant;

@@ -11,7 +11,6 @@ pub mod bundle;
 pub mod config;
 pub mod extract;
 pub mod job;
-pub mod lock;
 pub mod outbox;
 pub mod report;
 pub mod state;

@@ -1,5 +1,5 @@
-//! The state-directory lock: one ferry-sender at a time per `state_dir`, so two
-//! jobs never allocate the same sequence number or move the same watermark. The OS
+//! The state-directory lock: one agent at a time per `state_dir` (two senders never
+//! allocate the same sequence number; two receivers never share an inbox). The OS
 //! releases the lock when the process dies, even on `kill -9`.
 
 use std::fs::{File, OpenOptions};
@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("another ferry-sender is working in {} (its lock {} is held); wait for it to finish or stop it", dir.display(), lock.display())]
+    #[error("another ferry process is working in {} (its lock {} is held); wait for it to finish or stop it", dir.display(), lock.display())]
     Busy { dir: PathBuf, lock: PathBuf },
     #[error("could not create or lock {}: {source}; check that the state directory exists and is writable by this user", lock.display())]
     Io {
@@ -57,7 +57,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = StateLock::acquire(dir.path()).unwrap();
         let e = StateLock::acquire(dir.path()).unwrap_err();
-        assert!(e.to_string().contains("another ferry-sender"), "{e}");
+        assert!(e.to_string().contains("another ferry process"), "{e}");
         drop(first);
         StateLock::acquire(dir.path()).unwrap();
     }

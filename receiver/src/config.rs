@@ -1,0 +1,298 @@
+//! The receiver's configuration: one TOML file, validated before any I/O; unknown
+//! keys are errors that name the key.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("could not read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {}: `{key}`: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Lock, staging and quarantine live here.
+    pub state_dir: PathBuf,
+    /// Where bundles arrive. Names starting with `.` are ignored.
+    pub inbox: PathBuf,
+    pub target: TargetConfig,
+    /// Media set name -> directory.
+    #[serde(default)]
+    pub media: BTreeMap<String, PathBuf>,
+    #[serde(default)]
+    pub retention: Retention,
+    #[serde(default)]
+    pub hooks: Vec<Hook>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub daemon: Daemon,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// `postgres://…` or `sqlite:///absolute/path` (created when missing).
+    pub url: String,
+}
+
+impl std::fmt::Debug for TargetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetConfig")
+            .field("url", &redact_url(&self.url))
+            .finish()
+    }
+}
+
+/// How long applied bundles stay in the inbox, by kind.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Retention {
+    #[serde(with = "duration")]
+    pub complete: Duration,
+    #[serde(with = "duration")]
+    pub partial: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            complete: Duration::from_secs(15 * 86400),
+            partial: Duration::from_secs(2 * 86400),
+        }
+    }
+}
+
+/// A post-processing hook: a command after the commit, or SQL inside the load
+/// transaction.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hook {
+    /// Bundle kinds the hook runs for: `"complete"`, `"partial"`.
+    #[serde(default = "both_kinds")]
+    pub on: Vec<String>,
+    /// argv; no shell unless the operator writes one (`["/bin/sh", "-c", "…"]`).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// SQL run inside the load transaction (e.g. `REFRESH MATERIALIZED VIEW v`).
+    #[serde(default)]
+    pub sql: Option<String>,
+    #[serde(default = "default_timeout", with = "duration")]
+    pub timeout: Duration,
+}
+
+fn both_kinds() -> Vec<String> {
+    vec!["complete".into(), "partial".into()]
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest accepted bundle, decompressed.
+    pub max_bundle_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_bundle_bytes: 256 << 30,
+        }
+    }
+}
+
+/// `ferry-receiver run`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Daemon {
+    /// Full inbox scan even without file events.
+    #[serde(with = "duration")]
+    pub rescan_interval: Duration,
+    #[serde(with = "duration")]
+    pub prune_interval: Duration,
+}
+
+impl Default for Daemon {
+    fn default() -> Self {
+        Self {
+            rescan_interval: Duration::from_secs(30),
+            prune_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+mod duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a duration ({e}); write e.g. \"90s\", \"10m\" or \"15d\""
+            ))
+        })
+    }
+}
+
+/// The URL with any password replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let at = rest.find('/').unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(at);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Postgres,
+    Sqlite,
+}
+
+impl TargetConfig {
+    pub fn engine(&self) -> Option<Engine> {
+        if self.url.starts_with("postgres://") || self.url.starts_with("postgresql://") {
+            Some(Engine::Postgres)
+        } else if self.url.starts_with("sqlite:") {
+            Some(Engine::Sqlite)
+        } else {
+            None
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        for (key, p) in [("state_dir", &c.state_dir), ("inbox", &c.inbox)] {
+            if !p.is_absolute() {
+                return Err(invalid(
+                    key,
+                    format!("{} must be an absolute path", p.display()),
+                ));
+            }
+        }
+        if c.target.engine().is_none() {
+            return Err(invalid(
+                "target.url",
+                format!(
+                    "{} is neither postgres://… nor sqlite://…",
+                    redact_url(&c.target.url)
+                ),
+            ));
+        }
+        for (name, dir) in &c.media {
+            if !dir.is_absolute() {
+                return Err(invalid(
+                    &format!("media.{name}"),
+                    format!("{} must be an absolute path", dir.display()),
+                ));
+            }
+        }
+        for (i, h) in c.hooks.iter().enumerate() {
+            let key = format!("hooks[{i}]");
+            match (&h.command, &h.sql) {
+                (Some(cmd), None) if !cmd.is_empty() => {}
+                (None, Some(sql)) if !sql.trim().is_empty() => {}
+                _ => {
+                    return Err(invalid(
+                        &key,
+                        "needs exactly one of `command = [\"/path/prog\", \"arg\"]` or `sql = \"…\"`"
+                            .into(),
+                    ));
+                }
+            }
+            for on in &h.on {
+                if on != "complete" && on != "partial" {
+                    return Err(invalid(
+                        &format!("{key}.on"),
+                        format!("{on:?} is not a bundle kind; use \"complete\" and/or \"partial\""),
+                    ));
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.state_dir.join("quarantine")
+    }
+
+    pub fn staging_dir(&self) -> PathBuf {
+        self.state_dir.join("staging")
+    }
+}
+
+/// The commented example configuration (`ferry-receiver example-config`).
+pub const EXAMPLE: &str = include_str!("../../docs/receiver.example.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_parses_and_unknown_keys_are_named() {
+        let c = Config::parse(EXAMPLE, Path::new("x")).unwrap();
+        assert_eq!(c.retention.partial, Duration::from_secs(2 * 86400));
+        let e = Config::parse(
+            "state_dir='/s'\ninbox='/i'\n[target]\nurl='sqlite:///x'\n[retention]\ncompletes='1d'\n",
+            Path::new("r.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("unknown field `completes`") && e.contains("r.toml"),
+            "{e}"
+        );
+        let e = Config::parse(
+            "state_dir='/s'\ninbox='/i'\n[target]\nurl='sqlite:///x'\n[[hooks]]\ntimeout='1m'\n",
+            Path::new("r.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("hooks[0]") && e.contains("command"), "{e}");
+    }
+}

@@ -1,0 +1,80 @@
+//! `ferry-receiver run`: holds the lock, loads at start, then whenever the inbox
+//! changes (notify events are hints), on a periodic rescan (the safety net), and
+//! prunes on its own schedule. SIGTERM or SIGINT stops it between passes.
+
+use crate::config::Config;
+use crate::load::Target;
+use crate::run;
+use ferry_common::lock::StateLock;
+use notify::{EventKind, RecursiveMode, Watcher};
+use std::time::Duration;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::time::MissedTickBehavior;
+
+pub async fn run(config: &Config) -> anyhow::Result<()> {
+    let _lock = StateLock::acquire(&config.state_dir)?;
+    std::fs::create_dir_all(&config.inbox)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            // A rename into the inbox is Modify(Name(To)), a new file Create.
+            let relevant = matches!(
+                ev.kind,
+                EventKind::Create(_) | EventKind::Modify(notify::event::ModifyKind::Name(_))
+            ) || ev.need_rescan();
+            if relevant {
+                let _ = tx.try_send(());
+            }
+        }
+    })?;
+    watcher.watch(&config.inbox, RecursiveMode::NonRecursive)?;
+    let mut rescan = tokio::time::interval(config.daemon.rescan_interval);
+    rescan.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut prune = tokio::time::interval(config.daemon.prune_interval);
+    prune.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut target: Option<Target> = None;
+    tracing::info!(inbox = %config.inbox.display(), "receiver running");
+    loop {
+        let prune_now = tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = rx.recv() => false,
+            _ = rescan.tick() => false,
+            _ = prune.tick() => true,
+        };
+        if target.is_none() {
+            match Target::connect(config).await {
+                Ok(t) => target = Some(t),
+                Err(error) => {
+                    tracing::error!(%error, "target database unavailable; retrying at the next rescan");
+                    continue;
+                }
+            }
+        }
+        let Some(t) = target.as_mut() else { continue };
+        match run::pass(config, t).await {
+            Ok(report) => {
+                for h in &report.held {
+                    tracing::debug!(bundle = %h.file, reason = %h.reason, "held");
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "load pass failed");
+                target = None; // reconnect next time
+            }
+        }
+        if prune_now
+            && let Some(t) = target.as_mut()
+            && let Err(error) = run::prune(config, t).await
+        {
+            tracing::error!(%error, "prune failed");
+        }
+        // Coalesce bursts of events.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while rx.try_recv().is_ok() {}
+    }
+    tracing::info!("receiver stopped");
+    Ok(())
+}

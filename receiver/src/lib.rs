@@ -1,0 +1,22 @@
+//! ferry-receiver: verifies the bundles in its inbox and loads them into its own
+//! database in order and exactly once, with media, hooks, quarantine and pruning.
+//!
+//! A bundle's path through the receiver, by module: [`inbox`] → [`plan`] (order,
+//! exactly once) → [`verify`] → [`media`] → [`load`] (with the ledger, in one
+//! transaction) → [`hooks`] → [`prune`]; failures go to [`quarantine`]. [`run`]
+//! does one pass; [`daemon`] watches; [`report`] answers status, check, failures.
+
+pub mod config;
+pub mod daemon;
+pub mod hooks;
+pub mod inbox;
+pub mod load;
+pub mod media;
+pub mod plan;
+pub mod prune;
+pub mod quarantine;
+pub mod report;
+pub mod run;
+pub mod verify;
+
+pub use config::Config;

@@ -1,0 +1,186 @@
+//! Loading a verified bundle into the target database, in one transaction with its
+//! ledger row (the record of applied bundles lives in the target itself, so data
+//! and ledger commit or roll back together: exactly once, even across kill -9).
+//!
+//! - complete: the selected tables are dropped and re-created from the bundle's
+//!   DDL, loaded, indexed, and the ledger row written, all in one transaction:
+//!   readers see the old copy until the commit and the new one after it (on
+//!   PostgreSQL they wait on the table lock meanwhile, they never see a mix or an
+//!   empty table). Objects that depend on the tables (views) are dropped with them;
+//!   re-create them in a hook.
+//! - partial: upserts parents first, then deletes children first, with deferrable
+//!   constraints deferred.
+
+pub mod postgres;
+pub mod sqlite;
+
+use crate::config::{Config, Engine};
+use crate::plan::LedgerState;
+use crate::verify::Verified;
+use ferry_common::manifest::{Manifest, Table};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "could not connect to the target database {url}: {source}; check `target.url` and that the server is running"
+    )]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("target database error while {doing}: {source}")]
+    Db {
+        doing: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("{0}")]
+    Refused(String),
+    #[error("could not read a staged member: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl LoadError {
+    pub(crate) fn db(doing: impl Into<String>) -> impl FnOnce(sqlx::Error) -> Self {
+        let doing = doing.into();
+        move |source| LoadError::Db { doing, source }
+    }
+
+    /// Whether trying again later can help (the database was unreachable).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            LoadError::Connect { .. } => true,
+            LoadError::Db { source, .. } => {
+                matches!(source, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// One applied bundle, as the ledger records it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Applied {
+    pub sender_id: String,
+    pub seq: i64,
+    pub kind: String,
+    pub created_at: String,
+    pub applied_at: String,
+    pub file: String,
+    pub rows: i64,
+}
+
+pub enum Target {
+    Postgres(Box<postgres::PgTarget>),
+    Sqlite(sqlite::SqliteTarget),
+}
+
+impl Target {
+    pub async fn connect(config: &Config) -> Result<Self, LoadError> {
+        match config.target.engine() {
+            Some(Engine::Postgres) => Ok(Target::Postgres(Box::new(
+                postgres::PgTarget::connect(&config.target.url).await?,
+            ))),
+            _ => Ok(Target::Sqlite(
+                sqlite::SqliteTarget::connect(&config.target.url).await?,
+            )),
+        }
+    }
+
+    pub async fn ledger(&mut self, sender: &str) -> Result<LedgerState, LoadError> {
+        match self {
+            Target::Postgres(t) => t.ledger(sender).await,
+            Target::Sqlite(t) => t.ledger(sender).await,
+        }
+    }
+
+    /// Applies a verified bundle with its ledger row and SQL hooks, atomically.
+    /// Returns the rows (changes) applied.
+    pub async fn apply(
+        &mut self,
+        v: &Verified,
+        file: &str,
+        sql_hooks: &[String],
+    ) -> Result<u64, LoadError> {
+        match self {
+            Target::Postgres(t) => t.apply(v, file, sql_hooks).await,
+            Target::Sqlite(t) => t.apply(v, file, sql_hooks).await,
+        }
+    }
+
+    /// The newest applied bundles of every sender (for status).
+    pub async fn history(&mut self) -> Result<Vec<Applied>, LoadError> {
+        match self {
+            Target::Postgres(t) => t.history().await,
+            Target::Sqlite(t) => t.history().await,
+        }
+    }
+}
+
+/// Checks a bundle against the ledger inside the load transaction: the guard that
+/// makes a bundle apply exactly once even if two loads raced.
+pub(crate) fn check_order(m: &Manifest, ledger: &LedgerState) -> Result<(), LoadError> {
+    let last = ledger.last_seq.unwrap_or(0);
+    if m.seq.0 <= last {
+        return Err(LoadError::Refused(format!(
+            "bundle #{} of {} is already applied (the ledger is at #{last})",
+            m.seq, m.sender_id
+        )));
+    }
+    if m.kind == ferry_common::manifest::Kind::Partial {
+        if m.seq.0 != last + 1 {
+            return Err(LoadError::Refused(format!(
+                "partial #{} cannot apply after #{last}: bundles are missing",
+                m.seq
+            )));
+        }
+        if ledger.base_seq != Some(m.base_seq.0) {
+            return Err(LoadError::Refused(format!(
+                "partial #{} builds on complete #{}, but the last applied complete is {}",
+                m.seq,
+                m.base_seq,
+                ledger.base_seq.map_or("none".into(), |b| format!("#{b}"))
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Table indexes in load order: parents before children (foreign keys between the
+/// bundle's tables; cycles are broken in manifest order).
+pub(crate) fn parents_first(tables: &[Table]) -> Vec<usize> {
+    let mut order = Vec::new();
+    let mut state = vec![0u8; tables.len()]; // 0 new, 1 visiting, 2 done
+    fn visit(i: usize, tables: &[Table], state: &mut [u8], order: &mut Vec<usize>) {
+        if state[i] != 0 {
+            return;
+        }
+        state[i] = 1;
+        for fk in &tables[i].foreign_keys {
+            if let Some(p) = tables.iter().position(|t| t.name == fk.references)
+                && p != i
+            {
+                visit(p, tables, state, order);
+            }
+        }
+        state[i] = 2;
+        order.push(i);
+    }
+    for i in 0..tables.len() {
+        visit(i, tables, &mut state, &mut order);
+    }
+    order
+}
+
+/// Splits a change line into (`"upsert"` | `"delete"`, JSON payload).
+pub(crate) fn split_change(line: &str) -> Result<(&'static str, &str), LoadError> {
+    let bad = || LoadError::Refused(format!("not a change line: {:.200}", line));
+    if let Some(rest) = line.strip_prefix("{\"op\":\"upsert\",\"row\":") {
+        Ok(("upsert", rest.strip_suffix('}').ok_or_else(bad)?))
+    } else if let Some(rest) = line.strip_prefix("{\"op\":\"delete\",\"key\":") {
+        Ok(("delete", rest.strip_suffix('}').ok_or_else(bad)?))
+    } else {
+        Err(bad())
+    }
+}

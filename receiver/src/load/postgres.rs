@@ -1,0 +1,345 @@
+//! The PostgreSQL target.
+
+use super::{Applied, LoadError, check_order, parents_first, split_change};
+use crate::plan::LedgerState;
+use crate::verify::Verified;
+use ferry_common::ident::{quote_ident, quote_literal};
+use ferry_common::manifest::{Kind, Role, Table};
+use sqlx::postgres::PgConnection;
+use sqlx::{AssertSqlSafe, Connection, Row};
+use tokio::io::AsyncBufReadExt;
+
+pub struct PgTarget {
+    conn: PgConnection,
+}
+
+fn q(sql: String) -> AssertSqlSafe<String> {
+    AssertSqlSafe(sql)
+}
+
+const LEDGER: &str = "
+CREATE SCHEMA IF NOT EXISTS ferry_receiver;
+CREATE TABLE IF NOT EXISTS ferry_receiver.applied (
+  sender_id text NOT NULL,
+  seq bigint NOT NULL,
+  kind text NOT NULL,
+  base_seq bigint NOT NULL,
+  created_at timestamptz NOT NULL,
+  applied_at timestamptz NOT NULL DEFAULT now(),
+  file text NOT NULL,
+  rows bigint NOT NULL,
+  schema_fingerprint text NOT NULL,
+  PRIMARY KEY (sender_id, seq));";
+
+impl PgTarget {
+    pub async fn connect(url: &str) -> Result<Self, LoadError> {
+        let mut conn = PgConnection::connect(url)
+            .await
+            .map_err(|source| LoadError::Connect {
+                url: crate::config::redact_url(url),
+                source,
+            })?;
+        sqlx::raw_sql(
+            "SET statement_timeout = 0; SET lock_timeout = 0; SET IntervalStyle = 'postgres';",
+        )
+        .execute(&mut conn)
+        .await
+        .map_err(LoadError::db("setting up the session"))?;
+        sqlx::raw_sql(LEDGER)
+            .execute(&mut conn)
+            .await
+            .map_err(LoadError::db("creating the ledger (schema ferry_receiver; the user needs CREATE on the database)"))?;
+        Ok(Self { conn })
+    }
+
+    pub async fn ledger(&mut self, sender: &str) -> Result<LedgerState, LoadError> {
+        ledger(&mut self.conn, sender).await
+    }
+
+    pub async fn history(&mut self) -> Result<Vec<Applied>, LoadError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT ON (sender_id, kind) sender_id, seq, kind, created_at::text AS c,
+                    applied_at::text AS a, file, rows
+             FROM ferry_receiver.applied ORDER BY sender_id, kind, seq DESC",
+        )
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(LoadError::db("reading the ledger"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Applied {
+                sender_id: r.get("sender_id"),
+                seq: r.get("seq"),
+                kind: r.get("kind"),
+                created_at: r.get("c"),
+                applied_at: r.get("a"),
+                file: r.get("file"),
+                rows: r.get("rows"),
+            })
+            .collect())
+    }
+
+    pub async fn apply(
+        &mut self,
+        v: &Verified,
+        file: &str,
+        sql_hooks: &[String],
+    ) -> Result<u64, LoadError> {
+        let m = &v.manifest;
+        if m.source.engine != "postgresql" {
+            return Err(LoadError::Refused(format!(
+                "bundle {file} comes from a {} source; a PostgreSQL target loads bundles from PostgreSQL",
+                m.source.engine
+            )));
+        }
+        let mut tx = self
+            .conn
+            .begin()
+            .await
+            .map_err(LoadError::db("beginning"))?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('ferry-receiver:' || $1))")
+            .bind(&m.sender_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(LoadError::db("locking the sender's ledger"))?;
+        let state = ledger(&mut tx, &m.sender_id).await?;
+        check_order(m, &state)?;
+        let rows = match m.kind {
+            Kind::Complete => load_complete(&mut tx, v).await?,
+            Kind::Partial => load_partial(&mut tx, v).await?,
+        };
+        sqlx::query(
+            "INSERT INTO ferry_receiver.applied
+               (sender_id, seq, kind, base_seq, created_at, file, rows, schema_fingerprint)
+             VALUES ($1, $2, $3, $4, $5::timestamptz, $6, $7, $8)",
+        )
+        .bind(&m.sender_id)
+        .bind(m.seq.0 as i64)
+        .bind(m.kind.as_str())
+        .bind(m.base_seq.0 as i64)
+        .bind(m.created_at.to_rfc3339())
+        .bind(file)
+        .bind(rows as i64)
+        .bind(&m.schema_fingerprint)
+        .execute(&mut *tx)
+        .await
+        .map_err(LoadError::db("recording the bundle in the ledger"))?;
+        for sql in sql_hooks {
+            sqlx::raw_sql(q(sql.clone()))
+                .execute(&mut *tx)
+                .await
+                .map_err(LoadError::db(format!("running the SQL hook {sql:?}")))?;
+        }
+        tx.commit().await.map_err(LoadError::db("committing"))?;
+        Ok(rows)
+    }
+}
+
+async fn ledger(conn: &mut PgConnection, sender: &str) -> Result<LedgerState, LoadError> {
+    let row = sqlx::query(
+        "SELECT max(seq) AS last, max(seq) FILTER (WHERE kind = 'complete') AS base
+         FROM ferry_receiver.applied WHERE sender_id = $1",
+    )
+    .bind(sender)
+    .fetch_one(conn)
+    .await
+    .map_err(LoadError::db("reading the ledger"))?;
+    Ok(LedgerState {
+        last_seq: row.get::<Option<i64>, _>("last").map(|v| v as u64),
+        base_seq: row.get::<Option<i64>, _>("base").map(|v| v as u64),
+    })
+}
+
+async fn load_complete(conn: &mut PgConnection, v: &Verified) -> Result<u64, LoadError> {
+    let m = &v.manifest;
+    let names = m
+        .tables
+        .iter()
+        .map(|t| t.name.quoted())
+        .collect::<Vec<_>>()
+        .join(", ");
+    sqlx::raw_sql(q(format!("DROP TABLE IF EXISTS {names} CASCADE")))
+        .execute(&mut *conn)
+        .await
+        .map_err(LoadError::db("dropping the previous copy"))?;
+    run_script(conn, &v.text("schema/pre-data.sql")?, "pre-data DDL").await?;
+    let mut rows = 0;
+    let mut data: Vec<_> = m.members.iter().filter(|x| x.role == Role::Data).collect();
+    data.sort_by(|a, b| a.path.cmp(&b.path));
+    for member in data {
+        let t = member
+            .table
+            .as_ref()
+            .ok_or_else(|| LoadError::Refused(format!("{} names no table", member.path)))?;
+        let doing = format!("loading {t} ({})", member.path);
+        let mut copy = conn
+            .copy_in_raw(&format!("COPY {} FROM STDIN", t.quoted()))
+            .await
+            .map_err(LoadError::db(doing.clone()))?;
+        let file = tokio::fs::File::open(v.file(member)).await?;
+        if let Err(e) = copy.read_from(file).await {
+            let _ = copy.abort("ferry: reading failed").await;
+            return Err(LoadError::Db { doing, source: e });
+        }
+        rows += copy.finish().await.map_err(LoadError::db(doing))?;
+    }
+    run_script(conn, &v.text("schema/post-data.sql")?, "post-data DDL").await?;
+    run_script(conn, &v.text("schema/sequences.sql")?, "sequence values").await?;
+    Ok(rows)
+}
+
+async fn run_script(conn: &mut PgConnection, sql: &str, what: &str) -> Result<(), LoadError> {
+    sqlx::raw_sql(q(sql.to_owned()))
+        .execute(&mut *conn)
+        .await
+        .map_err(LoadError::db(format!("running the bundle's {what}")))?;
+    // pg_dump's scripts empty search_path for the session.
+    sqlx::raw_sql("RESET search_path")
+        .execute(&mut *conn)
+        .await
+        .map_err(LoadError::db("resetting search_path"))?;
+    Ok(())
+}
+
+/// Refuses a partial whose tables or columns the target lacks (schema drift: a
+/// complete is needed), naming what is missing.
+async fn check_tables(conn: &mut PgConnection, tables: &[Table]) -> Result<(), LoadError> {
+    for t in tables {
+        let schema = t.name.schema.clone().unwrap_or_else(|| "public".into());
+        let cols: Vec<String> = sqlx::query_scalar(
+            "SELECT a.attname::text FROM pg_attribute a
+             JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+        )
+        .bind(&schema)
+        .bind(&t.name.name)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(LoadError::db(format!("checking table {}", t.name)))?;
+        if cols.is_empty() {
+            return Err(LoadError::Refused(format!(
+                "table {} does not exist on the target; a complete bundle creates it \
+                 (ferry-sender complete)",
+                t.name
+            )));
+        }
+        if let Some(c) = t.columns.iter().find(|c| !cols.contains(&c.name)) {
+            return Err(LoadError::Refused(format!(
+                "table {} on the target has no column {:?}; the source's schema changed: \
+                 take a complete (ferry-sender complete)",
+                t.name, c.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn upsert_sql(t: &Table) -> String {
+    let name = t.name.quoted();
+    let cols: Vec<_> = t.columns.iter().filter(|c| !c.generated).collect();
+    let list = cols
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // json columns travel as their exact text in a JSON string.
+    let exprs = cols
+        .iter()
+        .map(|c| match c.sql_type.as_str() {
+            "json" | "json[]" => {
+                format!("($1::json ->> {})::{}", quote_literal(&c.name), c.sql_type)
+            }
+            _ => format!("r.{}", quote_ident(&c.name)),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let pk = t
+        .primary_key
+        .iter()
+        .map(|c| quote_ident(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let updates = cols
+        .iter()
+        .filter(|c| !t.primary_key.contains(&c.name))
+        .filter(|c| c.identity.as_deref() != Some("always"))
+        .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(&c.name)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let conflict = if updates.is_empty() {
+        "DO NOTHING".to_owned()
+    } else {
+        format!("DO UPDATE SET {updates}")
+    };
+    format!(
+        "INSERT INTO {name} ({list}) OVERRIDING SYSTEM VALUE
+         SELECT {exprs} FROM json_populate_record(NULL::{name}, $1::json) r
+         ON CONFLICT ({pk}) {conflict}"
+    )
+}
+
+fn delete_sql(t: &Table) -> String {
+    let name = t.name.quoted();
+    let on = t
+        .primary_key
+        .iter()
+        .map(|c| format!("t.{0} = r.{0}", quote_ident(c)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    format!("DELETE FROM {name} t USING json_populate_record(NULL::{name}, $1::json) r WHERE {on}")
+}
+
+async fn load_partial(conn: &mut PgConnection, v: &Verified) -> Result<u64, LoadError> {
+    let m = &v.manifest;
+    check_tables(conn, &m.tables).await?;
+    sqlx::raw_sql("SET CONSTRAINTS ALL DEFERRED")
+        .execute(&mut *conn)
+        .await
+        .map_err(LoadError::db("deferring constraints"))?;
+    let order = parents_first(&m.tables);
+    let mut rows = 0;
+    // Upserts parents first, then deletes children first.
+    for (pass, op) in [(0, "upsert"), (1, "delete")] {
+        let tables: Vec<usize> = if pass == 0 {
+            order.clone()
+        } else {
+            order.iter().rev().copied().collect()
+        };
+        for i in tables {
+            let t = &m.tables[i];
+            if t.primary_key.is_empty() {
+                continue;
+            }
+            let sql = if op == "upsert" {
+                upsert_sql(t)
+            } else {
+                delete_sql(t)
+            };
+            let doing = format!("applying {op}s to {}", t.name);
+            for member in m
+                .members
+                .iter()
+                .filter(|x| x.role == Role::Data && x.table.as_ref() == Some(&t.name))
+            {
+                let file = tokio::fs::File::open(v.file(member)).await?;
+                let mut lines = tokio::io::BufReader::new(file).lines();
+                while let Some(line) = lines.next_line().await? {
+                    let (kind, payload) = split_change(&line)?;
+                    if kind != op {
+                        continue;
+                    }
+                    sqlx::query(q(sql.clone()))
+                        .bind(payload)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(|source| LoadError::Db {
+                            doing: format!("{doing}: {payload:.300}"),
+                            source,
+                        })?;
+                    rows += 1;
+                }
+            }
+        }
+    }
+    Ok(rows)
+}

@@ -1,0 +1,349 @@
+//! The SQLite target (the embedded default). Loads bundles from SQLite sources:
+//! JSON-lines rows for completes and partials, the source's `CREATE TABLE` and
+//! `CREATE INDEX` statements as DDL. Foreign keys are not enforced during a load
+//! (the source was consistent at its snapshot).
+
+use super::{Applied, LoadError, check_order, parents_first, split_change};
+use crate::plan::LedgerState;
+use crate::verify::Verified;
+use ferry_common::ident::quote_ident;
+use ferry_common::manifest::{Kind, Role, Table};
+use sqlx::sqlite::{SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
+use sqlx::{AssertSqlSafe, Connection, Row, Sqlite};
+use std::str::FromStr;
+use std::time::Duration;
+use tokio::io::AsyncBufReadExt;
+
+pub struct SqliteTarget {
+    conn: SqliteConnection,
+}
+
+fn q(sql: String) -> AssertSqlSafe<String> {
+    AssertSqlSafe(sql)
+}
+
+const LEDGER: &str = "
+CREATE TABLE IF NOT EXISTS ferry_applied (
+  sender_id TEXT NOT NULL,
+  seq INTEGER NOT NULL,
+  kind TEXT NOT NULL,
+  base_seq INTEGER NOT NULL,
+  created_at TEXT NOT NULL,
+  applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+  file TEXT NOT NULL,
+  rows INTEGER NOT NULL,
+  schema_fingerprint TEXT NOT NULL,
+  PRIMARY KEY (sender_id, seq));";
+
+impl SqliteTarget {
+    pub async fn connect(url: &str) -> Result<Self, LoadError> {
+        let err = |source| LoadError::Connect {
+            url: url.to_owned(),
+            source,
+        };
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(err)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .foreign_keys(false)
+            .busy_timeout(Duration::from_secs(30));
+        let mut conn = SqliteConnection::connect_with(&options)
+            .await
+            .map_err(err)?;
+        sqlx::raw_sql(LEDGER)
+            .execute(&mut conn)
+            .await
+            .map_err(LoadError::db("creating the ledger"))?;
+        Ok(Self { conn })
+    }
+
+    pub async fn ledger(&mut self, sender: &str) -> Result<LedgerState, LoadError> {
+        ledger(&mut self.conn, sender).await
+    }
+
+    pub async fn history(&mut self) -> Result<Vec<Applied>, LoadError> {
+        let rows = sqlx::query(
+            "SELECT a.sender_id, a.seq, a.kind, a.created_at, a.applied_at, a.file, a.rows
+             FROM ferry_applied a
+             WHERE a.seq = (SELECT max(seq) FROM ferry_applied b
+                            WHERE b.sender_id = a.sender_id AND b.kind = a.kind)
+             ORDER BY a.sender_id, a.kind",
+        )
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(LoadError::db("reading the ledger"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Applied {
+                sender_id: r.get("sender_id"),
+                seq: r.get("seq"),
+                kind: r.get("kind"),
+                created_at: r.get("created_at"),
+                applied_at: r.get("applied_at"),
+                file: r.get("file"),
+                rows: r.get("rows"),
+            })
+            .collect())
+    }
+
+    pub async fn apply(
+        &mut self,
+        v: &Verified,
+        file: &str,
+        sql_hooks: &[String],
+    ) -> Result<u64, LoadError> {
+        let m = &v.manifest;
+        if m.source.engine != "sqlite" {
+            return Err(LoadError::Refused(format!(
+                "bundle {file} comes from a {} source; a SQLite target loads bundles from SQLite \
+                 (use a PostgreSQL target for PostgreSQL sources)",
+                m.source.engine
+            )));
+        }
+        let mut tx = self
+            .conn
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(LoadError::db("beginning"))?;
+        let state = ledger(&mut tx, &m.sender_id).await?;
+        check_order(m, &state)?;
+        let rows = match m.kind {
+            Kind::Complete => load_complete(&mut tx, v).await?,
+            Kind::Partial => load_partial(&mut tx, v).await?,
+        };
+        sqlx::query(
+            "INSERT INTO ferry_applied
+               (sender_id, seq, kind, base_seq, created_at, file, rows, schema_fingerprint)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&m.sender_id)
+        .bind(m.seq.0 as i64)
+        .bind(m.kind.as_str())
+        .bind(m.base_seq.0 as i64)
+        .bind(m.created_at.to_rfc3339())
+        .bind(file)
+        .bind(rows as i64)
+        .bind(&m.schema_fingerprint)
+        .execute(&mut *tx)
+        .await
+        .map_err(LoadError::db("recording the bundle in the ledger"))?;
+        for sql in sql_hooks {
+            sqlx::raw_sql(q(sql.clone()))
+                .execute(&mut *tx)
+                .await
+                .map_err(LoadError::db(format!("running the SQL hook {sql:?}")))?;
+        }
+        tx.commit().await.map_err(LoadError::db("committing"))?;
+        Ok(rows)
+    }
+}
+
+async fn ledger(conn: &mut SqliteConnection, sender: &str) -> Result<LedgerState, LoadError> {
+    let row = sqlx::query(
+        "SELECT max(seq) AS last, max(CASE WHEN kind = 'complete' THEN seq END) AS base
+         FROM ferry_applied WHERE sender_id = ?",
+    )
+    .bind(sender)
+    .fetch_one(conn)
+    .await
+    .map_err(LoadError::db("reading the ledger"))?;
+    Ok(LedgerState {
+        last_seq: row.get::<Option<i64>, _>("last").map(|v| v as u64),
+        base_seq: row.get::<Option<i64>, _>("base").map(|v| v as u64),
+    })
+}
+
+type Query<'q> = sqlx::query::Query<'q, Sqlite, SqliteArguments>;
+
+/// Binds one value of a SQLite bundle's JSON.
+fn bind_json<'q>(q: Query<'q>, v: &serde_json::Value) -> Result<Query<'q>, LoadError> {
+    use serde_json::Value;
+    Ok(match v {
+        Value::Null => q.bind(None::<String>),
+        Value::Bool(b) => q.bind(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => q.bind(i),
+            None => q.bind(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => q.bind(s.clone()),
+        Value::Object(o) => match o.get("$hex").and_then(|h| h.as_str()) {
+            Some(h) => q.bind(
+                hex::decode(h).map_err(|e| LoadError::Refused(format!("bad $hex value: {e}")))?,
+            ),
+            None => return Err(LoadError::Refused(format!("unexpected JSON object {v}"))),
+        },
+        Value::Array(_) => return Err(LoadError::Refused(format!("unexpected JSON array {v}"))),
+    })
+}
+
+fn parse_object(
+    text: &str,
+    what: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>, LoadError> {
+    serde_json::from_str(text)
+        .map_err(|e| LoadError::Refused(format!("{what} is not a JSON object ({e}): {text:.200}")))
+}
+
+async fn upsert(
+    conn: &mut SqliteConnection,
+    t: &Table,
+    row: &str,
+    on_conflict: bool,
+) -> Result<(), LoadError> {
+    let row = parse_object(row, "a row")?;
+    let cols: Vec<_> = t.columns.iter().filter(|c| !c.generated).collect();
+    let list = cols
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut sql = format!(
+        "INSERT INTO {} ({list}) VALUES ({})",
+        t.name.quoted(),
+        vec!["?"; cols.len()].join(", ")
+    );
+    if on_conflict {
+        let pk = t
+            .primary_key
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let set = cols
+            .iter()
+            .filter(|c| !t.primary_key.contains(&c.name))
+            .map(|c| format!("{0} = excluded.{0}", quote_ident(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        sql.push_str(&if set.is_empty() {
+            format!(" ON CONFLICT ({pk}) DO NOTHING")
+        } else {
+            format!(" ON CONFLICT ({pk}) DO UPDATE SET {set}")
+        });
+    }
+    let mut query = sqlx::query(q(sql));
+    for c in &cols {
+        let v = row.get(&c.name).ok_or_else(|| {
+            LoadError::Refused(format!("a row of {} lacks column {:?}", t.name, c.name))
+        })?;
+        query = bind_json(query, v)?;
+    }
+    query
+        .execute(&mut *conn)
+        .await
+        .map_err(LoadError::db(format!("writing a row of {}", t.name)))?;
+    Ok(())
+}
+
+async fn load_complete(conn: &mut SqliteConnection, v: &Verified) -> Result<u64, LoadError> {
+    let m = &v.manifest;
+    for t in &m.tables {
+        sqlx::raw_sql(q(format!("DROP TABLE IF EXISTS {}", t.name.quoted())))
+            .execute(&mut *conn)
+            .await
+            .map_err(LoadError::db(format!("dropping the previous {}", t.name)))?;
+    }
+    sqlx::raw_sql(q(v.text("schema/pre-data.sql")?))
+        .execute(&mut *conn)
+        .await
+        .map_err(LoadError::db("running the bundle's pre-data DDL"))?;
+    let mut rows = 0;
+    for member in m.members.iter().filter(|x| x.role == Role::Data) {
+        let t = table_of(m, member)?;
+        let file = tokio::fs::File::open(v.file(member)).await?;
+        let mut lines = tokio::io::BufReader::new(file).lines();
+        while let Some(line) = lines.next_line().await? {
+            let (_, row) = split_change(&line)?;
+            upsert(conn, t, row, false).await?;
+            rows += 1;
+        }
+    }
+    sqlx::raw_sql(q(v.text("schema/post-data.sql")?))
+        .execute(&mut *conn)
+        .await
+        .map_err(LoadError::db("running the bundle's post-data DDL"))?;
+    Ok(rows)
+}
+
+fn table_of<'m>(
+    m: &'m ferry_common::Manifest,
+    member: &ferry_common::Member,
+) -> Result<&'m Table, LoadError> {
+    member
+        .table
+        .as_ref()
+        .and_then(|n| m.tables.iter().find(|t| &t.name == n))
+        .ok_or_else(|| LoadError::Refused(format!("{} names no listed table", member.path)))
+}
+
+async fn load_partial(conn: &mut SqliteConnection, v: &Verified) -> Result<u64, LoadError> {
+    let m = &v.manifest;
+    for t in &m.tables {
+        let cols: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?)")
+            .bind(&t.name.name)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(LoadError::db(format!("checking table {}", t.name)))?;
+        if cols.is_empty() {
+            return Err(LoadError::Refused(format!(
+                "table {} does not exist on the target; a complete bundle creates it",
+                t.name
+            )));
+        }
+        if let Some(c) = t.columns.iter().find(|c| !cols.contains(&c.name)) {
+            return Err(LoadError::Refused(format!(
+                "table {} on the target has no column {:?}; take a complete",
+                t.name, c.name
+            )));
+        }
+    }
+    let order = parents_first(&m.tables);
+    let mut rows = 0;
+    for op in ["upsert", "delete"] {
+        let tables: Vec<usize> = if op == "upsert" {
+            order.clone()
+        } else {
+            order.iter().rev().copied().collect()
+        };
+        for i in tables {
+            let t = &m.tables[i];
+            for member in m
+                .members
+                .iter()
+                .filter(|x| x.role == Role::Data && x.table.as_ref() == Some(&t.name))
+            {
+                let file = tokio::fs::File::open(v.file(member)).await?;
+                let mut lines = tokio::io::BufReader::new(file).lines();
+                while let Some(line) = lines.next_line().await? {
+                    let (kind, payload) = split_change(&line)?;
+                    if kind != op {
+                        continue;
+                    }
+                    if op == "upsert" {
+                        upsert(conn, t, payload, true).await?;
+                    } else {
+                        let key = parse_object(payload, "a key")?;
+                        let cond = t
+                            .primary_key
+                            .iter()
+                            .map(|c| format!("{} = ?", quote_ident(c)))
+                            .collect::<Vec<_>>()
+                            .join(" AND ");
+                        let mut query =
+                            sqlx::query(q(format!("DELETE FROM {} WHERE {cond}", t.name.quoted())));
+                        for c in &t.primary_key {
+                            query =
+                                bind_json(query, key.get(c).unwrap_or(&serde_json::Value::Null))?;
+                        }
+                        query
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(LoadError::db(format!("deleting a row of {}", t.name)))?;
+                    }
+                    rows += 1;
+                }
+            }
+        }
+    }
+    Ok(rows)
+}

@@ -1,0 +1,62 @@
+//! Media: each `media/<set>/<path>` member is written into the directory the
+//! configuration maps `<set>` to, before the rows that reference it commit. Paths
+//! were checked by verification (relative, no `..`); files are written under a
+//! temporary name and renamed, so a re-delivered file does no harm and a reader
+//! never sees half a file. Symlinks already inside the media directory are not
+//! followed for the final component (rename replaces the link itself).
+
+use crate::verify::Verified;
+use ferry_common::manifest::Role;
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MediaError {
+    #[error(
+        "media set {set:?} is not configured on this receiver: add `{set} = \"/path\"` under [media]"
+    )]
+    UnknownSet { set: String },
+    #[error("unsafe media path {0:?}")]
+    Unsafe(String),
+    #[error("could not write media file {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Installs every media member; returns the number of files.
+pub fn install(v: &Verified, sets: &BTreeMap<String, PathBuf>) -> Result<u64, MediaError> {
+    let mut n = 0;
+    for m in v.manifest.members.iter().filter(|m| m.role == Role::Media) {
+        let set = m.media_set.clone().unwrap_or_default();
+        let Some(root) = sets.get(&set) else {
+            return Err(MediaError::UnknownSet { set });
+        };
+        let rel = m
+            .path
+            .strip_prefix(&format!("media/{set}/"))
+            .ok_or_else(|| MediaError::Unsafe(m.path.clone()))?;
+        let rel = Path::new(rel);
+        if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(MediaError::Unsafe(m.path.clone()));
+        }
+        let dest = root.join(rel);
+        let io = |source| MediaError::Io {
+            path: dest.clone(),
+            source,
+        };
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        let temp = ferry_common::durable::temp_name(&dest);
+        std::fs::copy(v.file(m), &temp).map_err(io)?;
+        std::fs::File::open(&temp)
+            .and_then(|f| f.sync_all())
+            .map_err(io)?;
+        std::fs::rename(&temp, &dest).map_err(io)?;
+        n += 1;
+    }
+    Ok(n)
+}

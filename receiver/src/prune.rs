@@ -1,0 +1,36 @@
+//! Pruning: applied bundles leave the inbox once older than their lifetime (by
+//! kind); the newest applied complete always stays; nothing unapplied (beyond the
+//! ledger) or quarantined (another directory) is ever removed.
+
+use crate::config::Retention;
+use crate::inbox::Entry;
+use crate::plan::LedgerState;
+use ferry_common::manifest::Kind;
+use std::time::SystemTime;
+
+/// Which inbox entries may go: `ledger` per sender; age from the file's mtime.
+pub fn select<'a>(
+    entries: &'a [Entry],
+    ledger_of: impl Fn(&str) -> LedgerState,
+    retention: &Retention,
+    now: SystemTime,
+) -> Vec<&'a Entry> {
+    entries
+        .iter()
+        .filter(|e| {
+            let l = ledger_of(&e.sender);
+            let applied = l.last_seq.is_some_and(|last| e.seq <= last);
+            let newest_complete = l.base_seq == Some(e.seq);
+            let lifetime = match e.kind {
+                Kind::Complete => retention.complete,
+                Kind::Partial => retention.partial,
+            };
+            let age = std::fs::metadata(&e.path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .unwrap_or_default();
+            applied && !newest_complete && age >= lifetime
+        })
+        .collect()
+}

@@ -1,0 +1,76 @@
+//! Quarantine: a bundle that failed moves to `<state_dir>/quarantine/` with a
+//! readable report beside it (`<bundle>.error.txt`). Nothing is deleted; `retry`
+//! moves it back to the inbox.
+
+use crate::inbox::{self, Entry};
+use std::path::{Path, PathBuf};
+
+/// A quarantined bundle and why.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failure {
+    pub file: String,
+    pub sender: String,
+    pub seq: u64,
+    pub kind: String,
+    pub report: String,
+}
+
+pub fn report_path(bundle: &Path) -> PathBuf {
+    let mut name = bundle.file_name().unwrap_or_default().to_os_string();
+    name.push(".error.txt");
+    bundle.with_file_name(name)
+}
+
+/// Moves a bundle to quarantine with its error report.
+pub fn quarantine(dir: &Path, entry: &Entry, error: &str) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let dest = dir.join(&entry.file);
+    let report = format!(
+        "bundle:  {}\nsender:  {}\nseq:     {}\nkind:    {}\nfailed:  {}\n\nerror:\n{error}\n\n\
+         Nothing of this bundle was applied. Later partials of this sender are held behind it.\n\
+         Fix the cause, then: ferry-receiver retry {}\n(or send a complete: ferry-sender complete)\n",
+        entry.file,
+        entry.sender,
+        entry.seq,
+        entry.kind,
+        chrono::Utc::now().to_rfc3339(),
+        entry.file
+    );
+    ferry_common::durable::write_atomic(&report_path(&dest), report.as_bytes())?;
+    std::fs::rename(&entry.path, &dest)?;
+    ferry_common::durable::sync_dir(dir)?;
+    Ok(dest)
+}
+
+/// The quarantined bundles, oldest sequence first.
+pub fn list(dir: &Path) -> std::io::Result<Vec<Failure>> {
+    Ok(inbox::scan(dir)?
+        .into_iter()
+        .map(|e| Failure {
+            report: std::fs::read_to_string(report_path(&e.path)).unwrap_or_default(),
+            file: e.file,
+            sender: e.sender,
+            seq: e.seq,
+            kind: e.kind.to_string(),
+        })
+        .collect())
+}
+
+/// Moves a quarantined bundle back to the inbox.
+pub fn retry(dir: &Path, inbox: &Path, file: &str) -> Result<PathBuf, String> {
+    let name = Path::new(file)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let src = dir.join(&name);
+    if !src.is_file() {
+        return Err(format!(
+            "{name} is not in quarantine ({}); `ferry-receiver failures` lists what is",
+            dir.display()
+        ));
+    }
+    let dest = inbox.join(&name);
+    std::fs::rename(&src, &dest).map_err(|e| format!("moving {name} back to the inbox: {e}"))?;
+    let _ = std::fs::remove_file(report_path(&src));
+    Ok(dest)
+}

@@ -1,0 +1,121 @@
+//! `status`, `check` and `failures`: what the receiver has applied, what waits and
+//! why, what failed, and whether it can work.
+
+use crate::config::{Config, redact_url};
+use crate::load::{Applied, Target};
+use crate::plan::Step;
+use crate::quarantine::{self, Failure};
+use crate::run;
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// The newest applied complete and partial of each sender.
+    pub applied: Vec<Applied>,
+    /// Seconds between the newest applied bundle's creation and now.
+    pub lag_seconds: Option<i64>,
+    /// Bundles that the next `load` would apply.
+    pub pending: Vec<String>,
+    /// Bundles waiting, with the reason.
+    pub held: Vec<run::Held>,
+    pub failures: Vec<Failure>,
+}
+
+pub async fn status(config: &Config) -> anyhow::Result<Status> {
+    let mut target = Target::connect(config).await?;
+    let applied = target.history().await?;
+    let steps = run::plan_all(config, &mut target).await?;
+    let mut pending = Vec::new();
+    let mut held = Vec::new();
+    for s in steps {
+        match s {
+            Step::Apply(e) => pending.push(e.file),
+            Step::Hold(e, reason) => held.push(run::Held {
+                file: e.file,
+                reason,
+            }),
+            _ => {}
+        }
+    }
+    let lag_seconds = applied
+        .iter()
+        .filter_map(|a| chrono::DateTime::parse_from_rfc3339(&a.created_at.replace(' ', "T")).ok())
+        .max()
+        .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds());
+    Ok(Status {
+        applied,
+        lag_seconds,
+        pending,
+        held,
+        failures: quarantine::list(&config.quarantine_dir())?,
+    })
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.applied.is_empty() {
+            writeln!(f, "applied: nothing yet")?;
+        }
+        for a in &self.applied {
+            writeln!(
+                f,
+                "last {:<8} {} #{} created {} applied {} ({} rows)",
+                a.kind, a.sender_id, a.seq, a.created_at, a.applied_at, a.rows
+            )?;
+        }
+        if let Some(lag) = self.lag_seconds {
+            writeln!(
+                f,
+                "lag: {lag} s since the newest applied bundle was created"
+            )?;
+        }
+        writeln!(f, "pending: {}", self.pending.len())?;
+        for p in &self.pending {
+            writeln!(f, "  {p}")?;
+        }
+        writeln!(f, "held: {}", self.held.len())?;
+        for h in &self.held {
+            writeln!(f, "  {}: {}", h.file, h.reason)?;
+        }
+        writeln!(
+            f,
+            "failures: {} (ferry-receiver failures)",
+            self.failures.len()
+        )
+    }
+}
+
+/// `check`: config, target database, inbox, media and state directories.
+pub async fn check(config: &Config) -> Vec<(bool, String)> {
+    let mut out = vec![(true, "configuration is valid".to_owned())];
+    for (what, dir) in [("state_dir", &config.state_dir), ("inbox", &config.inbox)]
+        .into_iter()
+        .chain(config.media.iter().map(|(k, v)| (k.as_str(), v)))
+    {
+        let probe = dir.join(".ferry-check");
+        match std::fs::create_dir_all(dir)
+            .and_then(|_| std::fs::write(&probe, b""))
+            .and_then(|_| std::fs::remove_file(&probe))
+        {
+            Ok(()) => out.push((true, format!("{what} {} is writable", dir.display()))),
+            Err(e) => out.push((
+                false,
+                format!(
+                    "{what} {} is not writable ({e}); create it and give it to the receiver's user",
+                    dir.display()
+                ),
+            )),
+        }
+    }
+    match Target::connect(config).await {
+        Ok(_) => out.push((
+            true,
+            format!(
+                "target database {} reachable, ledger ready",
+                redact_url(&config.target.url)
+            ),
+        )),
+        Err(e) => out.push((false, e.to_string())),
+    }
+    out
+}

@@ -1,0 +1,251 @@
+//! One pass over the inbox: plan each sender's bundles against the ledger, then
+//! verify → media → load (with the ledger row and SQL hooks, in one transaction) →
+//! command hooks, bundle by bundle in order. A bundle that fails for good moves to
+//! quarantine and the sender's later partials are held behind it; a transient
+//! failure (database down) stops the pass and leaves everything in place.
+
+use crate::config::Config;
+use crate::hooks::{self, HookFailure};
+use crate::inbox::{self, Entry};
+use crate::load::{LoadError, Target};
+use crate::media::{self, MediaError};
+use crate::plan::{self, Step};
+use crate::quarantine;
+use crate::verify;
+use ferry_common::reader::{Limits, ReadError, read_manifest};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("verification failed: {0}")]
+    Verify(#[from] ReadError),
+    #[error(transparent)]
+    Media(#[from] MediaError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+impl ApplyError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ApplyError::Load(e) if e.is_transient())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("reading the inbox {path}: {source}")]
+    Inbox {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{bundle} was not applied and stays in the inbox: {source}")]
+    Transient {
+        bundle: String,
+        #[source]
+        source: ApplyError,
+    },
+    #[error(transparent)]
+    Load(#[from] LoadError),
+}
+
+/// What a pass did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Report {
+    pub applied: Vec<AppliedBundle>,
+    pub held: Vec<Held>,
+    pub failed: Vec<Held>,
+    pub hook_failures: Vec<(String, HookFailure)>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct AppliedBundle {
+    pub file: String,
+    pub seq: u64,
+    pub kind: String,
+    pub rows: u64,
+    pub media_files: u64,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Held {
+    pub file: String,
+    pub reason: String,
+}
+
+/// Plans every sender's bundles (shared by `load` and `status`).
+pub async fn plan_all(config: &Config, target: &mut Target) -> Result<Vec<Step>, PassError> {
+    let inbox_err = |source| PassError::Inbox {
+        path: config.inbox.display().to_string(),
+        source,
+    };
+    let entries = inbox::scan(&config.inbox).map_err(inbox_err)?;
+    let quarantined = inbox::scan(&config.quarantine_dir()).unwrap_or_default();
+    let mut by_sender: BTreeMap<&str, Vec<Entry>> = BTreeMap::new();
+    for e in &entries {
+        by_sender.entry(&e.sender).or_default().push(e.clone());
+    }
+    let mut steps = Vec::new();
+    for (sender, list) in by_sender {
+        let ledger = target.ledger(sender).await?;
+        let q: Vec<u64> = quarantined
+            .iter()
+            .filter(|e| e.sender == sender)
+            .map(|e| e.seq)
+            .collect();
+        let base_of = |e: &Entry| match read_manifest(&e.path, &Limits::default()) {
+            Ok(m) => Some(m.base_seq.0),
+            // Unreadable: let verification fail it and quarantine it.
+            Err(_) => ledger.base_seq,
+        };
+        steps.extend(plan::plan(&ledger, &list, base_of, &q));
+    }
+    Ok(steps)
+}
+
+/// Applies every pending bundle that can be applied.
+pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassError> {
+    let steps = plan_all(config, target).await?;
+    let mut report = Report::default();
+    let mut stopped: BTreeMap<String, String> = BTreeMap::new();
+    for step in steps {
+        match step {
+            Step::Duplicate(e) => {
+                tracing::debug!(bundle = %e.file, "already applied; left for pruning")
+            }
+            Step::Superseded(e) => {
+                tracing::info!(bundle = %e.file, seq = e.seq, "superseded by a newer complete; not applied")
+            }
+            Step::Hold(e, reason) => {
+                tracing::warn!(bundle = %e.file, seq = e.seq, %reason, "bundle held");
+                report.held.push(Held {
+                    file: e.file,
+                    reason,
+                });
+            }
+            Step::Apply(e) => {
+                if let Some(reason) = stopped.get(&e.sender) {
+                    report.held.push(Held {
+                        file: e.file,
+                        reason: reason.clone(),
+                    });
+                    continue;
+                }
+                match apply_one(config, target, &e).await {
+                    Ok((applied, hook_failures)) => {
+                        report
+                            .hook_failures
+                            .extend(hook_failures.into_iter().map(|h| (e.file.clone(), h)));
+                        report.applied.push(applied);
+                    }
+                    Err(err) if err.is_transient() => {
+                        return Err(PassError::Transient {
+                            bundle: e.file,
+                            source: err,
+                        });
+                    }
+                    Err(err) => {
+                        let reason = err.to_string();
+                        tracing::error!(bundle = %e.file, seq = e.seq, kind = %e.kind, error = %reason, "load failed; bundle quarantined");
+                        if let Err(io) =
+                            quarantine::quarantine(&config.quarantine_dir(), &e, &reason)
+                        {
+                            tracing::error!(bundle = %e.file, error = %io, "could not move the bundle to quarantine; it stays in the inbox");
+                        }
+                        stopped.insert(
+                            e.sender.clone(),
+                            format!(
+                                "held behind quarantined bundle #{}: retry it or send a complete",
+                                e.seq
+                            ),
+                        );
+                        report.failed.push(Held {
+                            file: e.file,
+                            reason,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+#[tracing::instrument(skip_all, fields(bundle = %e.file, seq = e.seq, kind = %e.kind))]
+async fn apply_one(
+    config: &Config,
+    target: &mut Target,
+    e: &Entry,
+) -> Result<(AppliedBundle, Vec<HookFailure>), ApplyError> {
+    let started = Instant::now();
+    let staging = config.staging_dir().join(&e.file);
+    let path = e.path.clone();
+    let max = config.limits.max_bundle_bytes;
+    let v = tokio::task::spawn_blocking(move || verify::stage(&path, &staging, max))
+        .await
+        .map_err(|j| ApplyError::Mismatch(format!("verification panicked: {j}")))??;
+    let m = &v.manifest;
+    if m.sender_id != e.sender || m.seq.0 != e.seq || m.kind != e.kind {
+        return Err(ApplyError::Mismatch(format!(
+            "the file name says {} #{} {}, the manifest says {} #{} {}; refusing a renamed bundle",
+            e.sender, e.seq, e.kind, m.sender_id, m.seq, m.kind
+        )));
+    }
+    let media_files = media::install(&v, &config.media)?;
+    let sql_hooks: Vec<String> = config
+        .hooks
+        .iter()
+        .filter(|h| h.on.iter().any(|k| k == e.kind.as_str()))
+        .filter_map(|h| h.sql.clone())
+        .collect();
+    let rows = target.apply(&v, &e.file, &sql_hooks).await?;
+    let duration_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(rows, media_files, duration_ms, "bundle loaded");
+    let hook_failures = hooks::run_commands(&config.hooks, m, &e.file).await;
+    Ok((
+        AppliedBundle {
+            file: e.file.clone(),
+            seq: e.seq,
+            kind: e.kind.to_string(),
+            rows,
+            media_files,
+            duration_ms,
+        },
+        hook_failures,
+    ))
+}
+
+/// Removes applied bundles past their lifetime; returns the files removed.
+pub async fn prune(config: &Config, target: &mut Target) -> Result<Vec<String>, PassError> {
+    let entries = inbox::scan(&config.inbox).map_err(|source| PassError::Inbox {
+        path: config.inbox.display().to_string(),
+        source,
+    })?;
+    let mut ledgers = BTreeMap::new();
+    for e in &entries {
+        if !ledgers.contains_key(&e.sender) {
+            ledgers.insert(e.sender.clone(), target.ledger(&e.sender).await?);
+        }
+    }
+    let chosen = crate::prune::select(
+        &entries,
+        |s| ledgers.get(s).cloned().unwrap_or_default(),
+        &config.retention,
+        std::time::SystemTime::now(),
+    );
+    let mut removed = Vec::new();
+    for e in chosen {
+        match std::fs::remove_file(&e.path) {
+            Ok(()) => {
+                tracing::info!(bundle = %e.file, "pruned");
+                removed.push(e.file.clone());
+            }
+            Err(error) => tracing::warn!(bundle = %e.file, %error, "could not prune"),
+        }
+    }
+    Ok(removed)
+}
