@@ -1,7 +1,7 @@
 //! The `ferry-receiver` command line; outcomes map to exit status here only.
 //!
 //! Exit status: 0 success (everything applied or nothing pending); 1 a bundle
-//! failed, is held, or another failure; 2 bad usage or configuration; 75 a
+//! failed or is held, a hook failed, or another failure; 2 bad usage or configuration; 75 a
 //! transient failure (target database unreachable, lock busy).
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -134,7 +134,8 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                             println!("nothing pending");
                         }
                     }
-                    if r.failed.is_empty() && r.held.is_empty() {
+                    // A failed hook does not hold the chain, but it is not success.
+                    if r.failed.is_empty() && r.held.is_empty() && r.hook_failures.is_empty() {
                         ExitCode::SUCCESS
                     } else {
                         ExitCode::FAILURE

@@ -1,0 +1,374 @@
+//! ferry-sender → outbox → inbox → ferry-receiver → PostgreSQL, with the real
+//! binaries and a real PostgreSQL server: every table identical row for row (the
+//! type zoo included), media byte for byte, duplicates and gaps, corrupted and
+//! escaping bundles refused with nothing applied, hooks, kill -9 during a load,
+//! pruning.
+
+use ferry_tests::fixtures::{ZOO, ZOO_ROWS};
+use ferry_tests::pg::{PgServer, exec, table_rows};
+use ferry_tests::{binary, outbox_files};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+struct Pipe {
+    server: PgServer,
+    dir: tempfile::TempDir,
+}
+
+impl Pipe {
+    async fn new(schema: &str, receiver_extra: &str) -> Self {
+        let server = PgServer::start();
+        server.create_db("app", schema).await;
+        server.create_db("viz", "").await;
+        let p = Self {
+            server,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        for d in ["media-src", "inbox"] {
+            std::fs::create_dir_all(p.path(d)).unwrap();
+        }
+        std::fs::write(
+            p.path("sender.toml"),
+            format!(
+                "sender_id = \"app\"\nstate_dir = {:?}\n[source]\nurl = {:?}\n[partial]\n\
+                 change_column = \"updated_at\"\noverlap = \"0s\"\n[[media]]\nname = \"images\"\npath = {:?}\n",
+                p.path("sstate"),
+                p.server.url("app"),
+                p.path("media-src")
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            p.path("receiver.toml"),
+            format!(
+                "state_dir = {:?}\ninbox = {:?}\n[target]\nurl = {:?}\n[media]\nimages = {:?}\n{receiver_extra}",
+                p.path("rstate"),
+                p.path("inbox"),
+                p.server.url("viz"),
+                p.path("media-dst")
+            ),
+        )
+        .unwrap();
+        p
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Runs the sender; returns the bundle it wrote.
+    fn send(&self, kind: &str) -> String {
+        let out = run(&binary("ferry-sender"), &self.path("sender.toml"), &[kind]);
+        assert!(out.status.success(), "sender {kind}: {}", text(&out.stderr));
+        outbox_files(&self.path("sstate/outbox")).pop().unwrap()
+    }
+
+    /// Delivers a bundle as an upload would: temporary name, then rename.
+    fn deliver(&self, file: &str) {
+        let tmp = self.path("inbox").join(format!(".{file}.part"));
+        std::fs::copy(self.path("sstate/outbox").join(file), &tmp).unwrap();
+        std::fs::rename(&tmp, self.path("inbox").join(file)).unwrap();
+    }
+
+    fn receive(&self, args: &[&str]) -> Output {
+        run(&binary("ferry-receiver"), &self.path("receiver.toml"), args)
+    }
+
+    async fn assert_same(&self, tables: &[&str]) {
+        let mut a = self.server.connect("app").await;
+        let mut b = self.server.connect("viz").await;
+        for t in tables {
+            assert_eq!(
+                table_rows(&mut a, t).await,
+                table_rows(&mut b, t).await,
+                "table {t} differs between source and receiver"
+            );
+        }
+    }
+}
+
+fn run(bin: &Path, config: &Path, args: &[&str]) -> Output {
+    Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+const ZOO_TABLES: [&str; 3] = ["zoo", "\"TextKey\"", "composite"];
+
+#[tokio::test]
+async fn the_type_zoo_and_media_arrive_identical() {
+    let p = Pipe::new(ZOO, "").await;
+    let mut src = p.server.connect("app").await;
+    exec(&mut src, ZOO_ROWS).await;
+    std::fs::create_dir_all(p.path("media-src/2026/11")).unwrap();
+    std::fs::write(p.path("media-src/2026/11/a.jpg"), vec![0xffu8; 100_000]).unwrap();
+    p.deliver(&p.send("complete"));
+    let out = p.receive(&["load"]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    p.assert_same(&ZOO_TABLES).await;
+    assert_eq!(std::fs::read(p.path("media-dst/2026/11/a.jpg")).unwrap(), vec![0xffu8; 100_000]);
+
+    exec(
+        &mut src,
+        r#"UPDATE zoo SET t = E'changed\t\\', d = '-0', updated_at = now() WHERE id IN (1, 3);
+           INSERT INTO zoo ("camelCase", j, b) VALUES ('new', '{"x":
+             1}', '\xdeadbeef');
+           DELETE FROM zoo WHERE id = 2;
+           DELETE FROM "TextKey" WHERE code = '';
+           UPDATE composite SET v = 'changed', updated_at = now() WHERE a = 2;"#,
+    )
+    .await;
+    std::fs::write(p.path("media-src/b.png"), b"png").unwrap();
+    p.deliver(&p.send("partial"));
+    let out = p.receive(&["load"]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    p.assert_same(&ZOO_TABLES).await;
+    assert_eq!(std::fs::read(p.path("media-dst/b.png")).unwrap(), b"png");
+
+    // A second complete replaces the copy atomically, sequences included.
+    exec(&mut src, "INSERT INTO zoo (\"camelCase\") VALUES ('after')").await;
+    p.deliver(&p.send("complete"));
+    let out = p.receive(&["load"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    p.assert_same(&ZOO_TABLES).await;
+    let status = p.receive(&["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(s["pending"].as_array().unwrap().len(), 0);
+    assert!(s["applied"].as_array().unwrap().iter().any(|a| a["seq"] == 3 && a["kind"] == "complete"));
+}
+
+const SMALL: &str = "CREATE TABLE parent (id int PRIMARY KEY, name text, updated_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent(id) ON DELETE CASCADE, v text, updated_at timestamptz NOT NULL DEFAULT now());
+CREATE INDEX ON parent (updated_at); CREATE INDEX ON child (updated_at);
+INSERT INTO parent (id, name) VALUES (1, 'p1'), (2, 'p2');
+INSERT INTO child (id, parent_id, v) VALUES (10, 1, 'a'), (20, 2, 'b');";
+
+#[tokio::test]
+async fn order_gaps_and_duplicates() {
+    let p = Pipe::new(SMALL, "").await;
+    let mut src = p.server.connect("app").await;
+    let c1 = p.send("complete");
+    exec(&mut src, "INSERT INTO parent (id, name) VALUES (3, 'p3'); INSERT INTO child (id, parent_id, v) VALUES (30, 3, 'c')").await;
+    let p2 = p.send("partial");
+    exec(&mut src, "DELETE FROM parent WHERE id = 1; UPDATE child SET v = 'bb', updated_at = now() WHERE id = 20").await;
+    let p3 = p.send("partial");
+
+    // #3 arrives before #2: #1 applies, #3 waits for the gap.
+    p.deliver(&c1);
+    p.deliver(&p3);
+    let out = p.receive(&["load"]);
+    assert_eq!(out.status.code(), Some(1), "a held bundle is not success");
+    assert!(text(&out.stdout).contains("waits for bundle #2"), "{}", text(&out.stdout));
+    let mut viz = p.server.connect("viz").await;
+    assert_eq!(table_rows(&mut viz, "parent").await.len(), 2);
+
+    p.deliver(&p2);
+    let out = p.receive(&["load"]);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    p.assert_same(&["parent", "child"]).await;
+
+    // A re-delivered bundle is skipped: exactly once.
+    p.deliver(&p2);
+    let out = p.receive(&["load"]);
+    assert!(out.status.success());
+    assert!(text(&out.stdout).contains("nothing pending"), "{}", text(&out.stdout));
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM ferry_receiver.applied")
+        .fetch_one(&mut viz)
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    p.assert_same(&["parent", "child"]).await;
+}
+
+/// Flips one byte in the middle of a file.
+fn corrupt(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0x55;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[tokio::test]
+async fn a_corrupted_bundle_is_quarantined_and_later_ones_wait() {
+    let p = Pipe::new(SMALL, "").await;
+    let mut src = p.server.connect("app").await;
+    p.deliver(&p.send("complete"));
+    assert!(p.receive(&["load"]).status.success());
+    exec(&mut src, "INSERT INTO parent (id, name) SELECT g, md5(g::text) FROM generate_series(100, 2000) g").await;
+    let p2 = p.send("partial");
+    exec(&mut src, "UPDATE parent SET name = 'x', updated_at = now() WHERE id = 2").await;
+    let p3 = p.send("partial");
+    p.deliver(&p2);
+    corrupt(&p.path("inbox").join(&p2));
+    p.deliver(&p3);
+    let out = p.receive(&["load"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains(&format!("FAILED  {p2}")), "{stdout}");
+    assert!(stdout.contains("held behind quarantined bundle #2"), "{stdout}");
+    // Nothing of it was applied.
+    let mut viz = p.server.connect("viz").await;
+    assert_eq!(table_rows(&mut viz, "parent").await.len(), 2);
+    let failures = text(&p.receive(&["failures"]).stdout);
+    assert!(failures.contains(&p2) && failures.contains("Nothing of this bundle was applied"), "{failures}");
+    assert!(!p.path("inbox").join(&p2).exists());
+
+    // The operator fixes it (a good copy) and retries: everything applies in order.
+    std::fs::copy(p.path("sstate/outbox").join(&p2), p.path("rstate/quarantine").join(&p2)).unwrap();
+    assert!(p.receive(&["retry", &p2]).status.success());
+    let out = p.receive(&["load"]);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    p.assert_same(&["parent", "child"]).await;
+    assert!(text(&p.receive(&["failures"]).stdout).contains("no failed bundles"));
+}
+
+#[tokio::test]
+async fn a_complete_supersedes_a_quarantined_chain() {
+    let p = Pipe::new(SMALL, "").await;
+    let mut src = p.server.connect("app").await;
+    p.deliver(&p.send("complete"));
+    assert!(p.receive(&["load"]).status.success());
+    exec(&mut src, "INSERT INTO parent (id, name) VALUES (5, 'p5')").await;
+    let p2 = p.send("partial");
+    p.deliver(&p2);
+    corrupt(&p.path("inbox").join(&p2));
+    assert_eq!(p.receive(&["load"]).status.code(), Some(1));
+    p.deliver(&p.send("complete"));
+    let out = p.receive(&["load"]);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    p.assert_same(&["parent", "child"]).await;
+}
+
+#[tokio::test]
+async fn hooks_get_the_facts_and_failures_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let env_file = dir.path().join("env.txt");
+    let extra = format!(
+        "[[hooks]]\ncommand = [\"/bin/sh\", \"-c\", \"env | grep ^FERRY_ | sort > {}\"]\n\
+         [[hooks]]\non = [\"partial\"]\ncommand = [\"/bin/sh\", \"-c\", \"echo boom >&2; exit 3\"]\n\
+         [[hooks]]\non = [\"complete\"]\nsql = \"CREATE TABLE IF NOT EXISTS hook_ran (at timestamptz DEFAULT now()); INSERT INTO hook_ran DEFAULT VALUES\"\n",
+        env_file.display()
+    );
+    let p = Pipe::new(SMALL, &extra).await;
+    let c1 = p.send("complete");
+    p.deliver(&c1);
+    let out = p.receive(&["load"]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    let env = std::fs::read_to_string(&env_file).unwrap();
+    assert!(env.contains(&format!("FERRY_BUNDLE={c1}")), "{env}");
+    assert!(env.contains("FERRY_KIND=complete") && env.contains("FERRY_SEQ=1"), "{env}");
+    assert!(env.contains("FERRY_TABLES=public.child,public.parent") || env.contains("FERRY_TABLES=public.parent,public.child"), "{env}");
+    let mut viz = p.server.connect("viz").await;
+    assert_eq!(table_rows(&mut viz, "hook_ran").await.len(), 1, "the SQL hook ran in the load");
+
+    // A failing command hook: the data is committed, the failure is reported.
+    let mut src = p.server.connect("app").await;
+    exec(&mut src, "INSERT INTO parent (id, name) VALUES (9, 'p9')").await;
+    p.deliver(&p.send("partial"));
+    let out = p.receive(&["load"]);
+    assert_eq!(out.status.code(), Some(1), "a failed hook makes load exit non-zero");
+    assert!(text(&out.stdout).contains("hook failed after"), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("exited with exit status: 3"), "{}", text(&out.stdout));
+    p.assert_same(&["parent", "child"]).await;
+}
+
+#[tokio::test]
+async fn a_failing_sql_hook_fails_the_load_and_applies_nothing() {
+    let p = Pipe::new(SMALL, "[[hooks]]\nsql = \"SELECT 1/0\"\n").await;
+    p.deliver(&p.send("complete"));
+    let out = p.receive(&["load"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).contains("division by zero"), "{}", text(&out.stdout));
+    let mut viz = p.server.connect("viz").await;
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('public.parent') IS NOT NULL")
+        .fetch_one(&mut viz)
+        .await
+        .unwrap();
+    assert!(!exists, "the failed load left a table behind");
+}
+
+#[tokio::test]
+async fn kill_9_during_a_load_keeps_the_previous_copy_and_the_next_run_applies_it() {
+    let p = Pipe::new(SMALL, "").await;
+    let mut src = p.server.connect("app").await;
+    p.deliver(&p.send("complete"));
+    assert!(p.receive(&["load"]).status.success());
+    exec(&mut src, "INSERT INTO child (id, parent_id, v) SELECT g, 1, repeat(md5(g::text), 8) FROM generate_series(1000, 600000) g").await;
+    p.deliver(&p.send("complete"));
+    let mut child = Command::new(binary("ferry-receiver"))
+        .arg("--config")
+        .arg(p.path("receiver.toml"))
+        .arg("load")
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    // Wait until the COPY into the target is running, then kill -9.
+    let mut viz = p.server.connect("viz").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let copying: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'viz' AND query LIKE 'COPY%FROM STDIN%'",
+        )
+        .fetch_one(&mut viz)
+        .await
+        .unwrap();
+        if copying > 0 {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the load finished before it could be killed");
+        assert!(Instant::now() < deadline, "the load never started copying");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The server notices the dead client and rolls back; the old copy is intact.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let busy: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'viz' AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut viz)
+        .await
+        .unwrap();
+        if busy == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(table_rows(&mut viz, "child").await.len(), 2, "the old copy must be intact");
+    let out = p.receive(&["load"]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    p.assert_same(&["parent", "child"]).await;
+}
+
+#[tokio::test]
+async fn pruning_keeps_the_newest_complete_and_anything_unapplied() {
+    let p = Pipe::new(SMALL, "[retention]\ncomplete = \"0s\"\npartial = \"0s\"\n").await;
+    let mut src = p.server.connect("app").await;
+    let c1 = p.send("complete");
+    exec(&mut src, "INSERT INTO parent (id) VALUES (7)").await;
+    let p2 = p.send("partial");
+    exec(&mut src, "INSERT INTO parent (id) VALUES (8)").await;
+    let p3 = p.send("partial");
+    exec(&mut src, "INSERT INTO parent (id) VALUES (99)").await;
+    let p4 = p.send("partial");
+    for f in [&c1, &p2, &p3] {
+        p.deliver(f);
+    }
+    assert!(p.receive(&["load"]).status.success());
+    p.deliver(&p4); // not applied yet
+    let out = p.receive(&["prune"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let left = outbox_files(&p.path("inbox"));
+    assert_eq!(left, vec![c1.clone(), p4.clone()], "kept: newest complete and the unapplied one");
+}
