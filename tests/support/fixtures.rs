@@ -44,4 +44,3 @@ INSERT INTO zoo ("camelCase", num, r, d, b, t, j, jb, arr, tarr, ts, tstz, dt, t
 INSERT INTO "TextKey" (code, "Label") VALUES ('x', 'first'), ('y''quote', 'second'), ('', 'empty key');
 INSERT INTO composite (a, b, v) VALUES (1, 'one', 'v1'), (1, 'two', 'v2'), (2, 'one', 'v3');
 "#;
-

@@ -6,9 +6,9 @@
 use ferry_common::manifest::Kind;
 use ferry_sender::Config;
 use ferry_sender::job::{self, JobError};
+use ferry_tests::fixtures::{ZOO, ZOO_ROWS};
 use ferry_tests::loader::{apply_partial_pg, load_complete_pg, split_change};
 use ferry_tests::pg::{PgServer, exec, table_rows};
-use ferry_tests::fixtures::{ZOO, ZOO_ROWS};
 use ferry_tests::{bundle_contents, outbox_files};
 use std::path::{Path, PathBuf};
 

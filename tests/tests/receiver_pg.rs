@@ -113,9 +113,17 @@ async fn the_type_zoo_and_media_arrive_identical() {
     std::fs::write(p.path("media-src/2026/11/a.jpg"), vec![0xffu8; 100_000]).unwrap();
     p.deliver(&p.send("complete"));
     let out = p.receive(&["load"]);
-    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     p.assert_same(&ZOO_TABLES).await;
-    assert_eq!(std::fs::read(p.path("media-dst/2026/11/a.jpg")).unwrap(), vec![0xffu8; 100_000]);
+    assert_eq!(
+        std::fs::read(p.path("media-dst/2026/11/a.jpg")).unwrap(),
+        vec![0xffu8; 100_000]
+    );
 
     exec(
         &mut src,
@@ -130,7 +138,12 @@ async fn the_type_zoo_and_media_arrive_identical() {
     std::fs::write(p.path("media-src/b.png"), b"png").unwrap();
     p.deliver(&p.send("partial"));
     let out = p.receive(&["load"]);
-    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     p.assert_same(&ZOO_TABLES).await;
     assert_eq!(std::fs::read(p.path("media-dst/b.png")).unwrap(), b"png");
 
@@ -143,7 +156,13 @@ async fn the_type_zoo_and_media_arrive_identical() {
     let status = p.receive(&["status", "--json"]);
     let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(s["pending"].as_array().unwrap().len(), 0);
-    assert!(s["applied"].as_array().unwrap().iter().any(|a| a["seq"] == 3 && a["kind"] == "complete"));
+    assert!(
+        s["applied"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["seq"] == 3 && a["kind"] == "complete")
+    );
 }
 
 const SMALL: &str = "CREATE TABLE parent (id int PRIMARY KEY, name text, updated_at timestamptz NOT NULL DEFAULT now());
@@ -167,7 +186,11 @@ async fn order_gaps_and_duplicates() {
     p.deliver(&p3);
     let out = p.receive(&["load"]);
     assert_eq!(out.status.code(), Some(1), "a held bundle is not success");
-    assert!(text(&out.stdout).contains("waits for bundle #2"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("waits for bundle #2"),
+        "{}",
+        text(&out.stdout)
+    );
     let mut viz = p.server.connect("viz").await;
     assert_eq!(table_rows(&mut viz, "parent").await.len(), 2);
 
@@ -180,7 +203,11 @@ async fn order_gaps_and_duplicates() {
     p.deliver(&p2);
     let out = p.receive(&["load"]);
     assert!(out.status.success());
-    assert!(text(&out.stdout).contains("nothing pending"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("nothing pending"),
+        "{}",
+        text(&out.stdout)
+    );
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM ferry_receiver.applied")
         .fetch_one(&mut viz)
         .await
@@ -203,9 +230,17 @@ async fn a_corrupted_bundle_is_quarantined_and_later_ones_wait() {
     let mut src = p.server.connect("app").await;
     p.deliver(&p.send("complete"));
     assert!(p.receive(&["load"]).status.success());
-    exec(&mut src, "INSERT INTO parent (id, name) SELECT g, md5(g::text) FROM generate_series(100, 2000) g").await;
+    exec(
+        &mut src,
+        "INSERT INTO parent (id, name) SELECT g, md5(g::text) FROM generate_series(100, 2000) g",
+    )
+    .await;
     let p2 = p.send("partial");
-    exec(&mut src, "UPDATE parent SET name = 'x', updated_at = now() WHERE id = 2").await;
+    exec(
+        &mut src,
+        "UPDATE parent SET name = 'x', updated_at = now() WHERE id = 2",
+    )
+    .await;
     let p3 = p.send("partial");
     p.deliver(&p2);
     corrupt(&p.path("inbox").join(&p2));
@@ -214,16 +249,26 @@ async fn a_corrupted_bundle_is_quarantined_and_later_ones_wait() {
     assert_eq!(out.status.code(), Some(1));
     let stdout = text(&out.stdout);
     assert!(stdout.contains(&format!("FAILED  {p2}")), "{stdout}");
-    assert!(stdout.contains("held behind quarantined bundle #2"), "{stdout}");
+    assert!(
+        stdout.contains("held behind quarantined bundle #2"),
+        "{stdout}"
+    );
     // Nothing of it was applied.
     let mut viz = p.server.connect("viz").await;
     assert_eq!(table_rows(&mut viz, "parent").await.len(), 2);
     let failures = text(&p.receive(&["failures"]).stdout);
-    assert!(failures.contains(&p2) && failures.contains("Nothing of this bundle was applied"), "{failures}");
+    assert!(
+        failures.contains(&p2) && failures.contains("Nothing of this bundle was applied"),
+        "{failures}"
+    );
     assert!(!p.path("inbox").join(&p2).exists());
 
     // The operator fixes it (a good copy) and retries: everything applies in order.
-    std::fs::copy(p.path("sstate/outbox").join(&p2), p.path("rstate/quarantine").join(&p2)).unwrap();
+    std::fs::copy(
+        p.path("sstate/outbox").join(&p2),
+        p.path("rstate/quarantine").join(&p2),
+    )
+    .unwrap();
     assert!(p.receive(&["retry", &p2]).status.success());
     let out = p.receive(&["load"]);
     assert!(out.status.success(), "{}", text(&out.stdout));
@@ -262,22 +307,50 @@ async fn hooks_get_the_facts_and_failures_are_reported() {
     let c1 = p.send("complete");
     p.deliver(&c1);
     let out = p.receive(&["load"]);
-    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     let env = std::fs::read_to_string(&env_file).unwrap();
     assert!(env.contains(&format!("FERRY_BUNDLE={c1}")), "{env}");
-    assert!(env.contains("FERRY_KIND=complete") && env.contains("FERRY_SEQ=1"), "{env}");
-    assert!(env.contains("FERRY_TABLES=public.child,public.parent") || env.contains("FERRY_TABLES=public.parent,public.child"), "{env}");
+    assert!(
+        env.contains("FERRY_KIND=complete") && env.contains("FERRY_SEQ=1"),
+        "{env}"
+    );
+    assert!(
+        env.contains("FERRY_TABLES=public.child,public.parent")
+            || env.contains("FERRY_TABLES=public.parent,public.child"),
+        "{env}"
+    );
     let mut viz = p.server.connect("viz").await;
-    assert_eq!(table_rows(&mut viz, "hook_ran").await.len(), 1, "the SQL hook ran in the load");
+    assert_eq!(
+        table_rows(&mut viz, "hook_ran").await.len(),
+        1,
+        "the SQL hook ran in the load"
+    );
 
     // A failing command hook: the data is committed, the failure is reported.
     let mut src = p.server.connect("app").await;
     exec(&mut src, "INSERT INTO parent (id, name) VALUES (9, 'p9')").await;
     p.deliver(&p.send("partial"));
     let out = p.receive(&["load"]);
-    assert_eq!(out.status.code(), Some(1), "a failed hook makes load exit non-zero");
-    assert!(text(&out.stdout).contains("hook failed after"), "{}", text(&out.stdout));
-    assert!(text(&out.stdout).contains("exited with exit status: 3"), "{}", text(&out.stdout));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failed hook makes load exit non-zero"
+    );
+    assert!(
+        text(&out.stdout).contains("hook failed after"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stdout).contains("exited with exit status: 3"),
+        "{}",
+        text(&out.stdout)
+    );
     p.assert_same(&["parent", "child"]).await;
 }
 
@@ -287,7 +360,11 @@ async fn a_failing_sql_hook_fails_the_load_and_applies_nothing() {
     p.deliver(&p.send("complete"));
     let out = p.receive(&["load"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stdout).contains("division by zero"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("division by zero"),
+        "{}",
+        text(&out.stdout)
+    );
     let mut viz = p.server.connect("viz").await;
     let exists: bool = sqlx::query_scalar("SELECT to_regclass('public.parent') IS NOT NULL")
         .fetch_one(&mut viz)
@@ -324,7 +401,10 @@ async fn kill_9_during_a_load_keeps_the_previous_copy_and_the_next_run_applies_i
         if copying > 0 {
             break;
         }
-        assert!(child.try_wait().unwrap().is_none(), "the load finished before it could be killed");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the load finished before it could be killed"
+        );
         assert!(Instant::now() < deadline, "the load never started copying");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -345,9 +425,18 @@ async fn kill_9_during_a_load_keeps_the_previous_copy_and_the_next_run_applies_i
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(table_rows(&mut viz, "child").await.len(), 2, "the old copy must be intact");
+    assert_eq!(
+        table_rows(&mut viz, "child").await.len(),
+        2,
+        "the old copy must be intact"
+    );
     let out = p.receive(&["load"]);
-    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     p.assert_same(&["parent", "child"]).await;
 }
 
@@ -370,5 +459,9 @@ async fn pruning_keeps_the_newest_complete_and_anything_unapplied() {
     let out = p.receive(&["prune"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let left = outbox_files(&p.path("inbox"));
-    assert_eq!(left, vec![c1.clone(), p4.clone()], "kept: newest complete and the unapplied one");
+    assert_eq!(
+        left,
+        vec![c1.clone(), p4.clone()],
+        "kept: newest complete and the unapplied one"
+    );
 }

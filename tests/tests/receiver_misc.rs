@@ -1,0 +1,312 @@
+//! ferry-receiver on the embedded default (SQLite): a SQLite source end to end
+//! through both binaries, hand-made malicious bundles (escaping paths, links)
+//! refused with nothing applied, and the daemon (picks bundles up from file
+//! events, refuses a second instance, stops cleanly on SIGTERM).
+
+use ferry_tests::loader::sqlite_rows;
+use ferry_tests::{binary, outbox_files};
+use sqlx::{Connection, SqliteConnection};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn run(bin: &str, config: &Path, args: &[&str]) -> Output {
+    Command::new(binary(bin))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+async fn sqlite(path: &Path) -> SqliteConnection {
+    SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+        .await
+        .unwrap()
+}
+
+struct Lite {
+    dir: tempfile::TempDir,
+}
+
+impl Lite {
+    async fn new(receiver_extra: &str) -> Self {
+        let l = Self {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        std::fs::create_dir_all(l.p("media-src")).unwrap();
+        std::fs::create_dir_all(l.p("inbox")).unwrap();
+        let mut app = sqlite(&l.p("app.sqlite3")).await;
+        sqlx::raw_sql(
+            "CREATE TABLE phone (id INTEGER PRIMARY KEY, model TEXT, updated_at TEXT NOT NULL);
+             CREATE TABLE report (id INTEGER PRIMARY KEY, phone_id INTEGER REFERENCES phone(id),
+               msg TEXT, photo BLOB, score REAL, updated_at TEXT NOT NULL);
+             CREATE INDEX report_at ON report (updated_at);
+             INSERT INTO phone VALUES (1, 'a', '2024-01-01 00:00:00'), (2, 'b', '2024-01-01 00:00:00');
+             INSERT INTO report VALUES (1, 1, 'x', X'00FF', -0.0, '2024-01-01 00:00:00'),
+                                       (2, 2, NULL, NULL, 1.5, '2024-01-01 00:00:00');",
+        )
+        .execute(&mut app)
+        .await
+        .unwrap();
+        std::fs::write(
+            l.p("sender.toml"),
+            format!(
+                "sender_id = \"app\"\nstate_dir = {:?}\n[source]\nurl = \"sqlite://{}\"\n[partial]\n\
+                 change_column = \"updated_at\"\noverlap = \"0s\"\n[[media]]\nname = \"images\"\npath = {:?}\n",
+                l.p("sstate"),
+                l.p("app.sqlite3").display(),
+                l.p("media-src")
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            l.p("receiver.toml"),
+            format!(
+                "state_dir = {:?}\ninbox = {:?}\n[target]\nurl = \"sqlite://{}\"\n[media]\nimages = {:?}\n{receiver_extra}",
+                l.p("rstate"),
+                l.p("inbox"),
+                l.p("viz.sqlite3").display(),
+                l.p("media-dst")
+            ),
+        )
+        .unwrap();
+        l
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn send(&self, kind: &str) -> String {
+        let out = run("ferry-sender", &self.p("sender.toml"), &[kind]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        outbox_files(&self.p("sstate/outbox")).pop().unwrap()
+    }
+
+    fn deliver(&self, file: &str) {
+        let tmp = self.p("inbox").join(format!(".{file}.part"));
+        std::fs::copy(self.p("sstate/outbox").join(file), &tmp).unwrap();
+        std::fs::rename(&tmp, self.p("inbox").join(file)).unwrap();
+    }
+
+    async fn assert_same(&self) {
+        let mut a = sqlite(&self.p("app.sqlite3")).await;
+        let mut b = sqlite(&self.p("viz.sqlite3")).await;
+        for t in ["phone", "report"] {
+            assert_eq!(
+                sqlite_rows(&mut a, t).await,
+                sqlite_rows(&mut b, t).await,
+                "{t} differs"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn sqlite_to_sqlite_end_to_end() {
+    let l = Lite::new("").await;
+    std::fs::write(l.p("media-src/r1.jpg"), b"jpeg").unwrap();
+    l.deliver(&l.send("complete"));
+    let out = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    l.assert_same().await;
+    let mut app = sqlite(&l.p("app.sqlite3")).await;
+    sqlx::raw_sql(
+        "INSERT INTO report VALUES (3, 2, 'new', X'CAFE', 2.5, '2024-06-01 00:00:00');
+         UPDATE report SET msg = 'edited', updated_at = '2024-06-01 00:00:01' WHERE id = 1;
+         DELETE FROM report WHERE id = 2;",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
+    std::fs::write(l.p("media-src/r3.jpg"), b"jpeg3").unwrap();
+    l.deliver(&l.send("partial"));
+    let out = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    l.assert_same().await;
+    assert_eq!(std::fs::read(l.p("media-dst/r3.jpg")).unwrap(), b"jpeg3");
+}
+
+/// Writes a bundle by hand: a manifest listing `listed`, then raw tar entries.
+fn evil_bundle(
+    inbox: &Path,
+    listed: &[(&str, &[u8])],
+    entries: &[(&[u8], tar::EntryType, &[u8])],
+) -> PathBuf {
+    use sha2::Digest;
+    let members: Vec<serde_json::Value> = listed
+        .iter()
+        .map(|(p, d)| {
+            serde_json::json!({"path": p, "role": "media", "size": d.len(),
+                "sha256": hex::encode(sha2::Sha256::digest(d)), "media_set": "images", "mtime_ns": 0})
+        })
+        .collect();
+    let manifest = serde_json::json!({
+        "format": 1, "sender_id": "app", "kind": "complete", "seq": 1, "base_seq": 1,
+        "prev_seq": null, "created_at": "2026-01-01T00:00:00Z",
+        "source": {"engine": "sqlite", "version": "3"}, "schema_fingerprint": "",
+        "tables": [], "watermarks": {}, "members": members,
+    });
+    let mut tar = tar::Builder::new(Vec::new());
+    let json = serde_json::to_vec(&manifest).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_path("manifest.json").unwrap();
+    h.set_size(json.len() as u64);
+    h.set_cksum();
+    tar.append(&h, &json[..]).unwrap();
+    for (name, kind, data) in entries {
+        let mut h = tar::Header::new_old();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_entry_type(*kind);
+        h.set_size(data.len() as u64);
+        if *kind == tar::EntryType::Symlink {
+            h.set_link_name("/etc/passwd").unwrap();
+        }
+        h.set_cksum();
+        tar.append(&h, *data).unwrap();
+    }
+    let raw = tar.into_inner().unwrap();
+    let path = inbox.join("app-000000000001-complete.tar.zst");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(&zstd::encode_all(&raw[..], 1).unwrap())
+        .unwrap();
+    path
+}
+
+#[tokio::test]
+async fn escaping_paths_and_links_are_refused_with_nothing_applied() {
+    let cases: [(
+        &str,
+        Vec<(&str, &[u8])>,
+        Vec<(&[u8], tar::EntryType, &[u8])>,
+    ); 4] = [
+        (
+            "listed ..",
+            vec![("../escape", b"x")],
+            vec![(b"../escape", tar::EntryType::Regular, b"x")],
+        ),
+        (
+            "entry ..",
+            vec![("media/images/a", b"x")],
+            vec![(
+                b"media/images/../../../escape",
+                tar::EntryType::Regular,
+                b"x",
+            )],
+        ),
+        (
+            "absolute",
+            vec![("media/images/a", b"x")],
+            vec![(b"/tmp/ferry-escape", tar::EntryType::Regular, b"x")],
+        ),
+        (
+            "symlink",
+            vec![("media/images/a", b"")],
+            vec![(b"media/images/a", tar::EntryType::Symlink, b"")],
+        ),
+    ];
+    for (what, listed, entries) in cases {
+        let l = Lite::new("").await;
+        let bundle = evil_bundle(&l.p("inbox"), &listed, &entries);
+        let out = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+        assert_eq!(out.status.code(), Some(1), "{what}");
+        let stdout = text(&out.stdout);
+        assert!(
+            stdout.contains("unsafe member path") || stdout.contains("only regular files"),
+            "{what}: {stdout}"
+        );
+        assert!(!bundle.exists(), "{what}: the bundle must leave the inbox");
+        assert!(
+            l.p("rstate/quarantine/app-000000000001-complete.tar.zst")
+                .exists(),
+            "{what}"
+        );
+        assert!(!l.p("escape").exists() && !l.dir.path().parent().unwrap().join("escape").exists());
+        assert!(!Path::new("/tmp/ferry-escape").exists(), "{what}");
+        assert!(!l.p("media-dst").exists(), "{what}: nothing may be written");
+    }
+}
+
+#[tokio::test]
+async fn the_daemon_loads_on_file_events_and_stops_on_sigterm() {
+    // A rescan interval of an hour: only the file event can trigger the load.
+    let l = Lite::new("[daemon]\nrescan_interval = \"1h\"\n").await;
+    let mut daemon = Command::new(binary("ferry-receiver"))
+        .arg("--config")
+        .arg(l.p("receiver.toml"))
+        .arg("run")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it holds the lock and watches (a second instance is refused).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let second = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+        if second.status.code() == Some(75) {
+            assert!(text(&second.stderr).contains("another ferry process"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the daemon never took the lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The first pass ran at start (interval ticks immediately); now deliver.
+    std::thread::sleep(Duration::from_millis(200));
+    l.deliver(&l.send("complete"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if l.p("viz.sqlite3").exists() {
+            let mut viz = sqlite(&l.p("viz.sqlite3")).await;
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM ferry_applied")
+                .fetch_one(&mut viz)
+                .await
+                .unwrap_or(0);
+            if n == 1 {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not load the delivered bundle"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    l.assert_same().await;
+    let pid = daemon.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = daemon.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}
