@@ -189,6 +189,7 @@ async fn apply_one(
         .await
         .map_err(|j| ApplyError::Mismatch(format!("verification panicked: {j}")))??;
     let m = &v.manifest;
+    tracing::info!(ms = started.elapsed().as_millis() as u64, "bundle verified and staged");
     if m.sender_id != e.sender || m.seq.0 != e.seq || m.kind != e.kind {
         return Err(ApplyError::Mismatch(format!(
             "the file name says {} #{} {}, the manifest says {} #{} {}; refusing a renamed bundle",

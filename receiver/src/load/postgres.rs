@@ -152,6 +152,7 @@ async fn ledger(conn: &mut PgConnection, sender: &str) -> Result<LedgerState, Lo
 
 async fn load_complete(conn: &mut PgConnection, v: &Verified) -> Result<u64, LoadError> {
     let m = &v.manifest;
+    let started = std::time::Instant::now();
     let names = m
         .tables
         .iter()
@@ -173,19 +174,46 @@ async fn load_complete(conn: &mut PgConnection, v: &Verified) -> Result<u64, Loa
             .ok_or_else(|| LoadError::Refused(format!("{} names no table", member.path)))?;
         let doing = format!("loading {t} ({})", member.path);
         let mut copy = conn
-            .copy_in_raw(&format!("COPY {} FROM STDIN", t.quoted()))
+            // FREEZE: the table was created in this transaction, so its rows can be
+            // written frozen (no hint-bit rewrites or anti-wraparound vacuum later).
+            .copy_in_raw(&format!("COPY {} FROM STDIN WITH (FREEZE)", t.quoted()))
             .await
             .map_err(LoadError::db(doing.clone()))?;
-        let file = tokio::fs::File::open(v.file(member)).await?;
-        if let Err(e) = copy.read_from(file).await {
-            let _ = copy.abort("ferry: reading failed").await;
-            return Err(LoadError::Db { doing, source: e });
+        // 1 MiB CopyData messages: sqlx's `read_from` sends one small message and a
+        // flush per read, which measured ~20% slower.
+        let mut file = tokio::fs::File::open(v.file(member)).await?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = read_full(&mut file, &mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            if let Err(e) = copy.send(&buf[..n]).await {
+                let _ = copy.abort("ferry: sending failed").await;
+                return Err(LoadError::Db { doing, source: e });
+            }
         }
         rows += copy.finish().await.map_err(LoadError::db(doing))?;
     }
+    tracing::info!(rows, ms = started.elapsed().as_millis() as u64, "tables copied");
     run_script(conn, &v.text("schema/post-data.sql")?, "post-data DDL").await?;
     run_script(conn, &v.text("schema/sequences.sql")?, "sequence values").await?;
+    tracing::info!(ms = started.elapsed().as_millis() as u64, "indexes and constraints built");
     Ok(rows)
+}
+
+/// Fills `buf` as far as the file allows; 0 at the end.
+async fn read_full(file: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = file.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    Ok(filled)
 }
 
 async fn run_script(conn: &mut PgConnection, sql: &str, what: &str) -> Result<(), LoadError> {
