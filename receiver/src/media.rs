@@ -6,7 +6,7 @@
 //! followed for the final component (rename replaces the link itself).
 
 use crate::verify::Verified;
-use ferry_common::manifest::Role;
+use ferry_common::manifest::{Member, Role};
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
@@ -26,10 +26,25 @@ pub enum MediaError {
     },
 }
 
-/// Installs every media member; returns the number of files.
+/// Installs every media member of a staged bundle; returns the number of files.
 pub fn install(v: &Verified, sets: &BTreeMap<String, PathBuf>) -> Result<u64, MediaError> {
+    install_files(
+        v.manifest
+            .members
+            .iter()
+            .filter(|m| m.role == Role::Media)
+            .map(|m| (m, v.file(m))),
+        sets,
+    )
+}
+
+/// Installs media members from their verified staged files.
+pub fn install_files<'a>(
+    items: impl Iterator<Item = (&'a Member, &'a Path)>,
+    sets: &BTreeMap<String, PathBuf>,
+) -> Result<u64, MediaError> {
     let mut n = 0;
-    for m in v.manifest.members.iter().filter(|m| m.role == Role::Media) {
+    for (m, staged) in items {
         let set = m.media_set.clone().unwrap_or_default();
         let Some(root) = sets.get(&set) else {
             return Err(MediaError::UnknownSet { set });
@@ -51,7 +66,7 @@ pub fn install(v: &Verified, sets: &BTreeMap<String, PathBuf>) -> Result<u64, Me
             std::fs::create_dir_all(parent).map_err(io)?;
         }
         let temp = ferry_common::durable::temp_name(&dest);
-        std::fs::copy(v.file(m), &temp).map_err(io)?;
+        std::fs::copy(staged, &temp).map_err(io)?;
         std::fs::File::open(&temp)
             .and_then(|f| f.sync_all())
             .map_err(io)?;

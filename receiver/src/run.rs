@@ -12,6 +12,7 @@ use crate::media::{self, MediaError};
 use crate::plan::{self, Step};
 use crate::quarantine;
 use crate::verify;
+use ferry_common::manifest::{Kind, Manifest};
 use ferry_common::reader::{Limits, ReadError, read_manifest};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -183,27 +184,40 @@ async fn apply_one(
 ) -> Result<(AppliedBundle, Vec<HookFailure>), ApplyError> {
     let started = Instant::now();
     let staging = config.staging_dir().join(&e.file);
+    if e.kind == Kind::Complete
+        && let Target::Postgres(pg) = target
+    {
+        let rows = streamed_complete(config, pg, e, &staging).await;
+        let _ = std::fs::remove_dir_all(&staging);
+        let (rows, media_files, m) = rows?;
+        let duration_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(rows, media_files, duration_ms, "bundle loaded");
+        let hook_failures = hooks::run_commands(&config.hooks, &m, &e.file).await;
+        return Ok((
+            AppliedBundle {
+                file: e.file.clone(),
+                seq: e.seq,
+                kind: e.kind.to_string(),
+                rows,
+                media_files,
+                duration_ms,
+            },
+            hook_failures,
+        ));
+    }
     let path = e.path.clone();
     let max = config.limits.max_bundle_bytes;
     let v = tokio::task::spawn_blocking(move || verify::stage(&path, &staging, max))
         .await
         .map_err(|j| ApplyError::Mismatch(format!("verification panicked: {j}")))??;
     let m = &v.manifest;
-    tracing::info!(ms = started.elapsed().as_millis() as u64, "bundle verified and staged");
-    if m.sender_id != e.sender || m.seq.0 != e.seq || m.kind != e.kind {
-        return Err(ApplyError::Mismatch(format!(
-            "the file name says {} #{} {}, the manifest says {} #{} {}; refusing a renamed bundle",
-            e.sender, e.seq, e.kind, m.sender_id, m.seq, m.kind
-        )));
-    }
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        "bundle verified and staged"
+    );
+    check_name(e, m)?;
     let media_files = media::install(&v, &config.media)?;
-    let sql_hooks: Vec<String> = config
-        .hooks
-        .iter()
-        .filter(|h| h.on.iter().any(|k| k == e.kind.as_str()))
-        .filter_map(|h| h.sql.clone())
-        .collect();
-    let rows = target.apply(&v, &e.file, &sql_hooks).await?;
+    let rows = target.apply(&v, &e.file, &sql_hooks(config, e)).await?;
     let duration_ms = started.elapsed().as_millis() as u64;
     tracing::info!(rows, media_files, duration_ms, "bundle loaded");
     let hook_failures = hooks::run_commands(&config.hooks, m, &e.file).await;
@@ -218,6 +232,65 @@ async fn apply_one(
         },
         hook_failures,
     ))
+}
+
+fn check_name(e: &Entry, m: &Manifest) -> Result<(), ApplyError> {
+    if m.sender_id != e.sender || m.seq.0 != e.seq || m.kind != e.kind {
+        return Err(ApplyError::Mismatch(format!(
+            "the file name says {} #{} {}, the manifest says {} #{} {}; refusing a renamed bundle",
+            e.sender, e.seq, e.kind, m.sender_id, m.seq, m.kind
+        )));
+    }
+    Ok(())
+}
+
+/// A PostgreSQL complete, verified while it loads: COPY data streams from the
+/// bundle into the open transaction, which commits only after every checksum
+/// matched (no staging copy of the data, and reading overlaps loading).
+async fn streamed_complete(
+    config: &Config,
+    pg: &mut crate::load::postgres::PgTarget,
+    e: &Entry,
+    staging: &std::path::Path,
+) -> Result<(u64, u64, Manifest), ApplyError> {
+    let limits = Limits {
+        max_bytes: config.limits.max_bundle_bytes,
+        ..Limits::default()
+    };
+    let manifest = read_manifest(&e.path, &limits)?;
+    check_name(e, &manifest)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let (path, dir, max) = (e.path.clone(), staging.to_owned(), limits.max_bytes);
+    let reader = tokio::task::spawn_blocking(move || verify::stream(&path, &dir, max, tx));
+    let begun = pg.begin_streamed_complete(&manifest, &mut rx).await;
+    drop(rx); // unblocks the reader if loading stopped early
+    let verified = reader
+        .await
+        .map_err(|j| ApplyError::Mismatch(format!("verification panicked: {j}")))?;
+    match (begun, verified) {
+        // The database's own failure explains more than "the loader stopped".
+        (Err(err @ (LoadError::Db { .. } | LoadError::Connect { .. } | LoadError::Io(_))), _) => {
+            Err(err.into())
+        }
+        (_, Err(read)) => Err(read.into()),
+        (Err(err), Ok(_)) => Err(err.into()),
+        (Ok((tx, rows, media)), Ok(_)) => {
+            let media_files =
+                media::install_files(media.iter().map(|(m, p)| (m, p.as_path())), &config.media)?;
+            let sql_hooks = sql_hooks(config, e);
+            crate::load::postgres::finish(tx, &manifest, &e.file, rows, &sql_hooks).await?;
+            Ok((rows, media_files, manifest))
+        }
+    }
+}
+
+fn sql_hooks(config: &Config, e: &Entry) -> Vec<String> {
+    config
+        .hooks
+        .iter()
+        .filter(|h| h.on.iter().any(|k| k == e.kind.as_str()))
+        .filter_map(|h| h.sql.clone())
+        .collect()
 }
 
 /// Removes applied bundles past their lifetime; returns the files removed.

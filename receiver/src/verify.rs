@@ -71,3 +71,73 @@ pub fn stage(bundle: &Path, dir: &Path, max_bytes: u64) -> Result<Verified, Read
         }
     }
 }
+
+/// A piece of a bundle streamed to a loader while it is being verified.
+pub enum Piece {
+    /// A data member starts: COPY it.
+    Start(Member),
+    Chunk(Vec<u8>),
+    End,
+    /// A member staged as a file (DDL, media, data that came before the DDL).
+    Staged(Member, PathBuf),
+}
+
+/// Reads and verifies a bundle like [`stage`], but hands PostgreSQL COPY data to
+/// `tx` as it streams past (1 MiB chunks) instead of writing it to disk; the rest
+/// is staged in `dir`. The caller must not commit unless this returns `Ok`: a
+/// checksum is only known at the end of its member. Blocking.
+pub fn stream(
+    bundle: &Path,
+    dir: &Path,
+    max_bytes: u64,
+    tx: tokio::sync::mpsc::Sender<Piece>,
+) -> Result<Manifest, ReadError> {
+    use ferry_common::manifest::{DataFormat, Role};
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(|source| ReadError::Io {
+        bundle: bundle.to_owned(),
+        source,
+    })?;
+    let limits = Limits {
+        max_bytes,
+        ..Limits::default()
+    };
+    let gone = || io::Error::other("the loader stopped");
+    let mut pre_seen = false;
+    let mut n = 0u64;
+    read_bundle(bundle, &limits, |m, r| {
+        let streamable =
+            pre_seen && m.role == Role::Data && m.format == Some(DataFormat::PgCopyText);
+        if streamable {
+            tx.blocking_send(Piece::Start(m.clone()))
+                .map_err(|_| gone())?;
+            loop {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    let k = r.read(&mut buf[filled..])?;
+                    if k == 0 {
+                        break;
+                    }
+                    filled += k;
+                }
+                if filled == 0 {
+                    break;
+                }
+                buf.truncate(filled);
+                tx.blocking_send(Piece::Chunk(buf)).map_err(|_| gone())?;
+            }
+            tx.blocking_send(Piece::End).map_err(|_| gone())?;
+        } else {
+            n += 1;
+            let path = dir.join(format!("m{n}"));
+            let mut out = BufWriter::with_capacity(256 * 1024, File::create(&path)?);
+            io::copy(r, &mut out)?;
+            io::Write::flush(&mut out)?;
+            pre_seen |= m.role == Role::PreData;
+            tx.blocking_send(Piece::Staged(m.clone(), path))
+                .map_err(|_| gone())?;
+        }
+        Ok(())
+    })
+}

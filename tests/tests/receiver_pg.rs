@@ -465,3 +465,38 @@ async fn pruning_keeps_the_newest_complete_and_anything_unapplied() {
         "kept: newest complete and the unapplied one"
     );
 }
+
+#[tokio::test]
+async fn a_complete_corrupted_late_rolls_back_to_the_previous_copy() {
+    let p = Pipe::new(SMALL, "").await;
+    let mut src = p.server.connect("app").await;
+    p.deliver(&p.send("complete"));
+    assert!(p.receive(&["load"]).status.success());
+    // Big enough that its data streams into COPY before the damage is reached.
+    exec(&mut src, "INSERT INTO child (id, parent_id, v) SELECT g, 2, md5(g::text) FROM generate_series(1000, 300000) g").await;
+    let c2 = p.send("complete");
+    p.deliver(&c2);
+    let path = p.path("inbox").join(&c2);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() * 9 / 10;
+    bytes[at] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+    let out = p.receive(&["load"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains(&format!("FAILED  {c2}")),
+        "{}",
+        text(&out.stdout)
+    );
+    let mut viz = p.server.connect("viz").await;
+    assert_eq!(
+        table_rows(&mut viz, "child").await.len(),
+        2,
+        "the previous copy must be intact"
+    );
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM ferry_receiver.applied")
+        .fetch_one(&mut viz)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+}

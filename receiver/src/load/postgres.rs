@@ -2,11 +2,12 @@
 
 use super::{Applied, LoadError, check_order, parents_first, split_change};
 use crate::plan::LedgerState;
-use crate::verify::Verified;
+use crate::verify::{Piece, Verified};
 use ferry_common::ident::{quote_ident, quote_literal};
-use ferry_common::manifest::{Kind, Role, Table};
+use ferry_common::manifest::{Kind, Manifest, Member, Role, Table};
 use sqlx::postgres::PgConnection;
-use sqlx::{AssertSqlSafe, Connection, Row};
+use sqlx::{AssertSqlSafe, Connection, Postgres, Row, Transaction};
+use std::path::PathBuf;
 use tokio::io::AsyncBufReadExt;
 
 pub struct PgTarget {
@@ -108,31 +109,204 @@ impl PgTarget {
             Kind::Complete => load_complete(&mut tx, v).await?,
             Kind::Partial => load_partial(&mut tx, v).await?,
         };
-        sqlx::query(
-            "INSERT INTO ferry_receiver.applied
-               (sender_id, seq, kind, base_seq, created_at, file, rows, schema_fingerprint)
-             VALUES ($1, $2, $3, $4, $5::timestamptz, $6, $7, $8)",
-        )
-        .bind(&m.sender_id)
-        .bind(m.seq.0 as i64)
-        .bind(m.kind.as_str())
-        .bind(m.base_seq.0 as i64)
-        .bind(m.created_at.to_rfc3339())
-        .bind(file)
-        .bind(rows as i64)
-        .bind(&m.schema_fingerprint)
-        .execute(&mut *tx)
-        .await
-        .map_err(LoadError::db("recording the bundle in the ledger"))?;
-        for sql in sql_hooks {
-            sqlx::raw_sql(q(sql.clone()))
-                .execute(&mut *tx)
-                .await
-                .map_err(LoadError::db(format!("running the SQL hook {sql:?}")))?;
-        }
-        tx.commit().await.map_err(LoadError::db("committing"))?;
+        finish(tx, m, file, rows, sql_hooks).await?;
         Ok(rows)
     }
+
+    /// Starts a complete from a verifying stream: in a new transaction, drops the
+    /// previous copy, runs the DDL and COPYs each data member as it streams in.
+    /// Returns the open transaction, the rows and the staged media; the caller
+    /// commits with [`finish`] only once the stream verified completely.
+    pub async fn begin_streamed_complete(
+        &mut self,
+        m: &Manifest,
+        rx: &mut tokio::sync::mpsc::Receiver<Piece>,
+    ) -> Result<(Transaction<'_, Postgres>, u64, Vec<(Member, PathBuf)>), LoadError> {
+        if m.source.engine != "postgresql" {
+            return Err(LoadError::Refused(format!(
+                "the bundle comes from a {} source; a PostgreSQL target loads bundles from PostgreSQL",
+                m.source.engine
+            )));
+        }
+        let mut tx = self
+            .conn
+            .begin()
+            .await
+            .map_err(LoadError::db("beginning"))?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('ferry-receiver:' || $1))")
+            .bind(&m.sender_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(LoadError::db("locking the sender's ledger"))?;
+        let state = ledger(&mut tx, &m.sender_id).await?;
+        check_order(m, &state)?;
+        let started = std::time::Instant::now();
+        drop_tables(&mut tx, m).await?;
+        let mut rows = 0;
+        let mut later: Vec<(Member, PathBuf)> = Vec::new();
+        let mut media = Vec::new();
+        let mut pre_done = false;
+        while let Some(piece) = rx.recv().await {
+            match piece {
+                Piece::Staged(member, path) => match member.role {
+                    Role::PreData => {
+                        run_script(&mut tx, &std::fs::read_to_string(&path)?, "pre-data DDL")
+                            .await?;
+                        pre_done = true;
+                        for (member, path) in std::mem::take(&mut later)
+                            .into_iter()
+                            .filter(|(x, _)| x.role == Role::Data)
+                        {
+                            rows += copy_file(&mut tx, &member, &path).await?;
+                        }
+                    }
+                    Role::Data if pre_done => rows += copy_file(&mut tx, &member, &path).await?,
+                    Role::Media => media.push((member, path)),
+                    _ => later.push((member, path)),
+                },
+                Piece::Start(member) => {
+                    let t = member.table.as_ref().ok_or_else(|| {
+                        LoadError::Refused(format!("{} names no table", member.path))
+                    })?;
+                    let doing = format!("loading {t} ({})", member.path);
+                    let mut copy = tx
+                        .copy_in_raw(&format!("COPY {} FROM STDIN WITH (FREEZE)", t.quoted()))
+                        .await
+                        .map_err(LoadError::db(doing.clone()))?;
+                    let mut ended = false;
+                    while let Some(p) = rx.recv().await {
+                        match p {
+                            Piece::Chunk(c) => {
+                                if let Err(e) = copy.send(c.as_slice()).await {
+                                    let _ = copy.abort("ferry: sending failed").await;
+                                    return Err(LoadError::Db { doing, source: e });
+                                }
+                            }
+                            Piece::End => {
+                                ended = true;
+                                break;
+                            }
+                            _ => break,
+                        }
+                    }
+                    if !ended {
+                        let _ = copy.abort("ferry: the bundle stream ended early").await;
+                        return Err(LoadError::Refused(format!(
+                            "the bundle ended in the middle of {}",
+                            member.path
+                        )));
+                    }
+                    rows += copy.finish().await.map_err(LoadError::db(doing))?;
+                }
+                Piece::Chunk(_) | Piece::End => {
+                    return Err(LoadError::Refused("a stream piece out of place".into()));
+                }
+            }
+        }
+        tracing::info!(
+            rows,
+            ms = started.elapsed().as_millis() as u64,
+            "tables copied"
+        );
+        let text = |role: Role| -> std::io::Result<String> {
+            match later.iter().find(|(m, _)| m.role == role) {
+                Some((_, p)) => std::fs::read_to_string(p),
+                None => Ok(String::new()),
+            }
+        };
+        run_script(&mut tx, &text(Role::PostData)?, "post-data DDL").await?;
+        run_script(&mut tx, &text(Role::Sequences)?, "sequence values").await?;
+        tracing::info!(
+            ms = started.elapsed().as_millis() as u64,
+            "indexes and constraints built"
+        );
+        Ok((tx, rows, media))
+    }
+}
+
+/// Writes the ledger row, runs the SQL hooks and commits.
+pub async fn finish(
+    mut tx: Transaction<'_, Postgres>,
+    m: &Manifest,
+    file: &str,
+    rows: u64,
+    sql_hooks: &[String],
+) -> Result<(), LoadError> {
+    sqlx::query(
+        "INSERT INTO ferry_receiver.applied
+           (sender_id, seq, kind, base_seq, created_at, file, rows, schema_fingerprint)
+         VALUES ($1, $2, $3, $4, $5::timestamptz, $6, $7, $8)",
+    )
+    .bind(&m.sender_id)
+    .bind(m.seq.0 as i64)
+    .bind(m.kind.as_str())
+    .bind(m.base_seq.0 as i64)
+    .bind(m.created_at.to_rfc3339())
+    .bind(file)
+    .bind(rows as i64)
+    .bind(&m.schema_fingerprint)
+    .execute(&mut *tx)
+    .await
+    .map_err(LoadError::db("recording the bundle in the ledger"))?;
+    for sql in sql_hooks {
+        sqlx::raw_sql(q(sql.clone()))
+            .execute(&mut *tx)
+            .await
+            .map_err(LoadError::db(format!("running the SQL hook {sql:?}")))?;
+    }
+    tx.commit().await.map_err(LoadError::db("committing"))?;
+    Ok(())
+}
+
+async fn drop_tables(conn: &mut PgConnection, m: &Manifest) -> Result<(), LoadError> {
+    let names = m
+        .tables
+        .iter()
+        .map(|t| t.name.quoted())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.is_empty() {
+        return Ok(());
+    }
+    sqlx::raw_sql(q(format!("DROP TABLE IF EXISTS {names} CASCADE")))
+        .execute(&mut *conn)
+        .await
+        .map_err(LoadError::db("dropping the previous copy"))?;
+    Ok(())
+}
+
+/// COPYs one staged data file.
+async fn copy_file(
+    conn: &mut PgConnection,
+    member: &Member,
+    path: &std::path::Path,
+) -> Result<u64, LoadError> {
+    let t = member
+        .table
+        .as_ref()
+        .ok_or_else(|| LoadError::Refused(format!("{} names no table", member.path)))?;
+    let doing = format!("loading {t} ({})", member.path);
+    // FREEZE: the table was created in this transaction, so its rows can be
+    // written frozen (no hint-bit rewrites or anti-wraparound vacuum later).
+    let mut copy = conn
+        .copy_in_raw(&format!("COPY {} FROM STDIN WITH (FREEZE)", t.quoted()))
+        .await
+        .map_err(LoadError::db(doing.clone()))?;
+    // 1 MiB CopyData messages: sqlx's `read_from` sends one small message and a
+    // flush per read, which measured slower.
+    let mut file = tokio::fs::File::open(path).await?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = read_full(&mut file, &mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        if let Err(e) = copy.send(&buf[..n]).await {
+            let _ = copy.abort("ferry: sending failed").await;
+            return Err(LoadError::Db { doing, source: e });
+        }
+    }
+    copy.finish().await.map_err(LoadError::db(doing))
 }
 
 async fn ledger(conn: &mut PgConnection, sender: &str) -> Result<LedgerState, LoadError> {
@@ -152,53 +326,16 @@ async fn ledger(conn: &mut PgConnection, sender: &str) -> Result<LedgerState, Lo
 
 async fn load_complete(conn: &mut PgConnection, v: &Verified) -> Result<u64, LoadError> {
     let m = &v.manifest;
-    let started = std::time::Instant::now();
-    let names = m
-        .tables
-        .iter()
-        .map(|t| t.name.quoted())
-        .collect::<Vec<_>>()
-        .join(", ");
-    sqlx::raw_sql(q(format!("DROP TABLE IF EXISTS {names} CASCADE")))
-        .execute(&mut *conn)
-        .await
-        .map_err(LoadError::db("dropping the previous copy"))?;
+    drop_tables(conn, m).await?;
     run_script(conn, &v.text("schema/pre-data.sql")?, "pre-data DDL").await?;
     let mut rows = 0;
     let mut data: Vec<_> = m.members.iter().filter(|x| x.role == Role::Data).collect();
     data.sort_by(|a, b| a.path.cmp(&b.path));
     for member in data {
-        let t = member
-            .table
-            .as_ref()
-            .ok_or_else(|| LoadError::Refused(format!("{} names no table", member.path)))?;
-        let doing = format!("loading {t} ({})", member.path);
-        let mut copy = conn
-            // FREEZE: the table was created in this transaction, so its rows can be
-            // written frozen (no hint-bit rewrites or anti-wraparound vacuum later).
-            .copy_in_raw(&format!("COPY {} FROM STDIN WITH (FREEZE)", t.quoted()))
-            .await
-            .map_err(LoadError::db(doing.clone()))?;
-        // 1 MiB CopyData messages: sqlx's `read_from` sends one small message and a
-        // flush per read, which measured ~20% slower.
-        let mut file = tokio::fs::File::open(v.file(member)).await?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = read_full(&mut file, &mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            if let Err(e) = copy.send(&buf[..n]).await {
-                let _ = copy.abort("ferry: sending failed").await;
-                return Err(LoadError::Db { doing, source: e });
-            }
-        }
-        rows += copy.finish().await.map_err(LoadError::db(doing))?;
+        rows += copy_file(conn, member, v.file(member)).await?;
     }
-    tracing::info!(rows, ms = started.elapsed().as_millis() as u64, "tables copied");
     run_script(conn, &v.text("schema/post-data.sql")?, "post-data DDL").await?;
     run_script(conn, &v.text("schema/sequences.sql")?, "sequence values").await?;
-    tracing::info!(ms = started.elapsed().as_millis() as u64, "indexes and constraints built");
     Ok(rows)
 }
 
