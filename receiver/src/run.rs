@@ -261,7 +261,7 @@ async fn streamed_complete(
     check_name(e, &manifest)?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     let (path, dir, max) = (e.path.clone(), staging.to_owned(), limits.max_bytes);
-    let reader = tokio::task::spawn_blocking(move || verify::stream(&path, &dir, max, tx));
+    let reader = tokio::task::spawn_blocking(move || verify::stream(&path, &dir, max, &tx));
     let begun = pg.begin_streamed_complete(&manifest, &mut rx).await;
     drop(rx); // unblocks the reader if loading stopped early
     let verified = reader

@@ -90,7 +90,7 @@ pub fn stream(
     bundle: &Path,
     dir: &Path,
     max_bytes: u64,
-    tx: tokio::sync::mpsc::Sender<Piece>,
+    tx: &tokio::sync::mpsc::Sender<Piece>,
 ) -> Result<Manifest, ReadError> {
     use ferry_common::manifest::{DataFormat, Role};
     let _ = std::fs::remove_dir_all(dir);

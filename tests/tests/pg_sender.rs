@@ -3,6 +3,8 @@
 //! closure is transitive, deletes travel, tables without a primary key are refused
 //! with options, and a crash between writing and recording is recovered.
 
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
 use ferry_common::manifest::Kind;
 use ferry_sender::Config;
 use ferry_sender::job::{self, JobError};

@@ -3,6 +3,8 @@
 //! refused with nothing applied, and the daemon (picks bundles up from file
 //! events, refuses a second instance, stops cleanly on SIGTERM).
 
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
 use ferry_tests::loader::sqlite_rows;
 use ferry_tests::{binary, outbox_files};
 use sqlx::{Connection, SqliteConnection};
@@ -144,6 +146,13 @@ async fn sqlite_to_sqlite_end_to_end() {
     assert_eq!(std::fs::read(l.p("media-dst/r3.jpg")).unwrap(), b"jpeg3");
 }
 
+/// (what, members the manifest lists, raw tar entries: name, type, data)
+type Case<'a> = (
+    &'a str,
+    Vec<(&'a str, &'a [u8])>,
+    Vec<(&'a [u8], tar::EntryType, &'a [u8])>,
+);
+
 /// Writes a bundle by hand: a manifest listing `listed`, then raw tar entries.
 fn evil_bundle(
     inbox: &Path,
@@ -192,11 +201,7 @@ fn evil_bundle(
 
 #[tokio::test]
 async fn escaping_paths_and_links_are_refused_with_nothing_applied() {
-    let cases: [(
-        &str,
-        Vec<(&str, &[u8])>,
-        Vec<(&[u8], tar::EntryType, &[u8])>,
-    ); 4] = [
+    let cases: [Case; 4] = [
         (
             "listed ..",
             vec![("../escape", b"x")],

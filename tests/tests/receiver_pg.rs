@@ -4,6 +4,8 @@
 //! escaping bundles refused with nothing applied, hooks, kill -9 during a load,
 //! pruning.
 
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
 use ferry_tests::fixtures::{ZOO, ZOO_ROWS};
 use ferry_tests::pg::{PgServer, exec, table_rows};
 use ferry_tests::{binary, outbox_files};
@@ -461,7 +463,7 @@ async fn pruning_keeps_the_newest_complete_and_anything_unapplied() {
     let left = outbox_files(&p.path("inbox"));
     assert_eq!(
         left,
-        vec![c1.clone(), p4.clone()],
+        vec![c1.clone(), p4],
         "kept: newest complete and the unapplied one"
     );
 }

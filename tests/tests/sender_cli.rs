@@ -1,6 +1,8 @@
 //! The real `ferry-sender` binary: exit codes and messages for bad input, and
 //! kill -9 in the middle of a complete.
 
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
 use ferry_tests::pg::{PgServer, exec, free_port, table_rows};
 use ferry_tests::{binary, bundle_contents, outbox_files, write_config};
 use std::process::{Command, Output};

@@ -2,6 +2,8 @@
 //! (integers, reals, text, blobs, NULLs), deletes through the sender's triggers,
 //! foreign-key closure, media files new and changed.
 
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
 use ferry_common::manifest::{DataFormat, Kind, Role};
 use ferry_sender::Config;
 use ferry_sender::job;
