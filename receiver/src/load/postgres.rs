@@ -41,7 +41,8 @@ impl PgTarget {
                 source,
             })?;
         sqlx::raw_sql(
-            "SET statement_timeout = 0; SET lock_timeout = 0; SET IntervalStyle = 'postgres';",
+            "SET statement_timeout = 0; SET lock_timeout = 0; SET IntervalStyle = 'postgres';
+             SET client_min_messages = warning;",
         )
         .execute(&mut conn)
         .await
