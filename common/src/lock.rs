@@ -20,7 +20,17 @@ pub enum LockError {
 /// Held for as long as the value lives.
 #[derive(Debug)]
 pub struct StateLock {
-    _file: File,
+    file: File,
+}
+
+// Release explicitly: the lock belongs to the open file description, and a child
+// forked by this process (a hook, pg_dump) shares it until its exec closes the
+// close-on-exec copy; merely closing our descriptor in that window would leave
+// the lock held and the next job would find it busy.
+impl Drop for StateLock {
+    fn drop(&mut self) {
+        let _ = self.file.unlock();
+    }
 }
 
 impl StateLock {
@@ -38,7 +48,7 @@ impl StateLock {
             .open(&lock)
             .map_err(io)?;
         match file.try_lock() {
-            Ok(()) => Ok(Self { _file: file }),
+            Ok(()) => Ok(Self { file }),
             Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Busy {
                 dir: state_dir.to_owned(),
                 lock,
