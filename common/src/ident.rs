@@ -59,6 +59,22 @@ impl fmt::Display for TableName {
     }
 }
 
+/// A connection URL with any password replaced by `***`, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let at = rest.find('/').unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(at);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
 /// Quotes an identifier for PostgreSQL and SQLite alike: `a"b` becomes `"a""b"`.
 pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))

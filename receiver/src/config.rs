@@ -154,21 +154,7 @@ mod duration {
     }
 }
 
-/// The URL with any password replaced by `***`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let at = rest.find('/').unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(at);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-}
+pub use ferry_common::ident::redact_url;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {

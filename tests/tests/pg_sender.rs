@@ -9,7 +9,7 @@ use ferry_common::manifest::Kind;
 use ferry_sender::Config;
 use ferry_sender::job::{self, JobError};
 use ferry_tests::fixtures::{ZOO, ZOO_ROWS};
-use ferry_tests::loader::{apply_partial_pg, load_complete_pg, split_change};
+use ferry_tests::loader::{apply, split_change};
 use ferry_tests::pg::{PgServer, exec, table_rows};
 use ferry_tests::{bundle_contents, outbox_files};
 use std::path::{Path, PathBuf};
@@ -71,7 +71,8 @@ async fn type_zoo_survives_complete_and_partial() {
     let out = job::run(&config, Kind::Complete).await.expect("complete");
     assert_eq!(out.seq, Some(1));
     let mut copy = fx.server.create_db("copy", "").await;
-    let m = load_complete_pg(&mut copy, &fx.bundle(1, Kind::Complete)).await;
+    let copy_url = fx.server.url("copy");
+    let m = apply(&copy_url, &fx.bundle(1, Kind::Complete)).await;
     assert_eq!(m.rows(), 10);
     assert_same(&mut src, &mut copy, &TABLES).await;
     // Sequences continue where the source's are, so new rows do not collide.
@@ -96,7 +97,7 @@ async fn type_zoo_survives_complete_and_partial() {
     .await;
     let out = job::run(&config, Kind::Partial).await.expect("partial");
     assert_eq!(out.seq, Some(2));
-    let m = apply_partial_pg(&mut copy, &fx.bundle(2, Kind::Partial)).await;
+    let m = apply(&copy_url, &fx.bundle(2, Kind::Partial)).await;
     assert_eq!(m.base_seq.0, 1);
     assert_eq!(m.prev_seq.map(|s| s.0), Some(1));
     assert_same(&mut src, &mut copy, &TABLES).await;
@@ -114,7 +115,7 @@ async fn type_zoo_survives_complete_and_partial() {
         lines.lines().all(|l| split_change(l).0 == "upsert"),
         "{lines}"
     );
-    apply_partial_pg(&mut copy, &fx.bundle(3, Kind::Partial)).await;
+    apply(&copy_url, &fx.bundle(3, Kind::Partial)).await;
     assert_same(&mut src, &mut copy, &TABLES).await;
 
     // Nothing changed: no bundle.

@@ -8,7 +8,7 @@ use ferry_common::manifest::{DataFormat, Kind, Role};
 use ferry_sender::Config;
 use ferry_sender::job;
 use ferry_tests::bundle_contents;
-use ferry_tests::loader::{apply_partial_sqlite, load_complete_sqlite, sqlite_rows};
+use ferry_tests::loader::{apply, sqlite_rows};
 use sqlx::{Connection, SqliteConnection};
 use std::path::Path;
 
@@ -97,8 +97,9 @@ path = {:?}
             .all(|x| x.role != Role::Data || x.format == Some(DataFormat::JsonLines))
     );
     let copy_path = dir.path().join("copy.sqlite3");
+    let copy_url = format!("sqlite://{}", copy_path.display());
+    apply(&copy_url, out.file.as_deref().unwrap()).await;
     let mut copy = open(&copy_path, true).await;
-    load_complete_sqlite(&mut copy, out.file.as_deref().unwrap()).await;
     assert_same(&mut src, &mut copy).await;
 
     // A new parent row stamped in the past travels with the child that references it.
@@ -120,7 +121,7 @@ path = {:?}
     assert!(String::from_utf8_lossy(&members["data/author.jsonl"]).contains("\"cy\""));
     assert_eq!(members["media/images/2024/a.jpg"], b"jpeg-a-changed");
     assert_eq!(members["media/images/b.png"], b"png");
-    apply_partial_sqlite(&mut copy, out.file.as_deref().unwrap()).await;
+    apply(&copy_url, out.file.as_deref().unwrap()).await;
     assert_same(&mut src, &mut copy).await;
 
     // Unchanged media is not sent again; nothing changed means no bundle.

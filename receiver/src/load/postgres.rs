@@ -81,6 +81,27 @@ impl PgTarget {
             .collect())
     }
 
+    /// Begins the load transaction: locks the sender's ledger and checks that the
+    /// bundle follows it (the exactly-once guard).
+    async fn begin_checked(
+        &mut self,
+        m: &Manifest,
+    ) -> Result<Transaction<'_, Postgres>, LoadError> {
+        let mut tx = self
+            .conn
+            .begin()
+            .await
+            .map_err(LoadError::db("beginning"))?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('ferry-receiver:' || $1))")
+            .bind(&m.sender_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(LoadError::db("locking the sender's ledger"))?;
+        let state = ledger(&mut tx, &m.sender_id).await?;
+        check_order(m, &state)?;
+        Ok(tx)
+    }
+
     pub async fn apply(
         &mut self,
         v: &Verified,
@@ -94,18 +115,7 @@ impl PgTarget {
                 m.source.engine
             )));
         }
-        let mut tx = self
-            .conn
-            .begin()
-            .await
-            .map_err(LoadError::db("beginning"))?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('ferry-receiver:' || $1))")
-            .bind(&m.sender_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(LoadError::db("locking the sender's ledger"))?;
-        let state = ledger(&mut tx, &m.sender_id).await?;
-        check_order(m, &state)?;
+        let mut tx = self.begin_checked(m).await?;
         let rows = match m.kind {
             Kind::Complete => load_complete(&mut tx, v).await?,
             Kind::Partial => load_partial(&mut tx, v).await?,
@@ -129,18 +139,7 @@ impl PgTarget {
                 m.source.engine
             )));
         }
-        let mut tx = self
-            .conn
-            .begin()
-            .await
-            .map_err(LoadError::db("beginning"))?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('ferry-receiver:' || $1))")
-            .bind(&m.sender_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(LoadError::db("locking the sender's ledger"))?;
-        let state = ledger(&mut tx, &m.sender_id).await?;
-        check_order(m, &state)?;
+        let mut tx = self.begin_checked(m).await?;
         let started = std::time::Instant::now();
         drop_tables(&mut tx, m).await?;
         let mut rows = 0;
