@@ -8,6 +8,7 @@
 
 pub mod bundle;
 pub mod durable;
+pub mod duration;
 pub mod ident;
 pub mod lock;
 pub mod manifest;

@@ -64,9 +64,9 @@ impl std::fmt::Debug for TargetConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Retention {
-    #[serde(with = "duration")]
+    #[serde(with = "ferry_common::duration")]
     pub complete: Duration,
-    #[serde(with = "duration")]
+    #[serde(with = "ferry_common::duration")]
     pub partial: Duration,
 }
 
@@ -93,7 +93,7 @@ pub struct Hook {
     /// SQL run inside the load transaction (e.g. `REFRESH MATERIALIZED VIEW v`).
     #[serde(default)]
     pub sql: Option<String>,
-    #[serde(default = "default_timeout", with = "duration")]
+    #[serde(default = "default_timeout", with = "ferry_common::duration")]
     pub timeout: Duration,
 }
 
@@ -125,9 +125,9 @@ impl Default for Limits {
 #[serde(default, deny_unknown_fields)]
 pub struct Daemon {
     /// Full inbox scan even without file events.
-    #[serde(with = "duration")]
+    #[serde(with = "ferry_common::duration")]
     pub rescan_interval: Duration,
-    #[serde(with = "duration")]
+    #[serde(with = "ferry_common::duration")]
     pub prune_interval: Duration,
 }
 
@@ -137,20 +137,6 @@ impl Default for Daemon {
             rescan_interval: Duration::from_secs(30),
             prune_interval: Duration::from_secs(3600),
         }
-    }
-}
-
-mod duration {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "{s:?} is not a duration ({e}); write e.g. \"90s\", \"10m\" or \"15d\""
-            ))
-        })
     }
 }
 

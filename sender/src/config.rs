@@ -99,13 +99,13 @@ pub struct PartialConfig {
     /// How far behind the safe horizon the next partial starts again: covers
     /// application clocks that stamp rows slightly before their transaction
     /// starts. Re-sent rows are harmless upserts.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "ferry_common::duration")]
     pub overlap: Duration,
     /// `"trigger"`: the sender installs delete-capture triggers and a log table;
     /// `"off"`: deletes are not captured (and the sender removes its triggers).
     pub deletes: DeleteCapture,
     /// How long delete-log entries are kept after the watermark passed them.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "ferry_common::duration")]
     pub delete_log_retention: Duration,
     /// Per-table settings; keys are `schema.table` (case-sensitive).
     pub tables: BTreeMap<String, TableOverride>,
@@ -166,21 +166,6 @@ pub struct MediaSet {
     /// The set's name: bundle paths are `media/<name>/<relative path>`.
     pub name: String,
     pub path: PathBuf,
-}
-
-/// `humantime` strings (`"90s"`, `"5m"`, `"7d"`) for `Duration` fields.
-mod humantime_serde_compat {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "{s:?} is not a duration ({e}); write e.g. \"90s\", \"5m\" or \"7d\""
-            ))
-        })
-    }
 }
 
 /// The database engine a URL names.
