@@ -7,6 +7,7 @@
 //! - [`durable`]: write-to-temporary, fsync, rename.
 
 pub mod bundle;
+pub mod config;
 pub mod durable;
 pub mod duration;
 pub mod ident;

@@ -1,28 +1,11 @@
 //! The receiver's configuration: one TOML file, validated before any I/O; unknown
 //! keys are errors that name the key.
 
+pub use ferry_common::config::{ConfigError, Engine};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("could not read config file {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {}: {message}", path.display())]
-    Parse { path: PathBuf, message: String },
-    #[error("config file {}: `{key}`: {message}", path.display())]
-    Invalid {
-        path: PathBuf,
-        key: String,
-        message: String,
-    },
-}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -142,21 +125,9 @@ impl Default for Daemon {
 
 pub use ferry_common::ident::redact_url;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
-    Postgres,
-    Sqlite,
-}
-
 impl TargetConfig {
     pub fn engine(&self) -> Option<Engine> {
-        if self.url.starts_with("postgres://") || self.url.starts_with("postgresql://") {
-            Some(Engine::Postgres)
-        } else if self.url.starts_with("sqlite:") {
-            Some(Engine::Sqlite)
-        } else {
-            None
-        }
+        Engine::of_url(&self.url)
     }
 }
 

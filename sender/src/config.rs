@@ -2,29 +2,11 @@
 //! before any I/O. Unknown keys are errors that name the key (serde's
 //! `deny_unknown_fields`); every other error names the key and the fix.
 
+pub use ferry_common::config::{ConfigError, Engine};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// An error in the configuration file.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("could not read config file {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {}: {message}", path.display())]
-    Parse { path: PathBuf, message: String },
-    #[error("config file {}: `{key}`: {message}", path.display())]
-    Invalid {
-        path: PathBuf,
-        key: String,
-        message: String,
-    },
-}
 
 /// The whole sender configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -168,22 +150,9 @@ pub struct MediaSet {
     pub path: PathBuf,
 }
 
-/// The database engine a URL names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
-    Postgres,
-    Sqlite,
-}
-
 impl SourceConfig {
     pub fn engine(&self) -> Option<Engine> {
-        if self.url.starts_with("postgres://") || self.url.starts_with("postgresql://") {
-            Some(Engine::Postgres)
-        } else if self.url.starts_with("sqlite:") {
-            Some(Engine::Sqlite)
-        } else {
-            None
-        }
+        Engine::of_url(&self.url)
     }
 }
 
