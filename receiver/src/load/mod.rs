@@ -47,6 +47,14 @@ impl LoadError {
         move |source| LoadError::Db { doing, source }
     }
 
+    /// Like [`db`](Self::db) for per-row paths: nothing is allocated unless it fails.
+    pub(crate) fn db_lazy(doing: &str) -> impl FnOnce(sqlx::Error) -> Self + '_ {
+        move |source| LoadError::Db {
+            doing: doing.to_owned(),
+            source,
+        }
+    }
+
     /// Whether trying again later can help (the database was unreachable).
     pub fn is_transient(&self) -> bool {
         match self {

@@ -475,11 +475,13 @@ async fn load_partial(conn: &mut PgConnection, v: &Verified) -> Result<u64, Load
             if t.primary_key.is_empty() {
                 continue;
             }
-            let sql = if op == "upsert" {
+            // Built once per table; each row clones only the Arc.
+            let sql: std::sync::Arc<str> = if op == "upsert" {
                 upsert_sql(t)
             } else {
                 delete_sql(t)
-            };
+            }
+            .into();
             let doing = format!("applying {op}s to {}", t.name);
             for member in m
                 .members
@@ -493,7 +495,7 @@ async fn load_partial(conn: &mut PgConnection, v: &Verified) -> Result<u64, Load
                     if kind != op {
                         continue;
                     }
-                    sqlx::query(q(sql.clone()))
+                    sqlx::query(AssertSqlSafe(sql.clone()))
                         .bind(payload)
                         .execute(&mut *conn)
                         .await

@@ -11,6 +11,7 @@ use ferry_common::manifest::{Kind, Role, Table};
 use sqlx::sqlite::{SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
 use sqlx::{AssertSqlSafe, Connection, Row, Sqlite};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
 
@@ -184,55 +185,75 @@ fn parse_object(
         .map_err(|e| LoadError::Refused(format!("{what} is not a JSON object ({e}): {text:.200}")))
 }
 
-async fn upsert(
-    conn: &mut SqliteConnection,
-    t: &Table,
-    row: &str,
-    on_conflict: bool,
-) -> Result<(), LoadError> {
-    let row = parse_object(row, "a row")?;
-    let cols: Vec<_> = t.columns.iter().filter(|c| !c.generated).collect();
-    let list = cols
-        .iter()
-        .map(|c| quote_ident(&c.name))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let mut sql = format!(
-        "INSERT INTO {} ({list}) VALUES ({})",
-        t.name.quoted(),
-        vec!["?"; cols.len()].join(", ")
-    );
-    if on_conflict {
-        let pk = t
-            .primary_key
+/// An `INSERT` (with `ON CONFLICT … DO UPDATE` for partials) for one table, built
+/// once per table and run once per row.
+struct Insert<'t> {
+    table: &'t Table,
+    sql: Arc<str>,
+    cols: Vec<&'t str>,
+    doing: String,
+}
+
+impl<'t> Insert<'t> {
+    fn new(t: &'t Table, on_conflict: bool) -> Self {
+        let cols: Vec<&str> = t
+            .columns
+            .iter()
+            .filter(|c| !c.generated)
+            .map(|c| c.name.as_str())
+            .collect();
+        let list = cols
             .iter()
             .map(|c| quote_ident(c))
             .collect::<Vec<_>>()
             .join(", ");
-        let set = cols
-            .iter()
-            .filter(|c| !t.primary_key.contains(&c.name))
-            .map(|c| format!("{0} = excluded.{0}", quote_ident(&c.name)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        sql.push_str(&if set.is_empty() {
-            format!(" ON CONFLICT ({pk}) DO NOTHING")
-        } else {
-            format!(" ON CONFLICT ({pk}) DO UPDATE SET {set}")
-        });
+        let mut sql = format!(
+            "INSERT INTO {} ({list}) VALUES ({})",
+            t.name.quoted(),
+            vec!["?"; cols.len()].join(", ")
+        );
+        if on_conflict {
+            let pk = t
+                .primary_key
+                .iter()
+                .map(|c| quote_ident(c))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let set = cols
+                .iter()
+                .filter(|c| !t.primary_key.iter().any(|p| p == *c))
+                .map(|c| format!("{0} = excluded.{0}", quote_ident(c)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            sql.push_str(&if set.is_empty() {
+                format!(" ON CONFLICT ({pk}) DO NOTHING")
+            } else {
+                format!(" ON CONFLICT ({pk}) DO UPDATE SET {set}")
+            });
+        }
+        Self {
+            table: t,
+            sql: sql.into(),
+            cols,
+            doing: format!("writing a row of {}", t.name),
+        }
     }
-    let mut query = sqlx::query(q(sql));
-    for c in &cols {
-        let v = row.get(&c.name).ok_or_else(|| {
-            LoadError::Refused(format!("a row of {} lacks column {:?}", t.name, c.name))
-        })?;
-        query = bind_json(query, v)?;
+
+    async fn run(&self, conn: &mut SqliteConnection, row: &str) -> Result<(), LoadError> {
+        let row = parse_object(row, "a row")?;
+        let mut query = sqlx::query(AssertSqlSafe(self.sql.clone()));
+        for c in &self.cols {
+            let v = row.get(*c).ok_or_else(|| {
+                LoadError::Refused(format!("a row of {} lacks column {c:?}", self.table.name))
+            })?;
+            query = bind_json(query, v)?;
+        }
+        query
+            .execute(&mut *conn)
+            .await
+            .map_err(LoadError::db_lazy(&self.doing))?;
+        Ok(())
     }
-    query
-        .execute(&mut *conn)
-        .await
-        .map_err(LoadError::db(format!("writing a row of {}", t.name)))?;
-    Ok(())
 }
 
 async fn load_complete(conn: &mut SqliteConnection, v: &Verified) -> Result<u64, LoadError> {
@@ -249,12 +270,12 @@ async fn load_complete(conn: &mut SqliteConnection, v: &Verified) -> Result<u64,
         .map_err(LoadError::db("running the bundle's pre-data DDL"))?;
     let mut rows = 0;
     for member in m.members.iter().filter(|x| x.role == Role::Data) {
-        let t = table_of(m, member)?;
+        let insert = Insert::new(table_of(m, member)?, false);
         let file = tokio::fs::File::open(v.file(member)).await?;
         let mut lines = tokio::io::BufReader::new(file).lines();
         while let Some(line) = lines.next_line().await? {
             let (_, row) = split_change(&line)?;
-            upsert(conn, t, row, false).await?;
+            insert.run(conn, row).await?;
             rows += 1;
         }
     }
@@ -307,6 +328,18 @@ async fn load_partial(conn: &mut SqliteConnection, v: &Verified) -> Result<u64, 
         };
         for i in tables {
             let t = &m.tables[i];
+            let insert = Insert::new(t, true);
+            let delete: Arc<str> = format!(
+                "DELETE FROM {} WHERE {}",
+                t.name.quoted(),
+                t.primary_key
+                    .iter()
+                    .map(|c| format!("{} = ?", quote_ident(c)))
+                    .collect::<Vec<_>>()
+                    .join(" AND ")
+            )
+            .into();
+            let deleting = format!("deleting a row of {}", t.name);
             for member in m
                 .members
                 .iter()
@@ -320,17 +353,10 @@ async fn load_partial(conn: &mut SqliteConnection, v: &Verified) -> Result<u64, 
                         continue;
                     }
                     if op == "upsert" {
-                        upsert(conn, t, payload, true).await?;
+                        insert.run(conn, payload).await?;
                     } else {
                         let key = parse_object(payload, "a key")?;
-                        let cond = t
-                            .primary_key
-                            .iter()
-                            .map(|c| format!("{} = ?", quote_ident(c)))
-                            .collect::<Vec<_>>()
-                            .join(" AND ");
-                        let mut query =
-                            sqlx::query(q(format!("DELETE FROM {} WHERE {cond}", t.name.quoted())));
+                        let mut query = sqlx::query(AssertSqlSafe(delete.clone()));
                         for c in &t.primary_key {
                             query =
                                 bind_json(query, key.get(c).unwrap_or(&serde_json::Value::Null))?;
@@ -338,7 +364,7 @@ async fn load_partial(conn: &mut SqliteConnection, v: &Verified) -> Result<u64, 
                         query
                             .execute(&mut *conn)
                             .await
-                            .map_err(LoadError::db(format!("deleting a row of {}", t.name)))?;
+                            .map_err(LoadError::db_lazy(&deleting))?;
                     }
                     rows += 1;
                 }
