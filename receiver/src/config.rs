@@ -33,6 +33,14 @@ pub struct Config {
 pub struct TargetConfig {
     /// `postgres://…` or `sqlite:///absolute/path` (created when missing).
     pub url: String,
+    /// Connections that load a PostgreSQL complete's tables in parallel (into
+    /// staging schemas, swapped in atomically); 1 loads in one transaction.
+    #[serde(default = "default_jobs")]
+    pub jobs: usize,
+}
+
+fn default_jobs() -> usize {
+    2
 }
 
 impl std::fmt::Debug for TargetConfig {

@@ -187,7 +187,17 @@ async fn apply_one(
     if e.kind == Kind::Complete
         && let Target::Postgres(pg) = target
     {
-        let rows = streamed_complete(config, pg, e, &staging).await;
+        let jobs = config.target.jobs;
+        let mut rows = streamed_complete(config, pg, e, &staging, jobs).await;
+        if jobs > 1 && rows.is_err() {
+            crate::load::staged::abandon(pg).await;
+            if let Err(ApplyError::Load(err)) = &rows
+                && !err.is_transient()
+            {
+                tracing::warn!(error = %err, "the parallel load could not be staged; loading in one transaction instead");
+                rows = streamed_complete(config, pg, e, &staging, 1).await;
+            }
+        }
         let _ = std::fs::remove_dir_all(&staging);
         let (rows, media_files, m) = rows?;
         let duration_ms = started.elapsed().as_millis() as u64;
@@ -245,13 +255,16 @@ fn check_name(e: &Entry, m: &Manifest) -> Result<(), ApplyError> {
 }
 
 /// A PostgreSQL complete, verified while it loads: COPY data streams from the
-/// bundle into the open transaction, which commits only after every checksum
-/// matched (no staging copy of the data, and reading overlaps loading).
+/// bundle into the database, and the load transaction commits only after every
+/// checksum matched (no staging copy of the data, and reading overlaps loading).
+/// With `jobs` > 1 tables load in parallel into staging schemas and are swapped
+/// in (`load::staged`); with 1, everything happens in the load transaction.
 async fn streamed_complete(
     config: &Config,
     pg: &mut crate::load::postgres::PgTarget,
     e: &Entry,
     staging: &std::path::Path,
+    jobs: usize,
 ) -> Result<(u64, u64, Manifest), ApplyError> {
     let limits = Limits {
         max_bytes: config.limits.max_bundle_bytes,
@@ -262,7 +275,11 @@ async fn streamed_complete(
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     let (path, dir, max) = (e.path.clone(), staging.to_owned(), limits.max_bytes);
     let reader = tokio::task::spawn_blocking(move || verify::stream(&path, &dir, max, &tx));
-    let begun = pg.begin_streamed_complete(&manifest, &mut rx).await;
+    let begun = if jobs > 1 {
+        crate::load::staged::begin(pg, &manifest, &mut rx, jobs).await
+    } else {
+        pg.begin_streamed_complete(&manifest, &mut rx).await
+    };
     drop(rx); // unblocks the reader if loading stopped early
     let verified = reader
         .await

@@ -73,6 +73,29 @@ impl Pipe {
         std::fs::rename(&tmp, self.path("inbox").join(file)).unwrap();
     }
 
+    /// Sets `target.jobs` (connections loading a complete in parallel).
+    fn jobs(&self, n: usize) {
+        let path = self.path("receiver.toml");
+        let toml = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            toml.replace("[target]\n", &format!("[target]\njobs = {n}\n")),
+        )
+        .unwrap();
+    }
+
+    /// Loads and asserts success; returns stderr (the warnings).
+    fn load_ok(&self) -> String {
+        let out = self.receive(&["load"]);
+        assert!(
+            out.status.success(),
+            "{}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stderr)
+    }
+
     fn receive(&self, args: &[&str]) -> Output {
         run(&binary("ferry-receiver"), &self.path("receiver.toml"), args)
     }
@@ -104,6 +127,18 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// The receiver's warning when a complete could not be loaded in parallel.
+const FELL_BACK: &str = "loading in one transaction instead";
+
+/// Staging schemas left in the target (there must be none after a load).
+async fn staging_schemas(p: &Pipe) -> Vec<String> {
+    let mut viz = p.server.connect("viz").await;
+    sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'ferry%stage%' OR nspname LIKE 'ferry%aside%'")
+        .fetch_all(&mut viz)
+        .await
+        .unwrap()
+}
+
 const ZOO_TABLES: [&str; 3] = ["zoo", "\"TextKey\"", "composite"];
 
 #[tokio::test]
@@ -114,13 +149,10 @@ async fn the_type_zoo_and_media_arrive_identical() {
     std::fs::create_dir_all(p.path("media-src/2026/11")).unwrap();
     std::fs::write(p.path("media-src/2026/11/a.jpg"), vec![0xffu8; 100_000]).unwrap();
     p.deliver(&p.send("complete"));
-    let out = p.receive(&["load"]);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    let warnings = p.load_ok();
+    // The enum, the domain, serial and identity sequences all staged and moved.
+    assert!(!warnings.contains(FELL_BACK), "{warnings}");
+    assert!(staging_schemas(&p).await.is_empty());
     p.assert_same(&ZOO_TABLES).await;
     assert_eq!(
         std::fs::read(p.path("media-dst/2026/11/a.jpg")).unwrap(),
@@ -152,9 +184,21 @@ async fn the_type_zoo_and_media_arrive_identical() {
     // A second complete replaces the copy atomically, sequences included.
     exec(&mut src, "INSERT INTO zoo (\"camelCase\") VALUES ('after')").await;
     p.deliver(&p.send("complete"));
-    let out = p.receive(&["load"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let warnings = p.load_ok();
+    assert!(!warnings.contains(FELL_BACK), "{warnings}");
     p.assert_same(&ZOO_TABLES).await;
+    // The new copy's sequences are the source's: the next id follows on.
+    let mut viz = p.server.connect("viz").await;
+    let next: i32 = sqlx::query_scalar("INSERT INTO zoo (\"camelCase\") VALUES ('x') RETURNING id")
+        .fetch_one(&mut viz)
+        .await
+        .unwrap();
+    let max: i32 = sqlx::query_scalar("SELECT max(id) FROM zoo")
+        .fetch_one(&mut src)
+        .await
+        .unwrap();
+    assert_eq!(next, max + 1);
+    exec(&mut viz, "DELETE FROM zoo WHERE \"camelCase\" = 'x'").await;
     let status = p.receive(&["status", "--json"]);
     let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(s["pending"].as_array().unwrap().len(), 0);
@@ -432,14 +476,12 @@ async fn kill_9_during_a_load_keeps_the_previous_copy_and_the_next_run_applies_i
         2,
         "the old copy must be intact"
     );
-    let out = p.receive(&["load"]);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    p.load_ok();
     p.assert_same(&["parent", "child"]).await;
+    assert!(
+        staging_schemas(&p).await.is_empty(),
+        "the next load removes what the killed one staged"
+    );
 }
 
 #[tokio::test]
@@ -496,9 +538,49 @@ async fn a_complete_corrupted_late_rolls_back_to_the_previous_copy() {
         2,
         "the previous copy must be intact"
     );
+    assert!(
+        staging_schemas(&p).await.is_empty(),
+        "the staged copy was removed"
+    );
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM ferry_receiver.applied")
         .fetch_one(&mut viz)
         .await
         .unwrap();
     assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn one_transaction_loads_when_asked_and_when_staging_is_impossible() {
+    // jobs = 1: everything in the load transaction.
+    let p = Pipe::new(SMALL, "").await;
+    p.jobs(1);
+    let mut src = p.server.connect("app").await;
+    p.deliver(&p.send("complete"));
+    p.load_ok();
+    exec(&mut src, "INSERT INTO child (id, parent_id, v) VALUES (30, 2, 'c'); UPDATE parent SET name = 'x', updated_at = now() WHERE id = 1").await;
+    p.deliver(&p.send("partial"));
+    p.load_ok();
+    p.assert_same(&["parent", "child"]).await;
+
+    // A column typed by an extension that lives in `public` cannot be staged
+    // (staging renames `public` aside): the load falls back, with a warning.
+    let ext = "CREATE EXTENSION citext;
+               CREATE TABLE person (id int PRIMARY KEY, email citext, updated_at timestamptz NOT NULL DEFAULT now());
+               CREATE INDEX ON person (updated_at);
+               INSERT INTO person (id, email) VALUES (1, 'A@x.org'), (2, 'b@X.org');";
+    let p = Pipe::new(ext, "").await;
+    exec(
+        &mut p.server.connect("viz").await,
+        "CREATE EXTENSION citext",
+    )
+    .await;
+    p.deliver(&p.send("complete"));
+    let warnings = p.load_ok();
+    assert!(warnings.contains(FELL_BACK), "{warnings}");
+    assert!(
+        warnings.contains("citext"),
+        "the warning names the cause: {warnings}"
+    );
+    p.assert_same(&["person"]).await;
+    assert!(staging_schemas(&p).await.is_empty());
 }

@@ -13,6 +13,7 @@
 
 pub mod postgres;
 pub mod sqlite;
+pub mod staged;
 
 use crate::config::{Config, Engine};
 use crate::plan::LedgerState;

@@ -3,6 +3,7 @@
 use super::{Applied, LoadError, check_order, parents_first, split_change};
 use crate::plan::LedgerState;
 use crate::verify::{Piece, Verified};
+use ferry_common::ident::TableName;
 use ferry_common::ident::{quote_ident, quote_literal};
 use ferry_common::manifest::{Kind, Manifest, Member, Role, Table};
 use sqlx::postgres::PgConnection;
@@ -10,11 +11,30 @@ use sqlx::{AssertSqlSafe, Connection, Postgres, Row, Transaction};
 use std::path::PathBuf;
 use tokio::io::AsyncBufReadExt;
 
-pub struct PgTarget {
-    conn: PgConnection,
+/// A session with the settings every load connection uses.
+pub(super) async fn session(url: &str) -> Result<PgConnection, LoadError> {
+    let mut conn = PgConnection::connect(url)
+        .await
+        .map_err(|source| LoadError::Connect {
+            url: crate::config::redact_url(url),
+            source,
+        })?;
+    sqlx::raw_sql(
+        "SET statement_timeout = 0; SET lock_timeout = 0; SET IntervalStyle = 'postgres';
+     SET client_min_messages = warning;",
+    )
+    .execute(&mut conn)
+    .await
+    .map_err(LoadError::db("setting up the session"))?;
+    Ok(conn)
 }
 
-fn q(sql: String) -> AssertSqlSafe<String> {
+pub struct PgTarget {
+    pub(super) conn: PgConnection,
+    pub(super) url: String,
+}
+
+pub(super) fn q(sql: String) -> AssertSqlSafe<String> {
     AssertSqlSafe(sql)
 }
 
@@ -34,24 +54,15 @@ CREATE TABLE IF NOT EXISTS ferry_receiver.applied (
 
 impl PgTarget {
     pub async fn connect(url: &str) -> Result<Self, LoadError> {
-        let mut conn = PgConnection::connect(url)
-            .await
-            .map_err(|source| LoadError::Connect {
-                url: crate::config::redact_url(url),
-                source,
-            })?;
-        sqlx::raw_sql(
-            "SET statement_timeout = 0; SET lock_timeout = 0; SET IntervalStyle = 'postgres';
-             SET client_min_messages = warning;",
-        )
-        .execute(&mut conn)
-        .await
-        .map_err(LoadError::db("setting up the session"))?;
+        let mut conn = session(url).await?;
         sqlx::raw_sql(LEDGER)
             .execute(&mut conn)
             .await
             .map_err(LoadError::db("creating the ledger (schema ferry_receiver; the user needs CREATE on the database)"))?;
-        Ok(Self { conn })
+        Ok(Self {
+            conn,
+            url: url.to_owned(),
+        })
     }
 
     pub async fn ledger(&mut self, sender: &str) -> Result<LedgerState, LoadError> {
@@ -83,7 +94,7 @@ impl PgTarget {
 
     /// Begins the load transaction: locks the sender's ledger and checks that the
     /// bundle follows it (the exactly-once guard).
-    async fn begin_checked(
+    pub(super) async fn begin_checked(
         &mut self,
         m: &Manifest,
     ) -> Result<Transaction<'_, Postgres>, LoadError> {
@@ -157,46 +168,21 @@ impl PgTarget {
                             .into_iter()
                             .filter(|(x, _)| x.role == Role::Data)
                         {
-                            rows += copy_file(&mut tx, &member, &path).await?;
+                            rows +=
+                                copy_file(&mut tx, &data_table(&member)?.quoted(), &member, &path)
+                                    .await?;
                         }
                     }
-                    Role::Data if pre_done => rows += copy_file(&mut tx, &member, &path).await?,
+                    Role::Data if pre_done => {
+                        let t = data_table(&member)?.quoted();
+                        rows += copy_file(&mut tx, &t, &member, &path).await?
+                    }
                     Role::Media => media.push((member, path)),
                     _ => later.push((member, path)),
                 },
                 Piece::Start(member) => {
-                    let t = member.table.as_ref().ok_or_else(|| {
-                        LoadError::Refused(format!("{} names no table", member.path))
-                    })?;
-                    let doing = format!("loading {t} ({})", member.path);
-                    let mut copy = tx
-                        .copy_in_raw(&format!("COPY {} FROM STDIN WITH (FREEZE)", t.quoted()))
-                        .await
-                        .map_err(LoadError::db(doing.clone()))?;
-                    let mut ended = false;
-                    while let Some(p) = rx.recv().await {
-                        match p {
-                            Piece::Chunk(c) => {
-                                if let Err(e) = copy.send(c.as_slice()).await {
-                                    let _ = copy.abort("ferry: sending failed").await;
-                                    return Err(LoadError::Db { doing, source: e });
-                                }
-                            }
-                            Piece::End => {
-                                ended = true;
-                                break;
-                            }
-                            _ => break,
-                        }
-                    }
-                    if !ended {
-                        let _ = copy.abort("ferry: the bundle stream ended early").await;
-                        return Err(LoadError::Refused(format!(
-                            "the bundle ended in the middle of {}",
-                            member.path
-                        )));
-                    }
-                    rows += copy.finish().await.map_err(LoadError::db(doing))?;
+                    let t = data_table(&member)?.quoted();
+                    rows += copy_stream(&mut tx, &t, &member, rx).await?;
                 }
                 Piece::Chunk(_) | Piece::End => {
                     return Err(LoadError::Refused("a stream piece out of place".into()));
@@ -258,7 +244,7 @@ pub async fn finish(
     Ok(())
 }
 
-async fn drop_tables(conn: &mut PgConnection, m: &Manifest) -> Result<(), LoadError> {
+pub(super) async fn drop_tables(conn: &mut PgConnection, m: &Manifest) -> Result<(), LoadError> {
     let names = m
         .tables
         .iter()
@@ -275,21 +261,26 @@ async fn drop_tables(conn: &mut PgConnection, m: &Manifest) -> Result<(), LoadEr
     Ok(())
 }
 
-/// COPYs one staged data file.
-async fn copy_file(
+/// The table a data member fills.
+pub(super) fn data_table(member: &Member) -> Result<&TableName, LoadError> {
+    member
+        .table
+        .as_ref()
+        .ok_or_else(|| LoadError::Refused(format!("{} names no table", member.path)))
+}
+
+/// COPYs one staged data file into `table` (a quoted name).
+pub(super) async fn copy_file(
     conn: &mut PgConnection,
+    table: &str,
     member: &Member,
     path: &std::path::Path,
 ) -> Result<u64, LoadError> {
-    let t = member
-        .table
-        .as_ref()
-        .ok_or_else(|| LoadError::Refused(format!("{} names no table", member.path)))?;
-    let doing = format!("loading {t} ({})", member.path);
-    // FREEZE: the table was created in this transaction, so its rows can be
-    // written frozen (no hint-bit rewrites or anti-wraparound vacuum later).
+    let doing = format!("loading {} ({})", table, member.path);
+    // FREEZE: the table was created or truncated in this transaction, so its rows
+    // can be written frozen (no hint-bit rewrites or anti-wraparound vacuum later).
     let mut copy = conn
-        .copy_in_raw(&format!("COPY {} FROM STDIN WITH (FREEZE)", t.quoted()))
+        .copy_in_raw(&format!("COPY {table} FROM STDIN WITH (FREEZE)"))
         .await
         .map_err(LoadError::db(doing.clone()))?;
     // 1 MiB CopyData messages: sqlx's `read_from` sends one small message and a
@@ -307,6 +298,38 @@ async fn copy_file(
         }
     }
     copy.finish().await.map_err(LoadError::db(doing))
+}
+
+/// COPYs one streamed data member into `table` (a quoted name): the chunks that
+/// follow its [`Piece::Start`] on `rx`, up to [`Piece::End`].
+pub(super) async fn copy_stream(
+    conn: &mut PgConnection,
+    table: &str,
+    member: &Member,
+    rx: &mut tokio::sync::mpsc::Receiver<Piece>,
+) -> Result<u64, LoadError> {
+    let doing = format!("loading {} ({})", table, member.path);
+    let mut copy = conn
+        .copy_in_raw(&format!("COPY {table} FROM STDIN WITH (FREEZE)"))
+        .await
+        .map_err(LoadError::db(doing.clone()))?;
+    while let Some(p) = rx.recv().await {
+        match p {
+            Piece::Chunk(c) => {
+                if let Err(e) = copy.send(c.as_slice()).await {
+                    let _ = copy.abort("ferry: sending failed").await;
+                    return Err(LoadError::Db { doing, source: e });
+                }
+            }
+            Piece::End => return copy.finish().await.map_err(LoadError::db(doing)),
+            _ => break,
+        }
+    }
+    let _ = copy.abort("ferry: the bundle stream ended early").await;
+    Err(LoadError::Refused(format!(
+        "the bundle ended in the middle of {}",
+        member.path
+    )))
 }
 
 async fn ledger(conn: &mut PgConnection, sender: &str) -> Result<LedgerState, LoadError> {
@@ -332,7 +355,7 @@ async fn load_complete(conn: &mut PgConnection, v: &Verified) -> Result<u64, Loa
     let mut data: Vec<_> = m.members.iter().filter(|x| x.role == Role::Data).collect();
     data.sort_by(|a, b| a.path.cmp(&b.path));
     for member in data {
-        rows += copy_file(conn, member, v.file(member)).await?;
+        rows += copy_file(conn, &data_table(member)?.quoted(), member, v.file(member)).await?;
     }
     run_script(conn, &v.text("schema/post-data.sql")?, "post-data DDL").await?;
     run_script(conn, &v.text("schema/sequences.sql")?, "sequence values").await?;
@@ -353,7 +376,11 @@ async fn read_full(file: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Resul
     Ok(filled)
 }
 
-async fn run_script(conn: &mut PgConnection, sql: &str, what: &str) -> Result<(), LoadError> {
+pub(super) async fn run_script(
+    conn: &mut PgConnection,
+    sql: &str,
+    what: &str,
+) -> Result<(), LoadError> {
     sqlx::raw_sql(q(sql.to_owned()))
         .execute(&mut *conn)
         .await

@@ -1,0 +1,471 @@
+//! A PostgreSQL complete loaded on several connections at once, keeping the
+//! atomic view readers get from the one-transaction load:
+//!
+//! 1. **Setup** (one short committed transaction): the bundle's pre-data DDL runs
+//!    into fresh staging schemas `ferry_stage_N`. pg_dump names every object
+//!    `schema.name`, so inside the transaction each source schema is renamed
+//!    aside, an empty one is created under its name for the DDL, that one is
+//!    renamed `ferry_stage_N` and the real schema gets its name back before the
+//!    commit. Readers never see any of it.
+//! 2. **Copy**: every table's data is COPYed into its staging table on one of
+//!    `target.jobs` connections, each in a transaction that truncated the table
+//!    first, so `COPY … FREEZE` applies. Tables load side by side; verification
+//!    of the stream continues meanwhile.
+//! 3. **Swap** (the load transaction, with the ledger check, the ledger row and
+//!    the SQL hooks): the previous copy is dropped by the pre-data's own `DROP …
+//!    IF EXISTS` statements, every object in a staging schema is moved into its
+//!    real schema, and the post-data DDL (indexes, constraints) and sequence
+//!    values run. Readers wait on the table locks for this step only.
+//!
+//! What cannot be staged (an extension type living in the renamed schema, no
+//! right to rename it, an object kind that is not moved) fails here, and the
+//! caller loads the bundle in one transaction instead.
+
+use super::LoadError;
+use super::postgres::{
+    PgTarget, copy_file, copy_stream, data_table, drop_tables, q, run_script, session,
+};
+use crate::verify::Piece;
+use ferry_common::ident::{TableName, quote_ident};
+use ferry_common::manifest::{Manifest, Member, Role};
+use sqlx::postgres::PgConnection;
+use sqlx::{Connection, Postgres, Row, Transaction};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// Serializes staging between receivers sharing a target database.
+const STAGE_LOCK: &str = "SELECT pg_advisory_lock(hashtext('ferry-receiver:staging'))";
+const STAGE_UNLOCK: &str = "SELECT pg_advisory_unlock(hashtext('ferry-receiver:staging'))";
+
+/// Each source schema and the staging schema that holds its new copy.
+struct Staging {
+    schemas: Vec<(String, String)>,
+}
+
+impl Staging {
+    /// The quoted staging name of a table.
+    fn table(&self, t: &TableName) -> Result<String, LoadError> {
+        let schema = t.schema.as_deref().unwrap_or("public");
+        let (_, stage) = self
+            .schemas
+            .iter()
+            .find(|(real, _)| real == schema)
+            .ok_or_else(|| {
+                LoadError::Refused(format!(
+                    "table {t} is in no schema the bundle's DDL creates"
+                ))
+            })?;
+        Ok(format!("{}.{}", quote_ident(stage), quote_ident(&t.name)))
+    }
+}
+
+/// The outcome of the pieces up to the swap: the open load transaction, rows,
+/// staged media.
+pub type Begun<'c> = (Transaction<'c, Postgres>, u64, Vec<(Member, PathBuf)>);
+
+/// Loads a complete from a verifying stream on `jobs` connections and swaps it
+/// in; returns the open load transaction for the caller to [`finish`] once the
+/// stream verified. After a failure the caller calls [`abandon`].
+///
+/// [`finish`]: super::postgres::finish
+pub async fn begin<'c>(
+    pg: &'c mut PgTarget,
+    m: &Manifest,
+    rx: &mut mpsc::Receiver<Piece>,
+    jobs: usize,
+) -> Result<Begun<'c>, LoadError> {
+    let started = std::time::Instant::now();
+    // Everything before the pre-data is staged (the stream only starts COPY
+    // data after it), so wait for it, keeping the rest for later.
+    let mut early = Vec::new();
+    let pre = loop {
+        match rx.recv().await {
+            Some(Piece::Staged(member, path)) if member.role == Role::PreData => {
+                break std::fs::read_to_string(&path)?;
+            }
+            Some(Piece::Staged(member, path)) => early.push((member, path)),
+            Some(_) => return Err(out_of_place()),
+            None => return Err(LoadError::Refused("the bundle has no pre-data DDL".into())),
+        }
+    };
+    sqlx::raw_sql(STAGE_LOCK)
+        .execute(&mut pg.conn)
+        .await
+        .map_err(LoadError::db("waiting for the staging lock"))?;
+    stage_and_swap(pg, m, rx, jobs, &pre, early, started).await
+}
+
+/// After a failed [`begin`] (its transaction rolled back): removes what was
+/// staged and releases the staging lock.
+pub async fn abandon(pg: &mut PgTarget) {
+    if let Err(e) = cleanup(&mut pg.conn).await {
+        tracing::warn!(error = %e, "could not remove the staging schemas; the next complete will");
+    }
+    let _ = sqlx::raw_sql(STAGE_UNLOCK).execute(&mut pg.conn).await;
+}
+
+async fn stage_and_swap<'c>(
+    pg: &'c mut PgTarget,
+    m: &Manifest,
+    rx: &mut mpsc::Receiver<Piece>,
+    jobs: usize,
+    pre: &str,
+    early: Vec<(Member, PathBuf)>,
+    started: std::time::Instant,
+) -> Result<Begun<'c>, LoadError> {
+    let staging = Arc::new(setup(&mut pg.conn, m, pre).await?);
+    let (rows, later, media) = copy_all(&pg.url, &staging, rx, jobs, early).await?;
+    tracing::info!(
+        rows,
+        jobs,
+        ms = started.elapsed().as_millis() as u64,
+        "tables copied into staging"
+    );
+    let text = |role: Role| -> std::io::Result<String> {
+        match later.iter().find(|(m, _)| m.role == role) {
+            Some((_, p)) => std::fs::read_to_string(p),
+            None => Ok(String::new()),
+        }
+    };
+    let (post, sequences) = (text(Role::PostData)?, text(Role::Sequences)?);
+    let mut tx = pg.begin_checked(m).await?;
+    swap(&mut tx, m, &staging, pre).await?;
+    run_script(&mut tx, &post, "post-data DDL").await?;
+    run_script(&mut tx, &sequences, "sequence values").await?;
+    // The staging schemas are gone in this transaction: another receiver may stage.
+    sqlx::raw_sql(STAGE_UNLOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(LoadError::db("releasing the staging lock"))?;
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        "swapped in, indexes and constraints built"
+    );
+    Ok((tx, rows, media))
+}
+
+/// Drops staging schemas left by a failed or killed load.
+async fn cleanup(conn: &mut PgConnection) -> Result<(), LoadError> {
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT quote_ident(nspname) FROM pg_namespace WHERE nspname LIKE 'ferry\\_stage\\_%'",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(LoadError::db("listing staging schemas"))?;
+    if !names.is_empty() {
+        sqlx::raw_sql(q(format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            names.join(", ")
+        )))
+        .execute(&mut *conn)
+        .await
+        .map_err(LoadError::db("dropping staging schemas"))?;
+    }
+    Ok(())
+}
+
+/// Step 1: the pre-data DDL into staging schemas, committed.
+async fn setup(conn: &mut PgConnection, m: &Manifest, pre: &str) -> Result<Staging, LoadError> {
+    cleanup(conn).await?;
+    let reals: std::collections::BTreeSet<&str> = m
+        .tables
+        .iter()
+        .map(|t| t.name.schema.as_deref().unwrap_or("public"))
+        .collect();
+    let mut tx = conn
+        .begin()
+        .await
+        .map_err(LoadError::db("beginning the staging setup"))?;
+    let mut renames = String::new();
+    let mut restore = String::new();
+    let mut schemas = Vec::new();
+    for (i, real) in reals.into_iter().enumerate() {
+        let stage = format!("ferry_stage_{}", i + 1);
+        let aside = format!("ferry_aside_{}", i + 1);
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                .bind(real)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(LoadError::db("looking up the target's schemas"))?;
+        let (r, a, s) = (quote_ident(real), quote_ident(&aside), quote_ident(&stage));
+        if exists {
+            renames.push_str(&format!("ALTER SCHEMA {r} RENAME TO {a};\n"));
+        }
+        renames.push_str(&format!("CREATE SCHEMA {r};\n"));
+        restore.push_str(&format!("ALTER SCHEMA {r} RENAME TO {s};\n"));
+        if exists {
+            restore.push_str(&format!("ALTER SCHEMA {a} RENAME TO {r};\n"));
+        }
+        schemas.push((real.to_owned(), stage));
+    }
+    run_script(&mut tx, &renames, "staging setup (renaming schemas aside)").await?;
+    run_script(&mut tx, pre, "pre-data DDL, into staging").await?;
+    run_script(&mut tx, &restore, "staging setup (renaming schemas back)").await?;
+    tx.commit()
+        .await
+        .map_err(LoadError::db("committing the staging setup"))?;
+    Ok(Staging { schemas })
+}
+
+/// One copy connection's queue and task.
+struct Worker {
+    tx: mpsc::Sender<Piece>,
+    task: tokio::task::JoinHandle<Result<u64, LoadError>>,
+    bytes: u64,
+}
+
+type Later = Vec<(Member, PathBuf)>;
+
+/// Step 2: hands each table's data to one of `jobs` copy connections (a table
+/// stays on one connection; a new table goes to the least loaded one).
+async fn copy_all(
+    url: &str,
+    staging: &Arc<Staging>,
+    rx: &mut mpsc::Receiver<Piece>,
+    jobs: usize,
+    early: Vec<(Member, PathBuf)>,
+) -> Result<(u64, Later, Later), LoadError> {
+    let mut workers = Vec::new();
+    for _ in 0..jobs.max(1) {
+        let (tx, wrx) = mpsc::channel(4);
+        let (url, staging) = (url.to_owned(), staging.clone());
+        workers.push(Worker {
+            tx,
+            task: tokio::spawn(copy_worker(url, staging, wrx)),
+            bytes: 0,
+        });
+    }
+    let mut owner: HashMap<TableName, usize> = HashMap::new();
+    let mut pick = |workers: &mut Vec<Worker>, member: &Member| -> Result<usize, LoadError> {
+        let t = data_table(member)?;
+        let w = match owner.get(t) {
+            Some(&w) => w,
+            None => {
+                let w = (0..workers.len())
+                    .min_by_key(|&i| workers[i].bytes)
+                    .unwrap_or(0);
+                owner.insert(t.clone(), w);
+                w
+            }
+        };
+        workers[w].bytes += member.size;
+        Ok(w)
+    };
+    let (mut later, mut media) = (Vec::new(), Vec::new());
+    let mut current = None;
+    let mut early = early.into_iter();
+    let dispatched: Result<(), LoadError> = async {
+        loop {
+            let piece = match early.next() {
+                Some((member, path)) => Piece::Staged(member, path),
+                None => match rx.recv().await {
+                    Some(p) => p,
+                    None => break,
+                },
+            };
+            let w = match &piece {
+                Piece::Start(member) => {
+                    let w = pick(&mut workers, member)?;
+                    current = Some(w);
+                    w
+                }
+                Piece::Chunk(_) => current.ok_or_else(out_of_place)?,
+                Piece::End => current.take().ok_or_else(out_of_place)?,
+                Piece::Staged(member, _) if member.role == Role::Data => {
+                    pick(&mut workers, member)?
+                }
+                Piece::Staged(..) => {
+                    if let Piece::Staged(member, path) = piece {
+                        match member.role {
+                            Role::Media => media.push((member, path)),
+                            _ => later.push((member, path)),
+                        }
+                    }
+                    continue;
+                }
+            };
+            if workers[w].tx.send(piece).await.is_err() {
+                break; // that worker failed: its error is collected below
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let mut rows = 0;
+    let mut failed = dispatched.err();
+    for w in workers {
+        drop(w.tx);
+        match w.task.await {
+            Ok(Ok(n)) => rows += n,
+            Ok(Err(e)) => failed = failed.or(Some(e)),
+            Err(j) => {
+                failed = failed.or(Some(LoadError::Refused(format!("a copy task failed: {j}"))))
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok((rows, later, media)),
+    }
+}
+
+fn out_of_place() -> LoadError {
+    LoadError::Refused("a stream piece out of place".into())
+}
+
+/// One copy connection: every table it is given is truncated (so COPY FREEZE
+/// applies) and loaded in one transaction, committed when its queue closes.
+async fn copy_worker(
+    url: String,
+    staging: Arc<Staging>,
+    mut rx: mpsc::Receiver<Piece>,
+) -> Result<u64, LoadError> {
+    let mut conn = session(&url).await?;
+    let mut tx = conn
+        .begin()
+        .await
+        .map_err(LoadError::db("beginning a copy transaction"))?;
+    let mut truncated = std::collections::HashSet::new();
+    let mut rows = 0;
+    while let Some(piece) = rx.recv().await {
+        let member = match &piece {
+            Piece::Start(m) | Piece::Staged(m, _) => m.clone(),
+            _ => return Err(out_of_place()),
+        };
+        let table = staging.table(data_table(&member)?)?;
+        if truncated.insert(table.clone()) {
+            sqlx::raw_sql(q(format!("TRUNCATE {table}")))
+                .execute(&mut *tx)
+                .await
+                .map_err(LoadError::db(format!("truncating {table}")))?;
+        }
+        rows += match piece {
+            Piece::Staged(_, path) => copy_file(&mut tx, &table, &member, &path).await?,
+            _ => copy_stream(&mut tx, &table, &member, &mut rx).await?,
+        };
+    }
+    tx.commit()
+        .await
+        .map_err(LoadError::db("committing a copy transaction"))?;
+    Ok(rows)
+}
+
+/// The leading `DROP … IF EXISTS` / `ALTER TABLE IF EXISTS …` statements of
+/// pg_dump's `--clean` pre-data: the previous copy's objects, in an order
+/// pg_dump worked out from their dependencies. One statement a line.
+fn clean_statements(pre: &str) -> String {
+    let mut out = String::new();
+    let mut seen = false;
+    for line in pre.lines() {
+        let t = line.trim_start();
+        if t.starts_with("DROP ") || t.starts_with("ALTER TABLE IF EXISTS ") {
+            seen = true;
+            out.push_str(line);
+            out.push('\n');
+        } else if t.is_empty()
+            || t.starts_with("--")
+            || (!seen && (t.starts_with("SET ") || t.starts_with("SELECT pg_catalog.set_config")))
+        {
+            continue;
+        } else {
+            break;
+        }
+    }
+    out
+}
+
+/// The objects of a staging schema that `ALTER … SET SCHEMA` must move one by
+/// one: relations (indexes, owned sequences and row types follow their table),
+/// free sequences, standalone types and routines.
+const OBJECTS: &str = "
+SELECT kind, obj FROM (
+  SELECT CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+           WHEN 'S' THEN 'SEQUENCE' WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END AS kind,
+         format('%I.%I', n.nspname, c.relname) AS obj
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+  WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+    AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                    AND d.objid = c.oid AND d.deptype IN ('a', 'i'))
+  UNION ALL
+  SELECT CASE t.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END,
+         format('%I.%I', n.nspname, t.typname)
+  FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+  WHERE n.nspname = $1 AND (t.typtype IN ('e', 'd', 'r')
+    OR (t.typtype = 'c' AND (SELECT relkind FROM pg_class WHERE oid = t.typrelid) = 'c'))
+  UNION ALL
+  SELECT CASE p.prokind WHEN 'a' THEN 'AGGREGATE' ELSE 'ROUTINE' END,
+         p.oid::regprocedure::text
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+  WHERE n.nspname = $1
+) o";
+
+/// Step 3: the previous copy out, the staged one in, inside the load transaction.
+async fn swap(
+    tx: &mut PgConnection,
+    m: &Manifest,
+    staging: &Staging,
+    pre: &str,
+) -> Result<(), LoadError> {
+    // regprocedure names come out schema-qualified with only pg_catalog visible.
+    sqlx::raw_sql("SET LOCAL search_path TO pg_catalog")
+        .execute(&mut *tx)
+        .await
+        .map_err(LoadError::db("setting search_path"))?;
+    drop_tables(tx, m).await?;
+    sqlx::raw_sql(q(clean_statements(pre)))
+        .execute(&mut *tx)
+        .await
+        .map_err(LoadError::db("dropping the previous copy's objects"))?;
+    for (real, stage) in &staging.schemas {
+        let objects = sqlx::query(OBJECTS)
+            .bind(stage)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(LoadError::db(format!(
+                "listing the objects staged in {stage}"
+            )))?;
+        let mut moves = format!("CREATE SCHEMA IF NOT EXISTS {};\n", quote_ident(real));
+        for o in objects {
+            let (kind, obj): (String, String) = (o.get("kind"), o.get("obj"));
+            moves.push_str(&format!(
+                "ALTER {kind} {obj} SET SCHEMA {};\n",
+                quote_ident(real)
+            ));
+        }
+        // RESTRICT: an object that was not moved stops the swap here.
+        moves.push_str(&format!("DROP SCHEMA {};\n", quote_ident(stage)));
+        sqlx::raw_sql(q(moves))
+            .execute(&mut *tx)
+            .await
+            .map_err(LoadError::db(format!(
+                "moving the staged copy from {stage} into {real}"
+            )))?;
+    }
+    sqlx::raw_sql("SET LOCAL search_path TO DEFAULT")
+        .execute(&mut *tx)
+        .await
+        .map_err(LoadError::db("resetting search_path"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clean_statements;
+
+    #[test]
+    fn clean_statements_are_the_leading_drops_only() {
+        let pre = "SET statement_timeout = 0;\nSELECT pg_catalog.set_config('search_path', '', false);\n\
+                   ALTER TABLE IF EXISTS public.t ALTER COLUMN id DROP DEFAULT;\n\
+                   DROP SEQUENCE IF EXISTS public.t_id_seq;\n\n-- x\nDROP TABLE IF EXISTS public.t;\n\
+                   CREATE SCHEMA IF NOT EXISTS public;\nCREATE FUNCTION public.f() RETURNS void\n\
+                   LANGUAGE plpgsql AS $$\nbegin\nDROP TABLE x;\nend $$;\n";
+        assert_eq!(
+            clean_statements(pre),
+            "ALTER TABLE IF EXISTS public.t ALTER COLUMN id DROP DEFAULT;\n\
+             DROP SEQUENCE IF EXISTS public.t_id_seq;\nDROP TABLE IF EXISTS public.t;\n"
+        );
+    }
+}
