@@ -23,6 +23,62 @@ pub struct Config {
     pub bundle: BundleConfig,
     #[serde(default)]
     pub media: Vec<MediaSet>,
+    /// Where bundles go over SFTP; without it bundles stay in the outbox.
+    pub push: Option<PushConfig>,
+}
+
+/// The receiver's SFTP account.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushConfig {
+    pub host: String,
+    #[serde(default = "default_ssh_port")]
+    pub port: u16,
+    pub user: String,
+    /// An OpenSSH private key without a passphrase (ed25519 or RSA).
+    pub key_file: PathBuf,
+    /// The receiver host's key, as OpenSSH `known_hosts` lines.
+    pub known_hosts: PathBuf,
+    /// Relative to the account's login (or chroot) directory, or absolute.
+    #[serde(default = "default_remote_dir")]
+    pub remote_dir: String,
+    /// TCP connect, key exchange and authentication together.
+    #[serde(default = "default_connect_timeout", with = "ferry_common::duration")]
+    pub connect_timeout: Duration,
+    /// One SFTP request (a write, an fsync, a rename).
+    #[serde(default = "default_request_timeout", with = "ferry_common::duration")]
+    pub request_timeout: Duration,
+    /// A keepalive is sent after this much silence; three unanswered end the link.
+    #[serde(default = "default_keepalive", with = "ferry_common::duration")]
+    pub keepalive: Duration,
+    /// Attempts per push before a command gives up (the bundles stay queued).
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    /// The longest wait between attempts (waits double from 1 s, with jitter).
+    #[serde(default = "default_backoff_max", with = "ferry_common::duration")]
+    pub backoff_max: Duration,
+}
+
+fn default_ssh_port() -> u16 {
+    22
+}
+fn default_remote_dir() -> String {
+    "inbox".to_owned()
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_keepalive() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_attempts() -> u32 {
+    3
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// Where the application's database is and which tables to take.
@@ -282,7 +338,40 @@ impl Config {
                 ));
             }
         }
+        if let Some(p) = &self.push {
+            if p.host.is_empty() {
+                return Err(invalid("push.host", "must name the receiver host".into()));
+            }
+            if p.user.is_empty() {
+                return Err(invalid("push.user", "must name the SFTP account".into()));
+            }
+            for (key, path) in [
+                ("push.key_file", &p.key_file),
+                ("push.known_hosts", &p.known_hosts),
+            ] {
+                if !path.is_absolute() {
+                    return Err(invalid(
+                        key,
+                        format!("{} must be an absolute path", path.display()),
+                    ));
+                }
+            }
+            if p.remote_dir.is_empty() || p.remote_dir.split('/').any(|c| c == "..") {
+                return Err(invalid(
+                    "push.remote_dir",
+                    format!("{:?} must be a directory path without `..`", p.remote_dir),
+                ));
+            }
+            if p.attempts == 0 {
+                return Err(invalid("push.attempts", "must be at least 1".into()));
+            }
+        }
         Ok(())
+    }
+
+    /// Delivered bundles: the newest complete and what followed it are kept here.
+    pub fn sent_dir(&self) -> PathBuf {
+        self.state_dir.join("sent")
     }
 
     pub fn outbox(&self) -> PathBuf {

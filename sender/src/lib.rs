@@ -1,10 +1,12 @@
 //! ferry-sender: takes consistent complete snapshots and partial diffs of an
 //! application's database (PostgreSQL or SQLite) and its media files, and writes
-//! each as one verified bundle into a durable local outbox.
+//! each as one verified bundle into a durable local outbox, which it pushes to the
+//! receiver over SFTP.
 //!
 //! A bundle's path through the sender, by module:
 //! [`extract`] (source engines, staging, media) → [`bundle`] (the writer thread) →
-//! [`outbox`] (durable names, crash recovery) → [`state`] (watermarks, history).
+//! [`outbox`] (durable names, crash recovery) → [`state`] (watermarks, history)
+//! → [`push`] (SFTP to the receiver's inbox).
 //! [`job`] runs one complete or partial; [`report`] answers `status` and `check`.
 
 pub mod bundle;
@@ -12,6 +14,7 @@ pub mod config;
 pub mod extract;
 pub mod job;
 pub mod outbox;
+pub mod push;
 pub mod report;
 pub mod state;
 

@@ -37,13 +37,24 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Take a complete snapshot of the selected tables and media into the outbox.
+    /// Take a complete snapshot of the selected tables and media, then push.
     Complete {
         #[arg(long)]
         json: bool,
+        /// Leave the bundle in the outbox.
+        #[arg(long)]
+        no_push: bool,
     },
-    /// Take the changes since the last bundle into the outbox.
+    /// Take the changes since the last bundle, then push.
     Partial {
+        #[arg(long)]
+        json: bool,
+        /// Leave the bundle in the outbox.
+        #[arg(long)]
+        no_push: bool,
+    },
+    /// Deliver the bundles waiting in the outbox, in order.
+    Push {
         #[arg(long)]
         json: bool,
     },
@@ -90,8 +101,21 @@ fn main() -> ExitCode {
 
 async fn run(command: Command, config: Config) -> ExitCode {
     match command {
-        Command::Complete { json } => bundle_job(&config, Kind::Complete, json).await,
-        Command::Partial { json } => bundle_job(&config, Kind::Partial, json).await,
+        Command::Complete { json, no_push } => {
+            bundle_job(&config, Kind::Complete, json, no_push).await
+        }
+        Command::Partial { json, no_push } => {
+            bundle_job(&config, Kind::Partial, json, no_push).await
+        }
+        Command::Push { json } => match &config.push {
+            None => {
+                eprintln!(
+                    "ferry-sender: push: the configuration has no [push] section; add one (see `ferry-sender example-config`)"
+                );
+                ExitCode::from(2)
+            }
+            Some(p) => push(&config, p, json).await,
+        },
         Command::Status { json } => match report::status(&config).await {
             Ok(s) if json => print_json(&s),
             Ok(s) => {
@@ -128,7 +152,52 @@ async fn run(command: Command, config: Config) -> ExitCode {
     }
 }
 
-async fn bundle_job(config: &Config, kind: Kind, json: bool) -> ExitCode {
+async fn bundle_job(config: &Config, kind: Kind, json: bool, no_push: bool) -> ExitCode {
+    let code = build(config, kind, json).await;
+    match &config.push {
+        Some(p) if code == ExitCode::SUCCESS && !no_push => push(config, p, json).await,
+        _ => code,
+    }
+}
+
+/// Ships the outbox; the exit status says whether everything was delivered.
+async fn push(config: &Config, p: &ferry_sender::config::PushConfig, json: bool) -> ExitCode {
+    match ferry_sender::push::push_pending(config, p).await {
+        Ok(outcome) => {
+            if json {
+                return print_json(&outcome);
+            }
+            if outcome.delivered.is_empty() {
+                println!("push: nothing pending");
+            } else {
+                println!(
+                    "push: {} bundle(s), {} bytes delivered to {}@{}:{} in {} ms",
+                    outcome.delivered.len(),
+                    outcome.bytes,
+                    p.user,
+                    p.host,
+                    p.remote_dir,
+                    outcome.duration_ms
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "push failed");
+            eprintln!(
+                "ferry-sender: push failed: {e}\nThe bundles stay queued in {}; `ferry-sender push` retries.",
+                config.outbox().display()
+            );
+            if e.is_transient() {
+                ExitCode::from(75)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn build(config: &Config, kind: Kind, json: bool) -> ExitCode {
     match job::run(config, kind).await {
         Ok(outcome) => {
             if json {

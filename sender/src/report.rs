@@ -3,7 +3,7 @@
 use crate::config::{Config, Engine, redact_url};
 use crate::extract::{ChangeKind, Source, Watermarks};
 use crate::outbox::{self, Pending};
-use crate::state::{BundleRecord, State};
+use crate::state::{BundleRecord, PushStatus, State};
 use ferry_common::manifest::Kind;
 use serde::Serialize;
 
@@ -17,6 +17,9 @@ pub struct Status {
     pub watermarks: Watermarks,
     pub outbox: Vec<Pending>,
     pub outbox_bytes: u64,
+    /// `user@host:port:dir`, or `None` without a `[push]` section.
+    pub push_to: Option<String>,
+    pub last_push: Option<PushStatus>,
 }
 
 /// Reads the status without taking the lock (it only reads).
@@ -29,6 +32,11 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
         watermarks: Watermarks::new(),
         outbox: outbox::list(&config.outbox(), &config.sender_id)?,
         outbox_bytes: 0,
+        push_to: config
+            .push
+            .as_ref()
+            .map(|p| format!("{}@{}:{}:{}", p.user, p.host, p.port, p.remote_dir)),
+        last_push: None,
     };
     s.outbox_bytes = s.outbox.iter().map(|p| p.bytes).sum();
     if config.state_dir.join("state.db").exists() {
@@ -36,6 +44,7 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
         s.last_complete = state.last(Some(Kind::Complete)).await?;
         s.last_partial = state.last(Some(Kind::Partial)).await?;
         s.watermarks = state.watermarks().await?;
+        s.last_push = state.push_status().await?;
     }
     Ok(s)
 }
@@ -72,6 +81,21 @@ impl std::fmt::Display for Status {
         )?;
         for p in &self.outbox {
             writeln!(f, "  {}  {} bytes", p.file, p.bytes)?;
+        }
+        match (&self.push_to, &self.last_push) {
+            (None, _) => writeln!(f, "push: not configured (no [push] section)")?,
+            (Some(to), None) => writeln!(f, "push: to {to}, never attempted")?,
+            (Some(to), Some(p)) => {
+                writeln!(
+                    f,
+                    "push: to {to}; last attempt {}, last success {}",
+                    p.last_attempt_at,
+                    p.last_ok_at.as_deref().unwrap_or("never")
+                )?;
+                if let Some(e) = &p.last_error {
+                    writeln!(f, "last push error: {e}")?;
+                }
+            }
         }
         Ok(())
     }
@@ -115,6 +139,36 @@ pub async fn check(config: &Config) -> Vec<Finding> {
                 config.state_dir.display()
             ),
         ),
+    }
+
+    match &config.push {
+        None => push(
+            Level::Warn,
+            "no [push] section: bundles stay in the outbox".into(),
+        ),
+        Some(p) => match crate::push::Link::open(p).await {
+            Ok(link) => {
+                push(
+                    Level::Ok,
+                    format!(
+                        "SFTP {}@{}:{}: host key matches {}, key accepted",
+                        p.user,
+                        p.host,
+                        p.port,
+                        p.known_hosts.display()
+                    ),
+                );
+                match link.probe().await {
+                    Ok(()) => push(
+                        Level::Ok,
+                        format!("remote directory {:?} is writable", p.remote_dir),
+                    ),
+                    Err(e) => push(Level::Error, e.to_string()),
+                }
+                link.close().await;
+            }
+            Err(e) => push(Level::Error, e.to_string()),
+        },
     }
 
     let mut source = match Source::connect(config).await {

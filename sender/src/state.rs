@@ -38,6 +38,14 @@ pub struct BundleRecord {
     pub schema_fingerprint: String,
 }
 
+/// The outcome of the last push.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PushStatus {
+    pub last_attempt_at: String,
+    pub last_ok_at: Option<String>,
+    pub last_error: Option<String>,
+}
+
 pub struct State {
     conn: SqliteConnection,
     path: String,
@@ -62,6 +70,11 @@ CREATE TABLE IF NOT EXISTS media_index (
   size INTEGER NOT NULL,
   mtime_ns TEXT NOT NULL,
   PRIMARY KEY (set_name, path));
+CREATE TABLE IF NOT EXISTS push_status (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  last_attempt_at TEXT NOT NULL,
+  last_ok_at TEXT,
+  last_error TEXT);
 PRAGMA user_version = 1;
 ";
 
@@ -101,6 +114,36 @@ impl State {
             doing,
             source,
         }
+    }
+
+    /// Records a push attempt: `None` when it delivered everything pending.
+    pub async fn record_push(&mut self, error: Option<String>) -> Result<(), StateError> {
+        let now = chrono::Utc::now().to_rfc3339();
+        sqlx::query(
+            "INSERT INTO push_status (id, last_attempt_at, last_ok_at, last_error)
+             VALUES (1, ?1, CASE WHEN ?2 IS NULL THEN ?1 END, ?2)
+             ON CONFLICT (id) DO UPDATE SET last_attempt_at = ?1,
+               last_ok_at = CASE WHEN ?2 IS NULL THEN ?1 ELSE last_ok_at END, last_error = ?2",
+        )
+        .bind(&now)
+        .bind(error)
+        .execute(&mut self.conn)
+        .await
+        .map_err(self.err("recording the push"))?;
+        Ok(())
+    }
+
+    /// The last push attempt: when, when one last succeeded, its error.
+    pub async fn push_status(&mut self) -> Result<Option<PushStatus>, StateError> {
+        let row = sqlx::query("SELECT last_attempt_at, last_ok_at, last_error FROM push_status")
+            .fetch_optional(&mut self.conn)
+            .await
+            .map_err(self.err("reading the push status"))?;
+        Ok(row.map(|r| PushStatus {
+            last_attempt_at: r.get(0),
+            last_ok_at: r.get(1),
+            last_error: r.get(2),
+        }))
     }
 
     /// The newest bundle, or the newest of a kind.

@@ -1,0 +1,625 @@
+//! Delivery of outbox bundles to the receiver's inbox over SFTP (russh +
+//! russh-sftp), to a stock OpenSSH server with nothing but an SFTP account.
+//!
+//! - The server's host key must be in `push.known_hosts`; an unknown or changed
+//!   key is refused with its fingerprint and the exact line to add.
+//! - A bundle is written as `.<name>.part` (the receiver ignores leading dots),
+//!   fsynced where the server offers `fsync@openssh.com`, renamed to its final
+//!   name (`posix-rename@openssh.com`, atomic even over an existing file), and
+//!   its size checked. Only then does it leave the outbox (for `sent/`).
+//! - Bundles go in sequence order; the first failure stops the round, so the
+//!   receiver never sees a later bundle before an earlier one from one push.
+//! - Transient failures are retried with doubling, jittered, capped waits.
+//!   Whatever is not delivered stays in the outbox for the next push.
+
+use crate::config::{Config, PushConfig};
+use crate::outbox::{self, OutboxError, Pending};
+use crate::state::{State, StateError};
+use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey};
+use russh_sftp::client::{RawSftpSession, SftpSession};
+use russh_sftp::protocol::{Packet, StatusCode};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The size of one SFTP WRITE: OpenSSH's sftp-server takes up to 255 KiB of data.
+const WRITE_BYTES: usize = 255 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error(
+        "could not reach the SFTP server {target}: {message}; check `push.host`/`push.port` and that sshd is running there"
+    )]
+    Connect { target: String, message: String },
+    #[error(
+        "the SFTP server {target} presented a host key that is not in {known_hosts}: {fingerprint}. \
+         If that is the receiver's key (compare with `ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub` on it), add this line to {known_hosts}:\n{line}"
+    )]
+    UnknownHostKey {
+        target: String,
+        known_hosts: String,
+        fingerprint: String,
+        line: String,
+    },
+    #[error(
+        "HOST KEY CHANGED: the SFTP server {target} presented {fingerprint}, which differs from line {at} of {known_hosts}. \
+         Nothing was sent. This may be an attack; if the receiver's key was really replaced, replace line {at} with:\n{line}"
+    )]
+    ChangedHostKey {
+        target: String,
+        known_hosts: String,
+        fingerprint: String,
+        at: usize,
+        line: String,
+    },
+    #[error(
+        "could not read the known hosts file {known_hosts} ({message}); create it with the receiver's key, e.g.:\n{line}"
+    )]
+    KnownHosts {
+        known_hosts: String,
+        message: String,
+        line: String,
+    },
+    #[error(
+        "could not load the SSH key {path}: {message}; set `push.key_file` to an OpenSSH private key without a passphrase (ssh-keygen -t ed25519 -N '' -f {path})"
+    )]
+    Key { path: String, message: String },
+    #[error(
+        "the SFTP server {target} refused the key {key} for user {user:?}; add its public key ({key}.pub) to that account's authorized_keys"
+    )]
+    AuthRejected {
+        target: String,
+        user: String,
+        key: String,
+    },
+    #[error("SFTP {doing} on {target}: {message}")]
+    Sftp {
+        target: String,
+        doing: String,
+        message: String,
+        transient: bool,
+    },
+    #[error("reading {}: {source}", path.display())]
+    Local {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+impl PushError {
+    /// Whether trying again later can help without anyone changing anything.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PushError::Connect { .. } => true,
+            PushError::Sftp { transient, .. } => *transient,
+            _ => false,
+        }
+    }
+}
+
+/// What one push delivered.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PushOutcome {
+    pub delivered: Vec<String>,
+    pub bytes: u64,
+    pub duration_ms: u64,
+}
+
+/// What the host key check found, kept by the handler for the error message.
+enum Verdict {
+    Unknown(PublicKey),
+    Changed(PublicKey, usize),
+    Unreadable(PublicKey, String),
+}
+
+struct Client {
+    host: String,
+    port: u16,
+    known_hosts: PathBuf,
+    verdict: Arc<Mutex<Option<Verdict>>>,
+}
+
+impl russh::client::Handler for Client {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        // Certificates are not advertised (the default): this is a plain key.
+        let key = &key.public_key();
+        let verdict = match russh::keys::check_known_hosts_path(
+            &self.host,
+            self.port,
+            key,
+            &self.known_hosts,
+        ) {
+            Ok(true) => return Ok(true),
+            Ok(false) => Verdict::Unknown(key.clone()),
+            Err(russh::keys::Error::KeyChanged { line }) => Verdict::Changed(key.clone(), line),
+            Err(e) => Verdict::Unreadable(key.clone(), e.to_string()),
+        };
+        if let Ok(mut v) = self.verdict.lock() {
+            *v = Some(verdict);
+        }
+        Ok(false)
+    }
+}
+
+/// An open SFTP link: one session for file data, one raw session for the
+/// requests russh-sftp has no wrapper for (`posix-rename@openssh.com`).
+pub struct Link {
+    handle: russh::client::Handle<Client>,
+    sftp: SftpSession,
+    raw: RawSftpSession,
+    posix_rename: bool,
+    target: String,
+    dir: String,
+}
+
+/// `host` or `[host]:port`, as known_hosts writes it.
+fn host_pattern(p: &PushConfig) -> String {
+    if p.port == 22 {
+        p.host.clone()
+    } else {
+        format!("[{}]:{}", p.host, p.port)
+    }
+}
+
+fn known_hosts_line(p: &PushConfig, key: &PublicKey) -> String {
+    let mut key = key.clone();
+    key.set_comment("");
+    let text = key
+        .to_openssh()
+        .unwrap_or_else(|_| "<unprintable key>".into());
+    format!("{} {}", host_pattern(p), text.trim_end())
+}
+
+fn sftp_error(
+    target: &str,
+    doing: impl Into<String>,
+) -> impl FnOnce(russh_sftp::client::error::Error) -> PushError + '_ {
+    let doing = doing.into();
+    move |e| {
+        use russh_sftp::client::error::Error as E;
+        let transient = match &e {
+            E::Status(s) => !matches!(
+                s.status_code,
+                StatusCode::PermissionDenied | StatusCode::NoSuchFile | StatusCode::OpUnsupported
+            ),
+            _ => true,
+        };
+        PushError::Sftp {
+            target: target.to_owned(),
+            doing,
+            message: e.to_string(),
+            transient,
+        }
+    }
+}
+
+impl Link {
+    /// Connects, verifies the host key, authenticates and opens SFTP.
+    pub async fn open(p: &PushConfig) -> Result<Self, PushError> {
+        let target = format!("{}:{}", p.host, p.port);
+        let key = russh::keys::load_secret_key(&p.key_file, None).map_err(|e| PushError::Key {
+            path: p.key_file.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let mut preferred = russh::Preferred::default();
+        // aes256-gcm measured faster than the default chacha20 on AES-NI machines.
+        let mut ciphers = vec![russh::cipher::AES_256_GCM];
+        ciphers.extend(
+            preferred
+                .cipher
+                .iter()
+                .filter(|c| **c != russh::cipher::AES_256_GCM),
+        );
+        preferred.cipher = ciphers.into();
+        let config = Arc::new(russh::client::Config {
+            preferred,
+            inactivity_timeout: Some(p.request_timeout.max(p.keepalive * 4)),
+            keepalive_interval: Some(p.keepalive),
+            keepalive_max: 3,
+            nodelay: true,
+            window_size: 16 << 20,
+            ..Default::default()
+        });
+        let verdict = Arc::new(Mutex::new(None));
+        let client = Client {
+            host: p.host.clone(),
+            port: p.port,
+            known_hosts: p.known_hosts.clone(),
+            verdict: verdict.clone(),
+        };
+        let connect_err = |message: String| PushError::Connect {
+            target: target.clone(),
+            message,
+        };
+        let connected = tokio::time::timeout(
+            p.connect_timeout,
+            russh::client::connect(config, (p.host.as_str(), p.port), client),
+        )
+        .await;
+        let mut handle = match connected {
+            Err(_) => {
+                return Err(connect_err(format!(
+                    "no answer within {}",
+                    humantime::format_duration(p.connect_timeout)
+                )));
+            }
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                let known_hosts = p.known_hosts.display().to_string();
+                let found = verdict.lock().ok().and_then(|mut v| v.take());
+                return Err(match found {
+                    Some(Verdict::Unknown(k)) => PushError::UnknownHostKey {
+                        target,
+                        known_hosts,
+                        fingerprint: k.fingerprint(HashAlg::Sha256).to_string(),
+                        line: known_hosts_line(p, &k),
+                    },
+                    Some(Verdict::Changed(k, at)) => PushError::ChangedHostKey {
+                        target,
+                        known_hosts,
+                        fingerprint: k.fingerprint(HashAlg::Sha256).to_string(),
+                        at,
+                        line: known_hosts_line(p, &k),
+                    },
+                    Some(Verdict::Unreadable(k, message)) => PushError::KnownHosts {
+                        known_hosts,
+                        message,
+                        line: known_hosts_line(p, &k),
+                    },
+                    None => connect_err(e.to_string()),
+                });
+            }
+        };
+        let hash = handle
+            .best_supported_rsa_hash()
+            .await
+            .map_err(|e| connect_err(e.to_string()))?
+            .flatten();
+        let auth = tokio::time::timeout(
+            p.connect_timeout,
+            handle.authenticate_publickey(&p.user, PrivateKeyWithHashAlg::new(Arc::new(key), hash)),
+        )
+        .await
+        .map_err(|_| connect_err("authentication timed out".into()))?
+        .map_err(|e| connect_err(e.to_string()))?;
+        if !auth.success() {
+            return Err(PushError::AuthRejected {
+                target,
+                user: p.user.clone(),
+                key: p.key_file.display().to_string(),
+            });
+        }
+        let sftp_cfg = || russh_sftp::client::Config {
+            max_write_packet_len: 256 * 1024,
+            request_timeout_secs: p.request_timeout.as_secs().max(1),
+            ..Default::default()
+        };
+        let mut channels = Vec::new();
+        for _ in 0..2 {
+            let channel = handle
+                .channel_open_session()
+                .await
+                .map_err(|e| connect_err(format!("opening a session channel: {e}")))?;
+            channel
+                .request_subsystem(true, "sftp")
+                .await
+                .map_err(|e| connect_err(format!("starting the sftp subsystem: {e}")))?;
+            channels.push(channel);
+        }
+        let (c2, c1) = (
+            channels.pop().expect("two channels"),
+            channels.pop().expect("two channels"),
+        );
+        let sftp = SftpSession::new_with_config(c1.into_stream(), sftp_cfg())
+            .await
+            .map_err(sftp_error(&target, "starting the session"))?;
+        let raw = RawSftpSession::new_with_config(c2.into_stream(), sftp_cfg());
+        let version = raw
+            .init()
+            .await
+            .map_err(sftp_error(&target, "starting the session"))?;
+        let posix_rename = version
+            .extensions
+            .get("posix-rename@openssh.com")
+            .is_some_and(|v| v == "1");
+        let link = Self {
+            handle,
+            sftp,
+            raw,
+            posix_rename,
+            target,
+            dir: p.remote_dir.trim_end_matches('/').to_owned(),
+        };
+        link.ensure_dir().await?;
+        Ok(link)
+    }
+
+    /// Creates the remote directory (and its parents) when missing.
+    async fn ensure_dir(&self) -> Result<(), PushError> {
+        if self.sftp.metadata(&self.dir).await.is_ok() {
+            return Ok(());
+        }
+        let mut path = String::new();
+        if self.dir.starts_with('/') {
+            path.push('/');
+        }
+        for part in self.dir.split('/').filter(|c| !c.is_empty() && *c != ".") {
+            if !path.is_empty() && !path.ends_with('/') {
+                path.push('/');
+            }
+            path.push_str(part);
+            if self.sftp.metadata(&path).await.is_err() {
+                self.sftp.create_dir(&path).await.map_err(|e| PushError::Sftp {
+                    target: self.target.clone(),
+                    doing: format!("creating the remote directory {path:?}"),
+                    message: format!(
+                        "{e}; create `push.remote_dir` on the receiver, writable by the SFTP user"
+                    ),
+                    transient: false,
+                })?;
+                tracing::info!(dir = %path, "created the remote directory");
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes and removes a probe file: the remote directory is writable.
+    pub async fn probe(&self) -> Result<(), PushError> {
+        let probe = format!("{}/.ferry-probe-{}", self.dir, std::process::id());
+        let mut f = self
+            .sftp
+            .create(&probe)
+            .await
+            .map_err(sftp_error(&self.target, format!("writing {probe}")))?;
+        f.write_all(b"ferry")
+            .await
+            .and(f.shutdown().await)
+            .map_err(|e| PushError::Sftp {
+                target: self.target.clone(),
+                doing: format!("writing {probe}"),
+                message: e.to_string(),
+                transient: true,
+            })?;
+        self.sftp
+            .remove_file(&probe)
+            .await
+            .map_err(sftp_error(&self.target, format!("removing {probe}")))
+    }
+
+    /// Uploads one bundle: temporary name, fsync, atomic rename, size check.
+    pub async fn upload(&self, local: &Path, name: &str) -> Result<u64, PushError> {
+        let size = std::fs::metadata(local)
+            .map_err(|source| PushError::Local {
+                path: local.to_owned(),
+                source,
+            })?
+            .len();
+        let fin = format!("{}/{name}", self.dir);
+        let tmp = format!("{}/.{name}.part", self.dir);
+        let started = Instant::now();
+        let mut src = tokio::fs::File::open(local)
+            .await
+            .map_err(|source| PushError::Local {
+                path: local.to_owned(),
+                source,
+            })?;
+        let mut dst = self
+            .sftp
+            .create(&tmp)
+            .await
+            .map_err(sftp_error(&self.target, format!("creating {tmp}")))?;
+        let io_err = |doing: &str, e: std::io::Error| PushError::Sftp {
+            target: self.target.clone(),
+            doing: format!("{doing} {tmp}"),
+            message: e.to_string(),
+            transient: true,
+        };
+        let mut buf = vec![0u8; WRITE_BYTES];
+        loop {
+            let mut filled = 0;
+            while filled < buf.len() {
+                let n = src
+                    .read(&mut buf[filled..])
+                    .await
+                    .map_err(|source| PushError::Local {
+                        path: local.to_owned(),
+                        source,
+                    })?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            if filled == 0 {
+                break;
+            }
+            dst.write_all(&buf[..filled])
+                .await
+                .map_err(|e| io_err("writing", e))?;
+        }
+        // flush: every write acknowledged, then fsync@openssh.com where offered.
+        dst.flush().await.map_err(|e| io_err("syncing", e))?;
+        dst.shutdown().await.map_err(|e| io_err("closing", e))?;
+        self.rename(&tmp, &fin).await?;
+        let got = self
+            .sftp
+            .metadata(&fin)
+            .await
+            .map_err(sftp_error(&self.target, format!("checking {fin}")))?
+            .size;
+        if got != Some(size) {
+            return Err(PushError::Sftp {
+                target: self.target.clone(),
+                doing: format!("checking {fin}"),
+                message: format!("the server has {got:?} bytes, the bundle has {size}"),
+                transient: true,
+            });
+        }
+        tracing::info!(
+            bundle = name,
+            bytes = size,
+            ms = started.elapsed().as_millis() as u64,
+            "bundle delivered"
+        );
+        Ok(size)
+    }
+
+    async fn rename(&self, from: &str, to: &str) -> Result<(), PushError> {
+        let doing = format!("renaming {from} to {to}");
+        if self.posix_rename {
+            let mut data = Vec::with_capacity(8 + from.len() + to.len());
+            for s in [from, to] {
+                data.extend_from_slice(&(s.len() as u32).to_be_bytes());
+                data.extend_from_slice(s.as_bytes());
+            }
+            return match self
+                .raw
+                .extended("posix-rename@openssh.com", data)
+                .await
+                .map_err(sftp_error(&self.target, doing.clone()))?
+            {
+                Packet::Status(s) if s.status_code == StatusCode::Ok => Ok(()),
+                Packet::Status(s) => Err(sftp_error(&self.target, doing)(s.into())),
+                _ => Err(PushError::Sftp {
+                    target: self.target.clone(),
+                    doing,
+                    message: "unexpected reply".into(),
+                    transient: true,
+                }),
+            };
+        }
+        // Plain SFTP rename refuses an existing target: a re-delivery replaces it.
+        if self.sftp.metadata(to).await.is_ok() {
+            let _ = self.sftp.remove_file(to).await;
+        }
+        self.sftp
+            .rename(from, to)
+            .await
+            .map_err(sftp_error(&self.target, doing))
+    }
+
+    pub async fn close(self) {
+        let _ = self.sftp.close().await;
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, "done", "en")
+            .await;
+    }
+}
+
+/// Delivers every pending bundle in sequence order, retrying transient failures
+/// up to `push.attempts` times. Records the outcome for `status`.
+pub async fn push_pending(config: &Config, p: &PushConfig) -> Result<PushOutcome, PushError> {
+    let started = Instant::now();
+    let mut state = State::open(&config.state_dir).await?;
+    let mut outcome = PushOutcome::default();
+    let mut attempt = 0;
+    let result = loop {
+        attempt += 1;
+        match push_round(config, p, &mut outcome).await {
+            Ok(()) => break Ok(()),
+            Err(e) if e.is_transient() && attempt < p.attempts => {
+                let wait = backoff(attempt, p.backoff_max);
+                tracing::warn!(attempt, error = %e, wait_ms = wait.as_millis() as u64, "push failed; retrying");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    outcome.duration_ms = started.elapsed().as_millis() as u64;
+    state
+        .record_push(result.as_ref().err().map(|e| e.to_string()))
+        .await?;
+    prune_sent(config)?;
+    result.map(|()| outcome)
+}
+
+/// One connection: delivers pending bundles in order until done or an error.
+async fn push_round(
+    config: &Config,
+    p: &PushConfig,
+    outcome: &mut PushOutcome,
+) -> Result<(), PushError> {
+    let pending: Vec<Pending> = outbox::list(&config.outbox(), &config.sender_id)?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let link = Link::open(p).await?;
+    let sent = config.sent_dir();
+    std::fs::create_dir_all(&sent).map_err(|source| PushError::Local {
+        path: sent.clone(),
+        source,
+    })?;
+    for b in pending {
+        let local = config.outbox().join(&b.file);
+        let result = link.upload(&local, &b.file).await;
+        let bytes = match result {
+            Ok(n) => n,
+            Err(e) => {
+                link.close().await;
+                return Err(e);
+            }
+        };
+        ferry_common::durable::commit_rename(&local, &sent.join(&b.file)).map_err(|source| {
+            PushError::Local {
+                path: local.clone(),
+                source,
+            }
+        })?;
+        outcome.delivered.push(b.file);
+        outcome.bytes += bytes;
+    }
+    link.close().await;
+    Ok(())
+}
+
+/// 1 s, 2 s, 4 s … capped, times a random factor in [0.5, 1.5).
+fn backoff(attempt: u32, max: Duration) -> Duration {
+    let base = Duration::from_secs(1u64 << (attempt - 1).min(16)).min(max);
+    base.mul_f64(0.5 + rand::random::<f64>())
+}
+
+/// Keeps in `sent/` the newest complete and everything after it (enough to
+/// rebuild a receiver by hand); older delivered bundles are removed.
+fn prune_sent(config: &Config) -> Result<(), PushError> {
+    let sent = outbox::list(&config.sent_dir(), &config.sender_id)?;
+    let Some(newest) = sent.iter().rev().find(|b| b.kind == "complete") else {
+        return Ok(());
+    };
+    for b in sent.iter().filter(|b| b.seq < newest.seq) {
+        let path = config.sent_dir().join(&b.file);
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(file = %path.display(), error = %e, "could not remove a delivered bundle");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let max = Duration::from_secs(10);
+        for attempt in 1..20 {
+            let w = backoff(attempt, max);
+            let base = Duration::from_secs(1u64 << (attempt - 1).min(16)).min(max);
+            assert!(
+                w >= base.mul_f64(0.5) && w < base.mul_f64(1.5),
+                "{attempt}: {w:?}"
+            );
+        }
+    }
+}
