@@ -7,6 +7,7 @@
 pub mod fixtures;
 pub mod loader;
 pub mod pg;
+pub mod sshd;
 
 use ferry_common::manifest::Manifest;
 use ferry_common::reader::{Limits, read_bundle};

@@ -1,0 +1,509 @@
+//! The whole pipeline with the real parts: a PostgreSQL (or SQLite) source →
+//! `ferry-sender` → a real OpenSSH `sshd` with a chrooted, SFTP-only account →
+//! the inbox → `ferry-receiver` → a PostgreSQL (or SQLite) target. Also: an
+//! outage, a changed host key, a connection cut in the middle of an upload.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use ferry_tests::pg::{PgServer, exec, free_port, table_rows};
+use ferry_tests::sshd::SshServer;
+use ferry_tests::{binary, outbox_files};
+use sqlx::Connection;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+fn run(bin: &str, config: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(binary(bin))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Final bundle names and leftover temporaries in the inbox.
+fn inbox(ssh: &SshServer, sub: &str) -> (Vec<String>, Vec<String>) {
+    let all = outbox_files(&ssh.inbox().join(sub))
+        .into_iter()
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    let temps = std::fs::read_dir(ssh.inbox().join(sub))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    (all, temps)
+}
+
+/// A PostgreSQL source and target, an sshd, and both agents' configurations.
+struct Pg {
+    pg: PgServer,
+    ssh: SshServer,
+    dir: tempfile::TempDir,
+}
+
+const APP: &str = "
+CREATE TABLE phone (id int PRIMARY KEY, model text, updated_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE report (id serial PRIMARY KEY, phone_id int REFERENCES phone(id), msg text,
+  payload jsonb, photo text, updated_at timestamptz NOT NULL DEFAULT now());
+CREATE INDEX ON phone (updated_at); CREATE INDEX ON report (updated_at);
+INSERT INTO phone VALUES (1, 'a'), (2, 'b');
+INSERT INTO report (phone_id, msg, payload, photo)
+  SELECT 1 + g % 2, 'm' || g, jsonb_build_object('g', g), g || '.jpg' FROM generate_series(1, 2000) g;";
+
+impl Pg {
+    async fn new() -> Self {
+        let pg = PgServer::start();
+        pg.create_db("app", APP).await;
+        pg.create_db("viz", "").await;
+        let ssh = SshServer::start();
+        let p = Self {
+            pg,
+            ssh,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        std::fs::create_dir_all(p.path("media-src/2026")).unwrap();
+        p.write_sender(p.ssh.port);
+        std::fs::write(
+            p.path("receiver.toml"),
+            format!(
+                "state_dir = {:?}\ninbox = {:?}\n[target]\nurl = {:?}\n[media]\nimages = {:?}\n",
+                p.path("rstate"),
+                p.ssh.inbox(),
+                p.pg.url("viz"),
+                p.path("media-dst")
+            ),
+        )
+        .unwrap();
+        p
+    }
+
+    fn write_sender(&self, port: u16) {
+        std::fs::write(
+            self.path("sender.toml"),
+            format!(
+                "sender_id = \"app\"\nstate_dir = {:?}\n[source]\nurl = {:?}\n[partial]\n\
+                 change_column = \"updated_at\"\noverlap = \"0s\"\n[[media]]\nname = \"images\"\npath = {:?}\n{}",
+                self.path("sstate"),
+                self.pg.url("app"),
+                self.path("media-src"),
+                self.ssh
+                    .push_section("inbox", &self.ssh.client_key, port)
+            ),
+        )
+        .unwrap();
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn sender(&self, args: &[&str]) -> Output {
+        run("ferry-sender", &self.path("sender.toml"), args)
+    }
+
+    fn receive(&self) {
+        ok(&run(
+            "ferry-receiver",
+            &self.path("receiver.toml"),
+            &["load"],
+        ));
+    }
+
+    async fn assert_same(&self) {
+        let mut a = self.pg.connect("app").await;
+        let mut b = self.pg.connect("viz").await;
+        for t in ["phone", "report"] {
+            assert_eq!(
+                table_rows(&mut a, t).await,
+                table_rows(&mut b, t).await,
+                "table {t} differs between source and receiver"
+            );
+        }
+        for e in walkdir::WalkDir::new(self.path("media-src")) {
+            let e = e.unwrap();
+            if e.file_type().is_file() {
+                let rel = e.path().strip_prefix(self.path("media-src")).unwrap();
+                assert_eq!(
+                    std::fs::read(e.path()).unwrap(),
+                    std::fs::read(self.path("media-dst").join(rel)).unwrap_or_default(),
+                    "media file {} differs",
+                    rel.display()
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn postgres_to_postgres_over_sftp() {
+    let p = Pg::new().await;
+    let mut src = p.pg.connect("app").await;
+    std::fs::write(p.path("media-src/2026/1.jpg"), vec![7u8; 50_000]).unwrap();
+    let out = ok(&p.sender(&["complete"]));
+    assert!(out.contains("push: 1 bundle(s)"), "{out}");
+    assert!(
+        outbox_files(&p.path("sstate/outbox")).is_empty(),
+        "delivered bundles leave the outbox"
+    );
+    p.receive();
+    p.assert_same().await;
+
+    // Partials: inserts, updates, deletes and new media.
+    for round in 0..2 {
+        exec(
+            &mut src,
+            &format!(
+                "INSERT INTO phone VALUES ({id}, 'new'); \
+                 INSERT INTO report (phone_id, msg, payload) VALUES ({id}, 'fresh', '{{\"r\": {round}}}'); \
+                 UPDATE report SET msg = 'edited {round}', updated_at = now() WHERE id = {upd}; \
+                 DELETE FROM report WHERE id = {del};",
+                id = 10 + round,
+                upd = 5 + round,
+                del = 100 + round
+            ),
+        )
+        .await;
+        std::fs::write(
+            p.path(&format!("media-src/2026/p{round}.jpg")),
+            format!("photo {round}"),
+        )
+        .unwrap();
+        let out = ok(&p.sender(&["partial"]));
+        assert!(out.contains("push: 1 bundle(s)"), "{out}");
+        p.receive();
+        p.assert_same().await;
+    }
+    let (finals, temps) = inbox(&p.ssh, "");
+    assert_eq!(finals.len(), 3, "{finals:?}");
+    assert!(temps.is_empty(), "no temporary left behind: {temps:?}");
+    // Delivered bundles are kept in sent/ from the newest complete on.
+    assert_eq!(outbox_files(&p.path("sstate/sent")), finals);
+    let status = ok(&p.sender(&["status"]));
+    assert!(
+        status.contains("last success") && !status.contains("last push error"),
+        "{status}"
+    );
+}
+
+#[tokio::test]
+async fn an_outage_queues_bundles_and_they_arrive_in_order() {
+    let mut p = Pg::new().await;
+    let mut src = p.pg.connect("app").await;
+    ok(&p.sender(&["complete"]));
+    p.ssh.stop();
+    exec(&mut src, "INSERT INTO phone VALUES (20, 'during outage')").await;
+    let out = p.sender(&["partial"]);
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "a push that cannot connect is transient"
+    );
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("127.0.0.1:{}", p.ssh.port)) && err.contains("stay queued"),
+        "{err}"
+    );
+    exec(
+        &mut src,
+        "UPDATE phone SET model = 'later', updated_at = now() WHERE id = 20",
+    )
+    .await;
+    assert_eq!(p.sender(&["partial"]).status.code(), Some(75));
+    assert_eq!(outbox_files(&p.path("sstate/outbox")).len(), 2);
+    let status = ok(&p.sender(&["status"]));
+    assert!(status.contains("last push error"), "{status}");
+
+    p.ssh.restart();
+    let out = ok(&p.sender(&["push"]));
+    assert!(out.contains("push: 2 bundle(s)"), "{out}");
+    assert!(outbox_files(&p.path("sstate/outbox")).is_empty());
+    let (finals, _) = inbox(&p.ssh, "");
+    assert_eq!(finals.len(), 3);
+    p.receive();
+    p.assert_same().await;
+    let mut viz = p.pg.connect("viz").await;
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT seq FROM ferry_receiver.applied ORDER BY applied_at, seq")
+            .fetch_all(&mut viz)
+            .await
+            .unwrap();
+    assert_eq!(applied, vec![1, 2, 3], "applied in order");
+}
+
+#[tokio::test]
+async fn an_unknown_or_changed_host_key_is_refused_and_nothing_is_sent() {
+    let mut p = Pg::new().await;
+    let mut src = p.pg.connect("app").await;
+    ok(&p.sender(&["complete"]));
+    p.ssh.change_host_key();
+    exec(&mut src, "INSERT INTO phone VALUES (30, 'x')").await;
+    let out = p.sender(&["partial"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a changed host key needs an operator"
+    );
+    let err = text(&out.stderr);
+    let new_key = std::fs::read_to_string(p.ssh.dir.join("host_key.pub")).unwrap();
+    let key_b64 = new_key.split_whitespace().nth(1).unwrap();
+    assert!(
+        err.contains("HOST KEY CHANGED") && err.contains("SHA256:"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("[127.0.0.1]:{} ssh-ed25519 {key_b64}", p.ssh.port)),
+        "the message shows the exact line: {err}"
+    );
+    assert_eq!(
+        inbox(&p.ssh, "").0.len(),
+        1,
+        "nothing sent after the change"
+    );
+    assert_eq!(
+        outbox_files(&p.path("sstate/outbox")).len(),
+        1,
+        "the partial stays queued"
+    );
+
+    // An empty known_hosts: unknown key, with the line to add.
+    std::fs::write(&p.ssh.known_hosts, "").unwrap();
+    let out = p.sender(&["push"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("not in") && err.contains(key_b64), "{err}");
+    let check = p.sender(&["check"]);
+    assert_eq!(check.status.code(), Some(1));
+    assert!(text(&check.stdout).contains("ERROR") && text(&check.stdout).contains(key_b64));
+
+    // Trusting the new key (the operator's fix) delivers it.
+    p.ssh.trust_current_host_key();
+    ok(&p.sender(&["push"]));
+    p.receive();
+    p.assert_same().await;
+}
+
+/// Forwards one connection to `to`, and cuts both sides after `limit` bytes
+/// from the client: a link that dies in the middle of an upload.
+async fn cutting_proxy(listener: tokio::net::TcpListener, to: u16, limit: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (client, _) = listener.accept().await.unwrap();
+    let server = tokio::net::TcpStream::connect(("127.0.0.1", to))
+        .await
+        .unwrap();
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let down = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut sent = 0;
+    while sent < limit {
+        let n = match cr.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if sw.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        sent += n;
+    }
+    down.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_mid_upload_leaves_no_final_file_and_the_next_push_succeeds() {
+    let p = Pg::new().await;
+    // 8 MB of incompressible media: the bundle is far bigger than the cut.
+    let noise: Vec<u8> = (0..250_000u64)
+        .flat_map(|i| {
+            use sha2::Digest;
+            sha2::Sha256::digest(i.to_le_bytes())
+        })
+        .collect();
+    std::fs::write(p.path("media-src/2026/big.bin"), &noise).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_port = listener.local_addr().unwrap().port();
+    p.write_sender(proxy_port);
+    // known_hosts names the port: trust the server's key on the proxy's port too.
+    let key = std::fs::read_to_string(p.ssh.dir.join("host_key.pub")).unwrap();
+    std::fs::write(
+        &p.ssh.known_hosts,
+        format!(
+            "[127.0.0.1]:{proxy_port} {}\n[127.0.0.1]:{} {}\n",
+            key.trim(),
+            p.ssh.port,
+            key.trim()
+        ),
+    )
+    .unwrap();
+    let proxy = tokio::spawn(cutting_proxy(listener, p.ssh.port, 2_000_000));
+    let out = tokio::process::Command::new(binary("ferry-sender"))
+        .arg("--config")
+        .arg(p.path("sender.toml"))
+        .arg("complete")
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    proxy.await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let (finals, temps) = inbox(&p.ssh, "");
+    assert!(finals.is_empty(), "no file under a final name: {finals:?}");
+    assert_eq!(temps.len(), 1, "the cut upload's temporary: {temps:?}");
+    assert_eq!(outbox_files(&p.path("sstate/outbox")).len(), 1);
+
+    p.write_sender(p.ssh.port);
+    ok(&p.sender(&["push"]));
+    let (finals, temps) = inbox(&p.ssh, "");
+    assert_eq!(finals.len(), 1);
+    assert!(
+        temps.is_empty(),
+        "the retry wrote over its temporary: {temps:?}"
+    );
+    p.receive();
+    p.assert_same().await;
+}
+
+async fn sqlite(path: &Path) -> sqlx::SqliteConnection {
+    sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sqlite_to_sqlite_over_sftp_with_an_rsa_key_into_a_new_remote_dir() {
+    let ssh = SshServer::start();
+    let rsa = ssh.add_rsa_client_key();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |rel: &str| dir.path().join(rel);
+    std::fs::create_dir_all(p("media-src")).unwrap();
+    let mut app = sqlite(&p("app.sqlite3")).await;
+    sqlx::raw_sql(
+        "CREATE TABLE report (id INTEGER PRIMARY KEY, msg TEXT, photo BLOB, updated_at TEXT NOT NULL);
+         CREATE INDEX report_at ON report (updated_at);
+         INSERT INTO report VALUES (1, 'x', X'00FF', '2024-01-01 00:00:00'), (2, NULL, NULL, '2024-01-01 00:00:00');",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
+    std::fs::write(p("media-src/r1.jpg"), b"jpeg").unwrap();
+    // A remote directory that does not exist yet: the sender creates it over SFTP.
+    std::fs::write(
+        p("sender.toml"),
+        format!(
+            "sender_id = \"lite\"\nstate_dir = {:?}\n[source]\nurl = \"sqlite://{}\"\n[partial]\n\
+             change_column = \"updated_at\"\noverlap = \"0s\"\n[[media]]\nname = \"images\"\npath = {:?}\n{}",
+            p("sstate"),
+            p("app.sqlite3").display(),
+            p("media-src"),
+            ssh.push_section("inbox/lite", &rsa, ssh.port)
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        p("receiver.toml"),
+        format!(
+            "state_dir = {:?}\ninbox = {:?}\n[target]\nurl = \"sqlite://{}\"\n[media]\nimages = {:?}\n",
+            p("rstate"),
+            ssh.inbox().join("lite"),
+            p("viz.sqlite3").display(),
+            p("media-dst")
+        ),
+    )
+    .unwrap();
+    let check = ok(&run("ferry-sender", &p("sender.toml"), &["check"]));
+    assert!(
+        check.contains("host key matches") && check.contains("is writable"),
+        "{check}"
+    );
+    ok(&run("ferry-sender", &p("sender.toml"), &["complete"]));
+    ok(&run("ferry-receiver", &p("receiver.toml"), &["load"]));
+    sqlx::raw_sql(
+        "INSERT INTO report VALUES (3, 'new', X'CAFE', '2024-06-01 00:00:00');
+         UPDATE report SET msg = 'edited', updated_at = '2024-06-01 00:00:01' WHERE id = 1;
+         DELETE FROM report WHERE id = 2;",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
+    std::fs::write(p("media-src/r3.jpg"), b"jpeg3").unwrap();
+    ok(&run("ferry-sender", &p("sender.toml"), &["partial"]));
+    ok(&run("ferry-receiver", &p("receiver.toml"), &["load"]));
+    let mut viz = sqlite(&p("viz.sqlite3")).await;
+    assert_eq!(
+        ferry_tests::loader::sqlite_rows(&mut app, "report").await,
+        ferry_tests::loader::sqlite_rows(&mut viz, "report").await
+    );
+    for f in ["r1.jpg", "r3.jpg"] {
+        assert_eq!(
+            std::fs::read(p("media-src").join(f)).unwrap(),
+            std::fs::read(p("media-dst").join(f)).unwrap()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_down_server_and_an_unwritable_remote_dir_are_named() {
+    let ssh = SshServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sender.toml");
+    let write = |push: String| {
+        std::fs::write(
+            &config,
+            format!(
+                "sender_id = \"x\"\nstate_dir = {:?}\n[source]\nurl = \"sqlite://{}/app.sqlite3\"\n{push}",
+                dir.path().join("s"),
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+    };
+    // The chroot's root belongs to root: not writable by the SFTP account.
+    write(ssh.push_section("/", &ssh.client_key, ssh.port));
+    let out = run("ferry-sender", &config, &["check"]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("host key matches"), "{stdout}");
+    assert!(
+        stdout.contains("ERROR") && stdout.contains("/.ferry-probe"),
+        "{stdout}"
+    );
+    // Nothing listening.
+    write(ssh.push_section("inbox", &ssh.client_key, free_port()));
+    let out = run("ferry-sender", &config, &["push"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "nothing pending: nothing to connect for"
+    );
+    let out = run("ferry-sender", &config, &["check"]);
+    assert!(
+        text(&out.stdout).contains("could not reach the SFTP server"),
+        "{}",
+        text(&out.stdout)
+    );
+}
