@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Push and whole-sync benchmark (prints figures; asserts nothing). Needs root
+# (a private sshd with a chrooted SFTP-only account, as in the tests).
+#  1. upload throughput: `ferry-sender push` of one 400 MB bundle-named file
+#     beside OpenSSH `sftp` putting the same file to the same account;
+#  2. a complete sync end to end (dump -> bundle -> push -> load) beside the
+#     classic one-liner `pg_dump | zstd -3 -T2 | ssh ... 'zstd -d | psql'`,
+#     on the same data (pgbench scale $SCALE plus $EVENTS jsonb rows), refreshing
+#     a copy that is already there, as a ratio.
+# Usage: bash tests/bench/sync.sh   (SCALE=50 EVENTS=2000000 RUNS=3 MB=400)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+SCALE=${SCALE:-50}; EVENTS=${EVENTS:-2000000}; RUNS=${RUNS:-3}; MB=${MB:-400}
+[ "$(id -u)" = 0 ] || { echo "run as root: the benchmark starts a private sshd with a chrooted account" >&2; exit 2; }
+cargo build -q --release --bins
+sender=$PWD/target/release/ferry-sender; receiver=$PWD/target/release/ferry-receiver
+pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+work=$(mktemp -d /tmp/ferry-sbench.XXXXXX); ssh_dir=/run/ferry-bench-$$
+chown postgres "$work"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port=$(free_port); sport=$(free_port)
+cleanup() {
+  [ -n "${sshd_pid:-}" ] && kill "$sshd_pid" 2>/dev/null || true
+  runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$work" "$ssh_dir"
+}
+trap cleanup EXIT
+
+# sshd: chrooted SFTP-only `ferry-sftp` (as the tests), and root with a shell for the one-liner.
+id ferry-sftp >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin --password '*' ferry-sftp
+mkdir -p "$ssh_dir/root/inbox" /run/sshd; chmod 755 "$ssh_dir" "$ssh_dir/root"; chown ferry-sftp "$ssh_dir/root/inbox"
+ssh-keygen -q -t ed25519 -N '' -C '' -f "$ssh_dir/host_key"; ssh-keygen -q -t ed25519 -N '' -C '' -f "$ssh_dir/client_key"
+cp "$ssh_dir/client_key.pub" "$ssh_dir/authorized_keys"
+echo "[127.0.0.1]:$sport $(cat "$ssh_dir/host_key.pub")" > "$ssh_dir/known_hosts"
+cat > "$ssh_dir/sshd_config" <<CONF
+Port $sport
+ListenAddress 127.0.0.1
+HostKey $ssh_dir/host_key
+PidFile none
+AuthorizedKeysFile $ssh_dir/authorized_keys
+UsePAM no
+StrictModes no
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+Subsystem sftp internal-sftp
+AllowUsers ferry-sftp root
+Match User ferry-sftp
+  ChrootDirectory $ssh_dir/root
+  ForceCommand internal-sftp
+CONF
+/usr/sbin/sshd -D -e -f "$ssh_dir/sshd_config" 2>"$work/sshd.log" & sshd_pid=$!
+common=(-o BatchMode=yes -o UserKnownHostsFile="$ssh_dir/known_hosts" -i "$ssh_dir/client_key")
+sftpopt=("${common[@]}" -P "$sport"); sshopt=("${common[@]}" -p "$sport")
+for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$sport") 2>/dev/null && break; sleep 0.05; done
+
+runuser -u postgres -- "$pgbin/initdb" -D "$work/data" -U postgres --auth=trust --no-sync -E UTF8 --locale=C >/dev/null
+runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/data" -l "$work/log" -w -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$work -c shared_buffers=512MB -c max_wal_size=8GB -c maintenance_work_mem=256MB" start >/dev/null
+psql=(psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres)
+"${psql[@]}" -c "CREATE DATABASE src" -c "CREATE DATABASE viz" -c "CREATE DATABASE base"
+echo "# loading pgbench scale $SCALE and $EVENTS events ..."
+"$pgbin/pgbench" -i -q -s "$SCALE" -h 127.0.0.1 -p "$port" -U postgres src 2>/dev/null
+"${psql[@]}" -d src -c "CREATE TABLE events (id bigserial PRIMARY KEY, kind text, payload jsonb, updated_at timestamptz NOT NULL DEFAULT now())" \
+  -c "INSERT INTO events (kind, payload) SELECT 'k' || (g % 10), jsonb_build_object('user', g, 'tags', jsonb_build_array('a', 'b', g % 7), 'note', md5(g::text)) FROM generate_series(1, $EVENTS) g" \
+  -c "VACUUM ANALYZE"
+
+cat > "$work/sender.toml" <<TOML
+sender_id = "bench"
+state_dir = "$work/sstate"
+[source]
+url = "postgres://postgres@127.0.0.1:$port/src"
+include = ["public.pgbench_*", "public.events"]
+[partial]
+change_column = "updated_at"
+deletes = "off"
+[partial.tables."public.pgbench_accounts"]
+partial = false
+[partial.tables."public.pgbench_branches"]
+partial = false
+[partial.tables."public.pgbench_tellers"]
+partial = false
+[partial.tables."public.pgbench_history"]
+partial = false
+[push]
+host = "127.0.0.1"
+port = $sport
+user = "ferry-sftp"
+key_file = "$ssh_dir/client_key"
+known_hosts = "$ssh_dir/known_hosts"
+remote_dir = "inbox"
+TOML
+cat > "$work/receiver.toml" <<TOML
+state_dir = "$work/rstate"
+inbox = "$ssh_dir/root/inbox"
+[target]
+url = "postgres://postgres@127.0.0.1:$port/viz"
+TOML
+
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+secs() { local s; s=$(date +%s.%N); "$@"; echo "$(date +%s.%N) - $s" | bc; }
+
+# 1. Upload throughput.
+mkdir -p "$work/sstate/outbox"
+head -c "$((MB << 20))" /dev/urandom > "$work/blob"
+ferry_up=(); sftp_up=()
+for i in $(seq "$RUNS"); do
+  cp "$work/blob" "$work/sstate/outbox/bench-$(printf %012d $((900 + i)))-partial.tar.zst"
+  ferry_up+=("$(secs "$sender" --config "$work/sender.toml" push >/dev/null 2>&1)")
+  rm -f "$ssh_dir"/root/inbox/*
+  sftp_up+=("$(secs sftp -q -b - "${sftpopt[@]}" ferry-sftp@127.0.0.1 >/dev/null <<<"put $work/blob inbox/blob")")
+  rm -f "$ssh_dir"/root/inbox/* "$work"/sstate/sent/*
+done
+fu=$(printf '%s\n' "${ferry_up[@]}" | median); su=$(printf '%s\n' "${sftp_up[@]}" | median)
+echo
+echo "## upload of a $MB MiB bundle over SFTP (loopback, median of $RUNS)"
+printf '| client | s | MB/s |\n|---|---|---|\n'
+printf '| OpenSSH sftp | %.2f | %.0f |\n' "$su" "$(echo "$MB*1.048576/$su" | bc -l)"
+printf '| ferry-sender push | %.2f | %.0f |\n' "$fu" "$(echo "$MB*1.048576/$fu" | bc -l)"
+printf 'ferry/sftp throughput: %.2f\n' "$(echo "$su/$fu" | bc -l)"
+
+# 2. A complete sync end to end; both targets hold a copy first.
+oneliner() {
+  pg_dump --clean --if-exists -h 127.0.0.1 -p "$port" -U postgres -t 'public.pgbench_*' -t public.events src \
+    | zstd -3 -T2 -q | ssh "${sshopt[@]}" root@127.0.0.1 "zstd -d -q | psql -X -q -h 127.0.0.1 -p $port -U postgres -d base" >/dev/null 2>&1
+}
+ferry_sync() {
+  "$sender" --config "$work/sender.toml" complete >/dev/null 2>&1 && "$receiver" --config "$work/receiver.toml" load >/dev/null 2>&1
+}
+oneliner; ferry_sync
+one=(); fer=()
+for i in $(seq "$RUNS"); do
+  one+=("$(secs oneliner)")
+  fer+=("$(secs ferry_sync)")
+done
+o=$(printf '%s\n' "${one[@]}" | median); f=$(printf '%s\n' "${fer[@]}" | median)
+echo
+echo "## complete sync end to end (pgbench scale $SCALE + $EVENTS events, refresh, median of $RUNS)"
+printf '| method | s |\n|---|---|\n'
+printf '| pg_dump \\| zstd -3 -T2 \\| ssh ... '"'"'zstd -d \\| psql'"'"' | %.2f |\n' "$o"
+printf '| ferry-sender complete (push) + ferry-receiver load | %.2f |\n' "$f"
+printf 'ratio ferry/one-liner: %.2f\n' "$(echo "$f/$o" | bc -l)"
+for t in pgbench_accounts events; do
+  a=$("${psql[@]}" -d src -Atc "SELECT md5(string_agg(x::text, ',' ORDER BY x::text)) FROM $t x")
+  b=$("${psql[@]}" -d viz -Atc "SELECT md5(string_agg(x::text, ',' ORDER BY x::text)) FROM $t x")
+  [ "$a" = "$b" ] && echo "check: $t identical" || echo "check: $t DIFFERS"
+done
