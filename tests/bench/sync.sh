@@ -96,7 +96,7 @@ url = "postgres://postgres@127.0.0.1:$port/viz"
 TOML
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-secs() { local s; s=$(date +%s.%N); "$@"; echo "$(date +%s.%N) - $s" | bc; }
+secs() { local s; s=$(date +%s.%N); "$@" >/dev/null 2>&1 </dev/null; echo "$(date +%s.%N) - $s" | bc; }
 
 # 1. Upload throughput.
 mkdir -p "$work/sstate/outbox"
@@ -104,9 +104,10 @@ head -c "$((MB << 20))" /dev/urandom > "$work/blob"
 ferry_up=(); sftp_up=()
 for i in $(seq "$RUNS"); do
   cp "$work/blob" "$work/sstate/outbox/bench-$(printf %012d $((900 + i)))-partial.tar.zst"
-  ferry_up+=("$(secs "$sender" --config "$work/sender.toml" push >/dev/null 2>&1)")
+  ferry_up+=("$(secs "$sender" --config "$work/sender.toml" push)")
   rm -f "$ssh_dir"/root/inbox/*
-  sftp_up+=("$(secs sftp -q -b - "${sftpopt[@]}" ferry-sftp@127.0.0.1 >/dev/null <<<"put $work/blob inbox/blob")")
+  echo "put $work/blob inbox/blob" > "$work/batch"
+  sftp_up+=("$(secs sftp -q -b "$work/batch" "${sftpopt[@]}" ferry-sftp@127.0.0.1)")
   rm -f "$ssh_dir"/root/inbox/* "$work"/sstate/sent/*
 done
 fu=$(printf '%s\n' "${ferry_up[@]}" | median); su=$(printf '%s\n' "${sftp_up[@]}" | median)
