@@ -194,12 +194,7 @@ impl PgTarget {
             ms = started.elapsed().as_millis() as u64,
             "tables copied"
         );
-        let text = |role: Role| -> std::io::Result<String> {
-            match later.iter().find(|(m, _)| m.role == role) {
-                Some((_, p)) => std::fs::read_to_string(p),
-                None => Ok(String::new()),
-            }
-        };
+        let text = |role| staged_text(&later, role);
         run_script(&mut tx, &text(Role::PostData)?, "post-data DDL").await?;
         run_script(&mut tx, &text(Role::Sequences)?, "sequence values").await?;
         tracing::info!(
@@ -259,6 +254,15 @@ pub(super) async fn drop_tables(conn: &mut PgConnection, m: &Manifest) -> Result
         .await
         .map_err(LoadError::db("dropping the previous copy"))?;
     Ok(())
+}
+
+/// The text of the staged member with `role` (post-data, sequences); empty when
+/// the bundle has none.
+pub(super) fn staged_text(staged: &[(Member, PathBuf)], role: Role) -> std::io::Result<String> {
+    match staged.iter().find(|(m, _)| m.role == role) {
+        Some((_, p)) => std::fs::read_to_string(p),
+        None => Ok(String::new()),
+    }
 }
 
 /// The table a data member fills.

@@ -23,7 +23,7 @@
 
 use super::LoadError;
 use super::postgres::{
-    PgTarget, copy_file, copy_stream, data_table, drop_tables, q, run_script, session,
+    PgTarget, copy_file, copy_stream, data_table, drop_tables, q, run_script, session, staged_text,
 };
 use crate::verify::Piece;
 use ferry_common::ident::{TableName, quote_ident};
@@ -123,13 +123,10 @@ async fn stage_and_swap<'c>(
         ms = started.elapsed().as_millis() as u64,
         "tables copied into staging"
     );
-    let text = |role: Role| -> std::io::Result<String> {
-        match later.iter().find(|(m, _)| m.role == role) {
-            Some((_, p)) => std::fs::read_to_string(p),
-            None => Ok(String::new()),
-        }
-    };
-    let (post, sequences) = (text(Role::PostData)?, text(Role::Sequences)?);
+    let (post, sequences) = (
+        staged_text(&later, Role::PostData)?,
+        staged_text(&later, Role::Sequences)?,
+    );
     let mut tx = pg.begin_checked(m).await?;
     swap(&mut tx, m, &staging, pre).await?;
     run_script(&mut tx, &post, "post-data DDL").await?;
