@@ -4,6 +4,7 @@
 //! small reference loader that applies bundles to a PostgreSQL or SQLite database
 //! so that tests can compare tables row for row.
 
+pub mod daemon;
 pub mod fixtures;
 pub mod loader;
 pub mod pg;

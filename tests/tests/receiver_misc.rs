@@ -5,12 +5,13 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
+use ferry_tests::daemon::Daemon;
 use ferry_tests::loader::sqlite_rows;
 use ferry_tests::{binary, outbox_files};
 use sqlx::{Connection, SqliteConnection};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 fn run(bin: &str, config: &Path, args: &[&str]) -> Output {
@@ -253,25 +254,21 @@ async fn escaping_paths_and_links_are_refused_with_nothing_applied() {
 async fn the_daemon_loads_on_file_events_and_stops_on_sigterm() {
     // A rescan interval of an hour: only the file event can trigger the load.
     let l = Lite::new("[daemon]\nrescan_interval = \"1h\"\n").await;
-    let mut daemon = Command::new(binary("ferry-receiver"))
-        .arg("--config")
+    let mut cmd = Command::new(binary("ferry-receiver"));
+    cmd.arg("--config")
         .arg(l.p("receiver.toml"))
         .arg("run")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait until it holds the lock and watches (a second instance is refused).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let second = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
-        if second.status.code() == Some(75) {
-            assert!(text(&second.stderr).contains("another ferry process"));
-            break;
-        }
-        assert!(Instant::now() < deadline, "the daemon never took the lock");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        .env("RUST_LOG", "info");
+    let mut daemon = Daemon::spawn(cmd);
+    // It logs this once it holds the lock and watches the inbox.
+    daemon.wait_for("receiver running", Duration::from_secs(20));
+    let second = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+    assert_eq!(
+        second.status.code(),
+        Some(75),
+        "a second instance must be refused"
+    );
+    assert!(text(&second.stderr).contains("another ferry process"));
     // The first pass ran at start (interval ticks immediately); now deliver.
     std::thread::sleep(Duration::from_millis(200));
     l.deliver(&l.send("complete"));
@@ -294,24 +291,7 @@ async fn the_daemon_loads_on_file_events_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     }
     l.assert_same().await;
-    let pid = daemon.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = daemon.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the daemon did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    daemon.signal("TERM");
+    let status = daemon.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "exit status after SIGTERM: {status}");
 }
