@@ -139,6 +139,14 @@ printf '| method | s |\n|---|---|\n'
 printf '| pg_dump \\| zstd -3 -T2 \\| ssh ... '"'"'zstd -d \\| psql'"'"' | %.2f |\n' "$o"
 printf '| ferry-sender complete (push) + ferry-receiver load | %.2f |\n' "$f"
 printf 'ratio ferry/one-liner: %.2f\n' "$(echo "$f/$o" | bc -l)"
+# Where ferry's time goes: one more sync, stage by stage.
+c=$(secs "$sender" --config "$work/sender.toml" complete --no-push)
+p=$(secs "$sender" --config "$work/sender.toml" push)
+s=$(date +%s.%N)
+RUST_LOG=info "$receiver" --config "$work/receiver.toml" load 2>"$work/load.log" >/dev/null
+l=$(echo "$(date +%s.%N) - $s" | bc)
+printf 'stages: complete %.2f s, push %.2f s, load %.2f s\n' "$c" "$p" "$l"
+grep -E 'ms=|duration_ms=' "$work/load.log" | sed -E 's/\x1b\[[0-9;]*m//g; s/^.*(INFO|WARN) [^ ]+ //; s/^/  load: /' || true
 for t in pgbench_accounts events; do
   a=$("${psql[@]}" -d src -Atc "SELECT md5(string_agg(x::text, ',' ORDER BY x::text)) FROM $t x")
   b=$("${psql[@]}" -d viz -Atc "SELECT md5(string_agg(x::text, ',' ORDER BY x::text)) FROM $t x")
