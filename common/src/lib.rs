@@ -4,7 +4,9 @@
 //! - [`bundle`]: writing a bundle as one zstd-compressed tar stream, manifest first;
 //! - [`reader`]: reading a bundle back, verifying every member's checksum and path;
 //! - [`ident`]: table names, and quoting identifiers and literals for SQL;
-//! - [`durable`]: write-to-temporary, fsync, rename.
+//! - [`durable`]: write-to-temporary, fsync, rename;
+//! - [`lock`]: one agent per state directory;
+//! - [`service`]: logging, systemd notification, stop signals, progress bars.
 
 pub mod bundle;
 pub mod config;
@@ -14,6 +16,7 @@ pub mod ident;
 pub mod lock;
 pub mod manifest;
 pub mod reader;
+pub mod service;
 
 pub use ident::TableName;
 pub use manifest::{Kind, Manifest, Member, Seq};

@@ -34,8 +34,14 @@ impl Drop for StateLock {
 }
 
 impl StateLock {
+    /// The lock for jobs that change the state directory.
     pub fn acquire(state_dir: &Path) -> Result<Self, LockError> {
-        let lock = state_dir.join("lock");
+        Self::acquire_named(state_dir, "lock")
+    }
+
+    /// A lock file of its own in the state directory (`daemon.lock`, `push.lock`).
+    pub fn acquire_named(state_dir: &Path, name: &str) -> Result<Self, LockError> {
+        let lock = state_dir.join(name);
         let io = |source| LockError::Io {
             lock: lock.clone(),
             source,
@@ -54,6 +60,23 @@ impl StateLock {
                 lock,
             }),
             Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+        }
+    }
+
+    /// Waits up to `wait` for the lock (polling), for manual commands that
+    /// should queue behind a running job rather than fail.
+    pub async fn acquire_waiting(
+        state_dir: &Path,
+        wait: std::time::Duration,
+    ) -> Result<Self, LockError> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match Self::acquire(state_dir) {
+                Err(LockError::Busy { .. }) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
         }
     }
 }

@@ -6,12 +6,16 @@ use crate::config::Config;
 use crate::load::Target;
 use crate::run;
 use ferry_common::lock::StateLock;
+use ferry_common::service::{self, StopSignals};
 use notify::{EventKind, RecursiveMode, Watcher};
 use std::time::Duration;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::MissedTickBehavior;
 
-pub async fn run(config: &Config) -> anyhow::Result<()> {
+/// How long a load in flight may finish after a stop signal before it is abandoned
+/// (its transaction rolls back; the bundle stays in the inbox).
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+pub async fn run(config: &Config, mut signals: StopSignals) -> anyhow::Result<()> {
     let _lock = StateLock::acquire(&config.state_dir)?;
     std::fs::create_dir_all(&config.inbox)?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -32,14 +36,18 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
     rescan.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut prune = tokio::time::interval(config.daemon.prune_interval);
     prune.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let mut target: Option<Target> = None;
+    let mut stop = false;
     tracing::info!(inbox = %config.inbox.display(), "receiver running");
+    service::ready("running");
+    service::spawn_watchdog();
     loop {
         let prune_now = tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            sig = signals.recv() => {
+                tracing::info!(signal = sig, "stopping");
+                service::stopping();
+                break;
+            }
             _ = rx.recv() => false,
             _ = rescan.tick() => false,
             _ = prune.tick() => true,
@@ -54,16 +62,37 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
             }
         }
         let Some(t) = target.as_mut() else { continue };
-        match run::pass(config, t).await {
-            Ok(report) => {
+        let outcome = {
+            let pass = run::pass(config, t);
+            tokio::pin!(pass);
+            tokio::select! {
+                r = &mut pass => Some(r),
+                sig = signals.recv() => {
+                    tracing::info!(signal = sig, grace_s = STOP_GRACE.as_secs(), "stopping; waiting for the load in flight");
+                    service::stopping();
+                    stop = true;
+                    tokio::time::timeout(STOP_GRACE, &mut pass).await.ok()
+                }
+            }
+        };
+        match outcome {
+            Some(Ok(report)) => {
                 for h in &report.held {
                     tracing::debug!(bundle = %h.file, reason = %h.reason, "held");
                 }
             }
-            Err(error) => {
+            Some(Err(error)) => {
                 tracing::error!(%error, "load pass failed");
                 target = None; // reconnect next time
             }
+            None => {
+                // Dropping the pass rolled its transaction back: nothing committed.
+                tracing::warn!("abandoned the load in flight; nothing was committed, and the bundle loads at the next start");
+                target = None;
+            }
+        }
+        if stop {
+            break;
         }
         if prune_now
             && let Some(t) = target.as_mut()

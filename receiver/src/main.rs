@@ -63,7 +63,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    ferry_common::service::init_logging(matches!(cli.log_format, LogFormat::Json));
     if let Command::ExampleConfig = cli.command {
         print!("{}", ferry_receiver::config::EXAMPLE);
         return ExitCode::SUCCESS;
@@ -121,6 +121,9 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                                 a.file, a.kind, a.seq, a.rows, a.media_files, a.duration_ms
                             );
                         }
+                        for d in &r.dropped {
+                            println!("dropped {d}: superseded by a newer complete");
+                        }
                         for h in &r.held {
                             println!("held    {}: {}", h.file, h.reason);
                         }
@@ -147,10 +150,19 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                 }
             }
         }
-        Command::Run => match daemon::run(&config).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(format!("{e:#}"), false),
-        },
+        Command::Run => {
+            let signals = match ferry_common::service::StopSignals::register() {
+                Ok(s) => s,
+                Err(e) => return fail(format!("could not install signal handlers: {e}"), false),
+            };
+            match daemon::run(&config, signals).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    let busy = e.downcast_ref::<ferry_common::lock::LockError>().is_some();
+                    fail(format!("{e:#}"), busy)
+                }
+            }
+        }
         Command::Status { json } => match report::status(&config).await {
             Ok(s) if json => {
                 println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
@@ -228,18 +240,5 @@ async fn execute(command: Command, config: Config) -> ExitCode {
             }
         }
         Command::ExampleConfig => ExitCode::SUCCESS,
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Plain => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }

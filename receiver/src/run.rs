@@ -60,6 +60,8 @@ pub struct Report {
     pub held: Vec<Held>,
     pub failed: Vec<Held>,
     pub hook_failures: Vec<(String, HookFailure)>,
+    /// Pending bundles an applied newer complete superseded, removed from the inbox.
+    pub dropped: Vec<String>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -113,14 +115,13 @@ pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassEr
     let steps = plan_all(config, target).await?;
     let mut report = Report::default();
     let mut stopped: BTreeMap<String, String> = BTreeMap::new();
+    let mut superseded = Vec::new();
     for step in steps {
         match step {
             Step::Duplicate(e) => {
                 tracing::debug!(bundle = %e.file, "already applied; left for pruning")
             }
-            Step::Superseded(e) => {
-                tracing::info!(bundle = %e.file, seq = e.seq, "superseded by a newer complete; not applied")
-            }
+            Step::Superseded(e) => superseded.push(e),
             Step::Hold(e, reason) => {
                 tracing::warn!(bundle = %e.file, seq = e.seq, %reason, "bundle held");
                 report.held.push(Held {
@@ -173,7 +174,35 @@ pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassEr
             }
         }
     }
+    drop_superseded(target, superseded, &mut report).await?;
     Ok(report)
+}
+
+/// Removes pending bundles that a newer complete, now applied, superseded: they
+/// can never apply (held partials of the old chain, say). While that complete
+/// is not applied yet (held, failed) they stay.
+async fn drop_superseded(
+    target: &mut Target,
+    superseded: Vec<Entry>,
+    report: &mut Report,
+) -> Result<(), PassError> {
+    for e in superseded {
+        let ledger = target.ledger(&e.sender).await?;
+        let Some(base) = ledger.base_seq.filter(|b| *b > e.seq) else {
+            tracing::info!(bundle = %e.file, seq = e.seq, "superseded by a newer complete that is not applied yet");
+            continue;
+        };
+        match std::fs::remove_file(&e.path) {
+            Ok(()) => {
+                tracing::info!(bundle = %e.file, seq = e.seq, complete_seq = base, "dropped: superseded by the applied complete");
+                report.dropped.push(e.file);
+            }
+            Err(error) => {
+                tracing::warn!(bundle = %e.file, %error, "could not drop a superseded bundle; pruning removes it later")
+            }
+        }
+    }
+    Ok(())
 }
 
 #[tracing::instrument(skip_all, fields(bundle = %e.file, seq = e.seq, kind = %e.kind))]

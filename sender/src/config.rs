@@ -18,6 +18,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub source: SourceConfig,
     #[serde(default)]
+    pub complete: CompleteConfig,
+    #[serde(default)]
     pub partial: PartialConfig,
     #[serde(default)]
     pub bundle: BundleConfig,
@@ -57,6 +59,49 @@ pub struct PushConfig {
     /// The longest wait between attempts (waits double from 1 s, with jitter).
     #[serde(default = "default_backoff_max", with = "ferry_common::duration")]
     pub backoff_max: Duration,
+    /// `run`: how often bundles still queued after a failed push are retried.
+    #[serde(default = "default_retry_interval", with = "ferry_common::duration")]
+    pub retry_interval: Duration,
+}
+
+fn default_retry_interval() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// When `run` takes completes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompleteConfig {
+    /// A 5-field cron expression in local time (`"30 3 * * *"`: 03:30 daily),
+    /// or `"off"`.
+    pub schedule: String,
+}
+
+impl Default for CompleteConfig {
+    fn default() -> Self {
+        Self {
+            schedule: "30 3 * * *".to_owned(),
+        }
+    }
+}
+
+impl CompleteConfig {
+    /// The parsed schedule; `None` when `"off"`.
+    pub fn cron(&self) -> Result<Option<croner::Cron>, String> {
+        let s = self.schedule.trim();
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        if s.split_whitespace().count() != 5 {
+            return Err(format!(
+                "{s:?} is not a 5-field cron expression (minute hour day-of-month month \
+                 day-of-week); write e.g. \"30 3 * * *\" for 03:30 every day, or \"off\""
+            ));
+        }
+        s.parse::<croner::Cron>().map(Some).map_err(|e| {
+            format!("{s:?} is not a valid cron expression ({e}); write e.g. \"30 3 * * *\"")
+        })
+    }
 }
 
 fn default_ssh_port() -> u16 {
@@ -147,6 +192,25 @@ pub struct PartialConfig {
     pub delete_log_retention: Duration,
     /// Per-table settings; keys are `schema.table` (case-sensitive).
     pub tables: BTreeMap<String, TableOverride>,
+    /// `run`: how often to take a partial (`"5m"`, `"2s"`), or `"off"`.
+    #[serde(deserialize_with = "interval")]
+    pub interval: Option<Duration>,
+}
+
+fn interval<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    match humantime::parse_duration(s.trim()) {
+        Ok(d) if !d.is_zero() => Ok(Some(d)),
+        Ok(_) => Err(serde::de::Error::custom(
+            "an interval of zero; write e.g. \"5m\" or \"off\"",
+        )),
+        Err(e) => Err(serde::de::Error::custom(format!(
+            "{s:?} is not a duration ({e}); write e.g. \"5m\", \"30s\" or \"off\""
+        ))),
+    }
 }
 
 impl Default for PartialConfig {
@@ -157,6 +221,7 @@ impl Default for PartialConfig {
             deletes: DeleteCapture::Trigger,
             delete_log_retention: Duration::from_secs(7 * 86400),
             tables: BTreeMap::new(),
+            interval: Some(Duration::from_secs(300)),
         }
     }
 }
@@ -264,6 +329,9 @@ impl Config {
                     self.state_dir.display()
                 ),
             ));
+        }
+        if let Err(message) = self.complete.cron() {
+            return Err(invalid("complete.schedule", message));
         }
         if self.source.engine().is_none() {
             return Err(invalid(

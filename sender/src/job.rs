@@ -66,10 +66,55 @@ pub struct JobOutcome {
 }
 
 /// Takes a complete or a partial. Holds the state lock for its duration.
-#[tracing::instrument(skip_all, fields(sender = %config.sender_id, kind = %requested))]
 pub async fn run(config: &Config, requested: Kind) -> Result<JobOutcome, JobError> {
+    let lock = StateLock::acquire(&config.state_dir)?;
+    run_locked(config, requested, &lock).await
+}
+
+/// Whether a complete was ever taken (partials need one to build on).
+pub async fn has_complete(config: &Config) -> Result<bool, JobError> {
+    let mut state = State::open(&config.state_dir).await?;
+    Ok(state.last(Some(Kind::Complete)).await?.is_some())
+}
+
+/// What a resync did beyond its complete.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ResyncOutcome {
+    pub complete: JobOutcome,
+    /// Queued, undelivered bundles the new complete supersedes, removed.
+    pub dropped: Vec<String>,
+}
+
+/// A complete now that re-bases the chain: waits up to `wait` for a running job
+/// (the daemon's, say) to finish, takes the complete, and drops the queued
+/// bundles it supersedes (the receiver would skip them anyway).
+pub async fn resync(config: &Config, wait: std::time::Duration) -> Result<ResyncOutcome, JobError> {
+    let lock = StateLock::acquire_waiting(&config.state_dir, wait).await?;
+    let complete = run_locked(config, Kind::Complete, &lock).await?;
+    let seq = complete.seq.unwrap_or(0);
+    let mut dropped = Vec::new();
+    for b in outbox::list(&config.outbox(), &config.sender_id)? {
+        if b.seq < seq {
+            let path = config.outbox().join(&b.file);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(bundle = %b.file, seq = b.seq, resync_seq = seq, "dropped a queued bundle the resync supersedes");
+                    dropped.push(b.file);
+                }
+                Err(e) => tracing::warn!(bundle = %b.file, error = %e, "could not drop a superseded bundle; the receiver will skip it"),
+            }
+        }
+    }
+    Ok(ResyncOutcome { complete, dropped })
+}
+
+#[tracing::instrument(skip_all, fields(sender = %config.sender_id, kind = %requested))]
+async fn run_locked(
+    config: &Config,
+    requested: Kind,
+    _lock: &StateLock,
+) -> Result<JobOutcome, JobError> {
     let started = Instant::now();
-    let _lock = StateLock::acquire(&config.state_dir)?;
     outbox::prepare(&config.state_dir)?;
     let mut state = State::open(&config.state_dir).await?;
     let outbox_dir = config.outbox();

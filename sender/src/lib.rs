@@ -7,10 +7,12 @@
 //! [`extract`] (source engines, staging, media) → [`bundle`] (the writer thread) →
 //! [`outbox`] (durable names, crash recovery) → [`state`] (watermarks, history)
 //! → [`push`] (SFTP to the receiver's inbox).
-//! [`job`] runs one complete or partial; [`report`] answers `status` and `check`.
+//! [`job`] runs one complete or partial (or a resync); [`daemon`] is `run`;
+//! [`report`] answers `status` and `check`.
 
 pub mod bundle;
 pub mod config;
+pub mod daemon;
 pub mod extract;
 pub mod job;
 pub mod outbox;

@@ -53,6 +53,21 @@ enum Command {
         #[arg(long)]
         no_push: bool,
     },
+    /// A complete now that re-bases the chain (waits for a running job), drops the
+    /// queued bundles it supersedes, then pushes.
+    Resync {
+        #[arg(long)]
+        json: bool,
+        /// Leave the bundle in the outbox.
+        #[arg(long)]
+        no_push: bool,
+        /// How long to wait for a job in progress (the daemon's) to finish.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
+    /// The daemon: completes on `[complete] schedule`, partials every
+    /// `[partial] interval`, pushing after each; stops on SIGTERM/SIGINT.
+    Run,
     /// Deliver the bundles waiting in the outbox, in order.
     Push {
         #[arg(long)]
@@ -74,7 +89,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    ferry_common::service::init_logging(matches!(cli.log_format, LogFormat::Json));
     if let Command::ExampleConfig = cli.command {
         print!("{}", ferry_sender::config::EXAMPLE);
         return ExitCode::SUCCESS;
@@ -106,6 +121,50 @@ async fn run(command: Command, config: Config) -> ExitCode {
         }
         Command::Partial { json, no_push } => {
             bundle_job(&config, Kind::Partial, json, no_push).await
+        }
+        Command::Resync {
+            json,
+            no_push,
+            wait,
+        } => match job::resync(&config, wait).await {
+            Ok(r) => {
+                if json {
+                    print_json(&r);
+                } else {
+                    print_outcome(&r.complete);
+                    for f in &r.dropped {
+                        println!("dropped {f}: queued, superseded by the resync");
+                    }
+                }
+                match &config.push {
+                    Some(p) if !no_push => push(&config, p, json).await,
+                    _ => ExitCode::SUCCESS,
+                }
+            }
+            Err(e) => job_failed(Kind::Complete, &e),
+        },
+        Command::Run => {
+            let signals = match ferry_common::service::StopSignals::register() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("ferry-sender: could not install signal handlers: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match ferry_sender::daemon::run(std::sync::Arc::new(config), signals).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "the sender stopped on an error");
+                    eprintln!("ferry-sender: {e:#}");
+                    if e.downcast_ref::<ferry_common::lock::LockError>().is_some()
+                        || e.to_string().contains("another ferry process")
+                    {
+                        ExitCode::from(75)
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+            }
         }
         Command::Push { json } => match &config.push {
             None => {
@@ -203,33 +262,39 @@ async fn build(config: &Config, kind: Kind, json: bool) -> ExitCode {
             if json {
                 return print_json(&outcome);
             }
-            if let Some(note) = &outcome.note {
-                println!("note: {note}");
-            }
-            match (&outcome.seq, &outcome.file) {
-                (Some(seq), Some(file)) => println!(
-                    "{} #{seq}: {} rows in {} tables, {} media files, {} bytes, {} ms -> {}",
-                    outcome.kind,
-                    outcome.rows,
-                    outcome.tables,
-                    outcome.media_files,
-                    outcome.bytes,
-                    outcome.duration_ms,
-                    file.display()
-                ),
-                _ => println!("partial: no changes since the last bundle; nothing written"),
-            }
+            print_outcome(&outcome);
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            tracing::error!(kind = %kind, error = %e, "job failed");
-            eprintln!("ferry-sender: {kind} failed: {e}");
-            if e.is_transient() {
-                ExitCode::from(75)
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+        Err(e) => job_failed(kind, &e),
+    }
+}
+
+fn print_outcome(outcome: &job::JobOutcome) {
+    if let Some(note) = &outcome.note {
+        println!("note: {note}");
+    }
+    match (&outcome.seq, &outcome.file) {
+        (Some(seq), Some(file)) => println!(
+            "{} #{seq}: {} rows in {} tables, {} media files, {} bytes, {} ms -> {}",
+            outcome.kind,
+            outcome.rows,
+            outcome.tables,
+            outcome.media_files,
+            outcome.bytes,
+            outcome.duration_ms,
+            file.display()
+        ),
+        _ => println!("partial: no changes since the last bundle; nothing written"),
+    }
+}
+
+fn job_failed(kind: Kind, e: &job::JobError) -> ExitCode {
+    tracing::error!(kind = %kind, error = %e, "job failed");
+    eprintln!("ferry-sender: {kind} failed: {e}");
+    if e.is_transient() {
+        ExitCode::from(75)
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -243,18 +308,5 @@ fn print_json<T: serde::Serialize>(value: &T) -> ExitCode {
             eprintln!("ferry-sender: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Plain => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }

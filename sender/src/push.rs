@@ -90,13 +90,15 @@ pub enum PushError {
     Outbox(#[from] OutboxError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("another push is running ({0}); this one is not needed")]
+    Busy(ferry_common::lock::LockError),
 }
 
 impl PushError {
     /// Whether trying again later can help without anyone changing anything.
     pub fn is_transient(&self) -> bool {
         match self {
-            PushError::Connect { .. } => true,
+            PushError::Connect { .. } | PushError::Busy(_) => true,
             PushError::Sftp { transient, .. } => *transient,
             _ => false,
         }
@@ -522,6 +524,9 @@ impl Link {
 /// up to `push.attempts` times. Records the outcome for `status`.
 pub async fn push_pending(config: &Config, p: &PushConfig) -> Result<PushOutcome, PushError> {
     let started = Instant::now();
+    // Two pushes at once would upload the same bundle twice and race to move it.
+    let _push = ferry_common::lock::StateLock::acquire_named(&config.state_dir, "push.lock")
+        .map_err(PushError::Busy)?;
     let mut state = State::open(&config.state_dir).await?;
     let mut outcome = PushOutcome::default();
     let mut attempt = 0;
