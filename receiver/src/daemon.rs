@@ -62,6 +62,7 @@ pub async fn run(config: &Config, mut signals: StopSignals) -> anyhow::Result<()
             }
         }
         let Some(t) = target.as_mut() else { continue };
+        let pg_session = t.pg_session();
         let outcome = {
             let pass = run::pass(config, t);
             tokio::pin!(pass);
@@ -87,8 +88,13 @@ pub async fn run(config: &Config, mut signals: StopSignals) -> anyhow::Result<()
             }
             None => {
                 // Dropping the pass rolled its transaction back: nothing committed.
-                tracing::warn!("abandoned the load in flight; nothing was committed, and the bundle loads at the next start");
                 target = None;
+                if let Some((url, pid)) = &pg_session {
+                    crate::load::postgres::end_session(url, *pid).await;
+                }
+                tracing::warn!(
+                    "abandoned the load in flight; nothing was committed, and the bundle loads at the next start"
+                );
             }
         }
         if stop {

@@ -101,7 +101,9 @@ pub async fn resync(config: &Config, wait: std::time::Duration) -> Result<Resync
                     tracing::info!(bundle = %b.file, seq = b.seq, resync_seq = seq, "dropped a queued bundle the resync supersedes");
                     dropped.push(b.file);
                 }
-                Err(e) => tracing::warn!(bundle = %b.file, error = %e, "could not drop a superseded bundle; the receiver will skip it"),
+                Err(e) => {
+                    tracing::warn!(bundle = %b.file, error = %e, "could not drop a superseded bundle; the receiver will skip it")
+                }
             }
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod daemon;
 pub mod fixtures;
+pub mod lite;
 pub mod loader;
 pub mod pg;
 pub mod sshd;

@@ -5,112 +5,13 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
+use ferry_tests::binary;
 use ferry_tests::daemon::Daemon;
-use ferry_tests::loader::sqlite_rows;
-use ferry_tests::{binary, outbox_files};
-use sqlx::{Connection, SqliteConnection};
+use ferry_tests::lite::{Lite, run, sqlite, text};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn run(bin: &str, config: &Path, args: &[&str]) -> Output {
-    Command::new(binary(bin))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-async fn sqlite(path: &Path) -> SqliteConnection {
-    SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", path.display()))
-        .await
-        .unwrap()
-}
-
-struct Lite {
-    dir: tempfile::TempDir,
-}
-
-impl Lite {
-    async fn new(receiver_extra: &str) -> Self {
-        let l = Self {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        std::fs::create_dir_all(l.p("media-src")).unwrap();
-        std::fs::create_dir_all(l.p("inbox")).unwrap();
-        let mut app = sqlite(&l.p("app.sqlite3")).await;
-        sqlx::raw_sql(
-            "CREATE TABLE phone (id INTEGER PRIMARY KEY, model TEXT, updated_at TEXT NOT NULL);
-             CREATE TABLE report (id INTEGER PRIMARY KEY, phone_id INTEGER REFERENCES phone(id),
-               msg TEXT, photo BLOB, score REAL, updated_at TEXT NOT NULL);
-             CREATE INDEX report_at ON report (updated_at);
-             INSERT INTO phone VALUES (1, 'a', '2024-01-01 00:00:00'), (2, 'b', '2024-01-01 00:00:00');
-             INSERT INTO report VALUES (1, 1, 'x', X'00FF', -0.0, '2024-01-01 00:00:00'),
-                                       (2, 2, NULL, NULL, 1.5, '2024-01-01 00:00:00');",
-        )
-        .execute(&mut app)
-        .await
-        .unwrap();
-        std::fs::write(
-            l.p("sender.toml"),
-            format!(
-                "sender_id = \"app\"\nstate_dir = {:?}\n[source]\nurl = \"sqlite://{}\"\n[partial]\n\
-                 change_column = \"updated_at\"\noverlap = \"0s\"\n[[media]]\nname = \"images\"\npath = {:?}\n",
-                l.p("sstate"),
-                l.p("app.sqlite3").display(),
-                l.p("media-src")
-            ),
-        )
-        .unwrap();
-        std::fs::write(
-            l.p("receiver.toml"),
-            format!(
-                "state_dir = {:?}\ninbox = {:?}\n[target]\nurl = \"sqlite://{}\"\n[media]\nimages = {:?}\n{receiver_extra}",
-                l.p("rstate"),
-                l.p("inbox"),
-                l.p("viz.sqlite3").display(),
-                l.p("media-dst")
-            ),
-        )
-        .unwrap();
-        l
-    }
-
-    fn p(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn send(&self, kind: &str) -> String {
-        let out = run("ferry-sender", &self.p("sender.toml"), &[kind]);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        outbox_files(&self.p("sstate/outbox")).pop().unwrap()
-    }
-
-    fn deliver(&self, file: &str) {
-        let tmp = self.p("inbox").join(format!(".{file}.part"));
-        std::fs::copy(self.p("sstate/outbox").join(file), &tmp).unwrap();
-        std::fs::rename(&tmp, self.p("inbox").join(file)).unwrap();
-    }
-
-    async fn assert_same(&self) {
-        let mut a = sqlite(&self.p("app.sqlite3")).await;
-        let mut b = sqlite(&self.p("viz.sqlite3")).await;
-        for t in ["phone", "report"] {
-            assert_eq!(
-                sqlite_rows(&mut a, t).await,
-                sqlite_rows(&mut b, t).await,
-                "{t} differs"
-            );
-        }
-    }
-}
 
 #[tokio::test]
 async fn sqlite_to_sqlite_end_to_end() {

@@ -584,3 +584,82 @@ async fn one_transaction_loads_when_asked_and_when_staging_is_impossible() {
     p.assert_same(&["person"]).await;
     assert!(staging_schemas(&p).await.is_empty());
 }
+
+#[tokio::test]
+async fn sigterm_during_a_load_abandons_it_cleanly_and_the_next_start_applies_it() {
+    // A SQL hook that sleeps keeps the load transaction open.
+    let p = Pipe::new(
+        SMALL,
+        "[daemon]\nrescan_interval = \"1h\"\n[[hooks]]\non = [\"complete\"]\nsql = \"SELECT pg_sleep(60)\"\n",
+    )
+    .await;
+    p.deliver(&p.send("complete"));
+    let mut cmd = Command::new(binary("ferry-receiver"));
+    cmd.arg("--config")
+        .arg(p.path("receiver.toml"))
+        .arg("run")
+        .env("RUST_LOG", "info");
+    let mut d = ferry_tests::daemon::Daemon::spawn(cmd);
+    let mut viz = p.server.connect("viz").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let sleeping: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'viz' AND query LIKE '%pg_sleep%' AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut viz)
+        .await
+        .unwrap();
+        if sleeping > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the load never reached its hook:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stopped = Instant::now();
+    d.signal("TERM");
+    let status = d.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status}:\n{}", d.log());
+    assert!(stopped.elapsed() < Duration::from_secs(15));
+    assert!(
+        d.log().contains("abandoned the load in flight"),
+        "{}",
+        d.log()
+    );
+    // Nothing committed; the bundle waits in the inbox.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let busy: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'viz' AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut viz)
+        .await
+        .unwrap();
+        if busy == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned load's session lingers"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('public.parent') IS NOT NULL")
+        .fetch_one(&mut viz)
+        .await
+        .unwrap();
+    assert!(!exists, "the abandoned load committed something");
+    // Without the sleeping hook, the next start applies it.
+    let conf = std::fs::read_to_string(p.path("receiver.toml")).unwrap();
+    std::fs::write(
+        p.path("receiver.toml"),
+        conf.replace("sql = \"SELECT pg_sleep(60)\"", "sql = \"SELECT 1\""),
+    )
+    .unwrap();
+    p.load_ok();
+    p.assert_same(&["parent", "child"]).await;
+    assert!(staging_schemas(&p).await.is_empty());
+}

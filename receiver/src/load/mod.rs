@@ -86,6 +86,14 @@ pub enum Target {
 }
 
 impl Target {
+    /// The PostgreSQL session (url, backend pid), to end it if a load is abandoned.
+    pub fn pg_session(&self) -> Option<(String, i32)> {
+        match self {
+            Target::Postgres(pg) => Some(pg.session()),
+            Target::Sqlite(_) => None,
+        }
+    }
+
     pub async fn connect(config: &Config) -> Result<Self, LoadError> {
         match config.target.engine() {
             Some(Engine::Postgres) => Ok(Target::Postgres(Box::new(

@@ -32,6 +32,8 @@ pub(super) async fn session(url: &str) -> Result<PgConnection, LoadError> {
 pub struct PgTarget {
     pub(super) conn: PgConnection,
     pub(super) url: String,
+    /// This session's server process, to end it when a load is abandoned.
+    pub(super) backend_pid: i32,
 }
 
 pub(super) fn q(sql: String) -> AssertSqlSafe<String> {
@@ -59,10 +61,20 @@ impl PgTarget {
             .execute(&mut conn)
             .await
             .map_err(LoadError::db("creating the ledger (schema ferry_receiver; the user needs CREATE on the database)"))?;
+        let backend_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(LoadError::db("reading the session's backend pid"))?;
         Ok(Self {
             conn,
             url: url.to_owned(),
+            backend_pid,
         })
+    }
+
+    /// What [`end_session`] needs after this target is dropped mid-load.
+    pub fn session(&self) -> (String, i32) {
+        (self.url.clone(), self.backend_pid)
     }
 
     pub async fn ledger(&mut self, sender: &str) -> Result<LedgerState, LoadError> {
@@ -540,4 +552,22 @@ async fn load_partial(conn: &mut PgConnection, v: &Verified) -> Result<u64, Load
         }
     }
     Ok(rows)
+}
+
+/// Ends a session whose load was abandoned (a stop signal): the server would
+/// otherwise run its statement (a long hook, say) to the end before noticing
+/// the client is gone, holding the load's locks. Its transaction rolls back.
+pub async fn end_session(url: &str, pid: i32) {
+    let ended = async {
+        let mut conn = session(url).await?;
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(&mut conn)
+            .await
+            .map_err(LoadError::db("ending the abandoned session"))?;
+        Ok::<(), LoadError>(())
+    };
+    if let Err(error) = ended.await {
+        tracing::warn!(%error, pid, "could not end the abandoned load's session; the server ends it when its statement finishes");
+    }
 }

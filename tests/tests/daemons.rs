@@ -1,0 +1,202 @@
+//! The agents as daemons and the manual resync, with the real binaries on the
+//! embedded default (SQLite): `ferry-sender run` takes partials on an interval,
+//! refuses a second instance, skips ticks while a job is busy and abandons a hung
+//! job cleanly on SIGTERM; `ferry-sender resync` re-bases the chain and the
+//! receiver drops the held partials it supersedes.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use ferry_tests::daemon::Daemon;
+use ferry_tests::lite::{Lite, run, sqlite, text};
+use ferry_tests::{binary, outbox_files};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn sender_daemon(l: &Lite) -> Daemon {
+    let mut cmd = Command::new(binary("ferry-sender"));
+    cmd.arg("--config")
+        .arg(l.p("sender.toml"))
+        .arg("run")
+        .env("RUST_LOG", "info");
+    Daemon::spawn(cmd)
+}
+
+/// Waits until the outbox holds a bundle whose name contains `what`.
+fn wait_outbox(l: &Lite, what: &str, daemon: &Daemon) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(f) = outbox_files(&l.p("sstate/outbox"))
+            .into_iter()
+            .find(|f| f.contains(what))
+        {
+            return f;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} bundle appeared; the daemon logged:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn the_sender_daemon_takes_partials_on_its_interval_and_stops_on_sigterm() {
+    let l = Lite::with("", "interval = \"1s\"\n[complete]\nschedule = \"off\"\n").await;
+    let mut d = sender_daemon(&l);
+    d.wait_for("sender running", Duration::from_secs(20));
+    // No complete yet: the daemon takes one at once.
+    let complete = wait_outbox(&l, "complete", &d);
+
+    let second = run("ferry-sender", &l.p("sender.toml"), &["run"]);
+    assert_eq!(second.status.code(), Some(75), "{}", text(&second.stderr));
+    assert!(
+        text(&second.stderr).contains("another ferry process"),
+        "{}",
+        text(&second.stderr)
+    );
+
+    let mut app = sqlite(&l.p("app.sqlite3")).await;
+    sqlx::raw_sql(
+        "INSERT INTO report VALUES (3, 2, 'new', NULL, 2.5, '2024-06-01 00:00:00');
+         DELETE FROM report WHERE id = 2;",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
+    let partial = wait_outbox(&l, "partial", &d);
+
+    d.signal("TERM");
+    let status = d.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status}:\n{}", d.log());
+    assert!(d.log().contains("sender stopped"), "{}", d.log());
+
+    l.deliver(&complete);
+    l.deliver(&partial);
+    let out = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    l.assert_same().await;
+}
+
+#[tokio::test]
+async fn a_busy_job_skips_ticks_and_sigterm_abandons_it_without_losing_the_bundle() {
+    // An "SFTP server" that accepts connections and never answers: the push hangs.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("id_ed25519");
+    ferry_tests::sshd::keygen(&key, "ed25519");
+    std::fs::write(dir.path().join("known_hosts"), "").unwrap();
+    let push = format!(
+        "interval = \"1s\"\n[complete]\nschedule = \"off\"\n[push]\nhost = \"127.0.0.1\"\nport = {port}\n\
+         user = \"ferry\"\nkey_file = {key:?}\nknown_hosts = {:?}\nconnect_timeout = \"5m\"\nattempts = 1\n",
+        dir.path().join("known_hosts")
+    );
+    let l = Lite::with("", &push).await;
+    let mut d = sender_daemon(&l);
+    d.wait_for("sender running", Duration::from_secs(20));
+    let complete = wait_outbox(&l, "complete", &d);
+    // The complete's push hangs; the partial ticks find the job busy.
+    d.wait_for(
+        "partial tick skipped: the previous job is still running",
+        Duration::from_secs(20),
+    );
+
+    let stopped = Instant::now();
+    d.signal("TERM");
+    let status = d.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status}:\n{}", d.log());
+    assert!(
+        stopped.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        stopped.elapsed()
+    );
+    assert!(
+        d.log().contains("abandoned the job in flight"),
+        "{}",
+        d.log()
+    );
+    // Nothing lost, nothing half-done: the bundle is still queued, no temporaries.
+    assert_eq!(outbox_files(&l.p("sstate/outbox")), vec![complete]);
+    let temps: Vec<_> = std::fs::read_dir(l.p("sstate/outbox"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(temps.is_empty(), "{temps:?}");
+    let status = run("ferry-sender", &l.p("sender.toml"), &["status"]);
+    assert!(status.status.success(), "{}", text(&status.stderr));
+}
+
+#[tokio::test]
+async fn resync_rebases_the_chain_and_the_receiver_drops_what_it_supersedes() {
+    let l = Lite::new("").await;
+    let c1 = l.send("complete");
+    let mut app = sqlite(&l.p("app.sqlite3")).await;
+    sqlx::raw_sql("UPDATE report SET msg = 'one', updated_at = '2024-06-01 00:00:01' WHERE id = 1")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let p2 = l.send("partial");
+    sqlx::raw_sql("UPDATE report SET msg = 'two', updated_at = '2024-06-01 00:00:02' WHERE id = 1")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let p3 = l.send("partial");
+    // #2 is lost on the way: #3 is held behind the gap.
+    l.deliver(&c1);
+    l.deliver(&p3);
+    let out = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("held"), "{}", text(&out.stdout));
+
+    // The operator resyncs: a complete now; the queued bundles it supersedes go.
+    let out = run("ferry-sender", &l.p("sender.toml"), &["resync"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for f in [&c1, &p2, &p3] {
+        assert!(
+            stdout.contains(&format!("dropped {f}")),
+            "{f} not dropped:\n{stdout}"
+        );
+    }
+    let left = outbox_files(&l.p("sstate/outbox"));
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].contains("000000000004-complete"), "{left:?}");
+
+    l.deliver(&left[0]);
+    let out = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains(&format!("dropped {p3}")),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        !l.p("inbox").join(&p3).exists(),
+        "the held partial is dropped"
+    );
+    l.assert_same().await;
+    // The chain goes on from the resync.
+    sqlx::raw_sql(
+        "UPDATE report SET msg = 'three', updated_at = '2024-06-01 00:00:03' WHERE id = 1",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
+    l.deliver(&l.send("partial"));
+    let out = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    l.assert_same().await;
+}
