@@ -488,6 +488,36 @@ mod tests {
     }
 
     #[test]
+    fn schedules_and_intervals() {
+        let base = "sender_id='a'\nstate_dir='/x'\n[source]\nurl='sqlite:///x'\n";
+        let c = parse(base).unwrap();
+        assert_eq!(c.complete.schedule, "30 3 * * *");
+        assert_eq!(c.partial.interval, Some(Duration::from_secs(300)));
+        let c = parse(&format!(
+            "{base}[complete]\nschedule='off'\n[partial]\ninterval='2s'\n"
+        ))
+        .unwrap();
+        assert!(c.complete.cron().unwrap().is_none());
+        assert_eq!(c.partial.interval, Some(Duration::from_secs(2)));
+        let c = parse(&format!("{base}[partial]\ninterval='off'\n")).unwrap();
+        assert_eq!(c.partial.interval, None);
+        for bad in ["'30 3 * *'", "'61 3 * * *'", "'daily'"] {
+            let e = parse(&format!("{base}[complete]\nschedule={bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("`complete.schedule`"), "{e}");
+            assert!(e.contains("30 3 * * *"), "{e}");
+        }
+        for bad in ["'0s'", "'soon'"] {
+            let e = parse(&format!("{base}[partial]\ninterval={bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("interval"), "{e}");
+            assert!(e.contains("5m"), "{e}");
+        }
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let e =
             parse("sender_id='a'\nstate_dir='/x'\n[source]\nurl='sqlite:///x'\nincludes=['a']\n")

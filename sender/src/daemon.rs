@@ -194,3 +194,30 @@ fn start(config: &Arc<Config>, work: Work) -> (Work, JoinHandle<()>) {
     });
     (work, handle)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn next_fire_follows_the_cron_schedule_in_local_time() {
+        let cron: croner::Cron = "30 3 * * *".parse().unwrap_or_else(|e| panic!("{e}"));
+        let at = |d, h, m| {
+            Local
+                .with_ymd_and_hms(2026, 11, d, h, m, 0)
+                .single()
+                .unwrap_or_else(|| panic!("ambiguous local time"))
+        };
+        let next = |t| next_fire(&cron, t).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(next(at(25, 10, 0)), at(26, 3, 30));
+        assert_eq!(next(at(25, 3, 0)), at(25, 3, 30));
+        // Strictly after: a job that fires at 03:30 is next due the day after.
+        assert_eq!(next(at(25, 3, 30)), at(26, 3, 30));
+        let every: croner::Cron = "*/15 * * * *".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            next_fire(&every, at(25, 10, 1)).unwrap_or_else(|e| panic!("{e}")),
+            at(25, 10, 15)
+        );
+    }
+}
