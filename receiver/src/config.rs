@@ -26,6 +26,8 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub daemon: Daemon,
+    /// The embedded SFTP endpoint (`run` serves it), for hosts without OpenSSH.
+    pub sftp_server: Option<crate::sftp_server::SftpServerConfig>,
 }
 
 #[derive(Clone, Deserialize)]

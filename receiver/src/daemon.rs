@@ -11,6 +11,15 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use std::time::Duration;
 use tokio::time::MissedTickBehavior;
 
+/// Stops a background task when the daemon returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How long a load in flight may finish after a stop signal before it is abandoned
 /// (its transaction rolls back; the bundle stays in the inbox).
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -36,6 +45,19 @@ pub async fn run(config: &Config, mut signals: StopSignals) -> anyhow::Result<()
     rescan.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut prune = tokio::time::interval(config.daemon.prune_interval);
     prune.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    // The embedded SFTP endpoint serves while the daemon runs.
+    let _endpoint = match &config.sftp_server {
+        Some(cfg) => {
+            let endpoint = crate::sftp_server::Endpoint::bind(cfg, &config.inbox).await?;
+            tracing::info!(listen = %endpoint.local_addr()?, inbox = %config.inbox.display(), "SFTP endpoint listening");
+            Some(AbortOnDrop(tokio::spawn(async move {
+                if let Err(error) = endpoint.serve().await {
+                    tracing::error!(%error, "the SFTP endpoint stopped");
+                }
+            })))
+        }
+        None => None,
+    };
     let mut target: Option<Target> = None;
     let mut stop = false;
     tracing::info!(inbox = %config.inbox.display(), "receiver running");

@@ -17,6 +17,7 @@ pub mod prune;
 pub mod quarantine;
 pub mod report;
 pub mod run;
+pub mod sftp_server;
 pub mod verify;
 
 pub use config::Config;
