@@ -70,7 +70,14 @@ pub async fn run(config: &Config, mut signals: StopSignals) -> anyhow::Result<()
                 service::stopping();
                 break;
             }
-            _ = rx.recv() => false,
+            _ = rx.recv() => {
+                // Coalesce a burst of events into one pass. Draining happens
+                // before the pass scans, so an event that arrives during the
+                // pass stays queued and triggers the next one.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                while rx.try_recv().is_ok() {}
+                false
+            }
             _ = rescan.tick() => false,
             _ = prune.tick() => true,
         };
@@ -128,9 +135,6 @@ pub async fn run(config: &Config, mut signals: StopSignals) -> anyhow::Result<()
         {
             tracing::error!(%error, "prune failed");
         }
-        // Coalesce bursts of events.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        while rx.try_recv().is_ok() {}
     }
     tracing::info!("receiver stopped");
     Ok(())
