@@ -192,6 +192,24 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Per table (in manifest order): rows and compressed-before bytes of its
+    /// data members, for one log event per table.
+    pub fn table_totals(&self) -> Vec<(String, u64, u64)> {
+        let mut out: Vec<(String, u64, u64)> = Vec::new();
+        for m in &self.members {
+            let Some(t) = &m.table else { continue };
+            let key = t.to_string();
+            match out.iter_mut().find(|(k, _, _)| *k == key) {
+                Some(e) => {
+                    e.1 += m.rows.unwrap_or(0);
+                    e.2 += m.size;
+                }
+                None => out.push((key, m.rows.unwrap_or(0), m.size)),
+            }
+        }
+        out
+    }
+
     /// Total rows over all data members.
     pub fn rows(&self) -> u64 {
         self.members.iter().filter_map(|m| m.rows).sum()

@@ -205,6 +205,14 @@ async fn drop_superseded(
     Ok(())
 }
 
+/// One event per table, then one for the bundle.
+fn log_loaded(e: &Entry, m: &Manifest, rows: u64, media_files: u64, duration_ms: u64) {
+    for (table, rows, bytes) in m.table_totals() {
+        tracing::info!(bundle = %e.file, seq = e.seq, %table, rows, bytes, "table loaded");
+    }
+    tracing::info!(bundle = %e.file, seq = e.seq, kind = %e.kind, rows, media_files, duration_ms, "bundle loaded");
+}
+
 #[tracing::instrument(skip_all, fields(bundle = %e.file, seq = e.seq, kind = %e.kind))]
 async fn apply_one(
     config: &Config,
@@ -230,7 +238,7 @@ async fn apply_one(
         let _ = std::fs::remove_dir_all(&staging);
         let (rows, media_files, m) = rows?;
         let duration_ms = started.elapsed().as_millis() as u64;
-        tracing::info!(rows, media_files, duration_ms, "bundle loaded");
+        log_loaded(e, &m, rows, media_files, duration_ms);
         let hook_failures = hooks::run_commands(&config.hooks, &m, &e.file).await;
         return Ok((
             AppliedBundle {
@@ -258,7 +266,7 @@ async fn apply_one(
     let media_files = media::install(&v, &config.media)?;
     let rows = target.apply(&v, &e.file, &sql_hooks(config, e)).await?;
     let duration_ms = started.elapsed().as_millis() as u64;
-    tracing::info!(rows, media_files, duration_ms, "bundle loaded");
+    log_loaded(e, m, rows, media_files, duration_ms);
     let hook_failures = hooks::run_commands(&config.hooks, m, &e.file).await;
     Ok((
         AppliedBundle {

@@ -237,6 +237,9 @@ async fn run_locked(
     state
         .commit_bundle(&manifest, &file_name, bytes, duration_ms, &sent)
         .await?;
+    for (table, rows, bytes) in manifest.table_totals() {
+        tracing::info!(bundle = %file_name, seq = seq.0, %table, rows, bytes, "table written");
+    }
     tracing::info!(
         bundle = %file_name,
         seq = seq.0,

@@ -200,3 +200,91 @@ async fn resync_rebases_the_chain_and_the_receiver_drops_what_it_supersedes() {
     assert!(out.status.success(), "{}", text(&out.stdout));
     l.assert_same().await;
 }
+
+/// Parses every stderr line as one JSON object (panics on a line that is not).
+fn json_lines(stderr: &[u8]) -> Vec<serde_json::Value> {
+    text(stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+#[tokio::test]
+async fn json_logs_parse_with_fields_and_a_failed_load_is_one_error_event() {
+    let l = Lite::new("").await;
+    let c = l.send("complete");
+    l.deliver(&c);
+    let out = Command::new(binary("ferry-receiver"))
+        .arg("--config")
+        .arg(l.p("receiver.toml"))
+        .args(["--log-format", "json", "load"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let events = json_lines(&out.stderr);
+    let table = events
+        .iter()
+        .find(|e| e["message"] == "table loaded" && e["table"] == "report")
+        .unwrap_or_else(|| panic!("no table event: {events:?}"));
+    assert_eq!(table["bundle"], c.as_str());
+    assert_eq!(table["rows"], 2);
+    assert!(table["bytes"].as_u64().unwrap() > 0);
+    let bundle = events
+        .iter()
+        .find(|e| e["message"] == "bundle loaded")
+        .unwrap();
+    assert_eq!(bundle["seq"], 1);
+    assert!(bundle["duration_ms"].is_u64());
+
+    // A corrupted partial: exactly one error event, naming the bundle and the cause.
+    let mut app = sqlite(&l.p("app.sqlite3")).await;
+    sqlx::raw_sql("UPDATE report SET msg = 'x', updated_at = '2024-06-01 00:00:01' WHERE id = 1")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let p = l.send("partial");
+    let path = l.p("sstate/outbox").join(&p);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 16] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&path, bytes).unwrap();
+    l.deliver(&p);
+    let out = Command::new(binary("ferry-receiver"))
+        .arg("--config")
+        .arg(l.p("receiver.toml"))
+        .args(["--log-format", "json", "load"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let errors: Vec<_> = json_lines(&out.stderr)
+        .into_iter()
+        .filter(|e| e["level"] == "ERROR")
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0]["bundle"], p.as_str());
+    assert!(
+        errors[0]["error"].as_str().is_some_and(|s| !s.is_empty()),
+        "{errors:?}"
+    );
+    // The sender logs JSON too.
+    let out = Command::new(binary("ferry-sender"))
+        .arg("--config")
+        .arg(l.p("sender.toml"))
+        .args(["--log-format", "json", "complete"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let events = json_lines(&out.stderr);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["message"] == "table written" && e["table"] == "phone" && e["rows"] == 2),
+        "{events:?}"
+    );
+}
