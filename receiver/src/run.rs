@@ -116,6 +116,11 @@ pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassEr
     let mut report = Report::default();
     let mut stopped: BTreeMap<String, String> = BTreeMap::new();
     let mut superseded = Vec::new();
+    let applying = steps.iter().filter(|s| matches!(s, Step::Apply(_))).count();
+    let bar = ferry_common::service::progress_bar(
+        applying as u64,
+        "{msg} [{bar:30}] {pos}/{len} bundles {elapsed}",
+    );
     for step in steps {
         match step {
             Step::Duplicate(e) => {
@@ -137,7 +142,10 @@ pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassEr
                     });
                     continue;
                 }
-                match apply_one(config, target, &e).await {
+                bar.set_message(e.file.clone());
+                let result = apply_one(config, target, &e).await;
+                bar.inc(1);
+                match result {
                     Ok((applied, hook_failures)) => {
                         report
                             .hook_failures
@@ -174,6 +182,7 @@ pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassEr
             }
         }
     }
+    bar.finish_and_clear();
     drop_superseded(target, superseded, &mut report).await?;
     Ok(report)
 }

@@ -117,6 +117,7 @@ async fn run_locked(
     _lock: &StateLock,
 ) -> Result<JobOutcome, JobError> {
     let started = Instant::now();
+    let spinner = ferry_common::service::progress_spinner(format!("taking a {requested}"));
     outbox::prepare(&config.state_dir)?;
     let mut state = State::open(&config.state_dir).await?;
     let outbox_dir = config.outbox();
@@ -237,6 +238,7 @@ async fn run_locked(
     state
         .commit_bundle(&manifest, &file_name, bytes, duration_ms, &sent)
         .await?;
+    spinner.finish_and_clear();
     for (table, rows, bytes) in manifest.table_totals() {
         tracing::info!(bundle = %file_name, seq = seq.0, %table, rows, bytes, "table written");
     }

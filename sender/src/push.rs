@@ -427,6 +427,11 @@ impl Link {
             message: e.to_string(),
             transient: true,
         };
+        let bar = ferry_common::service::progress_bar(
+            size,
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+        );
+        bar.set_message(name.to_owned());
         let mut buf = vec![0u8; WRITE_BYTES];
         loop {
             let mut filled = 0;
@@ -449,7 +454,9 @@ impl Link {
             dst.write_all(&buf[..filled])
                 .await
                 .map_err(|e| io_err("writing", e))?;
+            bar.inc(filled as u64);
         }
+        bar.finish_and_clear();
         // flush: every write acknowledged, then fsync@openssh.com where offered.
         dst.flush().await.map_err(|e| io_err("syncing", e))?;
         dst.shutdown().await.map_err(|e| io_err("closing", e))?;

@@ -288,3 +288,45 @@ async fn json_logs_parse_with_fields_and_a_failed_load_is_one_error_event() {
         "{events:?}"
     );
 }
+
+/// Runs a command under a pseudo-terminal (util-linux `script`); returns what
+/// the terminal showed.
+fn on_a_tty(cmd: &str) -> String {
+    let out = Command::new("script")
+        .args(["-qec", cmd, "/dev/null"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("script (util-linux)");
+    assert!(out.status.success(), "{cmd}: {}", text(&out.stdout));
+    text(&out.stdout)
+}
+
+#[tokio::test]
+async fn progress_bars_show_on_a_terminal_only() {
+    let l = Lite::new("").await;
+    std::fs::write(l.p("media-src/big.bin"), vec![7u8; 4 << 20]).unwrap();
+    let sender = format!(
+        "{} --config {}",
+        binary("ferry-sender").display(),
+        l.p("sender.toml").display()
+    );
+    let shown = on_a_tty(&format!("{sender} complete"));
+    assert!(shown.contains("taking a complete"), "{shown}");
+    let c = outbox_files(&l.p("sstate/outbox")).pop().unwrap();
+    l.deliver(&c);
+    let receiver = format!(
+        "{} --config {}",
+        binary("ferry-receiver").display(),
+        l.p("receiver.toml").display()
+    );
+    let shown = on_a_tty(&format!("{receiver} load"));
+    assert!(shown.contains("bundles"), "{shown}");
+    assert!(shown.contains(&c), "{shown}");
+    // Not on a terminal: no bar, no control sequences.
+    let out = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+    assert!(out.status.success());
+    for stream in [&out.stdout, &out.stderr] {
+        let s = text(stream);
+        assert!(!s.contains("bundles ") && !s.contains('\u{1b}'), "{s}");
+    }
+}
