@@ -201,6 +201,17 @@ async fn resync_rebases_the_chain_and_the_receiver_drops_what_it_supersedes() {
     l.assert_same().await;
 }
 
+/// Runs an agent's command with `--log-format json` at level info.
+fn json_run(bin: &str, l: &Lite, config: &str, command: &str) -> std::process::Output {
+    Command::new(binary(bin))
+        .arg("--config")
+        .arg(l.p(config))
+        .args(["--log-format", "json", command])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap()
+}
+
 /// Parses every stderr line as one JSON object (panics on a line that is not).
 fn json_lines(stderr: &[u8]) -> Vec<serde_json::Value> {
     text(stderr)
@@ -215,13 +226,7 @@ async fn json_logs_parse_with_fields_and_a_failed_load_is_one_error_event() {
     let l = Lite::new("").await;
     let c = l.send("complete");
     l.deliver(&c);
-    let out = Command::new(binary("ferry-receiver"))
-        .arg("--config")
-        .arg(l.p("receiver.toml"))
-        .args(["--log-format", "json", "load"])
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
+    let out = json_run("ferry-receiver", &l, "receiver.toml", "load");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let events = json_lines(&out.stderr);
     let table = events
@@ -253,13 +258,7 @@ async fn json_logs_parse_with_fields_and_a_failed_load_is_one_error_event() {
     }
     std::fs::write(&path, bytes).unwrap();
     l.deliver(&p);
-    let out = Command::new(binary("ferry-receiver"))
-        .arg("--config")
-        .arg(l.p("receiver.toml"))
-        .args(["--log-format", "json", "load"])
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
+    let out = json_run("ferry-receiver", &l, "receiver.toml", "load");
     assert_eq!(out.status.code(), Some(1));
     let errors: Vec<_> = json_lines(&out.stderr)
         .into_iter()
@@ -272,13 +271,7 @@ async fn json_logs_parse_with_fields_and_a_failed_load_is_one_error_event() {
         "{errors:?}"
     );
     // The sender logs JSON too.
-    let out = Command::new(binary("ferry-sender"))
-        .arg("--config")
-        .arg(l.p("sender.toml"))
-        .args(["--log-format", "json", "complete"])
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
+    let out = json_run("ferry-sender", &l, "sender.toml", "complete");
     assert!(out.status.success());
     let events = json_lines(&out.stderr);
     assert!(

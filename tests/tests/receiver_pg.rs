@@ -130,6 +130,25 @@ fn text(b: &[u8]) -> String {
 /// The receiver's warning when a complete could not be loaded in parallel.
 const FELL_BACK: &str = "loading in one transaction instead";
 
+/// Waits until no other session uses `viz` (the server noticed a dead or
+/// terminated client and rolled its transaction back).
+async fn wait_until_sessions_end(viz: &mut sqlx::PgConnection) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let busy: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'viz' AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut *viz)
+        .await
+        .unwrap();
+        if busy == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "a session on viz lingers");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Staging schemas left in the target (there must be none after a load).
 async fn staging_schemas(p: &Pipe) -> Vec<String> {
     let mut viz = p.server.connect("viz").await;
@@ -457,20 +476,7 @@ async fn kill_9_during_a_load_keeps_the_previous_copy_and_the_next_run_applies_i
     child.kill().unwrap();
     child.wait().unwrap();
     // The server notices the dead client and rolls back; the old copy is intact.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let busy: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'viz' AND pid <> pg_backend_pid()",
-        )
-        .fetch_one(&mut viz)
-        .await
-        .unwrap();
-        if busy == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_sessions_end(&mut viz).await;
     assert_eq!(
         table_rows(&mut viz, "child").await.len(),
         2,
@@ -630,23 +636,7 @@ async fn sigterm_during_a_load_abandons_it_cleanly_and_the_next_start_applies_it
         d.log()
     );
     // Nothing committed; the bundle waits in the inbox.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let busy: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'viz' AND pid <> pg_backend_pid()",
-        )
-        .fetch_one(&mut viz)
-        .await
-        .unwrap();
-        if busy == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the abandoned load's session lingers"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_sessions_end(&mut viz).await;
     let exists: bool = sqlx::query_scalar("SELECT to_regclass('public.parent') IS NOT NULL")
         .fetch_one(&mut viz)
         .await
