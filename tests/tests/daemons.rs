@@ -323,3 +323,35 @@ async fn progress_bars_show_on_a_terminal_only() {
         assert!(!s.contains("bundles ") && !s.contains('\u{1b}'), "{s}");
     }
 }
+
+#[tokio::test]
+async fn under_systemd_the_receiver_notifies_ready_watchdog_and_stopping() {
+    let l = Lite::new("").await;
+    let sock_path = l.p("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut cmd = Command::new(binary("ferry-receiver"));
+    cmd.arg("--config")
+        .arg(l.p("receiver.toml"))
+        .arg("run")
+        .env("RUST_LOG", "info")
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "200000");
+    let mut d = ferry_tests::daemon::Daemon::spawn(cmd);
+    let mut seen = String::new();
+    let mut buf = [0u8; 512];
+    while !(seen.contains("READY=1") && seen.contains("WATCHDOG=1")) {
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{e}; got {seen:?}\n{}", d.log()));
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        seen.push('\n');
+    }
+    d.signal("TERM");
+    while !seen.contains("STOPPING=1") {
+        let n = sock.recv(&mut buf).unwrap();
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(d.wait_exit(Duration::from_secs(10)).success());
+}
