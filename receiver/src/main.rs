@@ -96,19 +96,23 @@ fn fail(e: impl std::fmt::Display, transient: bool) -> ExitCode {
     }
 }
 
+/// The state lock and the target, for commands that change either; a failure
+/// is already reported and mapped to its exit status.
+async fn lock_and_connect(config: &Config) -> Result<(StateLock, Target), ExitCode> {
+    let lock = StateLock::acquire(&config.state_dir).map_err(|e| fail(e, true))?;
+    let target = Target::connect(config).await.map_err(|e| {
+        let t = e.is_transient();
+        fail(e, t)
+    })?;
+    Ok((lock, target))
+}
+
 async fn execute(command: Command, config: Config) -> ExitCode {
     match command {
         Command::Load { json } => {
-            let _lock = match StateLock::acquire(&config.state_dir) {
-                Ok(l) => l,
-                Err(e) => return fail(e, true),
-            };
-            let mut target = match Target::connect(&config).await {
-                Ok(t) => t,
-                Err(e) => {
-                    let t = e.is_transient();
-                    return fail(e, t);
-                }
+            let (_lock, mut target) = match lock_and_connect(&config).await {
+                Ok(v) => v,
+                Err(code) => return code,
             };
             match run::pass(&config, &mut target).await {
                 Ok(r) => {
@@ -220,16 +224,9 @@ async fn execute(command: Command, config: Config) -> ExitCode {
             }
         }
         Command::Prune => {
-            let _lock = match StateLock::acquire(&config.state_dir) {
-                Ok(l) => l,
-                Err(e) => return fail(e, true),
-            };
-            let mut target = match Target::connect(&config).await {
-                Ok(t) => t,
-                Err(e) => {
-                    let t = e.is_transient();
-                    return fail(e, t);
-                }
+            let (_lock, mut target) = match lock_and_connect(&config).await {
+                Ok(v) => v,
+                Err(code) => return code,
             };
             match run::prune(&config, &mut target).await {
                 Ok(removed) => {

@@ -229,54 +229,10 @@ async fn apply_one(
     e: &Entry,
 ) -> Result<(AppliedBundle, Vec<HookFailure>), ApplyError> {
     let started = Instant::now();
-    let staging = config.staging_dir().join(&e.file);
-    if e.kind == Kind::Complete
-        && let Target::Postgres(pg) = target
-    {
-        let jobs = config.target.jobs;
-        let mut rows = streamed_complete(config, pg, e, &staging, jobs).await;
-        if jobs > 1 && rows.is_err() {
-            crate::load::staged::abandon(pg).await;
-            if let Err(ApplyError::Load(err)) = &rows
-                && !err.is_transient()
-            {
-                tracing::warn!(error = %err, "the parallel load could not be staged; loading in one transaction instead");
-                rows = streamed_complete(config, pg, e, &staging, 1).await;
-            }
-        }
-        let _ = std::fs::remove_dir_all(&staging);
-        let (rows, media_files, m) = rows?;
-        let duration_ms = started.elapsed().as_millis() as u64;
-        log_loaded(e, &m, rows, media_files, duration_ms);
-        let hook_failures = hooks::run_commands(&config.hooks, &m, &e.file).await;
-        return Ok((
-            AppliedBundle {
-                file: e.file.clone(),
-                seq: e.seq,
-                kind: e.kind.to_string(),
-                rows,
-                media_files,
-                duration_ms,
-            },
-            hook_failures,
-        ));
-    }
-    let path = e.path.clone();
-    let max = config.limits.max_bundle_bytes;
-    let v = tokio::task::spawn_blocking(move || verify::stage(&path, &staging, max))
-        .await
-        .map_err(|j| ApplyError::Mismatch(format!("verification panicked: {j}")))??;
-    let m = &v.manifest;
-    tracing::info!(
-        ms = started.elapsed().as_millis() as u64,
-        "bundle verified and staged"
-    );
-    check_name(e, m)?;
-    let media_files = media::install(&v, &config.media)?;
-    let rows = target.apply(&v, &e.file, &sql_hooks(config, e)).await?;
+    let (rows, media_files, m) = load_bundle(config, target, e, started).await?;
     let duration_ms = started.elapsed().as_millis() as u64;
-    log_loaded(e, m, rows, media_files, duration_ms);
-    let hook_failures = hooks::run_commands(&config.hooks, m, &e.file).await;
+    log_loaded(e, &m, rows, media_files, duration_ms);
+    let hook_failures = hooks::run_commands(&config.hooks, &m, &e.file).await;
     Ok((
         AppliedBundle {
             file: e.file.clone(),
@@ -288,6 +244,48 @@ async fn apply_one(
         },
         hook_failures,
     ))
+}
+
+/// Verifies and commits one bundle; returns its rows, media files and manifest.
+/// A PostgreSQL complete streams (in parallel where it can); the rest is staged
+/// and verified first.
+async fn load_bundle(
+    config: &Config,
+    target: &mut Target,
+    e: &Entry,
+    started: Instant,
+) -> Result<(u64, u64, Manifest), ApplyError> {
+    let staging = config.staging_dir().join(&e.file);
+    if e.kind == Kind::Complete
+        && let Target::Postgres(pg) = target
+    {
+        let jobs = config.target.jobs;
+        let mut loaded = streamed_complete(config, pg, e, &staging, jobs).await;
+        if jobs > 1 && loaded.is_err() {
+            crate::load::staged::abandon(pg).await;
+            if let Err(ApplyError::Load(err)) = &loaded
+                && !err.is_transient()
+            {
+                tracing::warn!(error = %err, "the parallel load could not be staged; loading in one transaction instead");
+                loaded = streamed_complete(config, pg, e, &staging, 1).await;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&staging);
+        return loaded;
+    }
+    let path = e.path.clone();
+    let max = config.limits.max_bundle_bytes;
+    let v = tokio::task::spawn_blocking(move || verify::stage(&path, &staging, max))
+        .await
+        .map_err(|j| ApplyError::Mismatch(format!("verification panicked: {j}")))??;
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        "bundle verified and staged"
+    );
+    check_name(e, &v.manifest)?;
+    let media_files = media::install(&v, &config.media)?;
+    let rows = target.apply(&v, &e.file, &sql_hooks(config, e)).await?;
+    Ok((rows, media_files, v.manifest.clone()))
 }
 
 fn check_name(e: &Entry, m: &Manifest) -> Result<(), ApplyError> {

@@ -7,6 +7,7 @@
 
 use crate::config::Config;
 use crate::{job, outbox, push};
+use anyhow::Context;
 use chrono::{DateTime, Local};
 use ferry_common::lock::StateLock;
 use ferry_common::manifest::Kind;
@@ -41,9 +42,8 @@ pub fn next_fire(cron: &croner::Cron, now: DateTime<Local>) -> anyhow::Result<Da
 }
 
 pub async fn run(config: Arc<Config>, mut signals: StopSignals) -> anyhow::Result<()> {
-    let _instance = StateLock::acquire_named(&config.state_dir, "daemon.lock").map_err(|e| {
-        anyhow::anyhow!("{e} (is another `ferry-sender run` using this state directory?)")
-    })?;
+    let _instance = StateLock::acquire_named(&config.state_dir, "daemon.lock")
+        .context("is another `ferry-sender run` using this state directory?")?;
     let cron = config.complete.cron().map_err(anyhow::Error::msg)?;
     let mut next_complete = match &cron {
         Some(c) => Some(next_fire(c, Local::now())?),

@@ -156,9 +156,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
                 Err(e) => {
                     tracing::error!(error = %e, "the sender stopped on an error");
                     eprintln!("ferry-sender: {e:#}");
-                    if e.downcast_ref::<ferry_common::lock::LockError>().is_some()
-                        || e.to_string().contains("another ferry process")
-                    {
+                    if e.downcast_ref::<ferry_common::lock::LockError>().is_some() {
                         ExitCode::from(75)
                     } else {
                         ExitCode::FAILURE
