@@ -126,11 +126,14 @@ oneliner() {
 ferry_sync() {
   "$sender" --config "$work/sender.toml" complete >/dev/null 2>&1 && "$receiver" --config "$work/receiver.toml" load >/dev/null 2>&1
 }
+# Each timed run starts from the same state: no dirty data left by the previous
+# run for the disk to write back meanwhile.
+settle() { "${psql[@]}" -c CHECKPOINT >/dev/null; sync; }
 oneliner; ferry_sync
 one=(); fer=()
 for i in $(seq "$RUNS"); do
-  one+=("$(secs oneliner)")
-  fer+=("$(secs ferry_sync)")
+  settle; one+=("$(secs oneliner)")
+  settle; fer+=("$(secs ferry_sync)")
 done
 o=$(printf '%s\n' "${one[@]}" | median); f=$(printf '%s\n' "${fer[@]}" | median)
 echo
@@ -140,7 +143,7 @@ printf '| pg_dump \\| zstd -3 -T2 \\| ssh ... '"'"'zstd -d \\| psql'"'"' | %.2f 
 printf '| ferry-sender complete (push) + ferry-receiver load | %.2f |\n' "$f"
 printf 'ratio ferry/one-liner: %.2f\n' "$(echo "$f/$o" | bc -l)"
 # Where ferry's time goes: one more sync, stage by stage.
-c=$(secs "$sender" --config "$work/sender.toml" complete --no-push)
+settle; c=$(secs "$sender" --config "$work/sender.toml" complete --no-push)
 p=$(secs "$sender" --config "$work/sender.toml" push)
 s=$(date +%s.%N)
 RUST_LOG=info "$receiver" --config "$work/receiver.toml" load 2>"$work/load.log" >/dev/null

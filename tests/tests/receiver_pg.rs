@@ -653,3 +653,126 @@ async fn sigterm_during_a_load_abandons_it_cleanly_and_the_next_start_applies_it
     p.assert_same(&["parent", "child"]).await;
     assert!(staging_schemas(&p).await.is_empty());
 }
+
+/// Indexes and constraints of every kind a staged complete must reproduce: the
+/// ones built on the copy connections (keys, unique, partial, a quoted table, a
+/// second schema, an exclusion constraint) and the ones left for the swap (an
+/// index on an app function, foreign keys, an app trigger).
+const INDEXED: &str = r#"CREATE SCHEMA reporting;
+CREATE FUNCTION norm(t text) RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT lower(t) $$;
+CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.updated_at = now(); RETURN NEW; END $$;
+CREATE TABLE parent (id int PRIMARY KEY, name text UNIQUE, updated_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE "Child Table" (id int PRIMARY KEY, parent_id int REFERENCES parent(id), v text,
+  during tsrange, updated_at timestamptz NOT NULL DEFAULT now(),
+  EXCLUDE USING gist (during WITH &&));
+CREATE INDEX ON parent (updated_at);
+CREATE INDEX "Child v" ON "Child Table" (v) WHERE v <> 'skip';
+CREATE INDEX ON "Child Table" (norm(v));
+CREATE INDEX ON "Child Table" (updated_at);
+CREATE TRIGGER touch BEFORE UPDATE ON parent FOR EACH ROW EXECUTE FUNCTION touch();
+CREATE TABLE reporting.daily (day date PRIMARY KEY, total bigint, updated_at timestamptz NOT NULL DEFAULT now());
+CREATE UNIQUE INDEX daily_total ON reporting.daily (total);
+INSERT INTO parent (id, name) SELECT g, 'p' || g FROM generate_series(1, 1000) g;
+INSERT INTO "Child Table" (id, parent_id, v, during)
+  SELECT g, 1 + g % 1000, 'v' || g, tsrange('2026-01-01'::timestamp + g * interval '1 hour', '2026-01-01'::timestamp + (g + 1) * interval '1 hour')
+  FROM generate_series(1, 5000) g;
+INSERT INTO reporting.daily (day, total) SELECT '2026-01-01'::date + g, g FROM generate_series(1, 300) g;"#;
+
+/// Every index and constraint definition (and trigger) of the app's schemas.
+async fn definitions(conn: &mut sqlx::PgConnection) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT d FROM (
+           SELECT 'index ' || pg_get_indexdef(i.indexrelid) AS d
+           FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname IN ('public', 'reporting')
+           UNION ALL
+           SELECT format('constraint %s on %s: %s%s', conname, conrelid::regclass,
+                         pg_get_constraintdef(oid), CASE WHEN convalidated THEN '' ELSE ' NOT VALID' END)
+           FROM pg_constraint WHERE connamespace::regnamespace::text IN ('public', 'reporting')
+           UNION ALL
+           SELECT 'trigger ' || pg_get_triggerdef(oid) FROM pg_trigger WHERE NOT tgisinternal
+         ) x ORDER BY d",
+    )
+    .fetch_all(conn)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_staged_complete_keeps_every_index_and_constraint() {
+    let p = Pipe::new(INDEXED, "").await;
+    let mut src = p.server.connect("app").await;
+    let want = definitions(&mut src).await;
+    assert!(want.len() >= 12, "{want:#?}");
+    for round in 0..3 {
+        let bundle = p.send("complete");
+        if round == 2 {
+            // As an older ferry-sender wrote it: the post-data after the data.
+            move_member_last(
+                &p.path("sstate/outbox").join(&bundle),
+                "schema/post-data.sql",
+            );
+        }
+        p.deliver(&bundle);
+        let out = Command::new(binary("ferry-receiver"))
+            .arg("--config")
+            .arg(p.path("receiver.toml"))
+            .arg("load")
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap();
+        let log = text(&out.stderr);
+        assert!(out.status.success(), "{log}");
+        assert!(!log.contains(FELL_BACK), "{log}");
+        // parent, "Child Table" and reporting.daily built theirs in staging.
+        assert!(log.contains("built=3"), "round {round}: {log}");
+        assert!(staging_schemas(&p).await.is_empty());
+        let mut viz = p.server.connect("viz").await;
+        assert_eq!(definitions(&mut viz).await, want, "round {round}");
+        p.assert_same(&["parent", "\"Child Table\"", "reporting.daily"])
+            .await;
+        // The constraints hold on the copy.
+        let dup = sqlx::query("INSERT INTO parent (id, name) VALUES (5000, 'p2')")
+            .execute(&mut viz)
+            .await;
+        assert!(
+            dup.is_err(),
+            "round {round}: the unique constraint on parent.name holds"
+        );
+        let orphan =
+            sqlx::query("INSERT INTO \"Child Table\" (id, parent_id) VALUES (99999, 424242)")
+                .execute(&mut viz)
+                .await;
+        assert!(orphan.is_err(), "the foreign key holds");
+        exec(
+            &mut src,
+            "UPDATE parent SET name = name || 'x' WHERE id = 1",
+        )
+        .await;
+    }
+}
+
+/// Rewrites a bundle with one member moved to the end of the tar.
+fn move_member_last(bundle: &Path, member: &str) {
+    let raw = zstd::decode_all(std::fs::File::open(bundle).unwrap()).unwrap();
+    let mut entries = Vec::new();
+    for e in tar::Archive::new(&raw[..]).entries().unwrap() {
+        let mut e = e.unwrap();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+        entries.push((
+            e.header().clone(),
+            e.path().unwrap().display().to_string(),
+            data,
+        ));
+    }
+    let at = entries.iter().position(|(_, p, _)| p == member).unwrap();
+    let moved = entries.remove(at);
+    entries.push(moved);
+    let mut out = tar::Builder::new(Vec::new());
+    for (h, _, data) in &entries {
+        out.append(h, &data[..]).unwrap();
+    }
+    let tar = out.into_inner().unwrap();
+    std::fs::write(bundle, zstd::encode_all(&tar[..], 1).unwrap()).unwrap();
+}

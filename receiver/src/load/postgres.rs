@@ -317,12 +317,13 @@ pub(super) async fn copy_file(
 }
 
 /// COPYs one streamed data member into `table` (a quoted name): the chunks that
-/// follow its [`Piece::Start`] on `rx`, up to [`Piece::End`].
-pub(super) async fn copy_stream(
+/// follow its [`Piece::Start`] on `rx`, up to [`Piece::End`] (anything else
+/// there is out of place).
+pub(super) async fn copy_stream<T: Into<Option<Piece>>>(
     conn: &mut PgConnection,
     table: &str,
     member: &Member,
-    rx: &mut tokio::sync::mpsc::Receiver<Piece>,
+    rx: &mut tokio::sync::mpsc::Receiver<T>,
 ) -> Result<u64, LoadError> {
     let doing = format!("loading {} ({})", table, member.path);
     let mut copy = conn
@@ -330,14 +331,14 @@ pub(super) async fn copy_stream(
         .await
         .map_err(LoadError::db(doing.clone()))?;
     while let Some(p) = rx.recv().await {
-        match p {
-            Piece::Chunk(c) => {
+        match p.into() {
+            Some(Piece::Chunk(c)) => {
                 if let Err(e) = copy.send(c.as_slice()).await {
                     let _ = copy.abort("ferry: sending failed").await;
                     return Err(LoadError::Db { doing, source: e });
                 }
             }
-            Piece::End => return copy.finish().await.map_err(LoadError::db(doing)),
+            Some(Piece::End) => return copy.finish().await.map_err(LoadError::db(doing)),
             _ => break,
         }
     }

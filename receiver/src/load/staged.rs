@@ -21,10 +21,10 @@
 //! right to rename it, an object kind that is not moved) fails here, and the
 //! caller loads the bundle in one transaction instead.
 
-use super::LoadError;
 use super::postgres::{
     PgTarget, copy_file, copy_stream, data_table, drop_tables, q, run_script, session, staged_text,
 };
+use super::{LoadError, post_data};
 use crate::verify::Piece;
 use ferry_common::ident::{TableName, quote_ident};
 use ferry_common::manifest::{Manifest, Member, Role};
@@ -116,17 +116,20 @@ async fn stage_and_swap<'c>(
     started: std::time::Instant,
 ) -> Result<Begun<'c>, LoadError> {
     let staging = Arc::new(setup(&mut pg.conn, m, pre).await?);
-    let (rows, later, media) = copy_all(&pg.url, &staging, rx, jobs, early).await?;
+    let copied = copy_all(&pg.url, m, &staging, rx, jobs, early).await?;
+    let (rows, later, media) = (copied.rows, copied.later, copied.media);
     tracing::info!(
         rows,
         jobs,
+        built = copied.built,
         ms = started.elapsed().as_millis() as u64,
-        "tables copied into staging"
+        "tables copied into staging, their own indexes built"
     );
-    let (post, sequences) = (
-        staged_text(&later, Role::PostData)?,
-        staged_text(&later, Role::Sequences)?,
-    );
+    let post = match copied.post_rest {
+        Some(rest) => rest,
+        None => staged_text(&later, Role::PostData)?,
+    };
+    let sequences = staged_text(&later, Role::Sequences)?;
     let mut tx = pg.begin_checked(m).await?;
     swap(&mut tx, m, &staging, pre).await?;
     run_script(&mut tx, &post, "post-data DDL").await?;
@@ -207,52 +210,147 @@ async fn setup(conn: &mut PgConnection, m: &Manifest, pre: &str) -> Result<Stagi
     Ok(Staging { schemas })
 }
 
+/// What a copy connection is given: a table's data, or the script building
+/// that table's own indexes and constraints once its data is in.
+enum Work {
+    Piece(Piece),
+    Build(TableName, String),
+}
+
+impl From<Work> for Option<Piece> {
+    fn from(w: Work) -> Self {
+        match w {
+            Work::Piece(p) => Some(p),
+            Work::Build(..) => None,
+        }
+    }
+}
+
 /// One copy connection's queue and task.
 struct Worker {
-    tx: mpsc::Sender<Piece>,
+    tx: mpsc::Sender<Work>,
     task: tokio::task::JoinHandle<Result<u64, LoadError>>,
     bytes: u64,
 }
 
 type Later = Vec<(Member, PathBuf)>;
 
-/// Step 2: hands each table's data to one of `jobs` copy connections (a table
-/// stays on one connection; a new table goes to the least loaded one).
+/// A copy connection's queue, in 1 MiB chunks: room for a whole data part (at
+/// most 32 MiB) and some, so the stream can hand a part to one connection while
+/// the other is still loading its own. That is what makes tables load side by
+/// side; it costs up to this many MiB of memory per connection.
+const QUEUE_CHUNKS: usize = 40;
+
+/// What [`copy_all`] did.
+struct Copied {
+    rows: u64,
+    later: Later,
+    media: Later,
+    /// The post-data left for the swap, when part of it was built in staging.
+    post_rest: Option<String>,
+    /// Tables whose indexes were built in staging.
+    built: usize,
+}
+
+/// Hands out the work: which connection holds which table, how many data
+/// members each table still has to come, and the per-table index scripts.
+struct Dispatch {
+    workers: Vec<Worker>,
+    owner: HashMap<TableName, usize>,
+    remaining: HashMap<TableName, usize>,
+    /// Tables whose data is all handed out, waiting for the post-data.
+    waiting: Vec<TableName>,
+    split: Option<post_data::Split>,
+    built: usize,
+}
+
+impl Dispatch {
+    /// The connection for a member's table (a table stays on one connection; a
+    /// new table goes to the least loaded one).
+    fn pick(&mut self, table: &TableName, bytes: u64) -> usize {
+        let workers = &self.workers;
+        let w = *self.owner.entry(table.clone()).or_insert_with(|| {
+            (0..workers.len())
+                .min_by_key(|&i| workers[i].bytes)
+                .unwrap_or(0)
+        });
+        self.workers[w].bytes += bytes;
+        w
+    }
+
+    /// Queues work on connection `w`; false when that connection has failed (its
+    /// error is collected when the tasks are joined).
+    async fn send(&mut self, w: usize, work: Work) -> bool {
+        self.workers[w].tx.send(work).await.is_ok()
+    }
+
+    /// A data member of `table` is handed out entirely.
+    async fn member_done(&mut self, table: &TableName) -> bool {
+        let left = self.remaining.entry(table.clone()).or_insert(1);
+        *left = left.saturating_sub(1);
+        if *left > 0 {
+            return true;
+        }
+        self.waiting.push(table.clone());
+        self.build_ready().await
+    }
+
+    /// Queues the index scripts of the tables whose data is all handed out.
+    async fn build_ready(&mut self) -> bool {
+        let Some(split) = self.split.as_mut() else {
+            return true;
+        };
+        let mut ready = Vec::new();
+        for t in std::mem::take(&mut self.waiting) {
+            if let Some(script) = split.per_table.remove(&t) {
+                ready.push((t, script));
+            }
+        }
+        for (t, script) in ready {
+            let w = self.pick(&t, 0);
+            self.built += 1;
+            if !self.send(w, Work::Build(t, script)).await {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Step 2: hands each table's data to one of `jobs` copy connections, and each
+/// table's own indexes to its connection once its data is in (when the bundle
+/// brings its post-data first, as ferry-sender writes it, that overlaps the
+/// other tables' copies).
 async fn copy_all(
     url: &str,
+    m: &Manifest,
     staging: &Arc<Staging>,
     rx: &mut mpsc::Receiver<Piece>,
     jobs: usize,
     early: Vec<(Member, PathBuf)>,
-) -> Result<(u64, Later, Later), LoadError> {
-    let mut workers = Vec::new();
+) -> Result<Copied, LoadError> {
+    let mut d = Dispatch {
+        workers: Vec::new(),
+        owner: HashMap::new(),
+        remaining: HashMap::new(),
+        waiting: Vec::new(),
+        split: None,
+        built: 0,
+    };
     for _ in 0..jobs.max(1) {
-        let (tx, wrx) = mpsc::channel(4);
+        let (tx, wrx) = mpsc::channel(QUEUE_CHUNKS);
         let (url, staging) = (url.to_owned(), staging.clone());
-        workers.push(Worker {
+        d.workers.push(Worker {
             tx,
             task: tokio::spawn(copy_worker(url, staging, wrx)),
             bytes: 0,
         });
     }
-    let mut owner: HashMap<TableName, usize> = HashMap::new();
-    let mut pick = |workers: &mut Vec<Worker>, member: &Member| -> Result<usize, LoadError> {
-        let t = data_table(member)?;
-        let w = match owner.get(t) {
-            Some(&w) => w,
-            None => {
-                let w = (0..workers.len())
-                    .min_by_key(|&i| workers[i].bytes)
-                    .unwrap_or(0);
-                owner.insert(t.clone(), w);
-                w
-            }
-        };
-        workers[w].bytes += member.size;
-        Ok(w)
-    };
+    for member in m.members.iter().filter(|x| x.role == Role::Data) {
+        *d.remaining.entry(data_table(member)?.clone()).or_default() += 1;
+    }
     let (mut later, mut media) = (Vec::new(), Vec::new());
-    let mut current = None;
+    let mut current: Option<(usize, TableName)> = None;
     let mut early = early.into_iter();
     let dispatched: Result<(), LoadError> = async {
         loop {
@@ -263,37 +361,60 @@ async fn copy_all(
                     None => break,
                 },
             };
-            let w = match &piece {
+            let sent = match piece {
                 Piece::Start(member) => {
-                    let w = pick(&mut workers, member)?;
-                    current = Some(w);
-                    w
+                    let t = data_table(&member)?.clone();
+                    let w = d.pick(&t, member.size);
+                    current = Some((w, t));
+                    d.send(w, Work::Piece(Piece::Start(member))).await
                 }
-                Piece::Chunk(_) => current.ok_or_else(out_of_place)?,
-                Piece::End => current.take().ok_or_else(out_of_place)?,
-                Piece::Staged(member, _) if member.role == Role::Data => {
-                    pick(&mut workers, member)?
+                Piece::Chunk(c) => {
+                    let w = current.as_ref().ok_or_else(out_of_place)?.0;
+                    d.send(w, Work::Piece(Piece::Chunk(c))).await
                 }
-                Piece::Staged(..) => {
-                    if let Piece::Staged(member, path) = piece {
-                        match member.role {
-                            Role::Media => media.push((member, path)),
-                            _ => later.push((member, path)),
+                Piece::End => {
+                    let (w, t) = current.take().ok_or_else(out_of_place)?;
+                    d.send(w, Work::Piece(Piece::End)).await && d.member_done(&t).await
+                }
+                Piece::Staged(member, path) if member.role == Role::Data => {
+                    let t = data_table(&member)?.clone();
+                    let w = d.pick(&t, member.size);
+                    d.send(w, Work::Piece(Piece::Staged(member, path))).await
+                        && d.member_done(&t).await
+                }
+                Piece::Staged(member, path) => {
+                    match member.role {
+                        Role::Media => media.push((member, path)),
+                        Role::PostData => {
+                            d.split = Some(split_post_data(m, staging, &path)?);
+                            later.push((member, path));
+                            if !d.build_ready().await {
+                                break;
+                            }
                         }
+                        _ => later.push((member, path)),
                     }
-                    continue;
+                    true
                 }
             };
-            if workers[w].tx.send(piece).await.is_err() {
+            if !sent {
                 break; // that worker failed: its error is collected below
             }
         }
+        // Tables without data members still get their indexes in staging.
+        let left: Vec<TableName> = d
+            .split
+            .as_ref()
+            .map(|s| s.per_table.keys().cloned().collect())
+            .unwrap_or_default();
+        d.waiting.extend(left);
+        d.build_ready().await;
         Ok(())
     }
     .await;
     let mut rows = 0;
     let mut failed = dispatched.err();
-    for w in workers {
+    for w in d.workers {
         drop(w.tx);
         match w.task.await {
             Ok(Ok(n)) => rows += n,
@@ -305,8 +426,31 @@ async fn copy_all(
     }
     match failed {
         Some(e) => Err(e),
-        None => Ok((rows, later, media)),
+        None => Ok(Copied {
+            rows,
+            later,
+            media,
+            post_rest: d.split.map(|s| s.rest),
+            built: d.built,
+        }),
     }
+}
+
+/// Splits the staged post-data into per-table scripts naming the staging tables
+/// and the rest.
+fn split_post_data(
+    m: &Manifest,
+    staging: &Staging,
+    path: &std::path::Path,
+) -> Result<post_data::Split, LoadError> {
+    let text = std::fs::read_to_string(path)?;
+    let tables: Vec<(TableName, String)> = m
+        .tables
+        .iter()
+        .filter_map(|t| Some((t.name.clone(), staging.table(&t.name).ok()?)))
+        .collect();
+    let schemas: Vec<&str> = staging.schemas.iter().map(|(r, _)| r.as_str()).collect();
+    Ok(post_data::split(&text, &tables, &schemas))
 }
 
 fn out_of_place() -> LoadError {
@@ -314,11 +458,12 @@ fn out_of_place() -> LoadError {
 }
 
 /// One copy connection: every table it is given is truncated (so COPY FREEZE
-/// applies) and loaded in one transaction, committed when its queue closes.
+/// applies), loaded and then indexed, in one transaction committed when its
+/// queue closes.
 async fn copy_worker(
     url: String,
     staging: Arc<Staging>,
-    mut rx: mpsc::Receiver<Piece>,
+    mut rx: mpsc::Receiver<Work>,
 ) -> Result<u64, LoadError> {
     let mut conn = session(&url).await?;
     let mut tx = conn
@@ -327,7 +472,16 @@ async fn copy_worker(
         .map_err(LoadError::db("beginning a copy transaction"))?;
     let mut truncated = std::collections::HashSet::new();
     let mut rows = 0;
-    while let Some(piece) = rx.recv().await {
+    while let Some(work) = rx.recv().await {
+        let piece = match work {
+            Work::Piece(p) => p,
+            Work::Build(table, script) => {
+                let started = std::time::Instant::now();
+                run_script(&mut tx, &script, &format!("indexes of {table}, in staging")).await?;
+                tracing::debug!(%table, ms = started.elapsed().as_millis() as u64, "indexes built");
+                continue;
+            }
+        };
         let member = match &piece {
             Piece::Start(m) | Piece::Staged(m, _) => m.clone(),
             _ => return Err(out_of_place()),

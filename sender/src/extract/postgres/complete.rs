@@ -57,8 +57,15 @@ impl PgSource {
             )));
         }
 
-        let pre = plain_sql(&self.pg_dump(&snapshot, tables, "pre-data").await?);
+        // Both DDL sections go before the data: a receiver can then build each
+        // table's indexes as soon as that table's data is in.
+        let (pre, post) = tokio::join!(
+            self.pg_dump(&snapshot, tables, "pre-data"),
+            self.pg_dump(&snapshot, tables, "post-data")
+        );
+        let (pre, post) = (plain_sql(&pre?), plain_sql(&post?));
         stage_text(stager, "schema/pre-data.sql", Role::PreData, pre).await?;
+        stage_text(stager, "schema/post-data.sql", Role::PostData, post).await?;
 
         // Readers: `jobs` connections sharing the snapshot, largest tables first.
         let mut order: Vec<TableMeta> = tables.to_vec();
@@ -87,13 +94,9 @@ impl PgSource {
                 Ok::<(), ExtractError>(())
             });
         }
-        let post = self.pg_dump(&snapshot, tables, "post-data");
-        let post = post.await;
         while let Some(done) = readers.join_next().await {
             done.map_err(|e| ExtractError::WriterGone(format!("table reader failed: {e}")))??;
         }
-        let post = plain_sql(&post?);
-        stage_text(stager, "schema/post-data.sql", Role::PostData, post).await?;
 
         let sequences = self.sequences(tables).await?;
         stage_text(stager, "schema/sequences.sql", Role::Sequences, sequences).await
