@@ -247,7 +247,9 @@ pub async fn finish(
             .await
             .map_err(LoadError::db(format!("running the SQL hook {sql:?}")))?;
     }
+    let started = std::time::Instant::now();
     tx.commit().await.map_err(LoadError::db("committing"))?;
+    tracing::debug!(ms = started.elapsed().as_millis() as u64, "committed");
     Ok(())
 }
 
