@@ -8,6 +8,7 @@
 # Usage: bash tests/bench/receiver.sh   (SCALE=50 EVENTS=2000000 RUNS=3)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source tests/needs.sh
 SCALE=${SCALE:-50}; EVENTS=${EVENTS:-2000000}; RUNS=${RUNS:-3}
 cargo build -q --release --bins
 sender=$PWD/target/release/ferry-sender; receiver=$PWD/target/release/ferry-receiver

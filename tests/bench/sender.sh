@@ -7,6 +7,7 @@
 # Usage: bash tests/bench/sender.sh   (SCALE=50 EVENTS=2000000 BIG=5000000 RUNS=3)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source tests/needs.sh
 SCALE=${SCALE:-50}; EVENTS=${EVENTS:-2000000}; BIG=${BIG:-5000000}; RUNS=${RUNS:-3}
 cargo build -q --release --bins
 bin=$PWD/target/release/ferry-sender

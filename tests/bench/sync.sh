@@ -2,14 +2,17 @@
 # Push and whole-sync benchmark (prints figures; asserts nothing). Needs root
 # (a private sshd with a chrooted SFTP-only account, as in the tests).
 #  1. upload throughput: `ferry-sender push` of one 400 MB bundle-named file
-#     beside OpenSSH `sftp` putting the same file to the same account;
+#     beside OpenSSH `sftp` putting the same file to the same account, with
+#     fsync (`put -f`, as ferry does) and without;
 #  2. a complete sync end to end (dump -> bundle -> push -> load) beside the
 #     classic one-liner `pg_dump | zstd -3 -T2 | ssh ... 'zstd -d | psql'`,
 #     on the same data (pgbench scale $SCALE plus $EVENTS jsonb rows), refreshing
 #     a copy that is already there, as a ratio.
 # Usage: bash tests/bench/sync.sh   (SCALE=50 EVENTS=2000000 RUNS=3 MB=400)
 set -euo pipefail
+[ -n "${BENCH_TRACE:-}" ] && set -x
 cd "$(dirname "$0")/../.."
+source tests/needs.sh
 SCALE=${SCALE:-50}; EVENTS=${EVENTS:-2000000}; RUNS=${RUNS:-3}; MB=${MB:-400}
 [ "$(id -u)" = 0 ] || { echo "run as root: the benchmark starts a private sshd with a chrooted account" >&2; exit 2; }
 cargo build -q --release --bins
@@ -96,27 +99,50 @@ url = "postgres://postgres@127.0.0.1:$port/viz"
 TOML
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-secs() { local s; s=$(date +%s.%N); "$@" >/dev/null 2>&1 </dev/null; echo "$(date +%s.%N) - $s" | bc; }
+# `secs CMD...`: its wall seconds; a failed step stops the benchmark (no figure
+# from a command that did not do the job).
+secs() {
+  local s; s=$(date +%s.%N)
+  "$@" >"$work/step.log" 2>&1 </dev/null || { echo "benchmark step failed: $*" >&2; tail -5 "$work/step.log" >&2; return 1; }
+  echo "$(date +%s.%N) - $s" | bc
+}
+# CPU-seconds used by the whole machine (every process: servers, ssh, agents).
+busy() { awk '/^cpu /{printf "%.2f\n", ($2+$3+$4+$7+$8)/100}' /proc/stat; }
+# `cpu_secs CMD...`: "<wall s> <machine CPU s>".
+cpu_secs() { local b w; b=$(busy); w=$(secs "$@"); echo "$w $(echo "$(busy) - $b" | bc)"; }
 
-# 1. Upload throughput.
+# 1. Upload throughput. ferry-sender fsyncs each bundle on the receiver before it
+# lets it go (fsync@openssh.com), so the like-for-like baseline is `put -f`, which
+# fsyncs too; plain `put` (no fsync) is shown beside it. Every timed upload starts
+# with no dirty pages left by the previous one (`sync`).
 mkdir -p "$work/sstate/outbox"
 head -c "$((MB << 20))" /dev/urandom > "$work/blob"
-ferry_up=(); sftp_up=()
+echo "put -f $work/blob inbox/blob" > "$work/batch-f"
+echo "put $work/blob inbox/blob" > "$work/batch"
+ferry_up=(); sftpf_up=(); sftp_up=()
 for i in $(seq "$RUNS"); do
   cp "$work/blob" "$work/sstate/outbox/bench-$(printf %012d $((900 + i)))-partial.tar.zst"
-  ferry_up+=("$(secs "$sender" --config "$work/sender.toml" push)")
-  rm -f "$ssh_dir"/root/inbox/*
-  echo "put $work/blob inbox/blob" > "$work/batch"
-  sftp_up+=("$(secs sftp -q -b "$work/batch" "${sftpopt[@]}" ferry-sftp@127.0.0.1)")
+  sync; ferry_up+=("$(secs "$sender" --config "$work/sender.toml" push)")
   rm -f "$ssh_dir"/root/inbox/* "$work"/sstate/sent/*
+  sync; sftpf_up+=("$(secs sftp -q -b "$work/batch-f" "${sftpopt[@]}" ferry-sftp@127.0.0.1)")
+  rm -f "$ssh_dir"/root/inbox/*
+  sync; sftp_up+=("$(secs sftp -q -b "$work/batch" "${sftpopt[@]}" ferry-sftp@127.0.0.1)")
+  rm -f "$ssh_dir"/root/inbox/*
 done
-fu=$(printf '%s\n' "${ferry_up[@]}" | median); su=$(printf '%s\n' "${sftp_up[@]}" | median)
+fu=$(printf '%s
+' "${ferry_up[@]}" | median)
+sfu=$(printf '%s
+' "${sftpf_up[@]}" | median); su=$(printf '%s
+' "${sftp_up[@]}" | median)
+mbs() { echo "$MB*1.048576/$1" | bc -l; }
 echo
 echo "## upload of a $MB MiB bundle over SFTP (loopback, median of $RUNS)"
 printf '| client | s | MB/s |\n|---|---|---|\n'
-printf '| OpenSSH sftp | %.2f | %.0f |\n' "$su" "$(echo "$MB*1.048576/$su" | bc -l)"
-printf '| ferry-sender push | %.2f | %.0f |\n' "$fu" "$(echo "$MB*1.048576/$fu" | bc -l)"
-printf 'ferry/sftp throughput: %.2f\n' "$(echo "$su/$fu" | bc -l)"
+printf '| OpenSSH sftp `put -f` (fsync, as ferry) | %.2f | %.0f |\n' "$sfu" "$(mbs "$sfu")"
+printf '| OpenSSH sftp `put` (no fsync) | %.2f | %.0f |\n' "$su" "$(mbs "$su")"
+printf '| ferry-sender push | %.2f | %.0f |\n' "$fu" "$(mbs "$fu")"
+printf 'ferry/sftp throughput: %.2f (against put -f), %.2f (against put)\n' \
+  "$(echo "$sfu/$fu" | bc -l)" "$(echo "$su/$fu" | bc -l)"
 
 # 2. A complete sync end to end; both targets hold a copy first.
 oneliner() {
@@ -129,7 +155,8 @@ ferry_sync() {
 # Each timed run starts from the same state: no dirty data left by the previous
 # run for the disk to write back meanwhile.
 settle() { "${psql[@]}" -c CHECKPOINT >/dev/null; sync; }
-oneliner; ferry_sync
+oneliner || { echo "the one-liner failed (see $work/sshd.log)" >&2; exit 1; }
+ferry_sync || { echo "ferry sync failed" >&2; exit 1; }
 one=(); fer=()
 for i in $(seq "$RUNS"); do
   settle; one+=("$(secs oneliner)")
@@ -143,12 +170,15 @@ printf '| pg_dump \\| zstd -3 -T2 \\| ssh ... '"'"'zstd -d \\| psql'"'"' | %.2f 
 printf '| ferry-sender complete (push) + ferry-receiver load | %.2f |\n' "$f"
 printf 'ratio ferry/one-liner: %.2f\n' "$(echo "$f/$o" | bc -l)"
 # Where ferry's time goes: one more sync, stage by stage.
-settle; c=$(secs "$sender" --config "$work/sender.toml" complete --no-push)
-p=$(secs "$sender" --config "$work/sender.toml" push)
-s=$(date +%s.%N)
+settle; o1=($(cpu_secs oneliner))
+settle; c=($(cpu_secs "$sender" --config "$work/sender.toml" complete --no-push))
+p=($(cpu_secs "$sender" --config "$work/sender.toml" push))
+b=$(busy); s=$(date +%s.%N)
 RUST_LOG=info "$receiver" --config "$work/receiver.toml" load 2>"$work/load.log" >/dev/null
-l=$(echo "$(date +%s.%N) - $s" | bc)
-printf 'stages: complete %.2f s, push %.2f s, load %.2f s\n' "$c" "$p" "$l"
+l=("$(echo "$(date +%s.%N) - $s" | bc)" "$(echo "$(busy) - $b" | bc)")
+printf 'one-liner: %.2f s wall, %.2f CPU-s (all processes)\n' "${o1[0]}" "${o1[1]}"
+printf 'stages (wall s / CPU-s): complete %.2f / %.2f, push %.2f / %.2f, load %.2f / %.2f\n' \
+  "${c[0]}" "${c[1]}" "${p[0]}" "${p[1]}" "${l[0]}" "${l[1]}"
 grep -E 'ms=|duration_ms=' "$work/load.log" | sed -E 's/\x1b\[[0-9;]*m//g; s/^.*(INFO|WARN) [^ ]+ //; s/^/  load: /' || true
 for t in pgbench_accounts events; do
   a=$("${psql[@]}" -d src -Atc "SELECT md5(string_agg(x::text, ',' ORDER BY x::text)) FROM $t x")

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Sourced by tests/run and the benchmarks: installs what they need (PostgreSQL
+# server binaries, OpenSSH server and client, zstd, systemd-analyze, bc) when
+# missing, or says exactly what to install. Run as root, or with them installed.
+ferry_needs() {
+  local need=()
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
+  [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+  command -v ssh >/dev/null && command -v sftp >/dev/null || need+=(openssh-client)
+  command -v zstd >/dev/null || need+=(zstd)
+  command -v systemd-analyze >/dev/null || need+=(systemd)
+  command -v bc >/dev/null || need+=(bc)
+  if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+      echo "$0: installing ${need[*]}"
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq
+      apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    else
+      echo "$0: missing ${need[*]}; install them (sudo apt-get install -y ${need[*]}) or run as root" >&2
+      exit 1
+    fi
+  fi
+  if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+    echo "$0: as root the PostgreSQL clusters run as the 'postgres' user, which is missing; reinstall the postgresql package" >&2
+    exit 1
+  fi
+}
+ferry_needs
