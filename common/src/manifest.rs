@@ -143,6 +143,10 @@ pub enum Role {
 pub enum DataFormat {
     /// PostgreSQL `COPY ... TO STDOUT` text format (tab-separated, `\N` for NULL).
     PgCopyText,
+    /// PostgreSQL `COPY ... TO STDOUT (FORMAT binary)`: each member a whole binary
+    /// COPY stream (signature, header, tuples, trailer), loaded with
+    /// `COPY ... FROM STDIN (FORMAT binary)`.
+    PgCopyBinary,
     /// JSON lines: `{"op":"upsert","row":{...}}` or `{"op":"delete","key":{...}}`.
     JsonLines,
 }

@@ -106,8 +106,12 @@ pub fn stream(
     let mut pre_seen = false;
     let mut n = 0u64;
     read_bundle(bundle, &limits, |m, r| {
-        let streamable =
-            pre_seen && m.role == Role::Data && m.format == Some(DataFormat::PgCopyText);
+        let streamable = pre_seen
+            && m.role == Role::Data
+            && matches!(
+                m.format,
+                Some(DataFormat::PgCopyText | DataFormat::PgCopyBinary)
+            );
         if streamable {
             tx.blocking_send(Piece::Start(m.clone()))
                 .map_err(|_| gone())?;

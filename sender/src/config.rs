@@ -75,14 +75,29 @@ pub struct CompleteConfig {
     /// A 5-field cron expression in local time (`"30 3 * * *"`: 03:30 daily),
     /// or `"off"`.
     pub schedule: String,
+    /// How a PostgreSQL complete encodes table data.
+    pub copy_format: CopyFormat,
 }
 
 impl Default for CompleteConfig {
     fn default() -> Self {
         Self {
             schedule: "30 3 * * *".to_owned(),
+            copy_format: CopyFormat::Binary,
         }
     }
+}
+
+/// The COPY format of a PostgreSQL complete's data members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyFormat {
+    /// Binary COPY: measured ~25% less CPU to load on the receiver (no text
+    /// parsing of timestamps, numbers and escapes). The default.
+    Binary,
+    /// Text COPY: readable with a pager after `tar --zstd -x`, and loadable by
+    /// any PostgreSQL version or tool that reads COPY text.
+    Text,
 }
 
 impl CompleteConfig {

@@ -179,6 +179,11 @@ l=("$(echo "$(date +%s.%N) - $s" | bc)" "$(echo "$(busy) - $b" | bc)")
 printf 'one-liner: %.2f s wall, %.2f CPU-s (all processes)\n' "${o1[0]}" "${o1[1]}"
 printf 'stages (wall s / CPU-s): complete %.2f / %.2f, push %.2f / %.2f, load %.2f / %.2f\n' \
   "${c[0]}" "${c[1]}" "${p[0]}" "${p[1]}" "${l[0]}" "${l[1]}"
+# The floor: the CPU work ferry's stages need, spread perfectly over every core,
+# with the stages overlapped; no scheduling can beat it, only doing less work.
+cores=$(nproc); work_s=$(echo "${c[1]} + ${p[1]} + ${l[1]}" | bc)
+printf 'CPU floor: %.2f CPU-s on %d cores = %.2f s at best, ratio %.2f at best (the one-liner used %.2f CPU-s in %.2f s)\n' \
+  "$work_s" "$cores" "$(echo "$work_s/$cores" | bc -l)" "$(echo "$work_s/$cores/${o1[0]}" | bc -l)" "${o1[1]}" "${o1[0]}"
 grep -E 'ms=|duration_ms=' "$work/load.log" | sed -E 's/\x1b\[[0-9;]*m//g; s/^.*(INFO|WARN) [^ ]+ //; s/^/  load: /' || true
 for t in pgbench_accounts events; do
   a=$("${psql[@]}" -d src -Atc "SELECT md5(string_agg(x::text, ',' ORDER BY x::text)) FROM $t x")

@@ -65,3 +65,65 @@ pub fn outbox_files(outbox: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// The first column of every row in a complete's data member, as an integer,
+/// whichever COPY format the member is in (text: up to the first tab; binary: a
+/// whole stream of its own whose first field is an int4 or int8).
+pub fn copy_first_column(member: &ferry_common::manifest::Member, bytes: &[u8]) -> Vec<i64> {
+    use ferry_common::manifest::DataFormat;
+    match member.format {
+        Some(DataFormat::PgCopyText) => String::from_utf8(bytes.to_vec())
+            .expect("COPY text is UTF-8")
+            .lines()
+            .map(|l| {
+                l.split('\t')
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("an integer")
+            })
+            .collect(),
+        Some(DataFormat::PgCopyBinary) => {
+            const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+            assert!(
+                bytes.starts_with(HEADER),
+                "{}: no binary COPY header",
+                member.path
+            );
+            assert!(
+                bytes.ends_with(&[0xff, 0xff]),
+                "{}: no trailer",
+                member.path
+            );
+            let mut at = HEADER.len();
+            let take = |at: &mut usize, n: usize| {
+                let s = &bytes[*at..*at + n];
+                *at += n;
+                s
+            };
+            let mut out = Vec::new();
+            loop {
+                let fields = i16::from_be_bytes(take(&mut at, 2).try_into().expect("2 bytes"));
+                if fields == -1 {
+                    assert_eq!(at, bytes.len(), "{}: bytes after the trailer", member.path);
+                    return out;
+                }
+                for f in 0..fields {
+                    let len = i32::from_be_bytes(take(&mut at, 4).try_into().expect("4 bytes"));
+                    let v = if len > 0 {
+                        take(&mut at, len as usize)
+                    } else {
+                        &[]
+                    };
+                    if f == 0 {
+                        out.push(match v.len() {
+                            4 => i32::from_be_bytes(v.try_into().expect("4")) as i64,
+                            8 => i64::from_be_bytes(v.try_into().expect("8")),
+                            n => panic!("{}: a first field of {n} bytes", member.path),
+                        });
+                    }
+                }
+            }
+        }
+        other => panic!("{}: not COPY data ({other:?})", member.path),
+    }
+}

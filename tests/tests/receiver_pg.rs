@@ -230,6 +230,40 @@ async fn the_type_zoo_and_media_arrive_identical() {
     );
 }
 
+/// Text COPY (`[complete] copy_format = "text"`) loads the type zoo identically,
+/// staged in parallel and in one transaction, and the bundle says so.
+#[tokio::test]
+async fn the_type_zoo_arrives_identical_in_text_copy_too() {
+    let p = Pipe::new(ZOO, "").await;
+    let mut src = p.server.connect("app").await;
+    exec(&mut src, ZOO_ROWS).await;
+    let cfg = p.path("sender.toml");
+    let toml = std::fs::read_to_string(&cfg).unwrap() + "[complete]\ncopy_format = \"text\"\n";
+    std::fs::write(&cfg, toml).unwrap();
+    let file = p.send("complete");
+    let (m, _) = ferry_tests::bundle_contents(&p.path("sstate/outbox").join(&file));
+    let data: Vec<_> = m
+        .members
+        .iter()
+        .filter(|x| x.role == ferry_common::manifest::Role::Data)
+        .collect();
+    assert!(!data.is_empty());
+    assert!(
+        data.iter()
+            .all(|x| x.format == Some(ferry_common::manifest::DataFormat::PgCopyText))
+    );
+    p.deliver(&file);
+    let warnings = p.load_ok();
+    assert!(!warnings.contains(FELL_BACK), "{warnings}");
+    p.assert_same(&ZOO_TABLES).await;
+
+    exec(&mut src, "INSERT INTO zoo (\"camelCase\") VALUES ('after')").await;
+    p.jobs(1);
+    p.deliver(&p.send("complete"));
+    p.load_ok();
+    p.assert_same(&ZOO_TABLES).await;
+}
+
 const SMALL: &str = "CREATE TABLE parent (id int PRIMARY KEY, name text, updated_at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent(id) ON DELETE CASCADE, v text, updated_at timestamptz NOT NULL DEFAULT now());
 CREATE INDEX ON parent (updated_at); CREATE INDEX ON child (updated_at);

@@ -3,8 +3,9 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
+use ferry_common::manifest::DataFormat;
 use ferry_tests::pg::{PgServer, exec, free_port, table_rows};
-use ferry_tests::{binary, bundle_contents, outbox_files, write_config};
+use ferry_tests::{binary, bundle_contents, copy_first_column, outbox_files, write_config};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -223,19 +224,41 @@ async fn kill_9_during_a_complete_leaves_no_bundle_and_loses_nothing() {
     assert_eq!(parts[0].path, "data/public.big.copy");
     assert_eq!(parts[1].path, "data/public.big.copy.000002");
     assert_eq!(parts.iter().map(|p| p.rows.unwrap()).sum::<u64>(), 400000);
-    let mut ids: Vec<u64> = parts
-        .iter()
-        .flat_map(|p| {
-            String::from_utf8(members[&p.path].clone())
-                .unwrap()
-                .lines()
-                .map(|l| l.split('\t').next().unwrap().parse::<u64>().unwrap())
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    // Each part is a whole binary COPY stream (the default) of whole rows.
+    let mut ids: Vec<i64> = Vec::new();
+    for p in &parts {
+        assert_eq!(p.format, Some(DataFormat::PgCopyBinary));
+        let part = copy_first_column(p, &members[&p.path]);
+        assert_eq!(part.len() as u64, p.rows.unwrap(), "{}: rows", p.path);
+        ids.extend(part);
+    }
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), 400000, "every row exactly once");
+
+    // The same in text COPY, when configured.
+    let toml = std::fs::read_to_string(&cfg).unwrap() + "[complete]\ncopy_format = \"text\"\n";
+    std::fs::write(&cfg, toml).unwrap();
+    let out = sender(&cfg, &["complete"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (m, members) = bundle_contents(&outbox.join(outbox_files(&outbox).pop().unwrap()));
+    let mut ids: Vec<i64> = Vec::new();
+    let mut n = 0;
+    for p in m
+        .members
+        .iter()
+        .filter(|x| x.table.as_ref().is_some_and(|t| t.name == "big"))
+    {
+        assert_eq!(p.format, Some(DataFormat::PgCopyText));
+        let part = copy_first_column(p, &members[&p.path]);
+        assert_eq!(part.len() as u64, p.rows.unwrap(), "{}: rows", p.path);
+        ids.extend(part);
+        n += 1;
+    }
+    assert!(n > 1, "expected several text parts");
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 400000, "every row exactly once, in text");
     assert_eq!(table_rows(&mut src, "small").await.len(), 1);
     exec(&mut src, "SELECT 1").await;
 }

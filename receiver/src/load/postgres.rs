@@ -5,7 +5,7 @@ use crate::plan::LedgerState;
 use crate::verify::{Piece, Verified};
 use ferry_common::ident::TableName;
 use ferry_common::ident::{quote_ident, quote_literal};
-use ferry_common::manifest::{Kind, Manifest, Member, Role, Table};
+use ferry_common::manifest::{DataFormat, Kind, Manifest, Member, Role, Table};
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Connection, Postgres, Row, Transaction};
 use std::path::PathBuf;
@@ -287,6 +287,19 @@ pub(super) fn data_table(member: &Member) -> Result<&TableName, LoadError> {
         .ok_or_else(|| LoadError::Refused(format!("{} names no table", member.path)))
 }
 
+/// The COPY statement loading `member` into `table` (a quoted name), in the
+/// member's format. FREEZE: the table was created or truncated in this
+/// transaction, so its rows can be written frozen (no hint-bit rewrites or
+/// anti-wraparound vacuum later).
+fn copy_in_sql(table: &str, member: &Member) -> String {
+    match member.format {
+        Some(DataFormat::PgCopyBinary) => {
+            format!("COPY {table} FROM STDIN WITH (FORMAT binary, FREEZE)")
+        }
+        _ => format!("COPY {table} FROM STDIN WITH (FREEZE)"),
+    }
+}
+
 /// COPYs one staged data file into `table` (a quoted name).
 pub(super) async fn copy_file(
     conn: &mut PgConnection,
@@ -295,10 +308,8 @@ pub(super) async fn copy_file(
     path: &std::path::Path,
 ) -> Result<u64, LoadError> {
     let doing = format!("loading {} ({})", table, member.path);
-    // FREEZE: the table was created or truncated in this transaction, so its rows
-    // can be written frozen (no hint-bit rewrites or anti-wraparound vacuum later).
     let mut copy = conn
-        .copy_in_raw(&format!("COPY {table} FROM STDIN WITH (FREEZE)"))
+        .copy_in_raw(&copy_in_sql(table, member))
         .await
         .map_err(LoadError::db(doing.clone()))?;
     // 1 MiB CopyData messages: sqlx's `read_from` sends one small message and a
@@ -329,7 +340,7 @@ pub(super) async fn copy_stream<T: Into<Option<Piece>>>(
 ) -> Result<u64, LoadError> {
     let doing = format!("loading {} ({})", table, member.path);
     let mut copy = conn
-        .copy_in_raw(&format!("COPY {table} FROM STDIN WITH (FREEZE)"))
+        .copy_in_raw(&copy_in_sql(table, member))
         .await
         .map_err(LoadError::db(doing.clone()))?;
     while let Some(p) = rx.recv().await {

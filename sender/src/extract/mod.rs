@@ -131,6 +131,8 @@ pub struct ExtractSettings {
     pub capture_deletes: bool,
     pub delete_log_retention: Duration,
     pub jobs: usize,
+    /// PostgreSQL completes: binary COPY (else text).
+    pub binary_copy: bool,
 }
 
 impl ExtractSettings {
@@ -140,6 +142,7 @@ impl ExtractSettings {
             capture_deletes: config.partial.deletes == crate::config::DeleteCapture::Trigger,
             delete_log_retention: config.partial.delete_log_retention,
             jobs: config.source.jobs,
+            binary_copy: config.complete.copy_format == crate::config::CopyFormat::Binary,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! A complete: one exported snapshot shared by `jobs` COPY readers and pg_dump.
 
+use super::framing::{BINARY_HEADER, BINARY_TRAILER, Framing};
 use super::{PgSource, TRIGGER_NAME, q, split_password};
 use crate::extract::stage::{BATCH, BlockingSink, member, stage_text};
 use crate::extract::{
@@ -84,11 +85,12 @@ impl PgSource {
                 .map_err(ExtractError::db("importing the snapshot"))?;
             let queue = queue.clone();
             let stager = stager.clone();
+            let binary = settings.binary_copy;
             readers.spawn(async move {
                 loop {
                     let next = queue.lock().map(|mut q| q.pop_front()).ok().flatten();
                     let Some(table) = next else { break };
-                    copy_table(&mut conn, &table, &stager).await?;
+                    copy_table(&mut conn, &table, &stager, binary).await?;
                 }
                 let _ = sqlx::raw_sql("ROLLBACK").execute(&mut conn).await;
                 Ok::<(), ExtractError>(())
@@ -229,25 +231,37 @@ pub fn copy_part_path(table: &TableName, part: u32) -> String {
     }
 }
 
-/// COPY one table into one or more staged members.
+/// COPY one table into one or more staged members, each holding whole rows (and,
+/// binary, a whole COPY stream of its own).
 async fn copy_table(
     conn: &mut PgConnection,
     table: &TableMeta,
     stager: &Stager,
+    binary: bool,
 ) -> Result<(), ExtractError> {
     let started = std::time::Instant::now();
     let new_part = |part: u32| -> Result<BlockingSink, ExtractError> {
         let mut m = member(copy_part_path(&table.info.name, part), Role::Data);
         m.table = Some(table.info.name.clone());
-        m.format = Some(DataFormat::PgCopyText);
-        Ok(BlockingSink::spawn(stager.create(m)?, true))
+        m.format = Some(if binary {
+            DataFormat::PgCopyBinary
+        } else {
+            DataFormat::PgCopyText
+        });
+        Ok(BlockingSink::spawn(stager.create(m)?, !binary))
     };
-    let mut part = 1;
-    let mut sink = new_part(part)?;
-    let mut in_part = 0usize;
-    let mut rows = 0u64;
-    let sql = format!("COPY {} TO STDOUT", table.info.name.quoted());
     let doing = format!("reading {}", table.key());
+    let mut framing = Framing::new(binary);
+    let mut part = 1;
+    let mut sink = Part::open(new_part(part)?, binary).await?;
+    let mut rows = 0u64;
+    let sql = match binary {
+        true => format!(
+            "COPY {} TO STDOUT (FORMAT binary)",
+            table.info.name.quoted()
+        ),
+        false => format!("COPY {} TO STDOUT", table.info.name.quoted()),
+    };
     let mut stream = conn
         .copy_out_raw(&sql)
         .await
@@ -265,34 +279,33 @@ async fn copy_table(
         if buf.len() < BATCH && !done {
             continue;
         }
-        if in_part + buf.len() > PART_BYTES && in_part > 0 && !done {
-            // Close this part at the last row boundary; the rest starts the next.
-            let cut = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-            let rest = buf.split_off(cut);
-            sink.send(std::mem::replace(&mut buf, rest)).await?;
-            let staged = sink.finish().await?;
-            rows += staged.member.rows.unwrap_or(0);
-            stager.send(staged).await?;
+        // Only whole rows go into a part; the rest waits for the next chunks.
+        let whole = framing
+            .scan(&buf, done)
+            .map_err(|e| ExtractError::Selection(format!("{doing}: unexpected COPY data: {e}")))?;
+        let mut rest = buf.split_off(whole.end);
+        rest.drain(..whole.trailer);
+        buf.drain(..whole.skip);
+        if sink.bytes + buf.len() > PART_BYTES && sink.bytes > 0 {
+            rows += sink.close(stager).await?;
             part += 1;
-            sink = new_part(part)?;
-            in_part = 0;
+            sink = Part::open(new_part(part)?, binary).await?;
         }
-        in_part += buf.len();
+        sink.rows += whole.rows;
+        sink.bytes += buf.len();
         if !buf.is_empty() {
-            sink.send(std::mem::replace(
-                &mut buf,
-                Vec::with_capacity(BATCH + 64 * 1024),
-            ))
-            .await?;
+            let mut next = Vec::with_capacity(BATCH + 64 * 1024);
+            next.extend_from_slice(&rest);
+            sink.sink.send(std::mem::replace(&mut buf, next)).await?;
+        } else {
+            buf = rest;
         }
         if done {
             break;
         }
     }
     drop(stream);
-    let staged = sink.finish().await?;
-    rows += staged.member.rows.unwrap_or(0);
-    stager.send(staged).await?;
+    rows += sink.close(stager).await?;
     tracing::info!(
         table = %table.key(),
         rows,
@@ -301,6 +314,43 @@ async fn copy_table(
         "table read"
     );
     Ok(())
+}
+
+/// One part being staged: binary parts are whole COPY streams (header first,
+/// trailer last) and count their tuples here; text parts count newlines.
+struct Part {
+    sink: BlockingSink,
+    binary: bool,
+    bytes: usize,
+    rows: u64,
+}
+
+impl Part {
+    async fn open(sink: BlockingSink, binary: bool) -> Result<Self, ExtractError> {
+        if binary {
+            sink.send(BINARY_HEADER.to_vec()).await?;
+        }
+        Ok(Self {
+            sink,
+            binary,
+            bytes: 0,
+            rows: 0,
+        })
+    }
+
+    /// Finishes the part, hands it to the bundle writer; returns its rows.
+    async fn close(self, stager: &Stager) -> Result<u64, ExtractError> {
+        if self.binary {
+            self.sink.send(BINARY_TRAILER.to_vec()).await?;
+        }
+        let mut staged = self.sink.finish().await?;
+        if self.binary {
+            staged.member.rows = Some(self.rows);
+        }
+        let rows = staged.member.rows.unwrap_or(0);
+        stager.send(staged).await?;
+        Ok(rows)
+    }
 }
 
 #[cfg(test)]

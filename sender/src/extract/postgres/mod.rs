@@ -18,6 +18,7 @@
 mod capture;
 mod catalog;
 mod complete;
+mod framing;
 mod partial;
 
 pub use complete::{PART_BYTES, copy_part_path};
