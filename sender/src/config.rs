@@ -561,6 +561,17 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("overlap") && e.contains("\"5m\""), "{e}");
+        let base = "sender_id='a'\nstate_dir='/x'\n[source]\nurl='sqlite:///x'\n[complete]\n";
+        let e = parse(&format!("{base}copy_format='csv'\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("copy_format") && e.contains("`binary`") && e.contains("`text`"),
+            "{e}"
+        );
+        let c = parse(&format!("{base}copy_format='text'\n")).unwrap();
+        assert_eq!(c.complete.copy_format, CopyFormat::Text);
+        assert_eq!(parse(base).unwrap().complete.copy_format, CopyFormat::Binary);
     }
 
     #[test]

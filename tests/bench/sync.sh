@@ -169,6 +169,7 @@ printf '| method | s |\n|---|---|\n'
 printf '| pg_dump \\| zstd -3 -T2 \\| ssh ... '"'"'zstd -d \\| psql'"'"' | %.2f |\n' "$o"
 printf '| ferry-sender complete (push) + ferry-receiver load | %.2f |\n' "$f"
 printf 'ratio ferry/one-liner: %.2f\n' "$(echo "$f/$o" | bc -l)"
+echo "runs: one-liner ${one[*]}; ferry ${fer[*]}"
 # Where ferry's time goes: one more sync, stage by stage.
 settle; o1=($(cpu_secs oneliner))
 settle; c=($(cpu_secs "$sender" --config "$work/sender.toml" complete --no-push))
