@@ -571,7 +571,10 @@ mod tests {
         );
         let c = parse(&format!("{base}copy_format='text'\n")).unwrap();
         assert_eq!(c.complete.copy_format, CopyFormat::Text);
-        assert_eq!(parse(base).unwrap().complete.copy_format, CopyFormat::Binary);
+        assert_eq!(
+            parse(base).unwrap().complete.copy_format,
+            CopyFormat::Binary
+        );
     }
 
     #[test]
