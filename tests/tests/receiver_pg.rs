@@ -375,6 +375,77 @@ async fn a_corrupted_bundle_is_quarantined_and_later_ones_wait() {
     assert!(text(&p.receive(&["failures"]).stdout).contains("no failed bundles"));
 }
 
+/// Replaces a member's bytes and rewrites the manifest to match (size, SHA-256):
+/// a bundle that verifies but carries data of the wrong shape.
+fn replace_member(bundle: &Path, member: &str, data: &[u8]) {
+    use sha2::Digest;
+    let raw = zstd::decode_all(std::fs::File::open(bundle).unwrap()).unwrap();
+    let mut entries = Vec::new();
+    for e in tar::Archive::new(&raw[..]).entries().unwrap() {
+        let mut e = e.unwrap();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut bytes).unwrap();
+        entries.push((e.path().unwrap().display().to_string(), bytes));
+    }
+    let mut manifest: serde_json::Value = serde_json::from_slice(&entries[0].1).unwrap();
+    let m = manifest["members"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|m| m["path"] == member)
+        .unwrap();
+    m["size"] = data.len().into();
+    m["sha256"] = hex::encode(sha2::Sha256::digest(data)).into();
+    entries[0].1 = serde_json::to_vec(&manifest).unwrap();
+    entries.iter_mut().find(|(p, _)| p == member).unwrap().1 = data.to_vec();
+    let mut out = tar::Builder::new(Vec::new());
+    for (path, bytes) in &entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        out.append_data(&mut h, path, &bytes[..]).unwrap();
+    }
+    let tar = out.into_inner().unwrap();
+    std::fs::write(bundle, zstd::encode_all(&tar[..], 1).unwrap()).unwrap();
+}
+
+/// Binary COPY data of the wrong shape (a tuple with 2 fields for a 3-column
+/// table) in a bundle whose checksums match: the load fails naming the table,
+/// nothing is applied, the bundle is quarantined and staging is cleaned up.
+#[tokio::test]
+async fn binary_data_of_the_wrong_shape_is_refused_and_nothing_applies() {
+    let p = Pipe::new(SMALL, "").await;
+    let mut src = p.server.connect("app").await;
+    p.deliver(&p.send("complete"));
+    p.load_ok();
+    exec(&mut src, "INSERT INTO parent (id, name) VALUES (3, 'p3')").await;
+    let c2 = p.send("complete");
+    let mut bad = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0".to_vec();
+    bad.extend_from_slice(&2i16.to_be_bytes());
+    bad.extend_from_slice(&4i32.to_be_bytes());
+    bad.extend_from_slice(&7i32.to_be_bytes());
+    bad.extend_from_slice(&1i32.to_be_bytes());
+    bad.push(b'x');
+    bad.extend_from_slice(&(-1i16).to_be_bytes());
+    replace_member(
+        &p.path("sstate/outbox").join(&c2),
+        "data/public.parent.copy",
+        &bad,
+    );
+    p.deliver(&c2);
+    let out = p.receive(&["load"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains(&format!("FAILED  {c2}")));
+    let failures = text(&p.receive(&["failures"]).stdout);
+    assert!(
+        failures.contains("public.parent") && failures.contains("field count"),
+        "{failures}"
+    );
+    let mut viz = p.server.connect("viz").await;
+    assert_eq!(table_rows(&mut viz, "parent").await.len(), 2);
+    assert!(staging_schemas(&p).await.is_empty());
+}
+
 #[tokio::test]
 async fn a_complete_supersedes_a_quarantined_chain() {
     let p = Pipe::new(SMALL, "").await;
