@@ -129,11 +129,8 @@ for i in $(seq "$RUNS"); do
   sync; sftp_up+=("$(secs sftp -q -b "$work/batch" "${sftpopt[@]}" ferry-sftp@127.0.0.1)")
   rm -f "$ssh_dir"/root/inbox/*
 done
-fu=$(printf '%s
-' "${ferry_up[@]}" | median)
-sfu=$(printf '%s
-' "${sftpf_up[@]}" | median); su=$(printf '%s
-' "${sftp_up[@]}" | median)
+fu=$(printf '%s\n' "${ferry_up[@]}" | median)
+sfu=$(printf '%s\n' "${sftpf_up[@]}" | median); su=$(printf '%s\n' "${sftp_up[@]}" | median)
 mbs() { echo "$MB*1.048576/$1" | bc -l; }
 echo
 echo "## upload of a $MB MiB bundle over SFTP (loopback, median of $RUNS)"

@@ -379,14 +379,7 @@ async fn a_corrupted_bundle_is_quarantined_and_later_ones_wait() {
 /// a bundle that verifies but carries data of the wrong shape.
 fn replace_member(bundle: &Path, member: &str, data: &[u8]) {
     use sha2::Digest;
-    let raw = zstd::decode_all(std::fs::File::open(bundle).unwrap()).unwrap();
-    let mut entries = Vec::new();
-    for e in tar::Archive::new(&raw[..]).entries().unwrap() {
-        let mut e = e.unwrap();
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut e, &mut bytes).unwrap();
-        entries.push((e.path().unwrap().display().to_string(), bytes));
-    }
+    let mut entries = bundle_entries(bundle);
     let mut manifest: serde_json::Value = serde_json::from_slice(&entries[0].1).unwrap();
     let m = manifest["members"]
         .as_array_mut()
@@ -398,15 +391,7 @@ fn replace_member(bundle: &Path, member: &str, data: &[u8]) {
     m["sha256"] = hex::encode(sha2::Sha256::digest(data)).into();
     entries[0].1 = serde_json::to_vec(&manifest).unwrap();
     entries.iter_mut().find(|(p, _)| p == member).unwrap().1 = data.to_vec();
-    let mut out = tar::Builder::new(Vec::new());
-    for (path, bytes) in &entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(bytes.len() as u64);
-        h.set_mode(0o644);
-        out.append_data(&mut h, path, &bytes[..]).unwrap();
-    }
-    let tar = out.into_inner().unwrap();
-    std::fs::write(bundle, zstd::encode_all(&tar[..], 1).unwrap()).unwrap();
+    write_bundle(bundle, &entries);
 }
 
 /// Binary COPY data of the wrong shape (a tuple with 2 fields for a 3-column
@@ -859,24 +844,34 @@ async fn a_staged_complete_keeps_every_index_and_constraint() {
 
 /// Rewrites a bundle with one member moved to the end of the tar.
 fn move_member_last(bundle: &Path, member: &str) {
+    let mut entries = bundle_entries(bundle);
+    let at = entries.iter().position(|(p, _)| p == member).unwrap();
+    let moved = entries.remove(at);
+    entries.push(moved);
+    write_bundle(bundle, &entries);
+}
+
+/// A bundle's members in order (manifest first): path and bytes, unverified.
+fn bundle_entries(bundle: &Path) -> Vec<(String, Vec<u8>)> {
     let raw = zstd::decode_all(std::fs::File::open(bundle).unwrap()).unwrap();
     let mut entries = Vec::new();
     for e in tar::Archive::new(&raw[..]).entries().unwrap() {
         let mut e = e.unwrap();
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
-        entries.push((
-            e.header().clone(),
-            e.path().unwrap().display().to_string(),
-            data,
-        ));
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut bytes).unwrap();
+        entries.push((e.path().unwrap().display().to_string(), bytes));
     }
-    let at = entries.iter().position(|(_, p, _)| p == member).unwrap();
-    let moved = entries.remove(at);
-    entries.push(moved);
+    entries
+}
+
+/// Writes `entries` as a bundle (one zstd frame, regular files).
+fn write_bundle(bundle: &Path, entries: &[(String, Vec<u8>)]) {
     let mut out = tar::Builder::new(Vec::new());
-    for (h, _, data) in &entries {
-        out.append(h, &data[..]).unwrap();
+    for (path, bytes) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        out.append_data(&mut h, path, &bytes[..]).unwrap();
     }
     let tar = out.into_inner().unwrap();
     std::fs::write(bundle, zstd::encode_all(&tar[..], 1).unwrap()).unwrap();

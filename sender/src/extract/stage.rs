@@ -179,17 +179,14 @@ pub struct BlockingSink {
 }
 
 impl BlockingSink {
-    /// `count_newlines`: every `\n` ends one row (COPY text, JSON lines).
-    pub fn spawn(mut writer: StageWriter, count_newlines: bool) -> Self {
+    /// Writes the batches as they come; the caller counts the rows.
+    pub fn spawn(mut writer: StageWriter) -> Self {
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
         let handle = tokio::task::spawn_blocking(move || {
             while let Some(buf) = rx.blocking_recv() {
-                if count_newlines {
-                    writer.add_rows(bytecount::count(&buf, b'\n') as u64);
-                }
                 writer.write(&buf)?;
             }
-            writer.finish(true)
+            writer.finish(false)
         });
         Self { tx, handle }
     }

@@ -248,7 +248,7 @@ async fn copy_table(
         } else {
             DataFormat::PgCopyText
         });
-        Ok(BlockingSink::spawn(stager.create(m)?, !binary))
+        Ok(BlockingSink::spawn(stager.create(m)?))
     };
     let doing = format!("reading {}", table.key());
     let mut framing = Framing::new(binary);
@@ -283,22 +283,20 @@ async fn copy_table(
         let whole = framing
             .scan(&buf, done)
             .map_err(|e| ExtractError::Selection(format!("{doing}: unexpected COPY data: {e}")))?;
-        let mut rest = buf.split_off(whole.end);
-        rest.drain(..whole.trailer);
+        let mut rest = Vec::with_capacity(BATCH + 64 * 1024);
+        rest.extend_from_slice(&buf[whole.end + whole.trailer..]);
+        buf.truncate(whole.end);
         buf.drain(..whole.skip);
-        if sink.bytes + buf.len() > PART_BYTES && sink.bytes > 0 {
+        let rows_out = std::mem::replace(&mut buf, rest);
+        if sink.bytes + rows_out.len() > PART_BYTES && sink.bytes > 0 {
             rows += sink.close(stager).await?;
             part += 1;
             sink = Part::open(new_part(part)?, binary).await?;
         }
         sink.rows += whole.rows;
-        sink.bytes += buf.len();
-        if !buf.is_empty() {
-            let mut next = Vec::with_capacity(BATCH + 64 * 1024);
-            next.extend_from_slice(&rest);
-            sink.sink.send(std::mem::replace(&mut buf, next)).await?;
-        } else {
-            buf = rest;
+        sink.bytes += rows_out.len();
+        if !rows_out.is_empty() {
+            sink.sink.send(rows_out).await?;
         }
         if done {
             break;
@@ -316,8 +314,8 @@ async fn copy_table(
     Ok(())
 }
 
-/// One part being staged: binary parts are whole COPY streams (header first,
-/// trailer last) and count their tuples here; text parts count newlines.
+/// One part being staged, with its rows; binary parts are whole COPY streams
+/// (header first, trailer last).
 struct Part {
     sink: BlockingSink,
     binary: bool,
@@ -344,12 +342,9 @@ impl Part {
             self.sink.send(BINARY_TRAILER.to_vec()).await?;
         }
         let mut staged = self.sink.finish().await?;
-        if self.binary {
-            staged.member.rows = Some(self.rows);
-        }
-        let rows = staged.member.rows.unwrap_or(0);
+        staged.member.rows = Some(self.rows);
         stager.send(staged).await?;
-        Ok(rows)
+        Ok(self.rows)
     }
 }
 

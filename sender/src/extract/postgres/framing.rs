@@ -21,7 +21,7 @@ pub struct Rows {
     pub skip: usize,
     /// End of the last whole row: `buf[skip..end]` is whole rows.
     pub end: usize,
-    /// Rows in `buf[skip..end]` (binary; text rows are counted by the stager).
+    /// Rows in `buf[skip..end]`.
     pub rows: u64,
     /// Bytes to drop after `end` (the binary trailer).
     pub trailer: usize,
@@ -57,7 +57,7 @@ impl Framing {
             return Ok(Rows {
                 skip: 0,
                 end,
-                rows: 0,
+                rows: bytecount::count(&buf[..end], b'\n') as u64,
                 trailer: 0,
             });
         }
@@ -228,7 +228,9 @@ mod tests {
     #[test]
     fn text_rows_end_at_newlines() {
         let mut f = Framing::new(false);
-        assert_eq!(f.scan(b"1\ta\n2\tb\n3", false).expect("text").end, 8);
-        assert_eq!(f.scan(b"3\tc\n", true).expect("text").end, 4);
+        let r = f.scan(b"1\ta\n2\tb\n3", false).expect("text");
+        assert_eq!((r.end, r.rows), (8, 2));
+        let r = f.scan(b"3\tc\n", true).expect("text");
+        assert_eq!((r.end, r.rows), (4, 1));
     }
 }
