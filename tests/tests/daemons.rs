@@ -21,13 +21,14 @@ fn sender_daemon(l: &Lite) -> Daemon {
     Daemon::spawn(cmd)
 }
 
-/// Waits until the outbox holds a bundle whose name contains `what`.
+/// Waits until the outbox holds a finished bundle whose name contains `what`
+/// (not a temporary `.`-name still being written: it is renamed away).
 fn wait_outbox(l: &Lite, what: &str, daemon: &Daemon) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(f) = outbox_files(&l.p("sstate/outbox"))
             .into_iter()
-            .find(|f| f.contains(what))
+            .find(|f| f.contains(what) && !f.starts_with('.'))
         {
             return f;
         }
