@@ -2,11 +2,16 @@
 //!
 //! The manifest must come first but lists every member's checksum, which is known
 //! only after the member is written. So members are streamed into a *body* (tar
-//! entries compressed as one zstd frame) in a staging file, and [`BundleWriter::finish`]
-//! writes the final file as a second zstd frame holding the manifest entry followed
-//! by the body's compressed bytes. Concatenated zstd frames decompress as one stream,
-//! so `tar --zstd -xf` sees `manifest.json` first, then the members, then the end
+//! entries, compressed) in a staging file, and [`BundleWriter::finish`] writes the
+//! final file as a zstd frame holding the manifest entry followed by the body's
+//! compressed bytes. Concatenated zstd frames decompress as one stream, so
+//! `tar --zstd -xf` sees `manifest.json` first, then the members, then the end
 //! marker. Memory stays bounded: nothing is buffered whole but the manifest.
+//!
+//! A member can be compressed ahead, on the thread that produces it
+//! ([`CompressedMember`]): its frame already ends with the member's tar padding,
+//! so the body takes it as it is, after a small frame holding its tar header.
+//! Producers then compress side by side, and nothing uncompressed touches the disk.
 //!
 //! The final file is written under a temporary name (leading `.`), fsynced and
 //! renamed; a crash leaves no partial file under a final name.
@@ -15,7 +20,7 @@ use crate::durable;
 use crate::manifest::{Manifest, Member};
 use sha2::{Digest, Sha256};
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 /// Compression settings.
@@ -67,7 +72,31 @@ impl WriteError {
     }
 }
 
-type Body = tar::Builder<zstd::stream::write::Encoder<'static, BufWriter<File>>>;
+type Frame = zstd::stream::write::Encoder<'static, BufWriter<File>>;
+
+/// A zstd frame writing into `out`, with a checksum of its own.
+fn frame(out: BufWriter<File>, c: Compression) -> io::Result<Frame> {
+    let mut enc = zstd::stream::write::Encoder::new(out, c.level)?;
+    enc.include_checksum(true)?;
+    if c.workers > 0 {
+        enc.multithread(c.workers)?;
+    }
+    Ok(enc)
+}
+
+/// The body file, between frames or inside one.
+enum Body {
+    Raw(BufWriter<File>),
+    Frame(Frame),
+}
+
+/// Zero bytes for tar padding and the end marker.
+const ZEROS: [u8; 1024] = [0; 1024];
+
+/// The tar padding after `size` bytes of member data.
+fn padding(size: u64) -> &'static [u8] {
+    &ZEROS[..((512 - size % 512) % 512) as usize]
+}
 
 /// Streams members into a bundle. Blocking: run it on a blocking thread.
 pub struct BundleWriter {
@@ -86,42 +115,35 @@ impl BundleWriter {
             source,
         };
         let file = File::create(body_path).map_err(file_err)?;
-        let mut enc = zstd::stream::write::Encoder::new(
-            BufWriter::with_capacity(256 * 1024, file),
-            compression.level,
-        )
-        .map_err(file_err)?;
-        enc.include_checksum(true).map_err(file_err)?;
-        if compression.workers > 0 {
-            enc.multithread(compression.workers).map_err(file_err)?;
-        }
-        let mut body = tar::Builder::new(enc);
-        body.mode(tar::HeaderMode::Deterministic);
         Ok(Self {
-            body: Some(body),
+            body: Some(Body::Raw(BufWriter::with_capacity(256 * 1024, file))),
             body_path: body_path.to_owned(),
             compression,
             members: Vec::new(),
         })
     }
 
-    /// Appends a member whose checksum is already known (a file staged by a
-    /// writer that hashed it on the way in). `template` supplies role, table,
-    /// rows and format; path, size and sha256 are set here.
-    pub fn append_staged(
+    /// Appends a member compressed ahead by a [`CompressedMember`] into `file`,
+    /// with the `size` and `sha256` its `finish` returned. `template` supplies
+    /// path, role, table, rows and format.
+    pub fn append_compressed(
         &mut self,
         template: Member,
-        file: &Path,
+        size: u64,
         sha256: String,
+        file: &Path,
     ) -> Result<&Member, WriteError> {
         let member_err = |source| WriteError::Member {
             member: template.path.clone(),
             source,
         };
-        let f = File::open(file).map_err(member_err)?;
-        let size = f.metadata().map_err(member_err)?.len();
-        let reader = BufReader::with_capacity(256 * 1024, f);
-        self.append_entry(&template.path, size, reader)
+        let mut f = File::open(file).map_err(member_err)?;
+        let header = tar_header(&template.path, size).map_err(member_err)?;
+        self.frame()
+            .and_then(|enc| enc.write_all(&header))
+            .map_err(member_err)?;
+        self.raw()
+            .and_then(|out| io::copy(&mut f, out))
             .map_err(member_err)?;
         self.members.push(Member {
             size,
@@ -176,26 +198,51 @@ impl BundleWriter {
         Ok(self.members.last().expect("just pushed"))
     }
 
-    fn append_entry(&mut self, path: &str, size: u64, mut data: impl Read) -> io::Result<()> {
-        let body = self.body.as_mut().expect("body present until finish");
-        let mut header = tar::Header::new_gnu();
-        header.set_entry_type(tar::EntryType::Regular);
-        header.set_size(size);
-        header.set_mode(0o644);
-        header.set_mtime(0);
+    fn append_entry(&mut self, path: &str, size: u64, data: impl Read) -> io::Result<()> {
+        let header = tar_header(path, size)?;
+        let enc = self.frame()?;
+        enc.write_all(&header)?;
         // tar pads short readers with nothing: detect them ourselves.
         let mut counted = CountingReader {
-            inner: &mut data,
+            inner: data,
             count: 0,
         };
-        body.append_data(&mut header, path, &mut counted)?;
+        io::copy(&mut counted, enc)?;
         if counted.count != size {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!("{path}: {} of {size} bytes", counted.count),
             ));
         }
-        Ok(())
+        enc.write_all(padding(size))
+    }
+
+    /// The body inside a frame (one is started when needed).
+    fn frame(&mut self) -> io::Result<&mut Frame> {
+        let enc = match self.body.take() {
+            Some(Body::Frame(enc)) => enc,
+            Some(Body::Raw(out)) => frame(out, self.compression)?,
+            None => return Err(io::Error::other("the bundle body failed earlier")),
+        };
+        let body = self.body.insert(Body::Frame(enc));
+        match body {
+            Body::Frame(enc) => Ok(enc),
+            Body::Raw(_) => unreachable!("just set"),
+        }
+    }
+
+    /// The body between frames (the open one is ended).
+    fn raw(&mut self) -> io::Result<&mut BufWriter<File>> {
+        let out = match self.body.take() {
+            Some(Body::Raw(out)) => out,
+            Some(Body::Frame(enc)) => enc.finish()?,
+            None => return Err(io::Error::other("the bundle body failed earlier")),
+        };
+        let body = self.body.insert(Body::Raw(out));
+        match body {
+            Body::Raw(out) => Ok(out),
+            Body::Frame(_) => unreachable!("just set"),
+        }
     }
 
     /// The members appended so far.
@@ -207,15 +254,17 @@ impl BundleWriter {
     /// then the body, written under a temporary name, fsynced and renamed. The
     /// caller fills `manifest` with [`members`](Self::members). Returns the file size.
     pub fn finish(mut self, manifest: &Manifest, final_path: &Path) -> Result<u64, WriteError> {
+        let body_path = self.body_path.clone();
         let body_err = |source| WriteError::File {
-            path: self.body_path.clone(),
+            path: body_path.clone(),
             source,
         };
-        let body = self.body.take().expect("body present until finish");
-        let enc = body.into_inner().map_err(body_err)?;
-        let mut buffered = enc.finish().map_err(body_err)?;
-        buffered.flush().map_err(body_err)?;
-        drop(buffered);
+        // The end-of-archive marker: two zero blocks.
+        self.frame()
+            .and_then(|enc| enc.write_all(&ZEROS))
+            .and_then(|_| self.raw()?.flush())
+            .map_err(body_err)?;
+        self.body = None;
 
         let temp = durable::temp_name(final_path);
         let file_err = |source| WriteError::File {
@@ -250,9 +299,8 @@ impl BundleWriter {
 
 impl Drop for BundleWriter {
     fn drop(&mut self) {
-        if self.body.is_some() {
-            let _ = std::fs::remove_file(&self.body_path);
-        }
+        // After `finish` it is gone already; after a failure it is useless.
+        let _ = std::fs::remove_file(&self.body_path);
     }
 }
 
@@ -272,6 +320,63 @@ fn manifest_entry(manifest: &Manifest) -> io::Result<Vec<u8>> {
     let pad = (512 - json.len() % 512) % 512;
     entry.resize(entry.len() + pad, 0);
     Ok(entry)
+}
+
+/// A tar header (with GNU long-name entries for a long path) for a regular file
+/// of `size` bytes, deterministic: mode 0644, mtime 0.
+fn tar_header(path: &str, size: u64) -> io::Result<Vec<u8>> {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    // The builder writes the header (and long-name entries) and, the data being
+    // empty, nothing else; its end marker goes to the Vec left behind on drop.
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_data(&mut header, path, io::empty())?;
+    Ok(std::mem::take(b.get_mut()))
+}
+
+/// A member compressed ahead of the bundle (see the module docs): hashes and
+/// counts its bytes and writes them to `path` as one zstd frame ending with the
+/// member's tar padding. Blocking.
+pub struct CompressedMember {
+    inner: HashingWriter<Frame>,
+}
+
+impl CompressedMember {
+    pub fn create(path: &Path, compression: Compression) -> io::Result<Self> {
+        let file = File::create(path)?;
+        let out = BufWriter::with_capacity(256 * 1024, file);
+        Ok(Self {
+            inner: HashingWriter::new(frame(out, compression)?),
+        })
+    }
+
+    /// The member's bytes so far.
+    pub fn bytes(&self) -> u64 {
+        self.inner.bytes()
+    }
+
+    /// Pads, ends the frame and closes the file; returns the member's size and
+    /// SHA-256 (of the member's bytes, not the padding).
+    pub fn finish(self) -> io::Result<(u64, String)> {
+        let size = self.inner.bytes();
+        let (mut enc, sha256) = self.inner.finish()?;
+        enc.write_all(padding(size))?;
+        enc.finish()?.flush()?;
+        Ok((size, sha256))
+    }
+}
+
+impl Write for CompressedMember {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// A reader that hashes (SHA-256) and counts what passes through it.
@@ -432,6 +537,65 @@ mod tests {
                 ("media/a/empty".into(), 0)
             ]
         );
+    }
+
+    #[test]
+    fn members_compressed_ahead_mix_with_the_others_and_tar_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w =
+            BundleWriter::create(&dir.path().join(".body"), Compression::default()).unwrap();
+        let long = format!("data/{}.copy.000002", "t".repeat(120));
+        let sizes = [0usize, 1, 511, 512, 513, 3 << 20];
+        let mut expected = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let data: Vec<u8> = (0..n).map(|b| (b * 7 + i) as u8).collect();
+            let path = match i {
+                2 => long.clone(),
+                _ => format!("data/m{i}"),
+            };
+            if i % 2 == 0 {
+                let file = dir.path().join(format!(".stage-{i}"));
+                let mut c = CompressedMember::create(&file, Compression::default()).unwrap();
+                c.write_all(&data).unwrap();
+                assert_eq!(c.bytes(), n as u64);
+                let (size, sha256) = c.finish().unwrap();
+                assert_eq!(sha256, hex::encode(Sha256::digest(&data)));
+                w.append_compressed(member(&path), size, sha256, &file)
+                    .unwrap();
+            } else {
+                w.append_reader(member(&path), n as u64, &data[..]).unwrap();
+            }
+            expected.push((path, data));
+        }
+        let m = manifest(w.members().to_vec());
+        let out = dir.path().join("t-000000000001-complete.tar.zst");
+        w.finish(&m, &out).unwrap();
+
+        let mut seen = Vec::new();
+        read_bundle(&out, &Limits::default(), |m, r| {
+            let mut v = Vec::new();
+            r.read_to_end(&mut v)?;
+            seen.push((m.path.clone(), v));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, expected);
+        // And a stock tar agrees, end marker included.
+        let listed = std::process::Command::new("tar")
+            .args(["--zstd", "-tf"])
+            .arg(&out)
+            .output();
+        if let Ok(o) = listed
+            && o.status.success()
+        {
+            let names: Vec<String> = String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect();
+            let mut want = vec!["manifest.json".to_owned()];
+            want.extend(expected.iter().map(|(p, _)| p.clone()));
+            assert_eq!(names, want);
+        }
     }
 
     #[test]

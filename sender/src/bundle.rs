@@ -1,6 +1,6 @@
-//! Assembling a bundle: a writer thread takes staged members as extraction
-//! finishes them and appends them to the bundle body, so compression overlaps
-//! with reading. The manifest is written last (as the first frame; see
+//! Assembling a bundle: a writer thread takes staged members (compressed
+//! already, by the threads that produced them) as extraction finishes them and
+//! appends them to the bundle body. The manifest is written last (as the first frame; see
 //! `ferry_common::bundle`).
 
 use crate::extract::{ExtractError, Staged};
@@ -25,7 +25,12 @@ impl Assembly {
         let (tx, mut rx) = mpsc::channel::<Staged>(16);
         let handle = tokio::task::spawn_blocking(move || {
             while let Some(staged) = rx.blocking_recv() {
-                let result = writer.append_staged(staged.member, &staged.file, staged.sha256);
+                let result = writer.append_compressed(
+                    staged.member,
+                    staged.size,
+                    staged.sha256,
+                    &staged.file,
+                );
                 let _ = std::fs::remove_file(&staged.file);
                 result?;
             }

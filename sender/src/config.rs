@@ -265,9 +265,10 @@ pub struct BundleConfig {
     pub zstd_workers: u32,
 }
 
-// Measured on 2 cores (docs/benchmarks.md): level 1 in the writer thread was faster
-// than level 3 with zstd workers, made smaller bundles of SQL data, and kept the
-// sender near 17 MiB instead of 64 MiB; the table readers already use the cores.
+// Measured on 2 cores (docs/benchmarks.md): level 1 without zstd workers was faster
+// than level 3 with them, made smaller bundles of SQL data, and kept the sender
+// near 17 MiB instead of 64 MiB; the table readers (each compressing its own
+// parts) already use the cores.
 impl Default for BundleConfig {
     fn default() -> Self {
         Self {

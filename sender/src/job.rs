@@ -170,7 +170,7 @@ async fn run_locked(
         Kind::Partial => Some(std::sync::Arc::new(Dedup::new(state.sent_lines().await?))),
         Kind::Complete => None,
     };
-    let stager = Stager::new(&staging, assembly.tx.clone(), dedup.clone());
+    let stager = Stager::new(&staging, assembly.tx.clone(), dedup.clone(), compression);
     let extracted = match kind {
         Kind::Complete => source.complete(&tables, &settings, &stager).await,
         Kind::Partial => {

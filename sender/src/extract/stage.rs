@@ -1,13 +1,13 @@
-//! Staging: members are written to files in the staging directory (hashing and
-//! counting rows on the way) and handed to the bundle writer when complete. The
-//! writer needs each member's size before its bytes, so a member cannot be
+//! Staging: members are written to files in the staging directory, hashed,
+//! counted and compressed on the way (on the thread that produces them, so
+//! tables compress side by side), and handed to the bundle writer when complete.
+//! The writer needs each member's size before its bytes, so a member cannot be
 //! streamed straight into the tar.
 
 use super::ExtractError;
-use ferry_common::bundle::HashingWriter;
+use ferry_common::bundle::{CompressedMember, Compression};
 use ferry_common::manifest::Member;
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
@@ -17,7 +17,9 @@ use tokio::sync::mpsc;
 pub struct Staged {
     /// Path, role, table, rows and format; size and sha256 are filled by the writer.
     pub member: Member,
+    /// The member compressed (see [`CompressedMember`]).
     pub file: PathBuf,
+    pub size: u64,
     pub sha256: String,
 }
 
@@ -63,15 +65,22 @@ pub struct Stager {
     counter: std::sync::Arc<AtomicU64>,
     tx: mpsc::Sender<Staged>,
     dedup: Option<std::sync::Arc<Dedup>>,
+    compression: Compression,
 }
 
 impl Stager {
-    pub fn new(dir: &Path, tx: mpsc::Sender<Staged>, dedup: Option<std::sync::Arc<Dedup>>) -> Self {
+    pub fn new(
+        dir: &Path,
+        tx: mpsc::Sender<Staged>,
+        dedup: Option<std::sync::Arc<Dedup>>,
+        compression: Compression,
+    ) -> Self {
         Self {
             dir: dir.to_owned(),
             counter: Default::default(),
             tx,
             dedup,
+            compression,
         }
     }
 
@@ -88,9 +97,10 @@ impl Stager {
     /// Opens a staged file for a member.
     pub fn create(&self, member: Member) -> Result<StageWriter, ExtractError> {
         let path = self.new_path();
-        let file = File::create(&path).map_err(ExtractError::stage(member.path.clone()))?;
+        let writer = CompressedMember::create(&path, self.compression)
+            .map_err(ExtractError::stage(member.path.clone()))?;
         Ok(StageWriter {
-            writer: HashingWriter::new(BufWriter::with_capacity(256 * 1024, file)),
+            writer,
             path,
             member,
             rows: 0,
@@ -109,7 +119,7 @@ impl Stager {
 /// A member being staged. Blocking I/O: use it on a blocking thread, or for
 /// small members.
 pub struct StageWriter {
-    writer: HashingWriter<BufWriter<File>>,
+    writer: CompressedMember,
     path: PathBuf,
     member: Member,
     rows: u64,
@@ -138,13 +148,13 @@ impl StageWriter {
         self.rows
     }
 
-    /// Flushes and closes the file (fsync happens on the whole bundle, not here).
+    /// Ends the compressed frame and closes the file (fsync happens on the whole
+    /// bundle, not here).
     pub fn finish(self, count_rows: bool) -> Result<Staged, ExtractError> {
-        let (buffered, sha256) = self
+        let (size, sha256) = self
             .writer
             .finish()
             .map_err(ExtractError::stage(self.member.path.clone()))?;
-        drop(buffered);
         let mut member = self.member;
         if count_rows {
             member.rows = Some(self.rows);
@@ -152,6 +162,7 @@ impl StageWriter {
         Ok(Staged {
             member,
             file: self.path,
+            size,
             sha256,
         })
     }
