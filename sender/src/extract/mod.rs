@@ -54,7 +54,7 @@ pub enum ExtractError {
     Selection(String),
     #[error("pg_dump failed while dumping the schema ({what}): {message}")]
     PgDump { what: String, message: String },
-    #[error("could not stage {what}: {source}")]
+    #[error("could not stage {what}: {source}{}", full_hint(source))]
     Stage {
         what: String,
         #[source]
@@ -62,6 +62,17 @@ pub enum ExtractError {
     },
     #[error("the bundle writer stopped: {0}")]
     WriterGone(String),
+}
+
+/// What to do when staging found the disk full.
+fn full_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+            " (the disk holding state_dir/staging is full: free space there or move \
+             state_dir; nothing was sent, and the next run starts this bundle over)"
+        }
+        _ => "",
+    }
 }
 
 impl ExtractError {

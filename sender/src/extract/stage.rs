@@ -262,3 +262,39 @@ pub async fn stage_text(
     w.write(text.as_bytes())?;
     stager.send(w.finish(false)?).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_common::manifest::Role;
+
+    #[test]
+    fn a_full_disk_while_staging_is_an_error_naming_the_member_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        // The stager's first file is `.stage-0`; /dev/full refuses every write.
+        std::os::unix::fs::symlink("/dev/full", dir.path().join(".stage-0")).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let stager = Stager::new(dir.path(), tx, None, Compression::default());
+        let mut w = stager
+            .create(member("data/public.t.copy".into(), Role::Data))
+            .unwrap();
+        // Incompressible bytes, more than every buffer on the way holds.
+        let mut x = 0x9e37_79b9_u32;
+        let data: Vec<u8> = (0..4 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        let e = w
+            .write(&data)
+            .and_then(|_| w.finish(false).map(|_| ()))
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("data/public.t.copy"), "{text}");
+        assert!(text.contains("No space left on device"), "{text}");
+        assert!(text.contains("free space there"), "{text}");
+    }
+}
