@@ -93,6 +93,11 @@ enum Body {
 /// Zero bytes for tar padding and the end marker.
 const ZEROS: [u8; 1024] = [0; 1024];
 
+/// A body left empty by a failed step (its writer was consumed by the error).
+fn failed_earlier() -> io::Error {
+    io::Error::other("the bundle body failed earlier")
+}
+
 /// The tar padding after `size` bytes of member data.
 fn padding(size: u64) -> &'static [u8] {
     &ZEROS[..((512 - size % 512) % 512) as usize]
@@ -138,7 +143,7 @@ impl BundleWriter {
             source,
         };
         let mut f = File::open(file).map_err(member_err)?;
-        let header = tar_header(&template.path, size).map_err(member_err)?;
+        let header = tar_header(&template.path, size, 0).map_err(member_err)?;
         self.frame()
             .and_then(|enc| enc.write_all(&header))
             .map_err(member_err)?;
@@ -199,7 +204,7 @@ impl BundleWriter {
     }
 
     fn append_entry(&mut self, path: &str, size: u64, data: impl Read) -> io::Result<()> {
-        let header = tar_header(path, size)?;
+        let header = tar_header(path, size, 0)?;
         let enc = self.frame()?;
         enc.write_all(&header)?;
         // tar pads short readers with nothing: detect them ourselves.
@@ -219,29 +224,23 @@ impl BundleWriter {
 
     /// The body inside a frame (one is started when needed).
     fn frame(&mut self) -> io::Result<&mut Frame> {
-        let enc = match self.body.take() {
-            Some(Body::Frame(enc)) => enc,
-            Some(Body::Raw(out)) => frame(out, self.compression)?,
-            None => return Err(io::Error::other("the bundle body failed earlier")),
-        };
-        let body = self.body.insert(Body::Frame(enc));
-        match body {
-            Body::Frame(enc) => Ok(enc),
-            Body::Raw(_) => unreachable!("just set"),
+        if let Some(Body::Raw(out)) = self.body.take_if(|b| matches!(b, Body::Raw(_))) {
+            self.body = Some(Body::Frame(frame(out, self.compression)?));
+        }
+        match &mut self.body {
+            Some(Body::Frame(enc)) => Ok(enc),
+            _ => Err(failed_earlier()),
         }
     }
 
     /// The body between frames (the open one is ended).
     fn raw(&mut self) -> io::Result<&mut BufWriter<File>> {
-        let out = match self.body.take() {
-            Some(Body::Raw(out)) => out,
-            Some(Body::Frame(enc)) => enc.finish()?,
-            None => return Err(io::Error::other("the bundle body failed earlier")),
-        };
-        let body = self.body.insert(Body::Raw(out));
-        match body {
-            Body::Raw(out) => Ok(out),
-            Body::Frame(_) => unreachable!("just set"),
+        if let Some(Body::Frame(enc)) = self.body.take_if(|b| matches!(b, Body::Frame(_))) {
+            self.body = Some(Body::Raw(enc.finish()?));
+        }
+        match &mut self.body {
+            Some(Body::Raw(out)) => Ok(out),
+            _ => Err(failed_earlier()),
         }
     }
 
@@ -307,29 +306,22 @@ impl Drop for BundleWriter {
 /// The tar entry (header, JSON, padding) for the manifest, without an end marker.
 fn manifest_entry(manifest: &Manifest) -> io::Result<Vec<u8>> {
     let json = serde_json::to_vec_pretty(manifest)?;
-    let mut header = tar::Header::new_gnu();
-    header.set_path("manifest.json")?;
-    header.set_entry_type(tar::EntryType::Regular);
-    header.set_size(json.len() as u64);
-    header.set_mode(0o644);
-    header.set_mtime(manifest.created_at.timestamp().max(0) as u64);
-    header.set_cksum();
-    let mut entry = Vec::with_capacity(512 + json.len() + 512);
-    entry.extend_from_slice(header.as_bytes());
+    let size = json.len() as u64;
+    let mtime = manifest.created_at.timestamp().max(0) as u64;
+    let mut entry = tar_header("manifest.json", size, mtime)?;
     entry.extend_from_slice(&json);
-    let pad = (512 - json.len() % 512) % 512;
-    entry.resize(entry.len() + pad, 0);
+    entry.extend_from_slice(padding(size));
     Ok(entry)
 }
 
 /// A tar header (with GNU long-name entries for a long path) for a regular file
-/// of `size` bytes, deterministic: mode 0644, mtime 0.
-fn tar_header(path: &str, size: u64) -> io::Result<Vec<u8>> {
+/// of `size` bytes, mode 0644.
+fn tar_header(path: &str, size: u64, mtime: u64) -> io::Result<Vec<u8>> {
     let mut header = tar::Header::new_gnu();
     header.set_entry_type(tar::EntryType::Regular);
     header.set_size(size);
     header.set_mode(0o644);
-    header.set_mtime(0);
+    header.set_mtime(mtime);
     // The builder writes the header (and long-name entries) and, the data being
     // empty, nothing else; its end marker goes to the Vec left behind on drop.
     let mut b = tar::Builder::new(Vec::new());
@@ -351,11 +343,6 @@ impl CompressedMember {
         Ok(Self {
             inner: HashingWriter::new(frame(out, compression)?),
         })
-    }
-
-    /// The member's bytes so far.
-    pub fn bytes(&self) -> u64 {
-        self.inner.bytes()
     }
 
     /// Pads, ends the frame and closes the file; returns the member's size and
@@ -557,8 +544,8 @@ mod tests {
                 let file = dir.path().join(format!(".stage-{i}"));
                 let mut c = CompressedMember::create(&file, Compression::default()).unwrap();
                 c.write_all(&data).unwrap();
-                assert_eq!(c.bytes(), n as u64);
                 let (size, sha256) = c.finish().unwrap();
+                assert_eq!(size, n as u64);
                 assert_eq!(sha256, hex::encode(Sha256::digest(&data)));
                 w.append_compressed(member(&path), size, sha256, &file)
                     .unwrap();

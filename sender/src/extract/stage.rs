@@ -15,7 +15,8 @@ use tokio::sync::mpsc;
 /// A finished staged member, ready for the bundle writer.
 #[derive(Debug)]
 pub struct Staged {
-    /// Path, role, table, rows and format; size and sha256 are filled by the writer.
+    /// Path, role, table, rows and format; the bundle writer sets size and
+    /// sha256 from the fields below.
     pub member: Member,
     /// The member compressed (see [`CompressedMember`]).
     pub file: PathBuf,
