@@ -8,12 +8,13 @@
 #     classic one-liner `pg_dump | zstd -3 -T2 | ssh ... 'zstd -d | psql'`,
 #     on the same data (pgbench scale $SCALE plus $EVENTS jsonb rows), refreshing
 #     a copy that is already there, as a ratio.
-# Usage: bash tests/bench/sync.sh   (SCALE=50 EVENTS=2000000 RUNS=3 MB=400)
+# Usage: bash tests/bench/sync.sh   (SCALE=50 EVENTS=2000000 RUNS=3 MB=400;
+#        ONLY=upload or ONLY=sync runs one part)
 set -euo pipefail
 [ -n "${BENCH_TRACE:-}" ] && set -x
 cd "$(dirname "$0")/../.."
 source tests/needs.sh
-SCALE=${SCALE:-50}; EVENTS=${EVENTS:-2000000}; RUNS=${RUNS:-3}; MB=${MB:-400}
+SCALE=${SCALE:-50}; EVENTS=${EVENTS:-2000000}; RUNS=${RUNS:-3}; MB=${MB:-400}; ONLY=${ONLY:-}
 [ "$(id -u)" = 0 ] || { echo "run as root: the benchmark starts a private sshd with a chrooted account" >&2; exit 2; }
 cargo build -q --release --bins
 sender=$PWD/target/release/ferry-sender; receiver=$PWD/target/release/ferry-receiver
@@ -106,6 +107,9 @@ secs() {
   "$@" >"$work/step.log" 2>&1 </dev/null || { echo "benchmark step failed: $*" >&2; tail -5 "$work/step.log" >&2; return 1; }
   echo "$(date +%s.%N) - $s" | bc
 }
+# Each timed run starts from the same state: no dirty data left by the previous
+# run for the disk to write back meanwhile.
+settle() { "${psql[@]}" -c CHECKPOINT >/dev/null; sync; }
 # CPU-seconds used by the whole machine (every process: servers, ssh, agents).
 busy() { awk '/^cpu /{printf "%.2f\n", ($2+$3+$4+$7+$8)/100}' /proc/stat; }
 # `cpu_secs CMD...`: "<wall s> <machine CPU s>".
@@ -114,32 +118,45 @@ cpu_secs() { local b w; b=$(busy); w=$(secs "$@"); echo "$w $(echo "$(busy) - $b
 # 1. Upload throughput. ferry-sender fsyncs each bundle on the receiver before it
 # lets it go (fsync@openssh.com), so the like-for-like baseline is `put -f`, which
 # fsyncs too; plain `put` (no fsync) is shown beside it. Every timed upload starts
-# with no dirty pages left by the previous one (`sync`).
-mkdir -p "$work/sstate/outbox"
-head -c "$((MB << 20))" /dev/urandom > "$work/blob"
-echo "put -f $work/blob inbox/blob" > "$work/batch-f"
-echo "put $work/blob inbox/blob" > "$work/batch"
-ferry_up=(); sftpf_up=(); sftp_up=()
-for i in $(seq "$RUNS"); do
-  cp "$work/blob" "$work/sstate/outbox/bench-$(printf %012d $((900 + i)))-partial.tar.zst"
-  sync; ferry_up+=("$(secs "$sender" --config "$work/sender.toml" push)")
-  rm -f "$ssh_dir"/root/inbox/* "$work"/sstate/sent/*
-  sync; sftpf_up+=("$(secs sftp -q -b "$work/batch-f" "${sftpopt[@]}" ferry-sftp@127.0.0.1)")
-  rm -f "$ssh_dir"/root/inbox/*
-  sync; sftp_up+=("$(secs sftp -q -b "$work/batch" "${sftpopt[@]}" ferry-sftp@127.0.0.1)")
-  rm -f "$ssh_dir"/root/inbox/*
-done
-fu=$(printf '%s\n' "${ferry_up[@]}" | median)
-sfu=$(printf '%s\n' "${sftpf_up[@]}" | median); su=$(printf '%s\n' "${sftp_up[@]}" | median)
-mbs() { echo "$MB*1.048576/$1" | bc -l; }
-echo
-echo "## upload of a $MB MiB bundle over SFTP (loopback, median of $RUNS)"
-printf '| client | s | MB/s |\n|---|---|---|\n'
-printf '| OpenSSH sftp `put -f` (fsync, as ferry) | %.2f | %.0f |\n' "$sfu" "$(mbs "$sfu")"
-printf '| OpenSSH sftp `put` (no fsync) | %.2f | %.0f |\n' "$su" "$(mbs "$su")"
-printf '| ferry-sender push | %.2f | %.0f |\n' "$fu" "$(mbs "$fu")"
-printf 'ferry/sftp throughput: %.2f (against put -f), %.2f (against put)\n' \
-  "$(echo "$sfu/$fu" | bc -l)" "$(echo "$su/$fu" | bc -l)"
+# with no dirty pages left by the previous one nor by the data load above
+# (`settle`: a checkpoint, then `sync`), and the three take turns going first.
+if [ "$ONLY" != sync ]; then
+  mkdir -p "$work/sstate/outbox"
+  head -c "$((MB << 20))" /dev/urandom > "$work/blob"
+  echo "put -f $work/blob inbox/blob" > "$work/batch-f"
+  echo "put $work/blob inbox/blob" > "$work/batch"
+  ferry_up=(); sftpf_up=(); sftp_up=()
+  up_ferry() {
+    cp "$work/blob" "$work/sstate/outbox/bench-$(printf %012d $((900 + i)))-partial.tar.zst"
+    settle; ferry_up+=("$(secs "$sender" --config "$work/sender.toml" push)")
+    rm -f "$ssh_dir"/root/inbox/* "$work"/sstate/sent/*
+  }
+  up_sftpf() {
+    settle; sftpf_up+=("$(secs sftp -q -b "$work/batch-f" "${sftpopt[@]}" ferry-sftp@127.0.0.1)")
+    rm -f "$ssh_dir"/root/inbox/*
+  }
+  up_sftp() {
+    settle; sftp_up+=("$(secs sftp -q -b "$work/batch" "${sftpopt[@]}" ferry-sftp@127.0.0.1)")
+    rm -f "$ssh_dir"/root/inbox/*
+  }
+  order=(up_ferry up_sftpf up_sftp)
+  for i in $(seq "$RUNS"); do
+    for k in 0 1 2; do "${order[$(((i + k) % 3))]}"; done
+  done
+  fu=$(printf '%s\n' "${ferry_up[@]}" | median)
+  sfu=$(printf '%s\n' "${sftpf_up[@]}" | median); su=$(printf '%s\n' "${sftp_up[@]}" | median)
+  mbs() { echo "$MB*1.048576/$1" | bc -l; }
+  echo
+  echo "## upload of a $MB MiB bundle over SFTP (loopback, median of $RUNS)"
+  printf '| client | s | MB/s |\n|---|---|---|\n'
+  printf '| OpenSSH sftp `put -f` (fsync, as ferry) | %.2f | %.0f |\n' "$sfu" "$(mbs "$sfu")"
+  printf '| OpenSSH sftp `put` (no fsync) | %.2f | %.0f |\n' "$su" "$(mbs "$su")"
+  printf '| ferry-sender push | %.2f | %.0f |\n' "$fu" "$(mbs "$fu")"
+  printf 'ferry/sftp throughput: %.2f (against put -f), %.2f (against put)\n' \
+    "$(echo "$sfu/$fu" | bc -l)" "$(echo "$su/$fu" | bc -l)"
+  echo "runs: put -f ${sftpf_up[*]}; put ${sftp_up[*]}; ferry ${ferry_up[*]}"
+fi
+[ "$ONLY" = upload ] && exit 0
 
 # 2. A complete sync end to end; both targets hold a copy first.
 oneliner() {
@@ -149,9 +166,6 @@ oneliner() {
 ferry_sync() {
   "$sender" --config "$work/sender.toml" complete >/dev/null 2>&1 && "$receiver" --config "$work/receiver.toml" load >/dev/null 2>&1
 }
-# Each timed run starts from the same state: no dirty data left by the previous
-# run for the disk to write back meanwhile.
-settle() { "${psql[@]}" -c CHECKPOINT >/dev/null; sync; }
 oneliner || { echo "the one-liner failed (see $work/sshd.log)" >&2; exit 1; }
 ferry_sync || { echo "ferry sync failed" >&2; exit 1; }
 one=(); fer=()
