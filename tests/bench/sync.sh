@@ -126,21 +126,20 @@ if [ "$ONLY" != sync ]; then
   echo "put -f $work/blob inbox/blob" > "$work/batch-f"
   echo "put $work/blob inbox/blob" > "$work/batch"
   ferry_up=(); sftpf_up=(); sftp_up=()
-  up_ferry() {
-    cp "$work/blob" "$work/sstate/outbox/bench-$(printf %012d $((900 + i)))-partial.tar.zst"
-    settle; ferry_up+=("$(secs "$sender" --config "$work/sender.toml" push)")
+  # `upload ARRAY CMD...`: one settled, timed upload, its seconds added to ARRAY.
+  upload() {
+    local -n into=$1; shift
+    settle; into+=("$(secs "$@")")
     rm -f "$ssh_dir"/root/inbox/* "$work"/sstate/sent/*
   }
-  up_sftpf() {
-    settle; sftpf_up+=("$(secs sftp -q -b "$work/batch-f" "${sftpopt[@]}" ferry-sftp@127.0.0.1)")
-    rm -f "$ssh_dir"/root/inbox/*
+  up_ferry() {
+    cp "$work/blob" "$work/sstate/outbox/bench-$(printf %012d $((900 + i)))-partial.tar.zst"
+    upload ferry_up "$sender" --config "$work/sender.toml" push
   }
-  up_sftp() {
-    settle; sftp_up+=("$(secs sftp -q -b "$work/batch" "${sftpopt[@]}" ferry-sftp@127.0.0.1)")
-    rm -f "$ssh_dir"/root/inbox/*
-  }
+  up_sftpf() { upload sftpf_up sftp -q -b "$work/batch-f" "${sftpopt[@]}" ferry-sftp@127.0.0.1; }
+  up_sftp() { upload sftp_up sftp -q -b "$work/batch" "${sftpopt[@]}" ferry-sftp@127.0.0.1; }
   order=(up_ferry up_sftpf up_sftp)
-  for i in $(seq "$RUNS"); do
+  for i in $(seq "$RUNS"); do # up_ferry names its bundle after $i
     for k in 0 1 2; do "${order[$(((i + k) % 3))]}"; done
   done
   fu=$(printf '%s\n' "${ferry_up[@]}" | median)
