@@ -328,7 +328,7 @@ async fn streamed_complete(
     let verified = reader
         .await
         .map_err(|j| ApplyError::Mismatch(format!("verification panicked: {j}")))?;
-    match (begun, verified) {
+    let loaded: Result<(u64, u64), ApplyError> = match (begun, verified) {
         // The database's own failure explains more than "the loader stopped".
         (Err(err @ (LoadError::Db { .. } | LoadError::Connect { .. } | LoadError::Io(_))), _) => {
             Err(err.into())
@@ -340,9 +340,14 @@ async fn streamed_complete(
                 media::install_files(media.iter().map(|(m, p)| (m, p.as_path())), &config.media)?;
             let sql_hooks = sql_hooks(config, e);
             crate::load::postgres::finish(tx, &manifest, &e.file, rows, &sql_hooks).await?;
-            Ok((rows, media_files, manifest))
+            Ok((rows, media_files))
         }
+    };
+    let (rows, media_files) = loaded?;
+    if jobs > 1 {
+        crate::load::staged::after_commit(pg).await;
     }
+    Ok((rows, media_files, manifest))
 }
 
 fn sql_hooks(config: &Config, e: &Entry) -> Vec<String> {

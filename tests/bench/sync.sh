@@ -92,12 +92,18 @@ key_file = "$ssh_dir/client_key"
 known_hosts = "$ssh_dir/known_hosts"
 remote_dir = "inbox"
 TOML
+# The SQL hook runs in the load transaction, just before its commit: it records
+# when the new copy becomes visible to the receiver's readers.
 cat > "$work/receiver.toml" <<TOML
 state_dir = "$work/rstate"
 inbox = "$ssh_dir/root/inbox"
 [target]
 url = "postgres://postgres@127.0.0.1:$port/viz"
+[[hooks]]
+on = ["complete"]
+sql = "INSERT INTO bench.visible VALUES (clock_timestamp())"
 TOML
+"${psql[@]}" -d viz -c "CREATE SCHEMA bench" -c "CREATE TABLE bench.visible (at timestamptz)"
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 # `secs CMD...`: its wall seconds; a failed step stops the benchmark (no figure
@@ -167,19 +173,23 @@ ferry_sync() {
 }
 oneliner || { echo "the one-liner failed (see $work/sshd.log)" >&2; exit 1; }
 ferry_sync || { echo "ferry sync failed" >&2; exit 1; }
-one=(); fer=()
+one=(); fer=(); vis=()
 for i in $(seq "$RUNS"); do
   settle; one+=("$(secs oneliner)")
-  settle; fer+=("$(secs ferry_sync)")
+  settle; t0=$(date +%s.%N); fer+=("$(secs ferry_sync)")
+  vis+=("$(echo "$("${psql[@]}" -d viz -Atc "SELECT extract(epoch FROM max(at)) FROM bench.visible") - $t0" | bc)")
 done
 o=$(printf '%s\n' "${one[@]}" | median); f=$(printf '%s\n' "${fer[@]}" | median)
+v=$(printf '%s\n' "${vis[@]}" | median)
 echo
 echo "## complete sync end to end (pgbench scale $SCALE + $EVENTS events, refresh, median of $RUNS)"
 printf '| method | s |\n|---|---|\n'
 printf '| pg_dump \\| zstd -3 -T2 \\| ssh ... '"'"'zstd -d \\| psql'"'"' | %.2f |\n' "$o"
 printf '| ferry-sender complete (push) + ferry-receiver load | %.2f |\n' "$f"
-printf 'ratio ferry/one-liner: %.2f\n' "$(echo "$f/$o" | bc -l)"
-echo "runs: one-liner ${one[*]}; ferry ${fer[*]}"
+printf '| the same, until the new copy is visible on the receiver (its commit) | %.2f |\n' "$v"
+printf 'ratio ferry/one-liner: %.2f (both commands done), %.2f (new copy visible)\n' \
+  "$(echo "$f/$o" | bc -l)" "$(echo "$v/$o" | bc -l)"
+echo "runs: one-liner ${one[*]}; ferry ${fer[*]}; visible ${vis[*]}"
 # Where ferry's time goes: one more sync, stage by stage.
 settle; o1=($(cpu_secs oneliner))
 settle; c=($(cpu_secs "$sender" --config "$work/sender.toml" complete --no-push))

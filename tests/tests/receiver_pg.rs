@@ -100,6 +100,17 @@ impl Pipe {
         run(&binary("ferry-receiver"), &self.path("receiver.toml"), args)
     }
 
+    /// Runs the receiver with `RUST_LOG=filter`.
+    fn receive_logged(&self, args: &[&str], filter: &str) -> Output {
+        Command::new(binary("ferry-receiver"))
+            .arg("--config")
+            .arg(self.path("receiver.toml"))
+            .args(args)
+            .env("RUST_LOG", filter)
+            .output()
+            .unwrap()
+    }
+
     async fn assert_same(&self, tables: &[&str]) {
         let mut a = self.server.connect("app").await;
         let mut b = self.server.connect("viz").await;
@@ -129,6 +140,8 @@ fn text(b: &[u8]) -> String {
 
 /// The receiver's warning when a complete could not be loaded in parallel.
 const FELL_BACK: &str = "loading in one transaction instead";
+const NOT_MOVED_ASIDE: &str = "the previous copy could not be moved aside";
+const DROPPED_AFTER: &str = "previous copy dropped";
 
 /// Waits until no other session uses `viz` (the server noticed a dead or
 /// terminated client and rolled its transaction back).
@@ -149,10 +162,14 @@ async fn wait_until_sessions_end(viz: &mut sqlx::PgConnection) {
     }
 }
 
-/// Staging schemas left in the target (there must be none after a load).
+/// Staging schemas, and previous copies moved aside, left in the target (there
+/// must be none after a load).
 async fn staging_schemas(p: &Pipe) -> Vec<String> {
     let mut viz = p.server.connect("viz").await;
-    sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'ferry%stage%' OR nspname LIKE 'ferry%aside%'")
+    sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace
+         WHERE nspname LIKE 'ferry%stage%' OR nspname LIKE 'ferry%aside%' OR nspname LIKE 'ferry%old%'",
+    )
         .fetch_all(&mut viz)
         .await
         .unwrap()
@@ -200,11 +217,17 @@ async fn the_type_zoo_and_media_arrive_identical() {
     p.assert_same(&ZOO_TABLES).await;
     assert_eq!(std::fs::read(p.path("media-dst/b.png")).unwrap(), b"png");
 
-    // A second complete replaces the copy atomically, sequences included.
+    // A second complete replaces the copy atomically, sequences included. The
+    // old tables use the enum the new DDL replaces, so they cannot be moved
+    // aside: they are dropped in the swap instead.
     exec(&mut src, "INSERT INTO zoo (\"camelCase\") VALUES ('after')").await;
     p.deliver(&p.send("complete"));
-    let warnings = p.load_ok();
-    assert!(!warnings.contains(FELL_BACK), "{warnings}");
+    let out = p.receive_logged(&["load"], "warn,ferry_receiver::load=debug");
+    let log = text(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(!log.contains(FELL_BACK), "{log}");
+    assert!(log.contains(NOT_MOVED_ASIDE), "{log}");
+    assert!(staging_schemas(&p).await.is_empty());
     p.assert_same(&ZOO_TABLES).await;
     // The new copy's sequences are the source's: the next id follows on.
     let mut viz = p.server.connect("viz").await;
@@ -578,6 +601,31 @@ async fn kill_9_during_a_load_keeps_the_previous_copy_and_the_next_run_applies_i
         staging_schemas(&p).await.is_empty(),
         "the next load removes what the killed one staged"
     );
+}
+
+/// A second complete moves the previous copy's tables aside in the swap and
+/// drops them after the commit, so readers do not wait while the file system
+/// frees them; nothing of the old copy stays behind.
+#[tokio::test]
+async fn a_replaced_copy_is_dropped_after_the_commit() {
+    let p = Pipe::new(SMALL, "").await;
+    let mut src = p.server.connect("app").await;
+    p.deliver(&p.send("complete"));
+    p.load_ok();
+    exec(
+        &mut src,
+        "INSERT INTO child (id, parent_id, v) SELECT g, 1, 'x' FROM generate_series(1000, 5000) g",
+    )
+    .await;
+    p.deliver(&p.send("complete"));
+    let out = p.receive_logged(&["load"], "warn,ferry_receiver::load=debug");
+    let log = text(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains(DROPPED_AFTER), "{log}");
+    assert!(!log.contains(NOT_MOVED_ASIDE), "{log}");
+    assert!(!log.contains(FELL_BACK), "{log}");
+    assert!(staging_schemas(&p).await.is_empty());
+    p.assert_same(&["parent", "child"]).await;
 }
 
 #[tokio::test]
