@@ -102,13 +102,12 @@ impl Pipe {
 
     /// Runs the receiver with `RUST_LOG=filter`.
     fn receive_logged(&self, args: &[&str], filter: &str) -> Output {
-        Command::new(binary("ferry-receiver"))
-            .arg("--config")
-            .arg(self.path("receiver.toml"))
-            .args(args)
-            .env("RUST_LOG", filter)
-            .output()
-            .unwrap()
+        run_logged(
+            &binary("ferry-receiver"),
+            &self.path("receiver.toml"),
+            args,
+            filter,
+        )
     }
 
     async fn assert_same(&self, tables: &[&str]) {
@@ -125,11 +124,15 @@ impl Pipe {
 }
 
 fn run(bin: &Path, config: &Path, args: &[&str]) -> Output {
+    run_logged(bin, config, args, "warn")
+}
+
+fn run_logged(bin: &Path, config: &Path, args: &[&str], filter: &str) -> Output {
     Command::new(bin)
         .arg("--config")
         .arg(config)
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", filter)
         .output()
         .unwrap()
 }
