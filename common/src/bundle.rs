@@ -251,8 +251,13 @@ impl BundleWriter {
 
     /// Finishes the bundle and moves it durably to `final_path`: the manifest frame,
     /// then the body, written under a temporary name, fsynced and renamed. The
-    /// caller fills `manifest` with [`members`](Self::members). Returns the file size.
-    pub fn finish(mut self, manifest: &Manifest, final_path: &Path) -> Result<u64, WriteError> {
+    /// caller fills `manifest` with [`members`](Self::members). Returns the file's
+    /// size and SHA-256.
+    pub fn finish(
+        mut self,
+        manifest: &Manifest,
+        final_path: &Path,
+    ) -> Result<(u64, String), WriteError> {
         let body_path = self.body_path.clone();
         let body_err = |source| WriteError::File {
             path: body_path.clone(),
@@ -270,8 +275,8 @@ impl BundleWriter {
             path: temp.clone(),
             source,
         };
-        let result = (|| -> Result<u64, WriteError> {
-            let mut out = File::create(&temp).map_err(file_err)?;
+        let result = (|| -> Result<(u64, String), WriteError> {
+            let mut out = HashingWriter::new(File::create(&temp).map_err(file_err)?);
             let entry = manifest_entry(manifest).map_err(file_err)?;
             let mut frame = zstd::stream::write::Encoder::new(&mut out, self.compression.level)
                 .map_err(file_err)?;
@@ -280,13 +285,14 @@ impl BundleWriter {
             frame.finish().map_err(file_err)?;
             let mut body = File::open(&self.body_path).map_err(body_err)?;
             io::copy(&mut body, &mut out).map_err(file_err)?;
+            let size = out.bytes();
+            let (out, sha256) = out.finish().map_err(file_err)?;
             out.sync_all().map_err(file_err)?;
-            let size = out.metadata().map_err(file_err)?.len();
             durable::commit_rename(&temp, final_path).map_err(|source| WriteError::File {
                 path: final_path.to_owned(),
                 source,
             })?;
-            Ok(size)
+            Ok((size, sha256))
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&temp);
@@ -470,6 +476,7 @@ mod tests {
             format: None,
             media_set: None,
             mtime_ns: None,
+            volume: None,
         }
     }
 
@@ -489,6 +496,7 @@ mod tests {
             schema_fingerprint: String::new(),
             tables: vec![],
             watermarks: Default::default(),
+            volume: None,
             members,
         }
     }

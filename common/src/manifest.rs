@@ -75,6 +75,26 @@ pub fn parse_bundle_file_name(name: &str) -> Option<(String, Seq, Kind)> {
     Some((sender.to_owned(), Seq(seq.parse().ok()?), kind))
 }
 
+/// The file name of volume `index` (from 1) of a volume set:
+/// `<sender>-<seq>-<kind>.v<index, 4 digits>.tar.zst`. Volumes sort among
+/// themselves by name; the set's final file keeps the name [`bundle_file_name`]
+/// gives, and goes after them (by seq and index, not by name).
+pub fn volume_file_name(sender_id: &str, seq: Seq, kind: Kind, index: u32) -> String {
+    format!("{sender_id}-{:012}-{kind}.v{index:04}.tar.zst", seq.0)
+}
+
+/// Parses a volume file name back into (sender, seq, kind, index).
+pub fn parse_volume_file_name(name: &str) -> Option<(String, Seq, Kind, u32)> {
+    let stem = name.strip_suffix(".tar.zst")?;
+    let (base, index) = stem.rsplit_once(".v")?;
+    if index.len() != 4 || !index.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (sender, seq, kind) = parse_bundle_file_name(&format!("{base}.tar.zst"))?;
+    let index: u32 = index.parse().ok()?;
+    (index > 0).then_some((sender, seq, kind, index))
+}
+
 /// The source database engine and its version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Source {
@@ -169,6 +189,36 @@ pub struct Member {
     pub media_set: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtime_ns: Option<i128>,
+    /// In the final file of a volume set: the volume that holds this member
+    /// (`None`: the final file itself). See [`Volume`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<u32>,
+}
+
+/// A complete large enough to be sent in volumes (so that the receiver can load
+/// while the sender is still dumping) is a *set* of bundle files: volumes
+/// `<name>.v0001.tar.zst`, `.v0002` … each a bundle of its own (manifest first,
+/// its own members and checksums), then the final file under the ordinary name,
+/// whose manifest lists every member of the set and every earlier volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    /// A random id of the attempt that wrote the set: a receiver never mixes the
+    /// volumes of two attempts at the same seq.
+    pub set: String,
+    /// This file's place in the set, from 1; the final file's is the highest.
+    pub index: u32,
+    /// In the final file only: the earlier volumes, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<VolumeFile>,
+}
+
+/// An earlier volume as the final file of its set lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeFile {
+    pub file: String,
+    /// The whole file's size and SHA-256.
+    pub size: u64,
+    pub sha256: String,
 }
 
 /// The whole manifest.
@@ -192,6 +242,10 @@ pub struct Manifest {
     /// uses them to recover its state after a crash.
     #[serde(default)]
     pub watermarks: BTreeMap<String, Option<String>>,
+    /// Set in every file of a volume set (see [`Volume`]); absent in a bundle
+    /// that is one file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<Volume>,
     pub members: Vec<Member>,
 }
 
@@ -256,5 +310,30 @@ mod tests {
         );
         assert_eq!(parse_bundle_file_name(&format!(".{a}.tmp")), None);
         assert_eq!(parse_bundle_file_name("x.tar.zst"), None);
+    }
+
+    #[test]
+    fn volume_names_round_trip_and_are_not_bundle_names() {
+        let v1 = volume_file_name("app-1", Seq(10), Kind::Complete, 1);
+        let v12 = volume_file_name("app-1", Seq(10), Kind::Complete, 12);
+        let last = bundle_file_name("app-1", Seq(10), Kind::Complete);
+        assert_eq!(v1, "app-1-000000000010-complete.v0001.tar.zst");
+        assert!(v1 < v12, "volumes sort in order");
+        assert_ne!(v12, last);
+        assert_eq!(
+            parse_volume_file_name(&v12),
+            Some(("app-1".to_owned(), Seq(10), Kind::Complete, 12))
+        );
+        // A volume is not a bundle by itself, and a bundle is not a volume.
+        assert_eq!(parse_bundle_file_name(&v1), None);
+        assert_eq!(parse_volume_file_name(&last), None);
+        assert_eq!(
+            parse_volume_file_name("app-1-000000000010-complete.v0000.tar.zst"),
+            None
+        );
+        assert_eq!(
+            parse_volume_file_name("app-1-000000000010-complete.vx001.tar.zst"),
+            None
+        );
     }
 }

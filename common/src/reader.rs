@@ -65,9 +65,25 @@ pub enum ReadError {
         declared: u64,
         limit: u64,
     },
+    /// A volume set that has not (yet) arrived whole and consistent: nothing is
+    /// wrong with what is there, so it is not quarantined.
+    #[error("{}: {reason}; nothing of it was applied, and it is tried again when more of it arrives", bundle.display())]
+    Incomplete { bundle: PathBuf, reason: String },
 }
 
 impl ReadError {
+    /// Whether the same files may verify later (a volume set still arriving).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ReadError::Incomplete { .. })
+    }
+
+    fn incomplete(bundle: &Path, reason: impl Into<String>) -> Self {
+        ReadError::Incomplete {
+            bundle: bundle.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
     fn malformed(bundle: &Path, reason: impl Into<String>) -> Self {
         ReadError::Malformed {
             bundle: bundle.to_owned(),
@@ -172,24 +188,67 @@ fn first_manifest<R: Read>(
 pub fn read_bundle(
     bundle: &Path,
     limits: &Limits,
+    on_member: impl FnMut(&Member, &mut dyn Read) -> io::Result<()>,
+) -> Result<Manifest, ReadError> {
+    read_bundle_file(bundle, limits, on_member).map(|(m, _)| m)
+}
+
+/// The size and SHA-256 of a whole bundle file, as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSum {
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// [`read_bundle`], also returning the whole file's size and SHA-256 (what the
+/// final file of a volume set lists for each earlier volume). In a set's final
+/// file, members held by earlier volumes (`volume` set) are not expected here.
+pub fn read_bundle_file(
+    bundle: &Path,
+    limits: &Limits,
     mut on_member: impl FnMut(&Member, &mut dyn Read) -> io::Result<()>,
+) -> Result<(Manifest, FileSum), ReadError> {
+    let io_err = |source| ReadError::Io {
+        bundle: bundle.to_owned(),
+        source,
+    };
+    let file = HashingReader::new(File::open(bundle).map_err(io_err)?);
+    let dec = zstd::stream::read::Decoder::new(BufReader::with_capacity(256 * 1024, file))
+        .map_err(io_err)?;
+    let mut archive = tar::Archive::new(dec);
+    let manifest = read_members(bundle, &mut archive, limits, &mut on_member)?;
+    // What follows the end-of-archive marker counts too (and must be nothing but
+    // the rest of the last frame).
+    let mut file = archive.into_inner().finish().into_inner().into_inner();
+    io::copy(&mut file, &mut io::sink()).map_err(io_err)?;
+    let sum = FileSum {
+        size: HashingReader::bytes(&file),
+        sha256: file.hex_digest(),
+    };
+    Ok((manifest, sum))
+}
+
+fn read_members<R: Read>(
+    bundle: &Path,
+    archive: &mut tar::Archive<R>,
+    limits: &Limits,
+    on_member: &mut impl FnMut(&Member, &mut dyn Read) -> io::Result<()>,
 ) -> Result<Manifest, ReadError> {
     let io_err = |source| ReadError::Io {
         bundle: bundle.to_owned(),
         source,
     };
-    let file = File::open(bundle).map_err(io_err)?;
-    let dec = zstd::stream::read::Decoder::new(BufReader::with_capacity(256 * 1024, file))
-        .map_err(io_err)?;
-    let mut archive = tar::Archive::new(dec);
     let mut entries = archive.entries().map_err(io_err)?;
     let manifest = first_manifest(bundle, &mut entries, limits)?;
-    let mut expected: HashMap<&str, &Member> = manifest
+    let here: Vec<&Member> = manifest
         .members
         .iter()
-        .map(|m| (m.path.as_str(), m))
+        .filter(|m| m.volume.is_none())
         .collect();
-    if expected.len() != manifest.members.len() {
+    let mut expected: HashMap<&str, &Member> = here.iter().map(|m| (m.path.as_str(), *m)).collect();
+    let listed: std::collections::HashSet<&str> =
+        manifest.members.iter().map(|m| m.path.as_str()).collect();
+    if expected.len() != here.len() || listed.len() != manifest.members.len() {
         return Err(ReadError::malformed(
             bundle,
             "manifest lists a member twice",
@@ -251,6 +310,232 @@ pub fn read_bundle(
         ));
     }
     Ok(manifest)
+}
+
+/// The path of volume `index` of the set whose final file is `last`.
+pub fn volume_path(last: &Path, index: u32) -> PathBuf {
+    let name = last.file_name().unwrap_or_default().to_string_lossy();
+    let stem = name.strip_suffix(".tar.zst").unwrap_or(&name);
+    last.with_file_name(format!("{stem}.v{index:04}.tar.zst"))
+}
+
+/// How [`read_set`] waits for the volumes of a set still arriving.
+pub struct Arrival<'a> {
+    /// How long to wait for the next file of a set.
+    pub wait: std::time::Duration,
+    /// Stops waiting (the caller gave up).
+    pub cancelled: &'a dyn Fn() -> bool,
+}
+
+/// Reads and verifies a bundle that may be a volume set (see
+/// [`Volume`](crate::manifest::Volume)), handing every member of every file to
+/// `on_member` in order, like [`read_bundle`]. `last` is the bundle's ordinary
+/// name: a bundle in one file is read as such. Otherwise the volumes
+/// `last.v0001…` are read in turn, waiting for each (up to `arrival.wait`), and
+/// then the final file, whose manifest goes to `on_final` before its members
+/// (it lists every member of the set). The whole set is checked: one attempt's
+/// volumes only (set id), in order, with the same header, each whole file's
+/// size and SHA-256 as the final file lists it, each member where the final
+/// file says, and the decompressed total within `limits`. Returns the final
+/// file's manifest. Blocking.
+pub fn read_set(
+    last: &Path,
+    limits: &Limits,
+    arrival: &Arrival<'_>,
+    on_member: &mut dyn FnMut(&Member, &mut dyn Read) -> io::Result<()>,
+    on_final: &mut dyn FnMut(&Manifest) -> io::Result<()>,
+) -> Result<Manifest, ReadError> {
+    let mut read: Vec<(crate::manifest::VolumeFile, Manifest)> = Vec::new();
+    let mut used = 0u64;
+    loop {
+        let index = read.len() as u32 + 1;
+        let last_manifest = match last.try_exists() {
+            Ok(true) => Some(read_manifest(last, limits)?),
+            _ => None,
+        };
+        let volumes_in_final = last_manifest
+            .as_ref()
+            .map(|m| m.volume.as_ref().map_or(0, |v| v.earlier.len()));
+        match (last_manifest, volumes_in_final) {
+            (Some(_), Some(0)) if read.is_empty() => {
+                let mut f = |m: &Member, r: &mut dyn Read| on_member(m, r);
+                return read_bundle(last, limits, &mut f);
+            }
+            (Some(m), Some(n)) if n < index as usize => {
+                return read_final(last, limits, m, &read, on_member, on_final);
+            }
+            _ => {}
+        }
+        let path = volume_path(last, index);
+        if volumes_in_final.is_some() && !path.exists() {
+            return Err(ReadError::malformed(
+                last,
+                format!("volume {index} of the set is missing"),
+            ));
+        }
+        let started = std::time::Instant::now();
+        while !path.exists() {
+            if last.exists() {
+                break; // decide again with the final file's list
+            }
+            if (arrival.cancelled)() {
+                return Err(ReadError::incomplete(last, "the loader stopped"));
+            }
+            if started.elapsed() >= arrival.wait {
+                return Err(ReadError::incomplete(
+                    last,
+                    format!(
+                        "volume {index} did not arrive within {} s of the previous one (`[limits] volume_wait`)",
+                        arrival.wait.as_secs()
+                    ),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        if !path.exists() {
+            continue;
+        }
+        let budget = Limits {
+            max_bytes: limits.max_bytes.saturating_sub(used),
+            ..*limits
+        };
+        let mut f = |m: &Member, r: &mut dyn Read| on_member(m, r);
+        let (m, sum) = read_bundle_file(&path, &budget, &mut f)?;
+        let Some(v) = &m.volume else {
+            return Err(ReadError::malformed(
+                &path,
+                "a volume without a volume header",
+            ));
+        };
+        if let Some((_, first)) = read.first() {
+            let set = &first.volume.as_ref().expect("checked when read").set;
+            if v.set != *set {
+                return Err(ReadError::incomplete(
+                    last,
+                    format!(
+                        "volume {index} belongs to another attempt at this bundle (set {}, not {set})",
+                        v.set
+                    ),
+                ));
+            }
+            same_header(&path, first, &m)?;
+        }
+        if v.index != index || !v.earlier.is_empty() {
+            return Err(ReadError::malformed(
+                &path,
+                format!(
+                    "says it is volume {} of its set, its name says {index}",
+                    v.index
+                ),
+            ));
+        }
+        used += m.members.iter().map(|x| x.size).sum::<u64>();
+        let file = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        read.push((
+            crate::manifest::VolumeFile {
+                file,
+                size: sum.size,
+                sha256: sum.sha256,
+            },
+            m,
+        ));
+    }
+}
+
+/// The final file of a volume set, checked against the volumes read.
+fn read_final(
+    last: &Path,
+    limits: &Limits,
+    m: Manifest,
+    read: &[(crate::manifest::VolumeFile, Manifest)],
+    on_member: &mut dyn FnMut(&Member, &mut dyn Read) -> io::Result<()>,
+    on_final: &mut dyn FnMut(&Manifest) -> io::Result<()>,
+) -> Result<Manifest, ReadError> {
+    let (Some(v), Some((_, first))) = (&m.volume, read.first()) else {
+        return Err(ReadError::incomplete(
+            last,
+            "the volumes read belong to another attempt at this bundle",
+        ));
+    };
+    let set = &first.volume.as_ref().expect("checked when read").set;
+    if v.set != *set {
+        return Err(ReadError::incomplete(
+            last,
+            format!(
+                "its volumes belong to another attempt (set {set}, not {})",
+                v.set
+            ),
+        ));
+    }
+    same_header(last, first, &m)?;
+    let files: Vec<&crate::manifest::VolumeFile> = read.iter().map(|(f, _)| f).collect();
+    if v.index as usize != read.len() + 1 || v.earlier.iter().collect::<Vec<_>>() != files {
+        return Err(ReadError::malformed(
+            last,
+            "its list of volumes (names, sizes, SHA-256) does not match the volumes read;              a volume is damaged or missing",
+        ));
+    }
+    let mut held = 0;
+    for member in &m.members {
+        let Some(k) = member.volume else { continue };
+        held += 1;
+        let found = read
+            .get((k as usize).wrapping_sub(1))
+            .and_then(|(_, vm)| vm.members.iter().find(|x| x.path == member.path));
+        if found.is_none_or(|x| {
+            Member {
+                volume: Some(k),
+                ..x.clone()
+            } != *member
+        }) {
+            return Err(ReadError::malformed(
+                last,
+                format!("member {} is not in volume {k} as listed", member.path),
+            ));
+        }
+    }
+    if held != read.iter().map(|(_, vm)| vm.members.len()).sum::<usize>() {
+        return Err(ReadError::malformed(
+            last,
+            "a volume holds a member the final file does not list",
+        ));
+    }
+    on_final(&m).map_err(|e| ReadError::Io {
+        bundle: last.to_owned(),
+        source: e,
+    })?;
+    let mut f = |x: &Member, r: &mut dyn Read| on_member(x, r);
+    let (again, _) = read_bundle_file(last, limits, &mut f)?;
+    if again != m {
+        return Err(ReadError::incomplete(
+            last,
+            "the final file changed while it was read",
+        ));
+    }
+    Ok(m)
+}
+
+/// Every file of a set describes the same complete.
+fn same_header(path: &Path, a: &Manifest, b: &Manifest) -> Result<(), ReadError> {
+    let same = a.sender_id == b.sender_id
+        && a.kind == b.kind
+        && a.seq == b.seq
+        && a.base_seq == b.base_seq
+        && a.prev_seq == b.prev_seq
+        && a.schema_fingerprint == b.schema_fingerprint
+        && a.tables == b.tables;
+    if same {
+        Ok(())
+    } else {
+        Err(ReadError::malformed(
+            path,
+            "its header (sender, seq, tables) differs from the first volume's",
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -101,14 +101,20 @@ fn default_timeout() -> Duration {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Largest accepted bundle, decompressed.
+    /// Largest accepted bundle, decompressed (a volume set counts as one).
     pub max_bundle_bytes: u64,
+    /// How long a complete sent in volumes, once started, waits for its next
+    /// volume before the load is abandoned (nothing commits; it starts over when
+    /// more arrives). A set whose newest volume is older than this is not started.
+    #[serde(with = "ferry_common::duration")]
+    pub volume_wait: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_bundle_bytes: 256 << 30,
+            volume_wait: Duration::from_secs(300),
         }
     }
 }

@@ -1,28 +1,64 @@
-//! The inbox: final bundle names only (`<sender>-<seq>-<kind>.tar.zst`); names
+//! The inbox: final bundle names only (`<sender>-<seq>-<kind>.tar.zst`) and the
+//! volumes of a complete sent in volumes (`<…>-complete.v0001.tar.zst`, …); names
 //! starting with `.` are uploads in progress and are never touched.
 
 use ferry_common::durable::is_temp_name;
-use ferry_common::manifest::{Kind, parse_bundle_file_name};
+use ferry_common::manifest::{Kind, parse_bundle_file_name, parse_volume_file_name};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
-/// A finished bundle in the inbox (or the quarantine).
+/// A bundle in the inbox (or the quarantine): one file, or a volume set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
+    /// The bundle's file (for a volume set, its final file, which may not have
+    /// arrived yet: see `arriving`).
     pub path: PathBuf,
     pub file: String,
     pub sender: String,
     pub seq: u64,
     pub kind: Kind,
+    /// The volume files of this seq present, in order (empty for a bundle sent
+    /// as one file).
+    pub volumes: Vec<PathBuf>,
+    /// A volume set whose final file has not arrived: the newest volume's
+    /// modification time.
+    pub arriving: Option<SystemTime>,
+}
+
+impl Entry {
+    /// Every file of the bundle that is present: volumes first, then the final file.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut out = self.volumes.clone();
+        if self.arriving.is_none() {
+            out.push(self.path.clone());
+        }
+        out
+    }
+
+    /// Removes every file of the bundle; the first error is returned, after
+    /// trying the rest.
+    pub fn remove(&self) -> std::io::Result<()> {
+        let mut first = Ok(());
+        for f in self.files() {
+            if let Err(e) = std::fs::remove_file(&f)
+                && first.is_ok()
+            {
+                first = Err(e);
+            }
+        }
+        first
+    }
 }
 
 /// Lists the bundles in a directory, sorted by sender and sequence.
 pub fn scan(dir: &Path) -> std::io::Result<Vec<Entry>> {
-    let mut out = Vec::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
+    let mut found: BTreeMap<(String, u64), Entry> = BTreeMap::new();
     for e in entries {
         let e = e?;
         let file = e.file_name().to_string_lossy().into_owned();
@@ -30,15 +66,41 @@ pub fn scan(dir: &Path) -> std::io::Result<Vec<Entry>> {
             continue;
         }
         if let Some((sender, seq, kind)) = parse_bundle_file_name(&file) {
-            out.push(Entry {
-                path: e.path(),
-                file,
-                sender,
-                seq: seq.0,
-                kind,
-            });
+            let entry = found
+                .entry((sender.clone(), seq.0))
+                .or_insert_with(|| empty(dir, &sender, seq, kind));
+            entry.arriving = None;
+            entry.kind = kind;
+        } else if let Some((sender, seq, Kind::Complete, _)) = parse_volume_file_name(&file) {
+            let modified = e.metadata()?.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            let entry = found
+                .entry((sender.clone(), seq.0))
+                .or_insert_with(|| Entry {
+                    arriving: Some(modified),
+                    ..empty(dir, &sender, seq, Kind::Complete)
+                });
+            if let Some(newest) = entry.arriving.as_mut() {
+                *newest = (*newest).max(modified);
+            }
+            entry.volumes.push(e.path());
         }
     }
-    out.sort_by(|a, b| (&a.sender, a.seq).cmp(&(&b.sender, b.seq)));
+    let mut out: Vec<Entry> = found.into_values().collect();
+    for e in &mut out {
+        e.volumes.sort();
+    }
     Ok(out)
+}
+
+fn empty(dir: &Path, sender: &str, seq: ferry_common::manifest::Seq, kind: Kind) -> Entry {
+    let file = ferry_common::manifest::bundle_file_name(sender, seq, kind);
+    Entry {
+        path: dir.join(&file),
+        file,
+        sender: sender.to_owned(),
+        seq: seq.0,
+        kind,
+        volumes: Vec::new(),
+        arriving: None,
+    }
 }

@@ -105,6 +105,8 @@ mod tests {
             sender: "s".into(),
             seq,
             kind,
+            volumes: Vec::new(),
+            arriving: None,
         }
     }
 

@@ -25,9 +25,12 @@ pub fn select<'a>(
                 Kind::Complete => retention.complete,
                 Kind::Partial => retention.partial,
             };
-            let age = std::fs::metadata(&e.path)
-                .and_then(|m| m.modified())
-                .ok()
+            // A volume set: its newest file.
+            let age = e
+                .files()
+                .iter()
+                .filter_map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+                .max()
                 .and_then(|t| now.duration_since(t).ok())
                 .unwrap_or_default();
             applied && !newest_complete && age >= lifetime

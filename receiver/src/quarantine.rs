@@ -37,7 +37,10 @@ pub fn quarantine(dir: &Path, entry: &Entry, error: &str) -> std::io::Result<Pat
         entry.file
     );
     ferry_common::durable::write_atomic(&report_path(&dest), report.as_bytes())?;
-    std::fs::rename(&entry.path, &dest)?;
+    // A volume set moves whole: its volumes, then its final file if it came.
+    for f in entry.files() {
+        std::fs::rename(&f, dir.join(f.file_name().unwrap_or_default()))?;
+    }
     ferry_common::durable::sync_dir(dir)?;
     Ok(dest)
 }
@@ -63,14 +66,23 @@ pub fn retry(dir: &Path, inbox: &Path, file: &str) -> Result<PathBuf, String> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let src = dir.join(&name);
-    if !src.is_file() {
+    let entry = inbox::scan(dir)
+        .map_err(|e| format!("reading the quarantine {}: {e}", dir.display()))?
+        .into_iter()
+        .find(|e| e.file == name);
+    let Some(entry) = entry else {
         return Err(format!(
             "{name} is not in quarantine ({}); `ferry-receiver failures` lists what is",
             dir.display()
         ));
+    };
+    // A volume set moves back whole, its final file last (the receiver starts
+    // a set from its volumes).
+    for f in entry.files() {
+        let file = f.file_name().unwrap_or_default();
+        std::fs::rename(&f, inbox.join(file))
+            .map_err(|e| format!("moving {} back to the inbox: {e}", file.to_string_lossy()))?;
     }
-    let dest = inbox.join(&name);
-    std::fs::rename(&src, &dest).map_err(|e| format!("moving {name} back to the inbox: {e}"))?;
     let _ = std::fs::remove_file(report_path(&src));
-    Ok(dest)
+    Ok(inbox.join(&name))
 }

@@ -31,7 +31,11 @@ pub enum ApplyError {
 
 impl ApplyError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, ApplyError::Load(e) if e.is_transient())
+        match self {
+            ApplyError::Load(e) => e.is_transient(),
+            ApplyError::Verify(e) => e.is_transient(),
+            _ => false,
+        }
     }
 }
 
@@ -93,7 +97,26 @@ pub async fn plan_all(config: &Config, target: &mut Target) -> Result<Vec<Step>,
         by_sender.entry(&e.sender).or_default().push(e.clone());
     }
     let mut steps = Vec::new();
-    for (sender, list) in by_sender {
+    let now = std::time::SystemTime::now();
+    for (sender, mut list) in by_sender {
+        // A volume set whose volumes stopped coming is not started (it would
+        // only wait for them again); it starts over when more arrives.
+        list.retain(|e| match e.arriving {
+            Some(newest)
+                if now.duration_since(newest).unwrap_or_default() >= config.limits.volume_wait =>
+            {
+                steps.push(Step::Hold(
+                    e.clone(),
+                    format!(
+                        "{} of its volumes arrived, the last over {} s ago, and its final file has not;                          it starts when more arrives (the sender may have stopped mid-complete: check it)",
+                        e.volumes.len(),
+                        config.limits.volume_wait.as_secs()
+                    ),
+                ));
+                false
+            }
+            _ => true,
+        });
         let ledger = target.ledger(sender).await?;
         let q: Vec<u64> = quarantined
             .iter()
@@ -201,7 +224,7 @@ async fn drop_superseded(
             tracing::info!(bundle = %e.file, seq = e.seq, "superseded by a newer complete that is not applied yet");
             continue;
         };
-        match std::fs::remove_file(&e.path) {
+        match e.remove() {
             Ok(()) => {
                 tracing::info!(bundle = %e.file, seq = e.seq, complete_seq = base, "dropped: superseded by the applied complete");
                 report.dropped.push(e.file);
@@ -274,8 +297,8 @@ async fn load_bundle(
         return loaded;
     }
     let path = e.path.clone();
-    let max = config.limits.max_bundle_bytes;
-    let v = tokio::task::spawn_blocking(move || verify::stage(&path, &staging, max))
+    let (max, wait) = (config.limits.max_bundle_bytes, config.limits.volume_wait);
+    let v = tokio::task::spawn_blocking(move || verify::stage(&path, &staging, max, wait))
         .await
         .map_err(|j| ApplyError::Mismatch(format!("verification panicked: {j}")))??;
     tracing::info!(
@@ -314,11 +337,17 @@ async fn streamed_complete(
         max_bytes: config.limits.max_bundle_bytes,
         ..Limits::default()
     };
-    let manifest = read_manifest(&e.path, &limits)?;
+    // A volume set still arriving: its first volume's manifest has the header.
+    let first = match (&e.arriving, e.volumes.first()) {
+        (Some(_), Some(v)) => v,
+        _ => &e.path,
+    };
+    let manifest = read_manifest(first, &limits)?;
     check_name(e, &manifest)?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     let (path, dir, max) = (e.path.clone(), staging.to_owned(), limits.max_bytes);
-    let reader = tokio::task::spawn_blocking(move || verify::stream(&path, &dir, max, &tx));
+    let wait = config.limits.volume_wait;
+    let reader = tokio::task::spawn_blocking(move || verify::stream(&path, &dir, max, wait, &tx));
     let begun = if jobs > 1 {
         crate::load::staged::begin(pg, &manifest, &mut rx, jobs).await
     } else {
@@ -328,26 +357,33 @@ async fn streamed_complete(
     let verified = reader
         .await
         .map_err(|j| ApplyError::Mismatch(format!("verification panicked: {j}")))?;
-    let loaded: Result<(u64, u64), ApplyError> = match (begun, verified) {
+    // A bundle that failed verification for its own reasons (corrupted,
+    // truncated) is reported as such, whatever the database made of the data
+    // that streamed before the failure showed.
+    let read_failed_alone =
+        matches!(&verified, Err(e) if !e.to_string().contains(verify::LOADER_STOPPED));
+    let loaded: Result<(u64, u64, Manifest), ApplyError> = match (begun, verified) {
+        (_, Err(read)) if read_failed_alone => Err(read.into()),
         // The database's own failure explains more than "the loader stopped".
         (Err(err @ (LoadError::Db { .. } | LoadError::Connect { .. } | LoadError::Io(_))), _) => {
             Err(err.into())
         }
         (_, Err(read)) => Err(read.into()),
         (Err(err), Ok(_)) => Err(err.into()),
-        (Ok((tx, rows, media)), Ok(_)) => {
+        (Ok((tx, rows, media)), Ok(all)) => {
+            check_name(e, &all)?;
             let media_files =
                 media::install_files(media.iter().map(|(m, p)| (m, p.as_path())), &config.media)?;
             let sql_hooks = sql_hooks(config, e);
-            crate::load::postgres::finish(tx, &manifest, &e.file, rows, &sql_hooks).await?;
-            Ok((rows, media_files))
+            crate::load::postgres::finish(tx, &all, &e.file, rows, &sql_hooks).await?;
+            Ok((rows, media_files, all))
         }
     };
-    let (rows, media_files) = loaded?;
+    let (rows, media_files, all) = loaded?;
     if jobs > 1 {
         crate::load::staged::after_commit(pg).await;
     }
-    Ok((rows, media_files, manifest))
+    Ok((rows, media_files, all))
 }
 
 fn sql_hooks(config: &Config, e: &Entry) -> Vec<String> {
@@ -379,7 +415,7 @@ pub async fn prune(config: &Config, target: &mut Target) -> Result<Vec<String>, 
     );
     let mut removed = Vec::new();
     for e in chosen {
-        match std::fs::remove_file(&e.path) {
+        match e.remove() {
             Ok(()) => {
                 tracing::info!(bundle = %e.file, "pruned");
                 removed.push(e.file.clone());

@@ -4,7 +4,7 @@
 //! Loading reads only these staged, verified files.
 
 use ferry_common::manifest::{Manifest, Member};
-use ferry_common::reader::{Limits, ReadError, read_bundle};
+use ferry_common::reader::{Arrival, Limits, ReadError, read_set};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufWriter};
@@ -37,8 +37,14 @@ impl Drop for Verified {
     }
 }
 
-/// Reads, verifies and stages a bundle into `dir` (emptied first). Blocking.
-pub fn stage(bundle: &Path, dir: &Path, max_bytes: u64) -> Result<Verified, ReadError> {
+/// Reads, verifies and stages a bundle (or volume set, waiting up to `wait` for
+/// each volume) into `dir` (emptied first). Blocking.
+pub fn stage(
+    bundle: &Path,
+    dir: &Path,
+    max_bytes: u64,
+    wait: std::time::Duration,
+) -> Result<Verified, ReadError> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).map_err(|source| ReadError::Io {
         bundle: bundle.to_owned(),
@@ -50,7 +56,11 @@ pub fn stage(bundle: &Path, dir: &Path, max_bytes: u64) -> Result<Verified, Read
         ..Limits::default()
     };
     let mut n = 0u64;
-    let result = read_bundle(bundle, &limits, |m, r| {
+    let arrival = Arrival {
+        wait,
+        cancelled: &|| false,
+    };
+    let mut on_member = |m: &Member, r: &mut dyn io::Read| {
         n += 1;
         let path = dir.join(format!("m{n}"));
         let mut out = BufWriter::with_capacity(256 * 1024, File::create(&path)?);
@@ -58,7 +68,8 @@ pub fn stage(bundle: &Path, dir: &Path, max_bytes: u64) -> Result<Verified, Read
         io::Write::flush(&mut out)?;
         files.insert(m.path.clone(), path);
         Ok(())
-    });
+    };
+    let result = read_set(bundle, &limits, &arrival, &mut on_member, &mut |_| Ok(()));
     match result {
         Ok(manifest) => Ok(Verified {
             manifest,
@@ -72,6 +83,10 @@ pub fn stage(bundle: &Path, dir: &Path, max_bytes: u64) -> Result<Verified, Read
     }
 }
 
+/// How [`stream`] fails when the loader stopped taking pieces (the loader's own
+/// error explains more).
+pub const LOADER_STOPPED: &str = "the loader stopped";
+
 /// A piece of a bundle streamed to a loader while it is being verified.
 pub enum Piece {
     /// A data member starts: COPY it.
@@ -80,6 +95,9 @@ pub enum Piece {
     End,
     /// A member staged as a file (DDL, media, data that came before the DDL).
     Staged(Member, PathBuf),
+    /// A volume set's final manifest, which lists every member of the set: sent
+    /// when the final file starts (a bundle in one file sends none).
+    Final(Box<Manifest>),
 }
 
 /// Reads and verifies a bundle like [`stage`], but hands PostgreSQL COPY data to
@@ -90,6 +108,7 @@ pub fn stream(
     bundle: &Path,
     dir: &Path,
     max_bytes: u64,
+    wait: std::time::Duration,
     tx: &tokio::sync::mpsc::Sender<Piece>,
 ) -> Result<Manifest, ReadError> {
     use ferry_common::manifest::{DataFormat, Role};
@@ -102,10 +121,25 @@ pub fn stream(
         max_bytes,
         ..Limits::default()
     };
-    let gone = || io::Error::other("the loader stopped");
+    let gone = || io::Error::other(LOADER_STOPPED);
     let mut pre_seen = false;
     let mut n = 0u64;
-    read_bundle(bundle, &limits, |m, r| {
+    let arrival = Arrival {
+        wait,
+        cancelled: &|| tx.is_closed(),
+    };
+    let mut on_final = |m: &Manifest| {
+        tx.blocking_send(Piece::Final(Box::new(m.clone())))
+            .map_err(|_| gone())
+    };
+    // Once the loader stopped, the member being read is still read to its end,
+    // so that its checksum is checked: corrupted data is reported as such, not
+    // as whatever the database made of it.
+    let mut stopped = false;
+    let mut on_member = |m: &Member, r: &mut dyn io::Read| {
+        if stopped {
+            return Err(gone());
+        }
         let streamable = pre_seen
             && m.role == Role::Data
             && matches!(
@@ -113,8 +147,11 @@ pub fn stream(
                 Some(DataFormat::PgCopyText | DataFormat::PgCopyBinary)
             );
         if streamable {
-            tx.blocking_send(Piece::Start(m.clone()))
-                .map_err(|_| gone())?;
+            if tx.blocking_send(Piece::Start(m.clone())).is_err() {
+                stopped = true;
+                io::copy(r, &mut io::sink())?;
+                return Ok(());
+            }
             loop {
                 let mut buf = vec![0u8; 1 << 20];
                 let mut filled = 0;
@@ -129,9 +166,13 @@ pub fn stream(
                     break;
                 }
                 buf.truncate(filled);
-                tx.blocking_send(Piece::Chunk(buf)).map_err(|_| gone())?;
+                if tx.blocking_send(Piece::Chunk(buf)).is_err() {
+                    stopped = true;
+                    io::copy(r, &mut io::sink())?;
+                    return Ok(());
+                }
             }
-            tx.blocking_send(Piece::End).map_err(|_| gone())?;
+            stopped |= tx.blocking_send(Piece::End).is_err();
         } else {
             n += 1;
             let path = dir.join(format!("m{n}"));
@@ -139,9 +180,9 @@ pub fn stream(
             io::copy(r, &mut out)?;
             io::Write::flush(&mut out)?;
             pre_seen |= m.role == Role::PreData;
-            tx.blocking_send(Piece::Staged(m.clone(), path))
-                .map_err(|_| gone())?;
+            stopped |= tx.blocking_send(Piece::Staged(m.clone(), path)).is_err();
         }
         Ok(())
-    })
+    };
+    read_set(bundle, &limits, &arrival, &mut on_member, &mut on_final)
 }

@@ -263,6 +263,11 @@ pub struct TableOverride {
 pub struct BundleConfig {
     pub zstd_level: i32,
     pub zstd_workers: u32,
+    /// A complete is sent in volumes of about this many (compressed) bytes,
+    /// growing with the bundle, each pushed as soon as it is written, so that
+    /// the receiver loads while the sender dumps; 0 sends every bundle as one
+    /// file. Partials are always one file.
+    pub volume_bytes: u64,
 }
 
 // Measured on 2 cores (docs/benchmarks.md): level 1 without zstd workers was faster
@@ -274,6 +279,7 @@ impl Default for BundleConfig {
         Self {
             zstd_level: 1,
             zstd_workers: 0,
+            volume_bytes: 8 << 20,
         }
     }
 }

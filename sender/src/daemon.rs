@@ -174,7 +174,7 @@ fn start(config: &Arc<Config>, work: Work) -> (Work, JoinHandle<()>) {
     let handle = tokio::spawn(async move {
         if let Work::Bundle(kind) = work {
             service::status(&format!("taking a {kind}"));
-            match job::run(&config, kind).await {
+            match push::job_following(&config, kind, config.push.as_ref()).await {
                 Ok(_) => {}
                 Err(e) if e.is_transient() => {
                     tracing::warn!(%kind, error = %e, "job failed; the next tick retries")

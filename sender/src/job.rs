@@ -4,7 +4,7 @@
 //! bundle is durable in the outbox; an interrupted job leaves temporaries that the
 //! next start removes, and the same rows are taken again.
 
-use crate::bundle::Assembly;
+use crate::bundle::{Assembly, VolumePlan};
 use crate::config::Config;
 use crate::extract::stage::Dedup;
 use crate::extract::{
@@ -67,8 +67,18 @@ pub struct JobOutcome {
 
 /// Takes a complete or a partial. Holds the state lock for its duration.
 pub async fn run(config: &Config, requested: Kind) -> Result<JobOutcome, JobError> {
+    run_sealing(config, requested, None).await
+}
+
+/// [`run`], telling `sealed` each time a volume of a complete is in the outbox
+/// (for a push beside the job; see `crate::bundle`).
+pub async fn run_sealing(
+    config: &Config,
+    requested: Kind,
+    sealed: Option<tokio::sync::watch::Sender<u32>>,
+) -> Result<JobOutcome, JobError> {
     let lock = StateLock::acquire(&config.state_dir)?;
-    run_locked(config, requested, &lock).await
+    run_locked(config, requested, &lock, sealed).await
 }
 
 /// Whether a complete was ever taken (partials need one to build on).
@@ -90,7 +100,7 @@ pub struct ResyncOutcome {
 /// bundles it supersedes (the receiver would skip them anyway).
 pub async fn resync(config: &Config, wait: std::time::Duration) -> Result<ResyncOutcome, JobError> {
     let lock = StateLock::acquire_waiting(&config.state_dir, wait).await?;
-    let complete = run_locked(config, Kind::Complete, &lock).await?;
+    let complete = run_locked(config, Kind::Complete, &lock, None).await?;
     let seq = complete.seq.unwrap_or(0);
     let mut dropped = Vec::new();
     for b in outbox::list(&config.outbox(), &config.sender_id)? {
@@ -115,6 +125,7 @@ async fn run_locked(
     config: &Config,
     requested: Kind,
     _lock: &StateLock,
+    sealed: Option<tokio::sync::watch::Sender<u32>>,
 ) -> Result<JobOutcome, JobError> {
     let started = Instant::now();
     let spinner = ferry_common::service::progress_spinner(format!("taking a {requested}"));
@@ -165,7 +176,28 @@ async fn run_locked(
         level: config.bundle.zstd_level,
         workers: config.bundle.zstd_workers,
     };
-    let assembly = Assembly::start(&staging.join(".body"), compression)?;
+    let header = Manifest {
+        format: FORMAT,
+        sender_id: config.sender_id.clone(),
+        kind,
+        seq,
+        base_seq,
+        prev_seq,
+        created_at: chrono::Utc::now(),
+        source: source.info(),
+        schema_fingerprint: fingerprint,
+        tables: tables.iter().map(|t: &TableMeta| t.info.clone()).collect(),
+        watermarks: Default::default(),
+        volume: None,
+        members: Vec::new(),
+    };
+    let plan = (kind == Kind::Complete && config.bundle.volume_bytes > 0).then(|| VolumePlan {
+        bytes: config.bundle.volume_bytes,
+        header: header.clone(),
+        outbox: outbox_dir.clone(),
+        sealed,
+    });
+    let assembly = Assembly::start(&staging.join(".body"), compression, plan)?;
     let dedup = match kind {
         Kind::Partial => Some(std::sync::Arc::new(Dedup::new(state.sent_lines().await?))),
         Kind::Complete => None,
@@ -187,12 +219,13 @@ async fn run_locked(
         Err(_) => Ok(0),
     };
     drop(stager);
-    let writer = assembly.finish().await;
+    let assembled = assembly.finish().await;
     let extracted = extracted?;
     let media_files = media_files?;
-    let writer = writer?;
+    let mut assembled = assembled?;
+    let members = assembled.members();
 
-    let rows = crate::bundle::data_rows(writer.members());
+    let rows = crate::bundle::data_rows(&members);
     if kind == Kind::Partial && rows == 0 && media_files == 0 {
         // Nothing changed: no bundle, and the watermarks stay where they are
         // (always safe; the next partial looks again from the same point).
@@ -211,28 +244,28 @@ async fn run_locked(
     }
 
     let manifest = Manifest {
-        format: FORMAT,
-        sender_id: config.sender_id.clone(),
-        kind,
-        seq,
-        base_seq,
-        prev_seq,
         created_at: chrono::Utc::now(),
-        source: source.info(),
-        schema_fingerprint: fingerprint,
-        tables: tables.iter().map(|t: &TableMeta| t.info.clone()).collect(),
         watermarks: extracted.watermarks.clone(),
-        members: writer.members().to_vec(),
+        volume: assembled.volume(),
+        members,
+        ..header
     };
     let file_name = manifest::bundle_file_name(&config.sender_id, seq, kind);
     let final_path = outbox_dir.join(&file_name);
-    let bytes = tokio::task::spawn_blocking({
+    let writer = assembled
+        .take_writer()
+        .ok_or_else(|| ExtractError::WriterGone("the bundle writer is gone".into()))?;
+    let (last_bytes, _) = tokio::task::spawn_blocking({
         let manifest = manifest.clone();
         let final_path = final_path.clone();
         move || writer.finish(&manifest, &final_path)
     })
     .await
     .map_err(|e| ExtractError::WriterGone(format!("bundle writer panicked: {e}")))??;
+    let bytes = last_bytes + assembled.volume_bytes();
+    // The final file is in the outbox: a crash from here on adopts the bundle
+    // at the next start (`outbox::recover`), so its volumes must stay.
+    assembled.keep();
     let duration_ms = started.elapsed().as_millis() as u64;
     let sent = dedup.map(|d| d.take_sent()).unwrap_or_default();
     state

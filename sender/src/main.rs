@@ -210,7 +210,9 @@ async fn run(command: Command, config: Config) -> ExitCode {
 }
 
 async fn bundle_job(config: &Config, kind: Kind, json: bool, no_push: bool) -> ExitCode {
-    let code = build(config, kind, json).await;
+    // A complete sent in volumes is pushed volume by volume while it is written.
+    let pushing = config.push.as_ref().filter(|_| !no_push);
+    let code = build(config, kind, json, pushing).await;
     match &config.push {
         Some(p) if code == ExitCode::SUCCESS && !no_push => push(config, p, json).await,
         _ => code,
@@ -254,8 +256,13 @@ async fn push(config: &Config, p: &ferry_sender::config::PushConfig, json: bool)
     }
 }
 
-async fn build(config: &Config, kind: Kind, json: bool) -> ExitCode {
-    match job::run(config, kind).await {
+async fn build(
+    config: &Config,
+    kind: Kind,
+    json: bool,
+    push: Option<&ferry_sender::config::PushConfig>,
+) -> ExitCode {
+    match ferry_sender::push::job_following(config, kind, push).await {
         Ok(outcome) => {
             if json {
                 return print_json(&outcome);

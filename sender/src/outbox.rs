@@ -6,7 +6,7 @@
 
 use crate::state::{State, StateError};
 use ferry_common::durable::is_temp_name;
-use ferry_common::manifest::{Seq, parse_bundle_file_name};
+use ferry_common::manifest::{Seq, parse_bundle_file_name, parse_volume_file_name};
 use ferry_common::reader::{Limits, read_manifest};
 use std::path::{Path, PathBuf};
 
@@ -35,6 +35,10 @@ pub struct Pending {
     pub kind: String,
     pub file: String,
     pub bytes: u64,
+    /// A volume of a complete sent in volumes (see `crate::bundle`): its place
+    /// in the set. Volumes go before their set's final file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume: Option<u32>,
 }
 
 pub fn staging_dir(state_dir: &Path) -> PathBuf {
@@ -83,7 +87,10 @@ pub fn list(outbox: &Path, sender_id: &str) -> Result<Vec<Pending>, OutboxError>
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if let Some((sender, seq, kind)) = parse_bundle_file_name(&name)
+        let parsed = parse_bundle_file_name(&name)
+            .map(|(s, q, k)| (s, q, k, None))
+            .or_else(|| parse_volume_file_name(&name).map(|(s, q, k, i)| (s, q, k, Some(i))));
+        if let Some((sender, seq, kind, volume)) = parsed
             && sender == sender_id
         {
             out.push(Pending {
@@ -91,19 +98,22 @@ pub fn list(outbox: &Path, sender_id: &str) -> Result<Vec<Pending>, OutboxError>
                 kind: kind.to_string(),
                 file: name,
                 bytes: e.metadata().map(|m| m.len()).unwrap_or(0),
+                volume,
             });
         }
     }
-    out.sort_by_key(|p| p.seq);
+    out.sort_by_key(|p| (p.seq, p.volume.unwrap_or(u32::MAX)));
     Ok(out)
 }
 
 /// Adopts bundles that reached the outbox but not the state (a crash between the
 /// rename and the state commit): their manifests carry the watermarks.
+/// Then removes the volumes of an attempt that never finished (see `crate::bundle`):
+/// its seq is taken again, by a new set.
 pub async fn recover(state: &mut State, outbox: &Path, sender_id: &str) -> Result<(), OutboxError> {
     let last = state.last(None).await?.map_or(0, |b| b.seq);
     for p in list(outbox, sender_id)? {
-        if p.seq <= last {
+        if p.seq <= last || p.volume.is_some() {
             continue;
         }
         let path = outbox.join(&p.file);
@@ -121,6 +131,14 @@ pub async fn recover(state: &mut State, outbox: &Path, sender_id: &str) -> Resul
         state
             .commit_bundle(&manifest, &p.file, p.bytes, 0, &[])
             .await?;
+    }
+    let last = state.last(None).await?.map_or(0, |b| b.seq);
+    for p in list(outbox, sender_id)? {
+        if p.volume.is_some() && p.seq > last {
+            tracing::warn!(volume = %p.file, "removing a volume of a complete an interrupted run did not finish");
+            let path = outbox.join(&p.file);
+            std::fs::remove_file(&path).map_err(|source| OutboxError::Io { path, source })?;
+        }
     }
     Ok(())
 }

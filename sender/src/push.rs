@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 
 /// The size of one SFTP WRITE: OpenSSH's sftp-server takes up to 255 KiB of data.
 const WRITE_BYTES: usize = 255 * 1024;
@@ -568,6 +569,18 @@ async fn push_round(
         return Ok(());
     }
     let link = Link::open(p).await?;
+    let result = deliver(config, &link, pending, outcome).await;
+    link.close().await;
+    result
+}
+
+/// Uploads `pending` in order over `link`, moving each to `sent/` once delivered.
+async fn deliver(
+    config: &Config,
+    link: &Link,
+    pending: Vec<Pending>,
+    outcome: &mut PushOutcome,
+) -> Result<(), PushError> {
     let sent = config.sent_dir();
     std::fs::create_dir_all(&sent).map_err(|source| PushError::Local {
         path: sent.clone(),
@@ -575,14 +588,7 @@ async fn push_round(
     })?;
     for b in pending {
         let local = config.outbox().join(&b.file);
-        let result = link.upload(&local, &b.file).await;
-        let bytes = match result {
-            Ok(n) => n,
-            Err(e) => {
-                link.close().await;
-                return Err(e);
-            }
-        };
+        let bytes = link.upload(&local, &b.file).await?;
         ferry_common::durable::commit_rename(&local, &sent.join(&b.file)).map_err(|source| {
             PushError::Local {
                 path: local.clone(),
@@ -592,8 +598,77 @@ async fn push_round(
         outcome.delivered.push(b.file);
         outcome.bytes += bytes;
     }
-    link.close().await;
     Ok(())
+}
+
+/// Runs a job with [`follow`] beside it when `push` is given (one task: cancelling
+/// it cancels both).
+pub async fn job_following(
+    config: &Config,
+    kind: ferry_common::manifest::Kind,
+    push: Option<&PushConfig>,
+) -> Result<crate::job::JobOutcome, crate::job::JobError> {
+    let Some(p) = push else {
+        return crate::job::run(config, kind).await;
+    };
+    let (tx, rx) = watch::channel(0);
+    let (outcome, ()) = tokio::join!(
+        crate::job::run_sealing(config, kind, Some(tx)),
+        follow(config.clone(), p.clone(), rx)
+    );
+    outcome
+}
+
+/// Pushes beside a job that writes a complete in volumes: each time `sealed`
+/// changes, what is pending goes out over one connection kept open, so the
+/// receiver can start loading while the sender still dumps. Ends when the job
+/// drops `sealed`. A failure is logged and ends the following: the push after
+/// the job retries everything still queued.
+pub async fn follow(config: Config, p: PushConfig, mut sealed: watch::Receiver<u32>) {
+    let Ok(_push) = ferry_common::lock::StateLock::acquire_named(&config.state_dir, "push.lock")
+    else {
+        return; // another push is running; it or the one after the job delivers
+    };
+    let mut link: Option<Link> = None;
+    let mut outcome = PushOutcome::default();
+    while sealed.changed().await.is_ok() {
+        let result = async {
+            // Up to the newest volume only: a set's final file goes out after
+            // the job recorded it (pushed before, a crash in between would
+            // leave the receiver a bundle the sender's state does not know).
+            let mut pending: Vec<Pending> = outbox::list(&config.outbox(), &config.sender_id)?;
+            let upto = pending.iter().rposition(|b| b.volume.is_some());
+            pending.truncate(upto.map_or(0, |i| i + 1));
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if link.is_none() {
+                link = Some(Link::open(&p).await?);
+            }
+            deliver(
+                &config,
+                link.as_ref().expect("just opened"),
+                pending,
+                &mut outcome,
+            )
+            .await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not push a volume while the complete is written; the push after it retries");
+            break;
+        }
+    }
+    if !outcome.delivered.is_empty() {
+        tracing::debug!(
+            volumes = outcome.delivered.len(),
+            bytes = outcome.bytes,
+            "delivered while the complete was written"
+        );
+    }
+    if let Some(link) = link {
+        link.close().await;
+    }
 }
 
 /// 1 s, 2 s, 4 s … capped, times a random factor in [0.5, 1.5).

@@ -19,8 +19,13 @@ pub async fn apply(url: &str, bundle: &Path) -> Manifest {
         Path::new("test"),
     )
     .expect("receiver config");
-    let v = ferry_receiver::verify::stage(bundle, &staging.path().join("s"), u64::MAX)
-        .unwrap_or_else(|e| panic!("bundle {} does not verify: {e}", bundle.display()));
+    let v = ferry_receiver::verify::stage(
+        bundle,
+        &staging.path().join("s"),
+        u64::MAX,
+        std::time::Duration::ZERO,
+    )
+    .unwrap_or_else(|e| panic!("bundle {} does not verify: {e}", bundle.display()));
     let mut target = ferry_receiver::load::Target::connect(&config)
         .await
         .unwrap_or_else(|e| panic!("target {url}: {e}"));

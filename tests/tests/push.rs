@@ -53,6 +53,11 @@ fn inbox(ssh: &SshServer, sub: &str) -> (Vec<String>, Vec<String>) {
     (all, temps)
 }
 
+/// Every bundle in one file.
+const SINGLE: &str = "[bundle]\nvolume_bytes = 0\n";
+/// Completes in volumes of one member each (the smallest volume size).
+const VOLUMES: &str = "[bundle]\nvolume_bytes = 1\n";
+
 /// A PostgreSQL source and target, an sshd, and both agents' configurations.
 struct Pg {
     pg: PgServer,
@@ -71,6 +76,11 @@ INSERT INTO report (phone_id, msg, payload, photo)
 
 impl Pg {
     async fn new() -> Self {
+        Self::with(SINGLE).await
+    }
+
+    /// `bundle`: the sender's `[bundle]` section.
+    async fn with(bundle: &str) -> Self {
         let pg = PgServer::start();
         pg.create_db("app", APP).await;
         pg.create_db("viz", "").await;
@@ -81,28 +91,33 @@ impl Pg {
             dir: tempfile::tempdir().unwrap(),
         };
         std::fs::create_dir_all(p.path("media-src/2026")).unwrap();
-        p.write_sender(p.ssh.port);
-        std::fs::write(
-            p.path("receiver.toml"),
-            format!(
-                "state_dir = {:?}\ninbox = {:?}\n[target]\nurl = {:?}\n[media]\nimages = {:?}\n",
-                p.path("rstate"),
-                p.ssh.inbox(),
-                p.pg.url("viz"),
-                p.path("media-dst")
-            ),
-        )
-        .unwrap();
+        p.write_sender("sender.toml", "sstate", p.ssh.port, bundle);
+        p.write_receiver("5m");
         p
     }
 
-    fn write_sender(&self, port: u16) {
+    fn write_receiver(&self, volume_wait: &str) {
         std::fs::write(
-            self.path("sender.toml"),
+            self.path("receiver.toml"),
+            format!(
+                "state_dir = {:?}\ninbox = {:?}\n[target]\nurl = {:?}\n[media]\nimages = {:?}\n\
+                 [limits]\nvolume_wait = {volume_wait:?}\n",
+                self.path("rstate"),
+                self.ssh.inbox(),
+                self.pg.url("viz"),
+                self.path("media-dst")
+            ),
+        )
+        .unwrap();
+    }
+
+    fn write_sender(&self, file: &str, state: &str, port: u16, bundle: &str) {
+        std::fs::write(
+            self.path(file),
             format!(
                 "sender_id = \"app\"\nstate_dir = {:?}\n[source]\nurl = {:?}\n[partial]\n\
-                 change_column = \"updated_at\"\noverlap = \"0s\"\n[[media]]\nname = \"images\"\npath = {:?}\n{}",
-                self.path("sstate"),
+                 change_column = \"updated_at\"\noverlap = \"0s\"\n[[media]]\nname = \"images\"\npath = {:?}\n{}{bundle}",
+                self.path(state),
                 self.pg.url("app"),
                 self.path("media-src"),
                 self.ssh
@@ -342,7 +357,7 @@ async fn a_connection_cut_mid_upload_leaves_no_final_file_and_the_next_push_succ
     std::fs::write(p.path("media-src/2026/big.bin"), &noise).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy_port = listener.local_addr().unwrap().port();
-    p.write_sender(proxy_port);
+    p.write_sender("sender.toml", "sstate", proxy_port, SINGLE);
     // known_hosts names the port: trust the server's key on the proxy's port too.
     let key = std::fs::read_to_string(p.ssh.dir.join("host_key.pub")).unwrap();
     std::fs::write(
@@ -377,7 +392,7 @@ async fn a_connection_cut_mid_upload_leaves_no_final_file_and_the_next_push_succ
     assert_eq!(temps.len(), 1, "the cut upload's temporary: {temps:?}");
     assert_eq!(outbox_files(&p.path("sstate/outbox")).len(), 1);
 
-    p.write_sender(p.ssh.port);
+    p.write_sender("sender.toml", "sstate", p.ssh.port, SINGLE);
     ok(&p.sender(&["push"]));
     let (finals, temps) = inbox(&p.ssh, "");
     assert_eq!(finals.len(), 1);
@@ -506,4 +521,230 @@ async fn a_down_server_and_an_unwritable_remote_dir_are_named() {
         "{}",
         text(&out.stdout)
     );
+}
+
+/// The files of complete #`seq` in `dir`: its volumes in order, then its final
+/// file (if there).
+fn set_files(dir: &Path, seq: u64) -> (Vec<String>, Option<String>) {
+    let last = format!("app-{seq:012}-complete.tar.zst");
+    let stem = format!("app-{seq:012}-complete.v");
+    let all = outbox_files(dir);
+    let volumes = all
+        .iter()
+        .filter(|n| n.starts_with(&stem))
+        .cloned()
+        .collect();
+    (volumes, all.contains(&last).then_some(last))
+}
+
+/// Copies a file into the inbox as an upload does: a temporary, then a rename.
+fn deliver(from: &Path, inbox: &Path) {
+    let name = from.file_name().unwrap().to_string_lossy().into_owned();
+    let temp = inbox.join(format!(".{name}.part"));
+    std::fs::copy(from, &temp).unwrap();
+    std::fs::rename(&temp, inbox.join(&name)).unwrap();
+}
+
+fn applied_seqs(rstate_out: &Output) -> String {
+    text(&rstate_out.stdout) + &text(&rstate_out.stderr)
+}
+
+#[tokio::test]
+async fn a_complete_in_volumes_is_pushed_as_it_is_written_and_loads_whole() {
+    let p = Pg::with(VOLUMES).await;
+    let mut src = p.pg.connect("app").await;
+    std::fs::write(p.path("media-src/2026/1.jpg"), vec![7u8; 50_000]).unwrap();
+    let out = ok(&p.sender(&["complete"]));
+    assert!(
+        out.contains("push: 1 bundle(s)"),
+        "only the final file is left for the push after the job: {out}"
+    );
+    let (volumes, last) = set_files(&p.ssh.inbox(), 1);
+    assert!(volumes.len() >= 2, "{volumes:?}");
+    assert!(last.is_some(), "the final file arrived too");
+    assert!(outbox_files(&p.path("sstate/outbox")).is_empty());
+    p.receive();
+    p.assert_same().await;
+
+    exec(
+        &mut src,
+        "INSERT INTO phone VALUES (30, 'after'); UPDATE report SET msg = 'v', updated_at = now() WHERE id = 7; \
+         DELETE FROM report WHERE id = 8;",
+    )
+    .await;
+    ok(&p.sender(&["partial"]));
+    p.receive();
+    p.assert_same().await;
+
+    // A second complete in volumes replaces the copy; the first set is pruned
+    // from sent/ whole.
+    exec(&mut src, "DELETE FROM report WHERE id < 50").await;
+    ok(&p.sender(&["complete"]));
+    p.receive();
+    p.assert_same().await;
+    let (sent_volumes, sent_last) = set_files(&p.path("sstate/sent"), 3);
+    assert_eq!(sent_volumes, set_files(&p.ssh.inbox(), 3).0);
+    assert!(sent_last.is_some());
+    assert_eq!(set_files(&p.path("sstate/sent"), 1), (vec![], None));
+    let mut viz = p.pg.connect("viz").await;
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT seq FROM ferry_receiver.applied ORDER BY seq")
+            .fetch_all(&mut viz)
+            .await
+            .unwrap();
+    assert_eq!(applied, vec![1, 2, 3]);
+}
+
+#[tokio::test]
+async fn the_receiver_loads_volumes_as_they_arrive_and_commits_after_the_final_file() {
+    let p = Pg::with(VOLUMES).await;
+    ok(&p.sender(&["complete", "--no-push"]));
+    let outbox = p.path("sstate/outbox");
+    let (volumes, last) = set_files(&outbox, 1);
+    for v in &volumes {
+        deliver(&outbox.join(v), &p.ssh.inbox());
+    }
+    let mut load = std::process::Command::new(binary("ferry-receiver"))
+        .arg("--config")
+        .arg(p.path("receiver.toml"))
+        .arg("load")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(
+        load.try_wait().unwrap().is_none(),
+        "the load waits for the rest of the set"
+    );
+    let mut viz = p.pg.connect("viz").await;
+    let visible: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename = 'phone'",
+    )
+    .fetch_one(&mut viz)
+    .await
+    .unwrap();
+    assert_eq!(
+        visible, 0,
+        "nothing is visible before the set verified whole"
+    );
+    deliver(&outbox.join(last.unwrap()), &p.ssh.inbox());
+    let out = load.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", applied_seqs(&out));
+    p.assert_same().await;
+}
+
+#[tokio::test]
+async fn volumes_that_stop_coming_are_held_and_another_attempt_replaces_them() {
+    let p = Pg::with(VOLUMES).await;
+    p.write_receiver("1s");
+    // Two attempts at complete #1 (two state directories: as if the first
+    // sender died mid-set and the next run took the same seq again).
+    p.write_sender("a.toml", "a-state", p.ssh.port, VOLUMES);
+    ok(&run(
+        "ferry-sender",
+        &p.path("a.toml"),
+        &["complete", "--no-push"],
+    ));
+    ok(&p.sender(&["complete", "--no-push"]));
+    let (a_volumes, _) = set_files(&p.path("a-state/outbox"), 1);
+    let outbox = p.path("sstate/outbox");
+    let (b_volumes, b_last) = set_files(&outbox, 1);
+    assert!(a_volumes.len() >= 3);
+
+    // Only attempt A's first volumes arrive: the receiver waits, then gives up
+    // without quarantining or applying anything.
+    for v in &a_volumes[..2] {
+        deliver(&p.path("a-state/outbox").join(v), &p.ssh.inbox());
+    }
+    let out = run("ferry-receiver", &p.path("receiver.toml"), &["load"]);
+    assert_eq!(out.status.code(), Some(75), "{}", applied_seqs(&out));
+    assert!(
+        applied_seqs(&out).contains("volume 3 did not arrive within 1 s"),
+        "{}",
+        applied_seqs(&out)
+    );
+    assert!(outbox_files(&p.path("rstate/quarantine")).is_empty());
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let out = run("ferry-receiver", &p.path("receiver.toml"), &["load"]);
+    assert!(
+        applied_seqs(&out).contains("its final file has not"),
+        "a stalled set is held, not started: {}",
+        applied_seqs(&out)
+    );
+
+    // Attempt B's volumes and final file, but its first volume has not replaced
+    // A's yet: the sets do not mix.
+    for v in &b_volumes[1..] {
+        deliver(&outbox.join(v), &p.ssh.inbox());
+    }
+    deliver(&outbox.join(b_last.as_ref().unwrap()), &p.ssh.inbox());
+    let out = run("ferry-receiver", &p.path("receiver.toml"), &["load"]);
+    assert_eq!(out.status.code(), Some(75), "{}", applied_seqs(&out));
+    assert!(
+        applied_seqs(&out).contains("another attempt"),
+        "{}",
+        applied_seqs(&out)
+    );
+    deliver(&outbox.join(&b_volumes[0]), &p.ssh.inbox());
+    ok(&run("ferry-receiver", &p.path("receiver.toml"), &["load"]));
+    p.assert_same().await;
+}
+
+#[tokio::test]
+async fn a_corrupted_volume_quarantines_the_whole_set_and_retry_brings_it_back() {
+    let p = Pg::with(VOLUMES).await;
+    ok(&p.sender(&["complete", "--no-push"]));
+    let outbox = p.path("sstate/outbox");
+    let (volumes, last) = set_files(&outbox, 1);
+    let last = last.unwrap();
+    for f in volumes.iter().chain([&last]) {
+        deliver(&outbox.join(f), &p.ssh.inbox());
+    }
+    // The biggest volume (a table's data) gets one byte flipped.
+    let big = volumes
+        .iter()
+        .max_by_key(|v| std::fs::metadata(outbox.join(v)).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(p.ssh.inbox().join(big)).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(p.ssh.inbox().join(big), &bytes).unwrap();
+
+    let out = run("ferry-receiver", &p.path("receiver.toml"), &["load"]);
+    assert_eq!(out.status.code(), Some(1), "{}", applied_seqs(&out));
+    assert!(
+        applied_seqs(&out).contains(big.as_str()),
+        "the error names the volume: {}",
+        applied_seqs(&out)
+    );
+    let quarantine = p.path("rstate/quarantine");
+    let (q_volumes, q_last) = set_files(&quarantine, 1);
+    assert_eq!(
+        q_volumes, volumes,
+        "every volume is quarantined with the set"
+    );
+    assert_eq!(q_last.as_ref(), Some(&last));
+    assert_eq!(set_files(&p.ssh.inbox(), 1), (vec![], None));
+    let failures = ok(&run(
+        "ferry-receiver",
+        &p.path("receiver.toml"),
+        &["failures"],
+    ));
+    assert!(failures.contains(&last), "{failures}");
+
+    // Fixed (the good volume back) and retried: the whole set returns and loads.
+    ok(&run(
+        "ferry-receiver",
+        &p.path("receiver.toml"),
+        &["retry", &last],
+    ));
+    assert_eq!(
+        set_files(&p.ssh.inbox(), 1),
+        (volumes.clone(), Some(last.clone()))
+    );
+    deliver(&outbox.join(big), &p.ssh.inbox());
+    ok(&run("ferry-receiver", &p.path("receiver.toml"), &["load"]));
+    p.assert_same().await;
 }

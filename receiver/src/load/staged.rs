@@ -278,7 +278,11 @@ struct Copied {
 struct Dispatch {
     workers: Vec<Worker>,
     owner: HashMap<TableName, usize>,
-    remaining: HashMap<TableName, usize>,
+    /// Data members handed out, per table.
+    dispatched: HashMap<TableName, usize>,
+    /// Data members still to come, per table: known from the start for a bundle
+    /// in one file, from the final file's manifest for a volume set.
+    remaining: Option<HashMap<TableName, usize>>,
     /// Tables whose data is all handed out, waiting for the post-data.
     waiting: Vec<TableName>,
     split: Option<post_data::Split>,
@@ -307,13 +311,34 @@ impl Dispatch {
 
     /// A data member of `table` is handed out entirely.
     async fn member_done(&mut self, table: &TableName) -> bool {
-        let left = self.remaining.entry(table.clone()).or_insert(1);
+        *self.dispatched.entry(table.clone()).or_default() += 1;
+        let Some(remaining) = self.remaining.as_mut() else {
+            return true; // a volume set: counts come with its final file
+        };
+        let left = remaining.entry(table.clone()).or_insert(1);
         *left = left.saturating_sub(1);
         if *left > 0 {
             return true;
         }
         self.waiting.push(table.clone());
         self.build_ready().await
+    }
+
+    /// A volume set's final manifest: every table's count of data members is
+    /// known now, and those handed out entirely get their indexes.
+    async fn counts_known(&mut self, all: &Manifest) -> Result<bool, LoadError> {
+        let mut remaining = data_counts(all)?;
+        for (t, left) in remaining.iter_mut() {
+            *left = left.saturating_sub(self.dispatched.get(t).copied().unwrap_or(0));
+        }
+        self.waiting.extend(
+            remaining
+                .iter()
+                .filter(|(_, n)| **n == 0)
+                .map(|(t, _)| t.clone()),
+        );
+        self.remaining = Some(remaining);
+        Ok(self.build_ready().await)
     }
 
     /// Queues the index scripts of the tables whose data is all handed out.
@@ -353,7 +378,8 @@ async fn copy_all(
     let mut d = Dispatch {
         workers: Vec::new(),
         owner: HashMap::new(),
-        remaining: HashMap::new(),
+        dispatched: HashMap::new(),
+        remaining: None,
         waiting: Vec::new(),
         split: None,
         built: 0,
@@ -367,8 +393,8 @@ async fn copy_all(
             bytes: 0,
         });
     }
-    for member in m.members.iter().filter(|x| x.role == Role::Data) {
-        *d.remaining.entry(data_table(member)?.clone()).or_default() += 1;
+    if m.volume.is_none() {
+        d.remaining = Some(data_counts(m)?);
     }
     let (mut later, mut media) = (Vec::new(), Vec::new());
     let mut current: Option<(usize, TableName)> = None;
@@ -397,6 +423,7 @@ async fn copy_all(
                     let (w, t) = current.take().ok_or_else(out_of_place)?;
                     d.send(w, Work::Piece(Piece::End)).await && d.member_done(&t).await
                 }
+                Piece::Final(all) => d.counts_known(&all).await?,
                 Piece::Staged(member, path) if member.role == Role::Data => {
                     let t = data_table(&member)?.clone();
                     let w = d.pick(&t, member.size);
@@ -455,6 +482,15 @@ async fn copy_all(
             built: d.built,
         }),
     }
+}
+
+/// Data members per table.
+fn data_counts(m: &Manifest) -> Result<HashMap<TableName, usize>, LoadError> {
+    let mut counts = HashMap::new();
+    for member in m.members.iter().filter(|x| x.role == Role::Data) {
+        *counts.entry(data_table(member)?.clone()).or_default() += 1;
+    }
+    Ok(counts)
 }
 
 /// Splits the staged post-data into per-table scripts naming the staging tables

@@ -181,6 +181,7 @@ pub fn member(path: String, role: ferry_common::manifest::Role) -> Member {
         format: None,
         media_set: None,
         mtime_ns: None,
+        volume: None,
     }
 }
 
