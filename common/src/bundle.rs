@@ -629,4 +629,179 @@ mod tests {
         let e = read_bundle(&cut, &Limits::default(), |_, _| Ok(())).unwrap_err();
         assert!(e.to_string().contains("cut.tar.zst"), "{e}");
     }
+
+    /// Writes a volume set of complete #1 in `dir`: `volumes` volumes of one
+    /// member each, then the final file with one more. Returns the final path.
+    fn write_set(dir: &Path, volumes: u32, set: &str) -> PathBuf {
+        use crate::manifest::{Volume, VolumeFile, bundle_file_name, volume_file_name};
+        let mut earlier = Vec::new();
+        let mut all = Vec::new();
+        for k in 1..=volumes {
+            let mut w = BundleWriter::create(&dir.join(".body"), Compression::default()).unwrap();
+            let data = format!("volume {k} of {set}").into_bytes();
+            w.append_reader(member(&format!("data/v{k}")), data.len() as u64, &data[..])
+                .unwrap();
+            let m = Manifest {
+                volume: Some(Volume {
+                    set: set.into(),
+                    index: k,
+                    earlier: vec![],
+                }),
+                ..manifest(w.members().to_vec())
+            };
+            all.extend(m.members.iter().map(|x| Member {
+                volume: Some(k),
+                ..x.clone()
+            }));
+            let file = volume_file_name("t", Seq(1), Kind::Complete, k);
+            let (size, sha256) = w.finish(&m, &dir.join(&file)).unwrap();
+            earlier.push(VolumeFile { file, size, sha256 });
+        }
+        let mut w = BundleWriter::create(&dir.join(".body"), Compression::default()).unwrap();
+        w.append_reader(member("data/last"), 4, &b"last"[..])
+            .unwrap();
+        all.extend_from_slice(w.members());
+        let m = Manifest {
+            volume: Some(Volume {
+                set: set.into(),
+                index: volumes + 1,
+                earlier,
+            }),
+            ..manifest(all)
+        };
+        let last = dir.join(bundle_file_name("t", Seq(1), Kind::Complete));
+        w.finish(&m, &last).unwrap();
+        last
+    }
+
+    fn read_whole_set(last: &Path) -> Result<(Manifest, Vec<String>), ReadError> {
+        use crate::reader::{Arrival, read_set};
+        let arrival = Arrival {
+            wait: std::time::Duration::from_millis(200),
+            cancelled: &|| false,
+        };
+        let mut seen = Vec::new();
+        let mut finals = 0;
+        let m = read_set(
+            last,
+            &Limits::default(),
+            &arrival,
+            &mut |m, r| {
+                let mut v = String::new();
+                r.read_to_string(&mut v)?;
+                seen.push(format!("{}={v}", m.path));
+                Ok(())
+            },
+            &mut |_| {
+                finals += 1;
+                Ok(())
+            },
+        )?;
+        assert_eq!(finals, 1, "the final manifest is handed over once");
+        Ok((m, seen))
+    }
+
+    #[test]
+    fn a_volume_set_reads_whole_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let last = write_set(dir.path(), 3, "a");
+        let (m, seen) = read_whole_set(&last).unwrap();
+        assert_eq!(
+            seen,
+            [
+                "data/v1=volume 1 of a",
+                "data/v2=volume 2 of a",
+                "data/v3=volume 3 of a",
+                "data/last=last"
+            ]
+        );
+        assert_eq!(m.members.len(), 4, "the final manifest lists the whole set");
+        // `read_bundle` checks one file: the final file's own members only (the
+        // rest of the set is `read_set`'s to check).
+        let own = read_bundle(&last, &Limits::default(), |_, _| Ok(())).unwrap();
+        assert_eq!(own, m);
+    }
+
+    #[test]
+    fn a_damaged_missing_or_foreign_volume_is_refused() {
+        use crate::manifest::volume_file_name;
+        let dir = tempfile::tempdir().unwrap();
+        let last = write_set(dir.path(), 3, "a");
+        let v2 = dir
+            .path()
+            .join(volume_file_name("t", Seq(1), Kind::Complete, 2));
+
+        // Another attempt's volume 2 (same names, another set id).
+        let other = tempfile::tempdir().unwrap();
+        write_set(other.path(), 3, "b");
+        let good = std::fs::read(&v2).unwrap();
+        std::fs::copy(other.path().join(v2.file_name().unwrap()), &v2).unwrap();
+        let e = read_whole_set(&last).unwrap_err();
+        assert!(
+            e.is_transient() && e.to_string().contains("another attempt"),
+            "{e}"
+        );
+
+        // A volume that verifies by itself but is not the one the final file lists.
+        let mut m = read_manifest(&v2, &Limits::default()).unwrap();
+        m.volume.as_mut().unwrap().set = "a".into();
+        let mut w =
+            BundleWriter::create(&dir.path().join(".body"), Compression::default()).unwrap();
+        w.append_reader(member("data/v2"), 3, &b"odd"[..]).unwrap();
+        m.members = w.members().to_vec();
+        w.finish(&m, &v2).unwrap();
+        let e = read_whole_set(&last).unwrap_err();
+        assert!(
+            !e.is_transient() && e.to_string().contains("does not match the volumes read"),
+            "{e}"
+        );
+
+        // Missing: the final file says there are three.
+        std::fs::remove_file(&v2).unwrap();
+        let e = read_whole_set(&last).unwrap_err();
+        assert!(
+            !e.is_transient() && e.to_string().contains("volume 2 of the set is missing"),
+            "{e}"
+        );
+
+        // Not there yet, and no final file: wait, then give up (transient).
+        std::fs::write(&v2, &good).unwrap();
+        std::fs::remove_file(&last).unwrap();
+        let e = read_whole_set(&last).unwrap_err();
+        assert!(
+            e.is_transient() && e.to_string().contains("volume 4 did not arrive"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_one_file_bundle_beside_stale_volumes_is_read_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let last = write_set(dir.path(), 2, "a");
+        // The next attempt wrote the complete as one file.
+        let mut w =
+            BundleWriter::create(&dir.path().join(".body"), Compression::default()).unwrap();
+        w.append_reader(member("data/only"), 4, &b"only"[..])
+            .unwrap();
+        let m = manifest(w.members().to_vec());
+        w.finish(&m, &last).unwrap();
+        let arrival = crate::reader::Arrival {
+            wait: std::time::Duration::ZERO,
+            cancelled: &|| false,
+        };
+        let mut seen = Vec::new();
+        let got = crate::reader::read_set(
+            &last,
+            &Limits::default(),
+            &arrival,
+            &mut |m, _| {
+                seen.push(m.path.clone());
+                Ok(())
+            },
+            &mut |_| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(got, m);
+        assert_eq!(seen, ["data/only"]);
+    }
 }

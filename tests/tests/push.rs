@@ -427,12 +427,14 @@ async fn sqlite_to_sqlite_over_sftp_with_an_rsa_key_into_a_new_remote_dir() {
     .await
     .unwrap();
     std::fs::write(p("media-src/r1.jpg"), b"jpeg").unwrap();
-    // A remote directory that does not exist yet: the sender creates it over SFTP.
+    // A remote directory that does not exist yet: the sender creates it over
+    // SFTP. The complete goes in volumes (verified and staged whole by the
+    // SQLite receiver), the partial in one file.
     std::fs::write(
         p("sender.toml"),
         format!(
             "sender_id = \"lite\"\nstate_dir = {:?}\n[source]\nurl = \"sqlite://{}\"\n[partial]\n\
-             change_column = \"updated_at\"\noverlap = \"0s\"\n[[media]]\nname = \"images\"\npath = {:?}\n{}",
+             change_column = \"updated_at\"\noverlap = \"0s\"\n[[media]]\nname = \"images\"\npath = {:?}\n{}{VOLUMES}",
             p("sstate"),
             p("app.sqlite3").display(),
             p("media-src"),
@@ -457,6 +459,11 @@ async fn sqlite_to_sqlite_over_sftp_with_an_rsa_key_into_a_new_remote_dir() {
         "{check}"
     );
     ok(&run("ferry-sender", &p("sender.toml"), &["complete"]));
+    let volumes = outbox_files(&ssh.inbox().join("lite"))
+        .into_iter()
+        .filter(|n| n.contains("-complete.v0"))
+        .count();
+    assert!(volumes >= 2, "the complete went in volumes");
     ok(&run("ferry-receiver", &p("receiver.toml"), &["load"]));
     sqlx::raw_sql(
         "INSERT INTO report VALUES (3, 'new', X'CAFE', '2024-06-01 00:00:00');

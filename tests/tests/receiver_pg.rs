@@ -63,14 +63,24 @@ impl Pipe {
     fn send(&self, kind: &str) -> String {
         let out = run(&binary("ferry-sender"), &self.path("sender.toml"), &[kind]);
         assert!(out.status.success(), "sender {kind}: {}", text(&out.stderr));
-        outbox_files(&self.path("sstate/outbox")).pop().unwrap()
+        outbox_files(&self.path("sstate/outbox"))
+            .into_iter()
+            .rfind(|n| ferry_common::manifest::parse_bundle_file_name(n).is_some())
+            .unwrap()
     }
 
-    /// Delivers a bundle as an upload would: temporary name, then rename.
+    /// Delivers a bundle as an upload would: temporary name, then rename; a
+    /// complete sent in volumes, its volumes first.
     fn deliver(&self, file: &str) {
-        let tmp = self.path("inbox").join(format!(".{file}.part"));
-        std::fs::copy(self.path("sstate/outbox").join(file), &tmp).unwrap();
-        std::fs::rename(&tmp, self.path("inbox").join(file)).unwrap();
+        let stem = format!("{}.v", file.trim_end_matches(".tar.zst"));
+        let volumes = outbox_files(&self.path("sstate/outbox"))
+            .into_iter()
+            .filter(|n| n.starts_with(&stem));
+        for f in volumes.chain([file.to_owned()]) {
+            let tmp = self.path("inbox").join(format!(".{f}.part"));
+            std::fs::copy(self.path("sstate/outbox").join(&f), &tmp).unwrap();
+            std::fs::rename(&tmp, self.path("inbox").join(&f)).unwrap();
+        }
     }
 
     /// Sets `target.jobs` (connections loading a complete in parallel).
