@@ -12,19 +12,30 @@ pub mod pg;
 pub mod sshd;
 
 use ferry_common::manifest::Manifest;
-use ferry_common::reader::{Limits, read_bundle};
+use ferry_common::reader::{Arrival, Limits, read_set};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Reads and verifies a bundle, returning its manifest and every member's bytes.
+/// Reads and verifies a bundle (a volume set whole, when `path` is the final
+/// file of one), returning its manifest and every member's bytes.
 pub fn bundle_contents(path: &Path) -> (Manifest, BTreeMap<String, Vec<u8>>) {
     let mut members = BTreeMap::new();
-    let manifest = read_bundle(path, &Limits::default(), |m, r| {
-        let mut v = Vec::new();
-        r.read_to_end(&mut v)?;
-        members.insert(m.path.clone(), v);
-        Ok(())
-    })
+    let arrival = Arrival {
+        wait: std::time::Duration::ZERO,
+        cancelled: &|| false,
+    };
+    let manifest = read_set(
+        path,
+        &Limits::default(),
+        &arrival,
+        &mut |m, r| {
+            let mut v = Vec::new();
+            r.read_to_end(&mut v)?;
+            members.insert(m.path.clone(), v);
+            Ok(())
+        },
+        &mut |_| Ok(()),
+    )
     .unwrap_or_else(|e| panic!("bundle {} does not verify: {e}", path.display()));
     (manifest, members)
 }

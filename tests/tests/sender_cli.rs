@@ -158,7 +158,8 @@ async fn kill_9_during_a_complete_leaves_no_bundle_and_loses_nothing() {
     let cfg = write_config(
         dir.path(),
         &format!(
-            "sender_id = \"app\"\nstate_dir = {state:?}\n[source]\nurl = {:?}\n[partial]\nchange_column = \"updated_at\"\n",
+            "sender_id = \"app\"\nstate_dir = {state:?}\n[source]\nurl = {:?}\n[partial]\nchange_column = \"updated_at\"\n\
+             [bundle]\nvolume_bytes = 1048576\n",
             server.url("app")
         ),
     );
@@ -169,17 +170,15 @@ async fn kill_9_during_a_complete_leaves_no_bundle_and_loses_nothing() {
         .env("RUST_LOG", "warn")
         .spawn()
         .unwrap();
-    // Wait until the job is writing (a staged file exists), then kill it.
+    // Wait until the job has sealed its first volume, then kill it.
     let staging = state.join("staging");
+    let outbox = state.join("outbox");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let busy = std::fs::read_dir(&staging)
-            .map(|d| {
-                d.flatten()
-                    .any(|e| e.file_name().to_string_lossy().starts_with(".stage"))
-            })
-            .unwrap_or(false);
-        if busy {
+        if outbox_files(&outbox)
+            .iter()
+            .any(|f| f.ends_with(".v0001.tar.zst"))
+        {
             break;
         }
         assert!(
@@ -194,26 +193,41 @@ async fn kill_9_during_a_complete_leaves_no_bundle_and_loses_nothing() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let outbox = state.join("outbox");
-    let finals: Vec<String> = outbox_files(&outbox)
-        .into_iter()
-        .filter(|f| !f.starts_with('.'))
-        .collect();
+    let last = "app-000000000001-complete.tar.zst".to_owned();
+    let left = outbox_files(&outbox);
     assert!(
-        finals.is_empty(),
-        "a final bundle after kill -9: {finals:?}"
+        !left.contains(&last),
+        "a final bundle after kill -9: {left:?}"
     );
+    let old_volume = std::fs::read(outbox.join("app-000000000001-complete.v0001.tar.zst")).unwrap();
 
-    // The next run starts clean, takes seq 1, and ships every row.
+    // The next run starts clean (the killed run's volumes removed), takes seq 1
+    // again with a new set, and ships every row.
     let out = sender(&cfg, &["complete"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("removing a volume of a complete an interrupted run did not finish"),
+        "{}",
+        stderr(&out)
+    );
     let files = outbox_files(&outbox);
-    assert_eq!(files, vec!["app-000000000001-complete.tar.zst".to_owned()]);
+    assert!(files.contains(&last), "{files:?}");
+    assert!(
+        files
+            .iter()
+            .all(|f| f.starts_with("app-000000000001-complete.")),
+        "{files:?}"
+    );
+    assert_ne!(
+        std::fs::read(outbox.join("app-000000000001-complete.v0001.tar.zst")).unwrap(),
+        old_volume,
+        "the first volume is the new run's"
+    );
     assert!(
         std::fs::read_dir(&staging).unwrap().next().is_none(),
         "staging not cleaned"
     );
-    let (m, members) = bundle_contents(&outbox.join(&files[0]));
+    let (m, members) = bundle_contents(&outbox.join(&last));
     // A large table is split into parts; together they hold every row once.
     let parts: Vec<_> = m
         .members
@@ -241,7 +255,7 @@ async fn kill_9_during_a_complete_leaves_no_bundle_and_loses_nothing() {
     std::fs::write(&cfg, toml).unwrap();
     let out = sender(&cfg, &["complete"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let (m, members) = bundle_contents(&outbox.join(outbox_files(&outbox).pop().unwrap()));
+    let (m, members) = bundle_contents(&outbox.join("app-000000000002-complete.tar.zst"));
     let mut ids: Vec<i64> = Vec::new();
     let mut n = 0;
     for p in m
