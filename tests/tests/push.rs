@@ -755,3 +755,27 @@ async fn a_corrupted_volume_quarantines_the_whole_set_and_retry_brings_it_back()
     ok(&run("ferry-receiver", &p.path("receiver.toml"), &["load"]));
     p.assert_same().await;
 }
+
+#[tokio::test]
+async fn the_receiver_daemon_loads_a_complete_in_volumes_as_the_sender_pushes_it() {
+    let p = Pg::with(VOLUMES).await;
+    let mut cmd = std::process::Command::new(binary("ferry-receiver"));
+    cmd.arg("--config")
+        .arg(p.path("receiver.toml"))
+        .arg("run")
+        .env("RUST_LOG", "info");
+    let mut d = ferry_tests::daemon::Daemon::spawn(cmd);
+    d.wait_for("receiver running", std::time::Duration::from_secs(30));
+    std::fs::write(p.path("media-src/2026/1.jpg"), vec![9u8; 20_000]).unwrap();
+    ok(&p.sender(&["complete"]));
+    d.wait_for("bundle loaded", std::time::Duration::from_secs(60));
+    p.assert_same().await;
+    let log = d.log();
+    assert!(
+        log.contains("app-000000000001-complete.tar.zst"),
+        "the set is applied under its final name: {log}"
+    );
+    assert!(!log.contains("load failed"), "{log}");
+    d.signal("TERM");
+    assert!(d.wait_exit(std::time::Duration::from_secs(10)).success());
+}
