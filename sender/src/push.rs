@@ -458,8 +458,10 @@ impl Link {
             bar.inc(filled as u64);
         }
         bar.finish_and_clear();
+        let written = started.elapsed();
         // flush: every write acknowledged, then fsync@openssh.com where offered.
         dst.flush().await.map_err(|e| io_err("syncing", e))?;
+        let synced = started.elapsed();
         dst.shutdown().await.map_err(|e| io_err("closing", e))?;
         self.rename(&tmp, &fin).await?;
         let got = self
@@ -480,6 +482,8 @@ impl Link {
             bundle = name,
             bytes = size,
             ms = started.elapsed().as_millis() as u64,
+            write_ms = written.as_millis() as u64,
+            sync_ms = (synced - written).as_millis() as u64,
             "bundle delivered"
         );
         Ok(size)
