@@ -113,11 +113,24 @@ secs() {
   "$@" >"$work/step.log" 2>&1 </dev/null || { echo "benchmark step failed: $*" >&2; tail -5 "$work/step.log" >&2; return 1; }
   echo "$(date +%s.%N) - $s" | bc
 }
-# Each timed run starts from the same state: no dirty data left by the previous
-# run for the disk to write back meanwhile.
-settle() { "${psql[@]}" -c CHECKPOINT >/dev/null; sync; }
 # CPU-seconds used by the whole machine (every process: servers, ssh, agents).
 busy() { awk '/^cpu /{printf "%.2f\n", ($2+$3+$4+$7+$8)/100}' /proc/stat; }
+# CPU-seconds the hypervisor took from this VM ("steal"; 0 on bare metal).
+stolen() { awk '/^cpu /{printf "%.2f\n", $9/100}' /proc/stat; }
+# Each timed run starts from the same state: no dirty data left by the previous
+# run for the disk to write back meanwhile, and a quiet machine. On a VM the
+# host's own work for the writes just flushed shows up as stolen CPU for tens
+# of seconds after a big write (seen: 1.5 s of 4 stolen during an upload right
+# after the data load, ~0 half a minute later), so wait (at most 60 s) for a
+# second with under 5% of the cores busy or stolen.
+settle() {
+  "${psql[@]}" -c CHECKPOINT >/dev/null; sync
+  local t a b
+  for t in $(seq 60); do
+    a=$(echo "$(busy) + $(stolen)" | bc); sleep 1; b=$(echo "$(busy) + $(stolen)" | bc)
+    [ "$(echo "($b - $a) < 0.05 * $(nproc)" | bc)" = 1 ] && break
+  done
+}
 # `cpu_secs CMD...`: "<wall s> <machine CPU s>".
 cpu_secs() { local b w; b=$(busy); w=$(secs "$@"); echo "$w $(echo "$(busy) - $b" | bc)"; }
 
@@ -133,13 +146,19 @@ if [ "$ONLY" != sync ]; then
   echo "put $work/blob inbox/blob" > "$work/batch"
   ferry_up=(); sftpf_up=(); sftp_up=()
   # `upload ARRAY CMD...`: one settled, timed upload, its seconds added to ARRAY.
+  # The stolen CPU-seconds during each run go into steal_up, to be printed.
+  steal_up=()
   upload() {
-    local -n into=$1; shift
-    settle; into+=("$(secs "$@")")
+    local -n into=$1; local label=${1%_up} st; shift
+    settle; st=$(stolen); into+=("$(secs "$@")")
+    steal_up+=("$label:$(echo "$(stolen) - $st" | bc)")
     rm -f "$ssh_dir"/root/inbox/* "$work"/sstate/sent/*
   }
+  # A hard link: ferry reads the very file (and page-cache pages) sftp reads. A
+  # copy made just before the run added a 400 MB write, and its flush, that
+  # only ferry's runs paid for.
   up_ferry() {
-    cp "$work/blob" "$work/sstate/outbox/bench-$(printf %012d $((900 + i)))-partial.tar.zst"
+    ln "$work/blob" "$work/sstate/outbox/bench-$(printf %012d $((900 + i)))-partial.tar.zst"
     upload ferry_up "$sender" --config "$work/sender.toml" push
   }
   up_sftpf() { upload sftpf_up sftp -q -b "$work/batch-f" "${sftpopt[@]}" ferry-sftp@127.0.0.1; }
@@ -160,6 +179,7 @@ if [ "$ONLY" != sync ]; then
   printf 'ferry/sftp throughput: %.2f (against put -f), %.2f (against put)\n' \
     "$(echo "$sfu/$fu" | bc -l)" "$(echo "$su/$fu" | bc -l)"
   echo "runs: put -f ${sftpf_up[*]}; put ${sftp_up[*]}; ferry ${ferry_up[*]}"
+  echo "CPU-s stolen by the hypervisor during each run, in order: ${steal_up[*]}"
 fi
 [ "$ONLY" = upload ] && exit 0
 
