@@ -119,14 +119,14 @@ busy() { awk '/^cpu /{printf "%.2f\n", ($2+$3+$4+$7+$8)/100}' /proc/stat; }
 stolen() { awk '/^cpu /{printf "%.2f\n", $9/100}' /proc/stat; }
 # Each timed run starts from the same state: no dirty data left by the previous
 # run for the disk to write back meanwhile, and a quiet machine. On a VM the
-# host's own work for the writes just flushed shows up as stolen CPU for tens
-# of seconds after a big write (seen: 1.5 s of 4 stolen during an upload right
-# after the data load, ~0 half a minute later), so wait (at most 60 s) for a
-# second with under 5% of the cores busy or stolen.
+# host's own work for big writes shows up as stolen CPU for tens of seconds
+# (seen: 1.5 of 10.4 CPU-s stolen around the first upload after the data load,
+# ~0 half a minute later), so wait (at most 60 s) for a second with under 5%
+# of the cores busy or stolen.
 settle() {
   "${psql[@]}" -c CHECKPOINT >/dev/null; sync
-  local t a b
-  for t in $(seq 60); do
+  local a b
+  for _ in $(seq 60); do
     a=$(echo "$(busy) + $(stolen)" | bc); sleep 1; b=$(echo "$(busy) + $(stolen)" | bc)
     [ "$(echo "($b - $a) < 0.05 * $(nproc)" | bc)" = 1 ] && break
   done
