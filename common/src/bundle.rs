@@ -16,9 +16,9 @@
 //! The final file is written under a temporary name (leading `.`), fsynced and
 //! renamed; a crash leaves no partial file under a final name.
 
+use crate::checksum::{self, Algorithm, Checksum, Hasher};
 use crate::durable;
 use crate::manifest::{Manifest, Member};
-use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -129,13 +129,13 @@ impl BundleWriter {
     }
 
     /// Appends a member compressed ahead by a [`CompressedMember`] into `file`,
-    /// with the `size` and `sha256` its `finish` returned. `template` supplies
+    /// with the `size` and `checksum` its `finish` returned. `template` supplies
     /// path, role, table, rows and format.
     pub fn append_compressed(
         &mut self,
         template: Member,
         size: u64,
-        sha256: String,
+        checksum: Checksum,
         file: &Path,
     ) -> Result<&Member, WriteError> {
         let member_err = |source| WriteError::Member {
@@ -152,7 +152,7 @@ impl BundleWriter {
             .map_err(member_err)?;
         self.members.push(Member {
             size,
-            sha256,
+            checksum,
             ..template
         });
         Ok(self.members.last().expect("just pushed"))
@@ -167,7 +167,7 @@ impl BundleWriter {
         size: u64,
         reader: impl Read,
     ) -> Result<&Member, WriteError> {
-        let mut hashing = HashingReader::new(reader.take(size + 1));
+        let mut hashing = HashingReader::new(reader.take(size + 1), checksum::MEMBER);
         let member_err = |source| WriteError::Member {
             member: template.path.clone(),
             source,
@@ -197,7 +197,7 @@ impl BundleWriter {
         }
         self.members.push(Member {
             size,
-            sha256: hashing.hex_digest(),
+            checksum: hashing.checksum(),
             ..template
         });
         Ok(self.members.last().expect("just pushed"))
@@ -252,7 +252,7 @@ impl BundleWriter {
     /// Finishes the bundle and moves it durably to `final_path`: the manifest frame,
     /// then the body, written under a temporary name, fsynced and renamed. The
     /// caller fills `manifest` with [`members`](Self::members). Returns the file's
-    /// size and SHA-256.
+    /// size and SHA-256 (hex).
     pub fn finish(
         mut self,
         manifest: &Manifest,
@@ -276,7 +276,8 @@ impl BundleWriter {
             source,
         };
         let result = (|| -> Result<(u64, String), WriteError> {
-            let mut out = HashingWriter::new(File::create(&temp).map_err(file_err)?);
+            let mut out =
+                HashingWriter::new(File::create(&temp).map_err(file_err)?, Algorithm::Sha256);
             let entry = manifest_entry(manifest).map_err(file_err)?;
             let mut frame = zstd::stream::write::Encoder::new(&mut out, self.compression.level)
                 .map_err(file_err)?;
@@ -286,13 +287,13 @@ impl BundleWriter {
             let mut body = File::open(&self.body_path).map_err(body_err)?;
             io::copy(&mut body, &mut out).map_err(file_err)?;
             let size = out.bytes();
-            let (out, sha256) = out.finish().map_err(file_err)?;
+            let (out, sum) = out.finish().map_err(file_err)?;
             out.sync_all().map_err(file_err)?;
             durable::commit_rename(&temp, final_path).map_err(|source| WriteError::File {
                 path: final_path.to_owned(),
                 source,
             })?;
-            Ok((size, sha256))
+            Ok((size, sum.hex().to_owned()))
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&temp);
@@ -347,18 +348,18 @@ impl CompressedMember {
         let file = File::create(path)?;
         let out = BufWriter::with_capacity(256 * 1024, file);
         Ok(Self {
-            inner: HashingWriter::new(frame(out, compression)?),
+            inner: HashingWriter::new(frame(out, compression)?, checksum::MEMBER),
         })
     }
 
     /// Pads, ends the frame and closes the file; returns the member's size and
-    /// SHA-256 (of the member's bytes, not the padding).
-    pub fn finish(self) -> io::Result<(u64, String)> {
+    /// checksum (of the member's bytes, not the padding).
+    pub fn finish(self) -> io::Result<(u64, Checksum)> {
         let size = self.inner.bytes();
-        let (mut enc, sha256) = self.inner.finish()?;
+        let (mut enc, sum) = self.inner.finish()?;
         enc.write_all(padding(size))?;
         enc.finish()?.flush()?;
-        Ok((size, sha256))
+        Ok((size, sum))
     }
 }
 
@@ -372,18 +373,18 @@ impl Write for CompressedMember {
     }
 }
 
-/// A reader that hashes (SHA-256) and counts what passes through it.
+/// A reader that hashes and counts what passes through it.
 pub struct HashingReader<R> {
     inner: R,
-    hasher: Sha256,
+    hasher: Hasher,
     bytes: u64,
 }
 
 impl<R> HashingReader<R> {
-    pub fn new(inner: R) -> Self {
+    pub fn new(inner: R, algorithm: Algorithm) -> Self {
         Self {
             inner,
-            hasher: Sha256::new(),
+            hasher: Hasher::new(algorithm),
             bytes: 0,
         }
     }
@@ -392,8 +393,8 @@ impl<R> HashingReader<R> {
         self.bytes
     }
 
-    pub fn hex_digest(self) -> String {
-        hex::encode(self.hasher.finalize())
+    pub fn checksum(self) -> Checksum {
+        self.hasher.finish()
     }
 }
 
@@ -406,18 +407,18 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// A writer that hashes (SHA-256) and counts what passes through it.
+/// A writer that hashes and counts what passes through it.
 pub struct HashingWriter<W> {
     inner: W,
-    hasher: Sha256,
+    hasher: Hasher,
     bytes: u64,
 }
 
 impl<W: Write> HashingWriter<W> {
-    pub fn new(inner: W) -> Self {
+    pub fn new(inner: W, algorithm: Algorithm) -> Self {
         Self {
             inner,
-            hasher: Sha256::new(),
+            hasher: Hasher::new(algorithm),
             bytes: 0,
         }
     }
@@ -426,10 +427,10 @@ impl<W: Write> HashingWriter<W> {
         self.bytes
     }
 
-    /// Flushes and returns the inner writer with the hex digest.
-    pub fn finish(mut self) -> io::Result<(W, String)> {
+    /// Flushes and returns the inner writer with the checksum.
+    pub fn finish(mut self) -> io::Result<(W, Checksum)> {
         self.inner.flush()?;
-        Ok((self.inner, hex::encode(self.hasher.finalize())))
+        Ok((self.inner, self.hasher.finish()))
     }
 }
 
@@ -470,7 +471,7 @@ mod tests {
             path: path.to_owned(),
             role: Role::Media,
             size: 0,
-            sha256: String::new(),
+            checksum: Checksum::Blake3(String::new()),
             table: None,
             rows: None,
             format: None,
@@ -552,10 +553,10 @@ mod tests {
                 let file = dir.path().join(format!(".stage-{i}"));
                 let mut c = CompressedMember::create(&file, Compression::default()).unwrap();
                 c.write_all(&data).unwrap();
-                let (size, sha256) = c.finish().unwrap();
+                let (size, sum) = c.finish().unwrap();
                 assert_eq!(size, n as u64);
-                assert_eq!(sha256, hex::encode(Sha256::digest(&data)));
-                w.append_compressed(member(&path), size, sha256, &file)
+                assert_eq!(sum, checksum::of(checksum::MEMBER, &data));
+                w.append_compressed(member(&path), size, sum, &file)
                     .unwrap();
             } else {
                 w.append_reader(member(&path), n as u64, &data[..]).unwrap();
@@ -618,7 +619,7 @@ mod tests {
             .unwrap();
         let mut m = manifest(w.members().to_vec());
         let out = dir.path().join("b.tar.zst");
-        m.members[0].sha256 = "00".repeat(32);
+        m.members[0].checksum = Checksum::Blake3("00".repeat(32));
         w.finish(&m, &out).unwrap();
         let e = read_bundle(&out, &Limits::default(), |_, _| Ok(())).unwrap_err();
         assert!(matches!(e, ReadError::Checksum { .. }), "{e}");
@@ -628,6 +629,43 @@ mod tests {
         std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
         let e = read_bundle(&cut, &Limits::default(), |_, _| Ok(())).unwrap_err();
         assert!(e.to_string().contains("cut.tar.zst"), "{e}");
+    }
+
+    /// A format-1 bundle (SHA-256 member checksums, as ferry wrote before
+    /// BLAKE3) still verifies, and a wrong SHA-256 is still refused; a format
+    /// newer than this code is refused with "upgrade ferry".
+    #[test]
+    fn format_1_sha256_members_still_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..50_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let write = |name: &str, format: u32, sum: Checksum| {
+            let mut w =
+                BundleWriter::create(&dir.path().join(".body"), Compression::default()).unwrap();
+            w.append_reader(member("m/data"), data.len() as u64, &data[..])
+                .unwrap();
+            let mut m = manifest(w.members().to_vec());
+            assert!(matches!(m.members[0].checksum, Checksum::Blake3(_)));
+            m.format = format;
+            m.members[0].checksum = sum;
+            let out = dir.path().join(name);
+            w.finish(&m, &out).unwrap();
+            out
+        };
+        let good = write("old.tar.zst", 1, checksum::of(Algorithm::Sha256, &data));
+        let mut seen = Vec::new();
+        read_bundle(&good, &Limits::default(), |_, r| {
+            r.read_to_end(&mut seen).map(|_| ())
+        })
+        .unwrap();
+        assert_eq!(seen, data);
+
+        let bad = write("bad.tar.zst", 1, Checksum::Sha256("00".repeat(32)));
+        let e = read_bundle(&bad, &Limits::default(), |_, _| Ok(())).unwrap_err();
+        assert!(e.to_string().contains("sha256:00"), "{e}");
+
+        let newer = write("new.tar.zst", 99, checksum::of(Algorithm::Blake3, &data));
+        let e = read_bundle(&newer, &Limits::default(), |_, _| Ok(())).unwrap_err();
+        assert!(e.to_string().contains("upgrade ferry"), "{e}");
     }
 
     /// Writes a volume set of complete #1 in `dir`: `volumes` volumes of one

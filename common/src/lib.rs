@@ -3,12 +3,14 @@
 //! - [`manifest`]: the bundle manifest (`manifest.json`) and bundle file names;
 //! - [`bundle`]: writing a bundle as one zstd-compressed tar stream, manifest first;
 //! - [`reader`]: reading a bundle back, verifying every member's checksum and path;
+//! - [`checksum`]: member checksums (BLAKE3; SHA-256 in format 1);
 //! - [`ident`]: table names, and quoting identifiers and literals for SQL;
 //! - [`durable`]: write-to-temporary, fsync, rename;
 //! - [`lock`]: one agent per state directory;
 //! - [`service`]: logging, systemd notification, stop signals, progress bars.
 
 pub mod bundle;
+pub mod checksum;
 pub mod config;
 pub mod durable;
 pub mod duration;

@@ -2,16 +2,21 @@
 //!
 //! It says what the bundle is (kind, sequence, what it builds on), what the source
 //! looked like (engine, version, tables and their columns, a schema fingerprint),
-//! and lists every other member with its size and SHA-256, so that a receiver can
+//! and lists every other member with its size and checksum, so that a receiver can
 //! verify the whole bundle before it commits anything. See `docs/bundle-format.md`.
 
 use crate::TableName;
+use crate::checksum::Checksum;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// The bundle format version this code writes and reads.
-pub const FORMAT: u32 = 1;
+/// The bundle format version this code writes: 2 gives members BLAKE3
+/// checksums. A reader of format 1 refuses it with "upgrade ferry".
+pub const FORMAT: u32 = 2;
+
+/// The oldest format this code still reads (1: SHA-256 member checksums).
+pub const OLDEST_FORMAT: u32 = 1;
 
 /// A bundle's sequence number: strictly increasing per sender, without gaps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -177,7 +182,10 @@ pub struct Member {
     pub path: String,
     pub role: Role,
     pub size: u64,
-    pub sha256: String,
+    /// `"blake3": "<hex>"` (format 2) or `"sha256": "<hex>"` (format 1):
+    /// exactly one of the two.
+    #[serde(flatten, with = "crate::checksum::keys")]
+    pub checksum: Checksum,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table: Option<TableName>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

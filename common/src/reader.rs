@@ -9,7 +9,8 @@
 //! [`read_bundle`] returns `Ok`.
 
 use crate::bundle::HashingReader;
-use crate::manifest::{FORMAT, Manifest, Member};
+use crate::checksum::Algorithm;
+use crate::manifest::{FORMAT, Manifest, Member, OLDEST_FORMAT};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader, Read};
@@ -154,11 +155,11 @@ fn first_manifest<R: Read>(
         .map_err(|e| ReadError::malformed(bundle, format!("manifest unreadable: {e}")))?;
     let manifest: Manifest = serde_json::from_slice(&json)
         .map_err(|e| ReadError::malformed(bundle, format!("manifest.json: {e}")))?;
-    if manifest.format != FORMAT {
+    if !(OLDEST_FORMAT..=FORMAT).contains(&manifest.format) {
         return Err(ReadError::malformed(
             bundle,
             format!(
-                "format {} is not supported (this ferry reads format {FORMAT}); upgrade ferry",
+                "format {} is not supported (this ferry reads formats {OLDEST_FORMAT} to {FORMAT}); upgrade ferry",
                 manifest.format
             ),
         ));
@@ -212,7 +213,7 @@ pub fn read_bundle_file(
         bundle: bundle.to_owned(),
         source,
     };
-    let file = HashingReader::new(File::open(bundle).map_err(io_err)?);
+    let file = HashingReader::new(File::open(bundle).map_err(io_err)?, Algorithm::Sha256);
     let dec = zstd::stream::read::Decoder::new(BufReader::with_capacity(256 * 1024, file))
         .map_err(io_err)?;
     let mut archive = tar::Archive::new(dec);
@@ -223,7 +224,7 @@ pub fn read_bundle_file(
     io::copy(&mut file, &mut io::sink()).map_err(io_err)?;
     let sum = FileSum {
         size: HashingReader::bytes(&file),
-        sha256: file.hex_digest(),
+        sha256: file.checksum().hex().to_owned(),
     };
     Ok((manifest, sum))
 }
@@ -288,18 +289,18 @@ fn read_members<R: Read>(
                 ),
             ));
         }
-        let mut hashing = HashingReader::new(entry);
+        let mut hashing = HashingReader::new(entry, member.checksum.algorithm());
         on_member(member, &mut hashing)
             .map_err(|e| ReadError::malformed(bundle, format!("member {path} unreadable: {e}")))?;
         io::copy(&mut hashing, &mut io::sink())
             .map_err(|e| ReadError::malformed(bundle, format!("member {path} unreadable: {e}")))?;
-        let actual = hashing.hex_digest();
-        if actual != member.sha256 {
+        let actual = hashing.checksum();
+        if actual != member.checksum {
             return Err(ReadError::Checksum {
                 bundle: bundle.to_owned(),
                 path,
-                expected: member.sha256.clone(),
-                actual,
+                expected: member.checksum.to_string(),
+                actual: actual.to_string(),
             });
         }
     }

@@ -73,7 +73,7 @@ impl Assembly {
                 let result = writer.append_compressed(
                     staged.member,
                     staged.size,
-                    staged.sha256,
+                    staged.checksum,
                     &staged.file,
                 );
                 let _ = std::fs::remove_file(&staged.file);

@@ -411,10 +411,10 @@ async fn a_corrupted_bundle_is_quarantined_and_later_ones_wait() {
     assert!(text(&p.receive(&["failures"]).stdout).contains("no failed bundles"));
 }
 
-/// Replaces a member's bytes and rewrites the manifest to match (size, SHA-256):
+/// Replaces a member's bytes and rewrites the manifest to match (size, BLAKE3):
 /// a bundle that verifies but carries data of the wrong shape.
 fn replace_member(bundle: &Path, member: &str, data: &[u8]) {
-    use sha2::Digest;
+    use ferry_common::checksum::{Algorithm, of};
     let mut entries = bundle_entries(bundle);
     let mut manifest: serde_json::Value = serde_json::from_slice(&entries[0].1).unwrap();
     let m = manifest["members"]
@@ -424,7 +424,7 @@ fn replace_member(bundle: &Path, member: &str, data: &[u8]) {
         .find(|m| m["path"] == member)
         .unwrap();
     m["size"] = data.len().into();
-    m["sha256"] = hex::encode(sha2::Sha256::digest(data)).into();
+    m["blake3"] = of(Algorithm::Blake3, data).hex().into();
     entries[0].1 = serde_json::to_vec(&manifest).unwrap();
     entries.iter_mut().find(|(p, _)| p == member).unwrap().1 = data.to_vec();
     write_bundle(bundle, &entries);

@@ -6,6 +6,7 @@
 
 use super::ExtractError;
 use ferry_common::bundle::{CompressedMember, Compression};
+use ferry_common::checksum::Checksum;
 use ferry_common::manifest::Member;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,12 +17,12 @@ use tokio::sync::mpsc;
 #[derive(Debug)]
 pub struct Staged {
     /// Path, role, table, rows and format; the bundle writer sets size and
-    /// sha256 from the fields below.
+    /// checksum from the fields below.
     pub member: Member,
     /// The member compressed (see [`CompressedMember`]).
     pub file: PathBuf,
     pub size: u64,
-    pub sha256: String,
+    pub checksum: Checksum,
 }
 
 /// A change line's fingerprint (SHA-256 of the line).
@@ -152,7 +153,7 @@ impl StageWriter {
     /// Ends the compressed frame and closes the file (fsync happens on the whole
     /// bundle, not here).
     pub fn finish(self, count_rows: bool) -> Result<Staged, ExtractError> {
-        let (size, sha256) = self
+        let (size, checksum) = self
             .writer
             .finish()
             .map_err(ExtractError::stage(self.member.path.clone()))?;
@@ -164,7 +165,7 @@ impl StageWriter {
             member,
             file: self.path,
             size,
-            sha256,
+            checksum,
         })
     }
 }
@@ -175,7 +176,7 @@ pub fn member(path: String, role: ferry_common::manifest::Role) -> Member {
         path,
         role,
         size: 0,
-        sha256: String::new(),
+        checksum: Checksum::Blake3(String::new()),
         table: None,
         rows: None,
         format: None,
