@@ -75,8 +75,17 @@ fn evil_bundle(
         "source": {"engine": "sqlite", "version": "3"}, "schema_fingerprint": "",
         "tables": [], "watermarks": {}, "members": members,
     });
+    bundle_from(inbox, &manifest, entries)
+}
+
+/// Writes `manifest` and the raw tar `entries` as complete #1 of sender `app`.
+fn bundle_from(
+    inbox: &Path,
+    manifest: &serde_json::Value,
+    entries: &[(&[u8], tar::EntryType, &[u8])],
+) -> PathBuf {
     let mut tar = tar::Builder::new(Vec::new());
-    let json = serde_json::to_vec(&manifest).unwrap();
+    let json = serde_json::to_vec(manifest).unwrap();
     let mut h = tar::Header::new_gnu();
     h.set_path("manifest.json").unwrap();
     h.set_size(json.len() as u64);
@@ -147,6 +156,47 @@ async fn escaping_paths_and_links_are_refused_with_nothing_applied() {
         );
         assert!(!l.p("escape").exists() && !l.dir.path().parent().unwrap().join("escape").exists());
         assert!(!Path::new("/tmp/ferry-escape").exists(), "{what}");
+        assert!(!l.p("media-dst").exists(), "{what}: nothing may be written");
+    }
+}
+
+/// A bundle of a newer format than this receiver, or whose member carries no
+/// checksum: refused with a message that names the fix, quarantined, nothing
+/// applied. The format-1 bundles above (SHA-256 members) are read as before.
+#[tokio::test]
+async fn newer_formats_and_members_without_checksums_are_refused() {
+    let data: &[u8] = b"x";
+    let member = serde_json::json!({"path": "media/images/a", "role": "media", "size": 1,
+        "blake3": blake3::hash(data).to_hex().as_str(), "media_set": "images", "mtime_ns": 0});
+    let manifest = |format: u32, member: serde_json::Value| {
+        serde_json::json!({
+            "format": format, "sender_id": "app", "kind": "complete", "seq": 1, "base_seq": 1,
+            "prev_seq": null, "created_at": "2026-01-01T00:00:00Z",
+            "source": {"engine": "sqlite", "version": "3"}, "schema_fingerprint": "",
+            "tables": [], "watermarks": {}, "members": [member],
+        })
+    };
+    let mut bare = member.clone();
+    bare.as_object_mut().unwrap().remove("blake3");
+    let cases = [
+        ("format 3", manifest(3, member.clone()), "upgrade ferry"),
+        ("no checksum", manifest(2, bare), "no checksum"),
+    ];
+    for (what, m, says) in cases {
+        let l = Lite::new("").await;
+        let entries: [(&[u8], tar::EntryType, &[u8]); 1] =
+            [(b"media/images/a", tar::EntryType::Regular, data)];
+        let bundle = bundle_from(&l.p("inbox"), &m, &entries);
+        let out = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+        assert_eq!(out.status.code(), Some(1), "{what}");
+        let stdout = text(&out.stdout);
+        assert!(stdout.contains(says), "{what}: {stdout}");
+        assert!(!bundle.exists(), "{what}: the bundle must leave the inbox");
+        assert!(
+            l.p("rstate/quarantine/app-000000000001-complete.tar.zst")
+                .exists(),
+            "{what}"
+        );
         assert!(!l.p("media-dst").exists(), "{what}: nothing may be written");
     }
 }
