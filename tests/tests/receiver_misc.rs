@@ -69,13 +69,17 @@ fn evil_bundle(
                 "sha256": hex::encode(sha2::Sha256::digest(d)), "media_set": "images", "mtime_ns": 0})
         })
         .collect();
-    let manifest = serde_json::json!({
-        "format": 1, "sender_id": "app", "kind": "complete", "seq": 1, "base_seq": 1,
+    bundle_from(inbox, &manifest_json(1, &members), entries)
+}
+
+/// The manifest of complete #1 of sender `app` (SQLite, no tables) in `format`.
+fn manifest_json(format: u32, members: &[serde_json::Value]) -> serde_json::Value {
+    serde_json::json!({
+        "format": format, "sender_id": "app", "kind": "complete", "seq": 1, "base_seq": 1,
         "prev_seq": null, "created_at": "2026-01-01T00:00:00Z",
         "source": {"engine": "sqlite", "version": "3"}, "schema_fingerprint": "",
         "tables": [], "watermarks": {}, "members": members,
-    });
-    bundle_from(inbox, &manifest, entries)
+    })
 }
 
 /// Writes `manifest` and the raw tar `entries` as complete #1 of sender `app`.
@@ -165,22 +169,15 @@ async fn escaping_paths_and_links_are_refused_with_nothing_applied() {
 /// applied. The format-1 bundles above (SHA-256 members) are read as before.
 #[tokio::test]
 async fn newer_formats_and_members_without_checksums_are_refused() {
+    use ferry_common::checksum::{Algorithm, of};
     let data: &[u8] = b"x";
     let member = serde_json::json!({"path": "media/images/a", "role": "media", "size": 1,
-        "blake3": blake3::hash(data).to_hex().as_str(), "media_set": "images", "mtime_ns": 0});
-    let manifest = |format: u32, member: serde_json::Value| {
-        serde_json::json!({
-            "format": format, "sender_id": "app", "kind": "complete", "seq": 1, "base_seq": 1,
-            "prev_seq": null, "created_at": "2026-01-01T00:00:00Z",
-            "source": {"engine": "sqlite", "version": "3"}, "schema_fingerprint": "",
-            "tables": [], "watermarks": {}, "members": [member],
-        })
-    };
+        "blake3": of(Algorithm::Blake3, data).hex(), "media_set": "images", "mtime_ns": 0});
     let mut bare = member.clone();
     bare.as_object_mut().unwrap().remove("blake3");
     let cases = [
-        ("format 3", manifest(3, member.clone()), "upgrade ferry"),
-        ("no checksum", manifest(2, bare), "no checksum"),
+        ("format 3", manifest_json(3, &[member]), "upgrade ferry"),
+        ("no checksum", manifest_json(2, &[bare]), "no checksum"),
     ];
     for (what, m, says) in cases {
         let l = Lite::new("").await;
