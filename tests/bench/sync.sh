@@ -231,6 +231,24 @@ pairs=$(for k in "${!one[@]}"; do echo "${fer[$k]} / ${one[$k]}" | bc -l; done |
 printf 'ratio per round, sorted: %s (median %.2f; %d of %d at most 0.75)\n' \
   "$(printf '%.2f ' $pairs | sed 's/ $//')" "$(echo "$pairs" | median)" \
   "$(echo "$pairs" | awk '$1 <= 0.75' | wc -l)" "$RUNS"
+# How sure that is: a one-sided sign test of "the median round is above 0.75"
+# (the chance of this many rounds at or under 0.75 if it were), and the
+# distribution-free ~95% interval of the median round (order statistics).
+python3 - "$RUNS" $pairs <<'PY'
+import math, sys
+n, r = int(sys.argv[1]), sorted(float(x) for x in sys.argv[2:])
+k = sum(x <= 0.75 for x in r)
+p = sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n
+lo, c = 0, 0.0
+while c + math.comb(n, lo) / 2**n <= 0.025:
+    c += math.comb(n, lo) / 2**n
+    lo += 1
+if lo == 0:
+    print(f"sign test: p = {p:.3f} ({k} of {n} rounds at most 0.75); too few rounds for an interval")
+else:
+    print(f"sign test: p = {p:.3f} ({k} of {n} rounds at most 0.75); "
+          f"median round in [{r[lo - 1]:.2f}, {r[n - lo]:.2f}] with {1 - 2 * c:.0%} confidence")
+PY
 # Where ferry's time goes: one more sync, stage by stage.
 settle; o1=($(cpu_secs oneliner))
 settle; c=($(cpu_secs "$sender" --config "$work/sender.toml" complete --no-push))
