@@ -9,7 +9,8 @@
 #     on the same data (pgbench scale $SCALE plus $EVENTS jsonb rows), refreshing
 #     a copy that is already there, as a ratio.
 # Usage: bash tests/bench/sync.sh   (SCALE=50 EVENTS=2000000 RUNS=3 MB=400;
-#        ONLY=upload or ONLY=sync runs one part)
+#        ONLY=upload or ONLY=sync runs one part). To decide the 0.75 sync target
+#        on a shared VM, run RUNS=31 ONLY=sync (~30 min) and read `sign test:`.
 set -euo pipefail
 [ -n "${BENCH_TRACE:-}" ] && set -x
 cd "$(dirname "$0")/../.."
