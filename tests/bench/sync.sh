@@ -227,18 +227,17 @@ printf 'ratio ferry/one-liner: %.2f (both commands done), %.2f (new copy visible
 echo "runs: one-liner ${one[*]}; ferry ${fer[*]}; visible ${vis[*]}; one after the other ${aft[*]}"
 # Each round's ferry run against the one-liner run just before it: on a shared
 # 2-core VM the spread of these is wider than the target's margin (seen:
-# 0.58-0.94 over 15 rounds), so print it beside the ratio of medians.
-pairs=$(for k in "${!one[@]}"; do echo "${fer[$k]} / ${one[$k]}" | bc -l; done | sort -n)
-printf 'ratio per round, sorted: %s (median %.2f; %d of %d at most 0.75)\n' \
-  "$(printf '%.2f ' $pairs | sed 's/ $//')" "$(echo "$pairs" | median)" \
-  "$(echo "$pairs" | awk '$1 <= 0.75' | wc -l)" "$RUNS"
-# How sure that is: a one-sided sign test of "the median round is above 0.75"
-# (the chance of this many rounds at or under 0.75 if it were), and the
+# 0.58-0.94 over 15 rounds), so print it beside the ratio of medians. Then how
+# sure that is: a one-sided sign test of "the median round is above 0.75" (the
+# chance of this many rounds at or under 0.75 if it were), and the
 # distribution-free ~95% interval of the median round (order statistics).
-python3 - "$RUNS" $pairs <<'PY'
+pairs=$(for k in "${!one[@]}"; do echo "${fer[$k]} / ${one[$k]}" | bc -l; done)
+python3 - $pairs <<'PY'
 import math, sys
-n, r = int(sys.argv[1]), sorted(float(x) for x in sys.argv[2:])
-k = sum(x <= 0.75 for x in r)
+r = sorted(float(x) for x in sys.argv[1:])
+n, k = len(r), sum(x <= 0.75 for x in r)
+print(f"ratio per round, sorted: {' '.join(f'{x:.2f}' for x in r)} "
+      f"(median {r[(n + 1) // 2 - 1]:.2f}; {k} of {n} at most 0.75)")
 p = sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n
 lo, c = 0, 0.0
 while c + math.comb(n, lo) / 2**n <= 0.025:
