@@ -318,6 +318,13 @@ fn manifest_entry(manifest: &Manifest) -> io::Result<Vec<u8>> {
     let mut entry = tar_header("manifest.json", size, mtime)?;
     entry.extend_from_slice(&json);
     entry.extend_from_slice(padding(size));
+    if manifest.format >= 3 {
+        let sum = format!("{}\n", blake3::hash(&json).to_hex());
+        let size = sum.len() as u64;
+        entry.extend_from_slice(&tar_header(crate::manifest::MANIFEST_SUM, size, mtime)?);
+        entry.extend_from_slice(sum.as_bytes());
+        entry.extend_from_slice(padding(size));
+    }
     Ok(entry)
 }
 
@@ -588,7 +595,10 @@ mod tests {
                 .lines()
                 .map(str::to_owned)
                 .collect();
-            let mut want = vec!["manifest.json".to_owned()];
+            let mut want = vec![
+                "manifest.json".to_owned(),
+                crate::manifest::MANIFEST_SUM.to_owned(),
+            ];
             want.extend(expected.iter().map(|(p, _)| p.clone()));
             assert_eq!(names, want);
         }
@@ -666,6 +676,38 @@ mod tests {
         let newer = write("new.tar.zst", 99, checksum::of(Algorithm::Blake3, &data));
         let e = read_bundle(&newer, &Limits::default(), |_, _| Ok(())).unwrap_err();
         assert!(e.to_string().contains("upgrade ferry"), "{e}");
+    }
+
+    /// Format 3: a manifest changed after it was written (its checksum member
+    /// no longer matches) is refused, and so is a data member of a table the
+    /// manifest does not list (a loader would skip it and record the bundle).
+    #[test]
+    fn a_damaged_or_inconsistent_manifest_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = BundleWriter::create(&dir.path().join(".body"), Compression::default()).unwrap();
+        let m = manifest(w.members().to_vec());
+        let out = dir.path().join("b.tar.zst");
+        w.finish(&m, &out).unwrap();
+        read_manifest(&out, &Limits::default()).unwrap();
+        // Flip a byte inside manifest.json (same length, so the tar stays valid).
+        let raw = zstd::decode_all(std::fs::File::open(&out).unwrap()).unwrap();
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        assert!(text.contains("\"sender_id\": \"t\""), "{text}");
+        let damaged = text.replacen("\"sender_id\": \"t\"", "\"sender_id\": \"u\"", 1);
+        std::fs::write(&out, zstd::encode_all(damaged.as_bytes(), 3).unwrap()).unwrap();
+        let e = read_manifest(&out, &Limits::default()).unwrap_err();
+        assert!(e.to_string().contains("cannot be trusted"), "{e}");
+
+        let w = BundleWriter::create(&dir.path().join(".body"), Compression::default()).unwrap();
+        let mut m = manifest(w.members().to_vec());
+        let mut data = member("data/public.t.jsonl");
+        data.role = Role::Data;
+        data.table = Some(crate::TableName::new(Some("p}blic"), "t"));
+        m.members.push(data);
+        let out = dir.path().join("c.tar.zst");
+        w.finish(&m, &out).unwrap();
+        let e = read_manifest(&out, &Limits::default()).unwrap_err();
+        assert!(e.to_string().contains("does not name"), "{e}");
     }
 
     /// Writes a volume set of complete #1 in `dir`: `volumes` volumes of one

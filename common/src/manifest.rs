@@ -12,8 +12,15 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 /// The bundle format version this code writes: 2 gives members BLAKE3
-/// checksums. A reader of format 1 refuses it with "upgrade ferry".
-pub const FORMAT: u32 = 2;
+/// checksums; 3 follows `manifest.json` with [`MANIFEST_SUM`], the BLAKE3 of
+/// the manifest itself. An older reader refuses a newer format with "upgrade
+/// ferry".
+pub const FORMAT: u32 = 3;
+
+/// The member right after `manifest.json` (format 3 on): the BLAKE3 of
+/// `manifest.json`'s bytes, as hex and a newline, so that a damaged manifest
+/// (which lists every other checksum) cannot pass.
+pub const MANIFEST_SUM: &str = "manifest.json.blake3";
 
 /// The oldest format this code still reads (1: SHA-256 member checksums).
 pub const OLDEST_FORMAT: u32 = 1;
@@ -258,6 +265,15 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// What identifies this bundle beyond its seq: the BLAKE3 of the manifest
+    /// as serialized here (it lists every member's checksum, so two bundles with
+    /// the same seq and other rows differ). The receiver's ledger records it and
+    /// refuses a same-seq bundle with another identity instead of skipping it.
+    pub fn identity(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        blake3::hash(&json).to_hex().to_string()
+    }
+
     /// Per table (in manifest order): rows and compressed-before bytes of its
     /// data members, for one log event per table.
     pub fn table_totals(&self) -> Vec<(String, u64, u64)> {

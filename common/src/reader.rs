@@ -10,7 +10,7 @@
 
 use crate::bundle::HashingReader;
 use crate::checksum::Algorithm;
-use crate::manifest::{FORMAT, Manifest, Member, OLDEST_FORMAT};
+use crate::manifest::{FORMAT, MANIFEST_SUM, Manifest, Member, OLDEST_FORMAT, Role};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader, Read};
@@ -66,16 +66,40 @@ pub enum ReadError {
         declared: u64,
         limit: u64,
     },
+    /// The consumer of the members (a loader) stopped taking them: its own
+    /// error explains why; nothing is wrong with the bundle as far as it was read.
+    #[error("{}: the loader stopped taking members", bundle.display())]
+    Stopped { bundle: PathBuf },
     /// A volume set that has not (yet) arrived whole and consistent: nothing is
     /// wrong with what is there, so it is not quarantined.
     #[error("{}: {reason}; nothing of it was applied, and it is tried again when more of it arrives", bundle.display())]
     Incomplete { bundle: PathBuf, reason: String },
 }
 
+/// The error a member consumer returns (inside an `io::Error`) when it stopped
+/// taking members; the reader reports it as [`ReadError::Stopped`].
+#[derive(Debug, thiserror::Error)]
+#[error("the loader stopped")]
+pub struct ConsumerStopped;
+
+impl ConsumerStopped {
+    /// `ConsumerStopped` as the `io::Error` a consumer returns.
+    pub fn io() -> io::Error {
+        io::Error::other(ConsumerStopped)
+    }
+
+    fn is(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|i| i.is::<ConsumerStopped>())
+    }
+}
+
 impl ReadError {
     /// Whether the same files may verify later (a volume set still arriving).
     pub fn is_transient(&self) -> bool {
-        matches!(self, ReadError::Incomplete { .. })
+        matches!(
+            self,
+            ReadError::Incomplete { .. } | ReadError::Stopped { .. }
+        )
     }
 
     fn incomplete(bundle: &Path, reason: impl Into<String>) -> Self {
@@ -164,6 +188,10 @@ fn first_manifest<R: Read>(
             ),
         ));
     }
+    if manifest.format >= 3 {
+        check_manifest_sum(bundle, entries, &json)?;
+    }
+    check_members_consistent(bundle, &manifest)?;
     let total: u64 = manifest.members.iter().map(|m| m.size).sum();
     if total > limits.max_bytes {
         return Err(ReadError::TooLarge {
@@ -181,6 +209,89 @@ fn first_manifest<R: Read>(
         }
     }
     Ok(manifest)
+}
+
+/// Format 3 on: the member after `manifest.json` holds its BLAKE3.
+fn check_manifest_sum<R: Read>(
+    bundle: &Path,
+    entries: &mut tar::Entries<'_, R>,
+    json: &[u8],
+) -> Result<(), ReadError> {
+    let damaged = |why: String| {
+        ReadError::malformed(
+            bundle,
+            format!(
+                "{why}: the manifest cannot be trusted; the sender must send this bundle again"
+            ),
+        )
+    };
+    let mut entry = match entries.next() {
+        Some(Ok(e)) => e,
+        Some(Err(e)) => return Err(damaged(format!("{MANIFEST_SUM} unreadable ({e})"))),
+        None => return Err(damaged(format!("{MANIFEST_SUM} is missing"))),
+    };
+    if entry.path_bytes().as_ref() != MANIFEST_SUM.as_bytes()
+        || entry.header().entry_type() != tar::EntryType::Regular
+        || entry.size() > 256
+    {
+        return Err(damaged(format!(
+            "the second member is {:?}, not the regular file {MANIFEST_SUM}",
+            String::from_utf8_lossy(&entry.path_bytes())
+        )));
+    }
+    let mut text = String::new();
+    entry
+        .read_to_string(&mut text)
+        .map_err(|e| damaged(format!("{MANIFEST_SUM} unreadable ({e})")))?;
+    let actual = blake3::hash(json).to_hex();
+    if text.trim() != actual.as_str() {
+        return Err(damaged(format!(
+            "manifest.json has BLAKE3 {actual}, {MANIFEST_SUM} says {:.64}",
+            text.trim()
+        )));
+    }
+    Ok(())
+}
+
+/// What the manifest says must hang together before anything is read by it:
+/// every data member names a table the manifest lists (a loader that looked
+/// members up by table would otherwise skip the rest and record the bundle as
+/// applied), and every listed table appears once.
+fn check_members_consistent(bundle: &Path, manifest: &Manifest) -> Result<(), ReadError> {
+    let mut tables = std::collections::HashSet::new();
+    for t in &manifest.tables {
+        if !tables.insert(&t.name) {
+            return Err(ReadError::malformed(
+                bundle,
+                format!("the manifest lists table {} twice", t.name),
+            ));
+        }
+    }
+    for m in &manifest.members {
+        if m.role != Role::Data {
+            continue;
+        }
+        match &m.table {
+            Some(t) if tables.contains(t) => {}
+            Some(t) => {
+                return Err(ReadError::malformed(
+                    bundle,
+                    format!(
+                        "data member {} is of table {t}, which the manifest's table list does not name; \
+                         nothing of this bundle can be applied",
+                        m.path
+                    ),
+                ));
+            }
+            None => {
+                return Err(ReadError::malformed(
+                    bundle,
+                    format!("data member {} names no table", m.path),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads and verifies a whole bundle, handing each member to `on_member` with a
@@ -290,8 +401,15 @@ fn read_members<R: Read>(
             ));
         }
         let mut hashing = HashingReader::new(entry, member.checksum.algorithm());
-        on_member(member, &mut hashing)
-            .map_err(|e| ReadError::malformed(bundle, format!("member {path} unreadable: {e}")))?;
+        on_member(member, &mut hashing).map_err(|e| {
+            if ConsumerStopped::is(&e) {
+                ReadError::Stopped {
+                    bundle: bundle.to_owned(),
+                }
+            } else {
+                ReadError::malformed(bundle, format!("member {path} unreadable: {e}"))
+            }
+        })?;
         io::copy(&mut hashing, &mut io::sink())
             .map_err(|e| ReadError::malformed(bundle, format!("member {path} unreadable: {e}")))?;
         let actual = hashing.checksum();
@@ -380,7 +498,9 @@ pub fn read_set(
                 break; // decide again with the final file's list
             }
             if (arrival.cancelled)() {
-                return Err(ReadError::incomplete(last, "the loader stopped"));
+                return Err(ReadError::Stopped {
+                    bundle: last.to_owned(),
+                });
             }
             if started.elapsed() >= arrival.wait {
                 return Err(ReadError::incomplete(
@@ -505,9 +625,17 @@ fn read_final(
             "a volume holds a member the final file does not list",
         ));
     }
-    on_final(&m).map_err(|e| ReadError::Io {
-        bundle: last.to_owned(),
-        source: e,
+    on_final(&m).map_err(|e| {
+        if ConsumerStopped::is(&e) {
+            ReadError::Stopped {
+                bundle: last.to_owned(),
+            }
+        } else {
+            ReadError::Io {
+                bundle: last.to_owned(),
+                source: e,
+            }
+        }
     })?;
     let mut f = |x: &Member, r: &mut dyn Read| on_member(x, r);
     let (again, _) = read_bundle_file(last, limits, &mut f)?;

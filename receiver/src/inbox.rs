@@ -41,7 +41,9 @@ impl Entry {
     pub fn remove(&self) -> std::io::Result<()> {
         let mut first = Ok(());
         for f in self.files() {
+            // Already gone (another pass, or a second receiver, removed it): done.
             if let Err(e) = std::fs::remove_file(&f)
+                && e.kind() != std::io::ErrorKind::NotFound
                 && first.is_ok()
             {
                 first = Err(e);

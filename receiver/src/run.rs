@@ -146,9 +146,20 @@ pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassEr
     );
     for step in steps {
         match step {
-            Step::Duplicate(e) => {
-                tracing::debug!(bundle = %e.file, "already applied; left for pruning")
-            }
+            Step::Duplicate(e) => match reused_seq(target, &e).await? {
+                None => tracing::debug!(bundle = %e.file, "already applied; left for pruning"),
+                Some(reason) => {
+                    // Never skipped: its rows were never applied.
+                    tracing::error!(bundle = %e.file, seq = e.seq, error = %reason, "bundle refused; quarantined");
+                    if let Err(io) = quarantine::quarantine(&config.quarantine_dir(), &e, &reason) {
+                        tracing::error!(bundle = %e.file, error = %io, "could not move the bundle to quarantine; it stays in the inbox");
+                    }
+                    report.failed.push(Held {
+                        file: e.file,
+                        reason,
+                    });
+                }
+            },
             Step::Superseded(e) => superseded.push(e),
             Step::Hold(e, reason) => {
                 tracing::warn!(bundle = %e.file, seq = e.seq, %reason, "bundle held");
@@ -208,6 +219,35 @@ pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassEr
     bar.finish_and_clear();
     drop_superseded(target, superseded, &mut report).await?;
     Ok(report)
+}
+
+/// A bundle at or below the ledger is a re-delivery only if it is the bundle
+/// that was applied: one with the same seq and another identity (a sender that
+/// issued the seq again with other rows) is refused with the reason, never
+/// skipped. Unreadable manifests and ledger rows from before identities were
+/// recorded count as re-deliveries.
+async fn reused_seq(target: &mut Target, e: &Entry) -> Result<Option<String>, PassError> {
+    if e.arriving.is_some() {
+        return Ok(None);
+    }
+    let Ok(m) = read_manifest(&e.path, &Limits::default()) else {
+        return Ok(None);
+    };
+    let Some(applied) = target.applied_identity(&e.sender, e.seq).await? else {
+        return Ok(None);
+    };
+    if applied == m.identity() {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "bundle #{} of sender {} was already applied with other content (manifest {applied:.16}…, \
+         this one {:.16}…): the sender issued seq {} twice, so the rows of this one were never \
+         applied. Run `ferry-sender resync` on the sender to re-base the copy with a complete",
+        e.seq,
+        e.sender,
+        m.identity(),
+        e.seq
+    )))
 }
 
 /// Removes pending bundles that a newer complete, now applied, superseded: they
@@ -360,16 +400,12 @@ async fn streamed_complete(
     // A bundle that failed verification for its own reasons (corrupted,
     // truncated) is reported as such, whatever the database made of the data
     // that streamed before the failure showed.
-    let read_failed_alone =
-        matches!(&verified, Err(e) if !e.to_string().contains(verify::LOADER_STOPPED));
+    let read_failed_alone = matches!(&verified, Err(e) if !matches!(e, ferry_common::reader::ReadError::Stopped { .. }));
     let loaded: Result<(u64, u64, Manifest), ApplyError> = match (begun, verified) {
         (_, Err(read)) if read_failed_alone => Err(read.into()),
-        // The database's own failure explains more than "the loader stopped".
-        (Err(err @ (LoadError::Db { .. } | LoadError::Connect { .. } | LoadError::Io(_))), _) => {
-            Err(err.into())
-        }
-        (_, Err(read)) => Err(read.into()),
-        (Err(err), Ok(_)) => Err(err.into()),
+        // The loader's own failure explains more than "the loader stopped".
+        (Err(err), _) => Err(err.into()),
+        (Ok(_), Err(read)) => Err(read.into()),
         (Ok((tx, rows, media)), Ok(all)) => {
             check_name(e, &all)?;
             let media_files =

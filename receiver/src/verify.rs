@@ -83,10 +83,6 @@ pub fn stage(
     }
 }
 
-/// How [`stream`] fails when the loader stopped taking pieces (the loader's own
-/// error explains more).
-pub const LOADER_STOPPED: &str = "the loader stopped";
-
 /// A piece of a bundle streamed to a loader while it is being verified.
 pub enum Piece {
     /// A data member starts: COPY it.
@@ -121,7 +117,7 @@ pub fn stream(
         max_bytes,
         ..Limits::default()
     };
-    let gone = || io::Error::other(LOADER_STOPPED);
+    let gone = ferry_common::reader::ConsumerStopped::io;
     let mut pre_seen = false;
     let mut n = 0u64;
     let arrival = Arrival {

@@ -111,6 +111,8 @@ pub async fn resync(config: &Config, wait: std::time::Duration) -> Result<Resync
                     tracing::info!(bundle = %b.file, seq = b.seq, resync_seq = seq, "dropped a queued bundle the resync supersedes");
                     dropped.push(b.file);
                 }
+                // A push moved it to sent/ meanwhile: nothing to drop.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
                     tracing::warn!(bundle = %b.file, error = %e, "could not drop a superseded bundle; the receiver will skip it")
                 }
@@ -132,7 +134,13 @@ async fn run_locked(
     outbox::prepare(&config.state_dir)?;
     let mut state = State::open(&config.state_dir).await?;
     let outbox_dir = config.outbox();
-    outbox::recover(&mut state, &outbox_dir, &config.sender_id).await?;
+    outbox::recover(
+        &mut state,
+        &outbox_dir,
+        &config.sent_dir(),
+        &config.sender_id,
+    )
+    .await?;
 
     let mut source = Source::connect(config).await?;
     let tables = source.tables(config).await?;

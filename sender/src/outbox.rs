@@ -107,16 +107,31 @@ pub fn list(outbox: &Path, sender_id: &str) -> Result<Vec<Pending>, OutboxError>
 }
 
 /// Adopts bundles that reached the outbox but not the state (a crash between the
-/// rename and the state commit): their manifests carry the watermarks.
+/// rename and the state commit): their manifests carry the watermarks. `sent/`
+/// is read too: a bundle delivered before it was recorded (possible before pushes
+/// waited for the state) must not have its seq issued again with other rows.
 /// Then removes the volumes of an attempt that never finished (see `crate::bundle`):
 /// its seq is taken again, by a new set.
-pub async fn recover(state: &mut State, outbox: &Path, sender_id: &str) -> Result<(), OutboxError> {
-    let last = state.last(None).await?.map_or(0, |b| b.seq);
-    for p in list(outbox, sender_id)? {
-        if p.seq <= last || p.volume.is_some() {
+pub async fn recover(
+    state: &mut State,
+    outbox: &Path,
+    sent: &Path,
+    sender_id: &str,
+) -> Result<(), OutboxError> {
+    let mut found: Vec<(PathBuf, Pending)> = Vec::new();
+    for dir in [outbox, sent] {
+        for p in list(dir, sender_id)? {
+            if p.volume.is_none() {
+                found.push((dir.join(&p.file), p));
+            }
+        }
+    }
+    found.sort_by_key(|(_, p)| p.seq);
+    for (path, p) in found {
+        let last = state.last(None).await?.map_or(0, |b| b.seq);
+        if p.seq <= last {
             continue;
         }
-        let path = outbox.join(&p.file);
         let manifest =
             read_manifest(&path, &Limits::default()).map_err(|source| OutboxError::Unreadable {
                 path: path.clone(),

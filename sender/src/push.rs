@@ -558,7 +558,8 @@ pub async fn push_pending(config: &Config, p: &PushConfig) -> Result<PushOutcome
     state
         .record_push(result.as_ref().err().map(|e| e.to_string()))
         .await?;
-    prune_sent(config)?;
+    let recorded = state.last(None).await?.map_or(0, |b| b.seq);
+    prune_sent(config, recorded)?;
     result.map(|()| outcome)
 }
 
@@ -568,7 +569,18 @@ async fn push_round(
     p: &PushConfig,
     outcome: &mut PushOutcome,
 ) -> Result<(), PushError> {
-    let pending: Vec<Pending> = outbox::list(&config.outbox(), &config.sender_id)?;
+    let mut pending: Vec<Pending> = outbox::list(&config.outbox(), &config.sender_id)?;
+    // Only what the state has recorded: a job renames a bundle into the outbox
+    // a moment before it records it, and a bundle delivered but never recorded
+    // could have its seq issued again with other rows. Volumes of a complete
+    // still being written go out (the receiver commits nothing before the
+    // set's final file, which is only pushed once recorded).
+    let recorded = State::open(&config.state_dir)
+        .await?
+        .last(None)
+        .await?
+        .map_or(0, |b| b.seq);
+    pending.retain(|b| b.volume.is_some() || b.seq <= recorded);
     if pending.is_empty() {
         return Ok(());
     }
@@ -682,16 +694,38 @@ fn backoff(attempt: u32, max: Duration) -> Duration {
 }
 
 /// Keeps in `sent/` the newest complete and everything after it (enough to
-/// rebuild a receiver by hand); older delivered bundles are removed.
-fn prune_sent(config: &Config) -> Result<(), PushError> {
+/// rebuild a receiver by hand); older delivered bundles are removed. Only a
+/// complete's final file counts as a complete: the volumes of an attempt that
+/// was killed (no final file anywhere, their seq recorded as something else or
+/// not at all) are orphans and removed, never mistaken for the newest complete.
+fn prune_sent(config: &Config, recorded: u64) -> Result<(), PushError> {
     let sent = outbox::list(&config.sent_dir(), &config.sender_id)?;
-    let Some(newest) = sent.iter().rev().find(|b| b.kind == "complete") else {
-        return Ok(());
+    let queued = outbox::list(&config.outbox(), &config.sender_id)?;
+    let finals: std::collections::HashSet<(u64, &str)> = sent
+        .iter()
+        .chain(&queued)
+        .filter(|b| b.volume.is_none())
+        .map(|b| (b.seq, b.kind.as_str()))
+        .collect();
+    let orphan = |b: &Pending| {
+        b.volume.is_some() && b.seq <= recorded && !finals.contains(&(b.seq, b.kind.as_str()))
     };
-    for b in sent.iter().filter(|b| b.seq < newest.seq) {
+    let newest = sent
+        .iter()
+        .rev()
+        .find(|b| b.kind == "complete" && b.volume.is_none())
+        .map(|b| b.seq);
+    for b in sent
+        .iter()
+        .filter(|b| orphan(b) || newest.is_some_and(|n| b.seq < n))
+    {
         let path = config.sent_dir().join(&b.file);
-        if let Err(e) = std::fs::remove_file(&path) {
-            tracing::warn!(file = %path.display(), error = %e, "could not remove a delivered bundle");
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "could not remove a delivered bundle")
+            }
         }
     }
     Ok(())

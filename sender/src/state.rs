@@ -63,7 +63,14 @@ CREATE TABLE IF NOT EXISTS bundles (
   duration_ms INTEGER NOT NULL,
   schema_fingerprint TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS watermarks (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS sent_lines (hash BLOB PRIMARY KEY);
+-- The change-line fingerprints of the newest bundle (see extract::stage::Dedup),
+-- 32 bytes each, concatenated in one row. `sent_lines` held unqualified line
+-- hashes (without the table) that could drop a delete of an equal key in another
+-- table: never trust them.
+DROP TABLE IF EXISTS sent_lines;
+CREATE TABLE IF NOT EXISTS sent_line_set (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  hashes BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS media_index (
   set_name TEXT NOT NULL,
   path TEXT NOT NULL,
@@ -75,7 +82,7 @@ CREATE TABLE IF NOT EXISTS push_status (
   last_attempt_at TEXT NOT NULL,
   last_ok_at TEXT,
   last_error TEXT);
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;
 ";
 
 impl State {
@@ -203,11 +210,15 @@ impl State {
     pub async fn sent_lines(
         &mut self,
     ) -> Result<std::collections::HashSet<crate::extract::stage::LineHash>, StateError> {
-        let rows: Vec<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM sent_lines")
-            .fetch_all(&mut self.conn)
+        let blob: Option<Vec<u8>> = sqlx::query_scalar("SELECT hashes FROM sent_line_set")
+            .fetch_optional(&mut self.conn)
             .await
             .map_err(self.err("reading sent lines"))?;
-        Ok(rows.into_iter().filter_map(|h| h.try_into().ok()).collect())
+        Ok(blob
+            .unwrap_or_default()
+            .chunks_exact(32)
+            .filter_map(|h| h.try_into().ok())
+            .collect())
     }
 
     /// Records a durable bundle: its row, the watermarks after it, its media and
@@ -258,17 +269,11 @@ impl State {
                 .await
                 .map_err(err("resetting watermarks"))?;
         }
-        sqlx::raw_sql("DELETE FROM sent_lines")
+        sqlx::query("INSERT OR REPLACE INTO sent_line_set (id, hashes) VALUES (1, ?)")
+            .bind(sent_lines.concat())
             .execute(&mut *tx)
             .await
-            .map_err(err("resetting sent lines"))?;
-        for h in sent_lines {
-            sqlx::query("INSERT OR IGNORE INTO sent_lines (hash) VALUES (?)")
-                .bind(&h[..])
-                .execute(&mut *tx)
-                .await
-                .map_err(err("storing sent lines"))?;
-        }
+            .map_err(err("storing sent lines"))?;
         for (key, value) in &manifest.watermarks {
             sqlx::query("INSERT OR REPLACE INTO watermarks (key, value) VALUES (?, ?)")
                 .bind(key)

@@ -6,6 +6,12 @@
 //! Layout: `/run/ferry-tests/<id>/` (root-owned, 0755 all the way up, as
 //! sshd's chroot rule demands) holds the keys and config; `root/` is the chroot
 //! and `root/inbox` belongs to the SFTP user.
+//!
+//! Each server has an account of its own (`ferry-t<pid>-<n>`), created with a
+//! usable password field (`useradd` leaves it locked, `!`, and OpenSSH with
+//! `UsePAM no` then refuses even key logins) and removed when the server is
+//! dropped, so no run depends on what an earlier one left behind.
+//! `tests/clean-machine` removes the accounts of a run that was killed.
 
 use crate::pg::free_port;
 use std::path::{Path, PathBuf};
@@ -13,11 +19,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// The SFTP-only account the tests log in as.
-pub const SFTP_USER: &str = "ferry-sftp";
+/// The prefix of the SFTP-only accounts the tests create (one per server).
+pub const SFTP_USER_PREFIX: &str = "ferry-t";
 
 pub struct SshServer {
     pub dir: PathBuf,
+    /// The SFTP-only account the sender logs in as.
+    pub user: String,
     pub port: u16,
     child: Option<Child>,
     pub client_key: PathBuf,
@@ -44,21 +52,29 @@ fn user_ids(user: &str) -> Option<(u32, u32)> {
     Some((id("-u")?, id("-g")?))
 }
 
-/// The SFTP account's uid and gid, creating the account when missing.
-fn sftp_user() -> (u32, u32) {
-    if let Some(ids) = user_ids(SFTP_USER) {
-        return ids;
+/// Creates the SFTP account `user` (a system account without a home or a
+/// shell, its password field `*`: no password works, keys do); returns its uid
+/// and gid.
+fn create_sftp_user(user: &str) -> (u32, u32) {
+    if user_ids(user).is_some() {
+        remove_user(user); // a leftover of a killed run with the same pid
     }
-    let _ = Command::new("useradd")
+    run(Command::new("useradd")
         .args([
             "--system",
             "--no-create-home",
+            "--user-group",
             "--shell",
             "/usr/sbin/nologin",
         ])
-        .arg(SFTP_USER)
-        .status();
-    user_ids(SFTP_USER).unwrap_or_else(|| panic!("could not create the user {SFTP_USER}"))
+        .arg(user));
+    run(Command::new("usermod").args(["-p", "*"]).arg(user));
+    user_ids(user).unwrap_or_else(|| panic!("could not create the user {user}"))
+}
+
+fn remove_user(user: &str) {
+    let _ = Command::new("userdel").arg(user).output();
+    let _ = Command::new("groupdel").arg(user).output();
 }
 
 /// Every process below `pid` (from /proc).
@@ -115,13 +131,11 @@ impl SshServer {
             Path::new("/usr/sbin/sshd").exists(),
             "/usr/sbin/sshd is missing: apt-get install -y openssh-server (tests/run does)"
         );
-        let (uid, gid) = sftp_user();
         static N: AtomicU32 = AtomicU32::new(0);
-        let dir = PathBuf::from(format!(
-            "/run/ferry-tests/{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let user = format!("{SFTP_USER_PREFIX}{}-{n}", std::process::id());
+        let (uid, gid) = create_sftp_user(&user);
+        let dir = PathBuf::from(format!("/run/ferry-tests/{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("root/inbox")).expect("sshd test dir");
         std::fs::create_dir_all("/run/sshd").expect("/run/sshd");
@@ -143,6 +157,7 @@ impl SshServer {
         let mut s = Self {
             known_hosts: dir.join("known_hosts"),
             dir,
+            user,
             port: free_port(),
             child: None,
             client_key,
@@ -183,10 +198,11 @@ impl SshServer {
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile none\n\
              AuthorizedKeysFile {d}/authorized_keys\nUsePAM no\nStrictModes no\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
-             Subsystem sftp internal-sftp\nAllowUsers {SFTP_USER}\n\
-             Match User {SFTP_USER}\n  ChrootDirectory {d}/root\n  ForceCommand internal-sftp\n\
+             Subsystem sftp internal-sftp\nAllowUsers {user}\n\
+             Match User {user}\n  ChrootDirectory {d}/root\n  ForceCommand internal-sftp\n\
              \x20 AllowTcpForwarding no\n  X11Forwarding no\n",
-            port = self.port
+            port = self.port,
+            user = self.user
         );
         std::fs::write(self.dir.join("sshd_config"), config).expect("sshd_config");
         let log = std::fs::File::create(self.dir.join("sshd.log")).expect("sshd log");
@@ -247,9 +263,9 @@ impl SshServer {
     /// The sender's `[push]` section for this server.
     pub fn push_section(&self, remote_dir: &str, key: &Path, port: u16) -> String {
         format!(
-            "[push]\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"{SFTP_USER}\"\nkey_file = {:?}\n\
+            "[push]\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"{}\"\nkey_file = {:?}\n\
              known_hosts = {:?}\nremote_dir = {remote_dir:?}\nattempts = 1\nconnect_timeout = \"10s\"\n",
-            key, self.known_hosts
+            self.user, key, self.known_hosts
         )
     }
 }
@@ -258,5 +274,6 @@ impl Drop for SshServer {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+        remove_user(&self.user);
     }
 }

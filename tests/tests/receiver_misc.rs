@@ -164,28 +164,61 @@ async fn escaping_paths_and_links_are_refused_with_nothing_applied() {
     }
 }
 
-/// A bundle of a newer format than this receiver, or whose member carries no
-/// checksum: refused with a message that names the fix, quarantined, nothing
-/// applied. The format-1 bundles above (SHA-256 members) are read as before.
+/// A bundle of a newer format than this receiver, whose member carries no
+/// checksum, whose manifest lacks its own checksum (format 3), or whose data
+/// member names a table the manifest does not list (a bit flip turned
+/// `"public"` into `"p}blic"`): refused with a message that names the fix,
+/// quarantined, nothing applied. The format-1 bundles above (SHA-256 members)
+/// are read as before.
 #[tokio::test]
-async fn newer_formats_and_members_without_checksums_are_refused() {
+async fn newer_formats_damaged_manifests_and_unlisted_tables_are_refused() {
     use ferry_common::checksum::{Algorithm, of};
-    let data: &[u8] = b"x";
-    let member = serde_json::json!({"path": "media/images/a", "role": "media", "size": 1,
-        "blake3": of(Algorithm::Blake3, data).hex(), "media_set": "images", "mtime_ns": 0});
+    let data: &[u8] =
+        b"{\"op\":\"upsert\",\"row\":{\"id\":9,\"model\":\"x\",\"updated_at\":\"t\"}}\n";
+    let sum = of(Algorithm::Blake3, data).hex().to_owned();
+    let member = serde_json::json!({"path": "media/images/a", "role": "media", "size": data.len(),
+        "blake3": sum, "media_set": "images", "mtime_ns": 0});
     let mut bare = member.clone();
     bare.as_object_mut().unwrap().remove("blake3");
+    let flipped = serde_json::json!({"path": "data/phone.jsonl", "role": "data",
+        "size": data.len(), "blake3": sum, "table": {"schema": "p}blic", "name": "phone"},
+        "rows": 1, "format": "json-lines"});
+    let mut partial = manifest_json(2, &[flipped]);
+    partial["tables"] = serde_json::json!([{"name": {"schema": "public", "name": "phone"},
+        "columns": [], "primary_key": ["id"], "foreign_keys": []}]);
     let cases = [
-        ("format 3", manifest_json(3, &[member]), "upgrade ferry"),
-        ("no checksum", manifest_json(2, &[bare]), "no checksum"),
+        (
+            "format 4",
+            manifest_json(4, &[member.clone()]),
+            "media/images/a",
+            "upgrade ferry",
+        ),
+        (
+            "no checksum",
+            manifest_json(2, &[bare]),
+            "media/images/a",
+            "no checksum",
+        ),
+        (
+            "format 3 without manifest.json.blake3",
+            manifest_json(3, &[member]),
+            "media/images/a",
+            "cannot be trusted",
+        ),
+        (
+            "unlisted table",
+            partial,
+            "data/phone.jsonl",
+            "does not name",
+        ),
     ];
-    for (what, m, says) in cases {
+    for (what, m, entry, says) in cases {
         let l = Lite::new("").await;
         let entries: [(&[u8], tar::EntryType, &[u8]); 1] =
-            [(b"media/images/a", tar::EntryType::Regular, data)];
+            [(entry.as_bytes(), tar::EntryType::Regular, data)];
         let bundle = bundle_from(&l.p("inbox"), &m, &entries);
         let out = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
-        assert_eq!(out.status.code(), Some(1), "{what}");
+        assert_eq!(out.status.code(), Some(1), "{what}: {}", text(&out.stderr));
         let stdout = text(&out.stdout);
         assert!(stdout.contains(says), "{what}: {stdout}");
         assert!(!bundle.exists(), "{what}: the bundle must leave the inbox");
@@ -196,6 +229,48 @@ async fn newer_formats_and_members_without_checksums_are_refused() {
         );
         assert!(!l.p("media-dst").exists(), "{what}: nothing may be written");
     }
+}
+
+/// A sender that lost its state issues seq 2 again with other rows: the
+/// receiver, whose ledger holds the first #2, refuses the second one (and
+/// quarantines it with the reason) instead of skipping it as a re-delivery.
+#[tokio::test]
+async fn a_reused_seq_with_other_content_is_refused_not_skipped() {
+    let l = Lite::new("").await;
+    let load = || run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+    l.deliver(&l.send("complete"));
+    let mut app = sqlite(&l.p("app.sqlite3")).await;
+    sqlx::raw_sql(
+        "UPDATE phone SET model = 'first', updated_at = '2024-06-01 00:00:00' WHERE id = 1",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
+    let first = l.send("partial");
+    l.deliver(&first);
+    assert!(load().status.success());
+    // Re-delivering the same #2 is quiet.
+    l.deliver(&first);
+    let out = load();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The sender's state is lost: a new #1 and a #2 with other rows.
+    std::fs::rename(l.p("sstate"), l.p("sstate-lost")).unwrap();
+    l.send("complete");
+    sqlx::raw_sql(
+        "UPDATE phone SET model = 'second', updated_at = '2024-06-02 00:00:00' WHERE id = 2",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
+    let second = l.send("partial");
+    assert_eq!(first, second, "the same name, other content");
+    l.deliver(&second);
+    let out = load();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("issued seq 2 twice"), "{stdout}");
+    assert!(l.p("rstate/quarantine").join(&second).exists());
+    assert!(!l.p("inbox").join(&second).exists());
 }
 
 #[tokio::test]

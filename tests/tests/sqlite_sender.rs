@@ -128,3 +128,59 @@ path = {:?}
     let out = job::run(&config, Kind::Partial).await.expect("partial");
     assert_eq!(out.seq, None);
 }
+
+/// Column and table names that ferry's SQL uses as aliases, or that need
+/// quoting (a double quote, a space, reserved words), on the embedded engine.
+#[tokio::test]
+async fn sqlite_awkward_identifiers_survive_complete_partial_and_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.sqlite3");
+    let mut src = open(&db, true).await;
+    exec(
+        &mut src,
+        r#"PRAGMA journal_mode = WAL;
+        CREATE TABLE "x" ("t" INTEGER, "key" TEXT, "x" TEXT, "k" INTEGER, "d" TEXT,
+          "j" TEXT, "value" TEXT, "op" TEXT, "row" TEXT, "with ""quote""" TEXT,
+          "with space" TEXT, "select" TEXT, updated_at TEXT NOT NULL,
+          PRIMARY KEY ("t", "with ""quote"""));
+        WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 10)
+        INSERT INTO "x" SELECT i, 'k', 'x', 1, 'd', 'j', 'v', 'op', 'row', 'q' || i,
+          's p', 'sel', '2024-01-01T10:00:00' FROM n;"#,
+    )
+    .await;
+    let text = format!(
+        "sender_id = \"app\"\nstate_dir = {:?}\n[source]\nurl = \"sqlite://{}\"\n\
+         [partial]\nchange_column = \"updated_at\"\noverlap = \"0s\"\n",
+        dir.path().join("state"),
+        db.display(),
+    );
+    let config = Config::parse(&text, Path::new("t.toml")).unwrap();
+    let copy_path = dir.path().join("copy.sqlite3");
+    let copy_url = format!("sqlite://{}", copy_path.display());
+    let out = job::run(&config, Kind::Complete).await.expect("complete");
+    apply(&copy_url, out.file.as_deref().unwrap()).await;
+    let mut copy = open(&copy_path, true).await;
+    let same = |a: Vec<String>, b: Vec<String>| assert_eq!(a, b, "table x differs");
+    same(
+        sqlite_rows(&mut src, "x").await,
+        sqlite_rows(&mut copy, "x").await,
+    );
+
+    exec(
+        &mut src,
+        r#"UPDATE "x" SET "x" = 'changed', updated_at = '2024-06-01T00:00:00' WHERE "t" <= 3;
+           DELETE FROM "x" WHERE "t" IN (4, 5);
+           INSERT INTO "x" ("t", "with ""quote""", "row", updated_at)
+             VALUES (50, 'q50', 'r', '2024-06-01T00:00:00');"#,
+    )
+    .await;
+    let out = job::run(&config, Kind::Partial).await.expect("partial");
+    let (_, members) = bundle_contents(out.file.as_deref().unwrap());
+    let lines = String::from_utf8_lossy(&members["data/x.jsonl"]).into_owned();
+    assert_eq!(lines.matches("\"op\":\"delete\"").count(), 2, "{lines}");
+    apply(&copy_url, out.file.as_deref().unwrap()).await;
+    same(
+        sqlite_rows(&mut src, "x").await,
+        sqlite_rows(&mut copy, "x").await,
+    );
+}

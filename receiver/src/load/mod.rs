@@ -127,6 +127,19 @@ impl Target {
         }
     }
 
+    /// The identity ([`ferry_common::Manifest::identity`]) recorded with bundle
+    /// `seq` of `sender`; `None` when not applied or recorded before identities.
+    pub async fn applied_identity(
+        &mut self,
+        sender: &str,
+        seq: u64,
+    ) -> Result<Option<String>, LoadError> {
+        match self {
+            Target::Postgres(t) => t.applied_identity(sender, seq).await,
+            Target::Sqlite(t) => t.applied_identity(sender, seq).await,
+        }
+    }
+
     /// The newest applied bundles of every sender (for status).
     pub async fn history(&mut self) -> Result<Vec<Applied>, LoadError> {
         match self {

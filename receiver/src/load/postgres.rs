@@ -52,7 +52,15 @@ CREATE TABLE IF NOT EXISTS ferry_receiver.applied (
   file text NOT NULL,
   rows bigint NOT NULL,
   schema_fingerprint text NOT NULL,
-  PRIMARY KEY (sender_id, seq));";
+  PRIMARY KEY (sender_id, seq));
+DO $$ BEGIN
+  -- Added later: what identifies each applied bundle beyond its seq.
+  IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                 WHERE table_schema = 'ferry_receiver' AND table_name = 'applied'
+                   AND column_name = 'manifest_id') THEN
+    ALTER TABLE ferry_receiver.applied ADD COLUMN manifest_id text;
+  END IF;
+END $$;";
 
 impl PgTarget {
     pub async fn connect(url: &str) -> Result<Self, LoadError> {
@@ -79,6 +87,24 @@ impl PgTarget {
 
     pub async fn ledger(&mut self, sender: &str) -> Result<LedgerState, LoadError> {
         ledger(&mut self.conn, sender).await
+    }
+
+    /// The identity recorded with an applied bundle (`None`: not applied, or
+    /// applied before identities were recorded).
+    pub async fn applied_identity(
+        &mut self,
+        sender: &str,
+        seq: u64,
+    ) -> Result<Option<String>, LoadError> {
+        let id: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT manifest_id FROM ferry_receiver.applied WHERE sender_id = $1 AND seq = $2",
+        )
+        .bind(sender)
+        .bind(seq as i64)
+        .fetch_optional(&mut self.conn)
+        .await
+        .map_err(LoadError::db("reading the ledger"))?;
+        Ok(id.flatten())
     }
 
     pub async fn history(&mut self) -> Result<Vec<Applied>, LoadError> {
@@ -229,8 +255,9 @@ pub async fn finish(
 ) -> Result<(), LoadError> {
     sqlx::query(
         "INSERT INTO ferry_receiver.applied
-           (sender_id, seq, kind, base_seq, created_at, file, rows, schema_fingerprint)
-         VALUES ($1, $2, $3, $4, $5::timestamptz, $6, $7, $8)",
+           (sender_id, seq, kind, base_seq, created_at, file, rows, schema_fingerprint,
+            manifest_id)
+         VALUES ($1, $2, $3, $4, $5::timestamptz, $6, $7, $8, $9)",
     )
     .bind(&m.sender_id)
     .bind(m.seq.0 as i64)
@@ -240,6 +267,7 @@ pub async fn finish(
     .bind(file)
     .bind(rows as i64)
     .bind(&m.schema_fingerprint)
+    .bind(m.identity())
     .execute(&mut *tx)
     .await
     .map_err(LoadError::db("recording the bundle in the ledger"))?;

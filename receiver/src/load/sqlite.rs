@@ -55,11 +55,41 @@ impl SqliteTarget {
             .execute(&mut conn)
             .await
             .map_err(LoadError::db("creating the ledger"))?;
+        // Added later: what identifies each applied bundle beyond its seq.
+        let has_id: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pragma_table_info('ferry_applied') WHERE name = 'manifest_id'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .map_err(LoadError::db("reading the ledger's columns"))?;
+        if has_id == 0 {
+            sqlx::raw_sql("ALTER TABLE ferry_applied ADD COLUMN manifest_id TEXT")
+                .execute(&mut conn)
+                .await
+                .map_err(LoadError::db("adding manifest_id to the ledger"))?;
+        }
         Ok(Self { conn })
     }
 
     pub async fn ledger(&mut self, sender: &str) -> Result<LedgerState, LoadError> {
         ledger(&mut self.conn, sender).await
+    }
+
+    /// See [`crate::load::Target::applied_identity`].
+    pub async fn applied_identity(
+        &mut self,
+        sender: &str,
+        seq: u64,
+    ) -> Result<Option<String>, LoadError> {
+        let id: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT manifest_id FROM ferry_applied WHERE sender_id = ? AND seq = ?",
+        )
+        .bind(sender)
+        .bind(seq as i64)
+        .fetch_optional(&mut self.conn)
+        .await
+        .map_err(LoadError::db("reading the ledger"))?;
+        Ok(id.flatten())
     }
 
     pub async fn history(&mut self) -> Result<Vec<Applied>, LoadError> {
@@ -114,8 +144,9 @@ impl SqliteTarget {
         };
         sqlx::query(
             "INSERT INTO ferry_applied
-               (sender_id, seq, kind, base_seq, created_at, file, rows, schema_fingerprint)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+               (sender_id, seq, kind, base_seq, created_at, file, rows, schema_fingerprint,
+                manifest_id)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&m.sender_id)
         .bind(m.seq.0 as i64)
@@ -125,6 +156,7 @@ impl SqliteTarget {
         .bind(file)
         .bind(rows as i64)
         .bind(&m.schema_fingerprint)
+        .bind(m.identity())
         .execute(&mut *tx)
         .await
         .map_err(LoadError::db("recording the bundle in the ledger"))?;

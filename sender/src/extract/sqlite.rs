@@ -380,6 +380,9 @@ impl SqliteSource {
                 buf.extend_from_slice(b"{\"op\":\"delete\",\"key\":");
                 buf.extend_from_slice(key.as_bytes());
                 buf.extend_from_slice(b"}\n");
+                if buf.len() >= BATCH {
+                    sink.send(std::mem::take(&mut buf)).await?;
+                }
             }
         }
         if !buf.is_empty() {
@@ -511,10 +514,12 @@ impl SqliteSource {
                     .primary_key
                     .iter()
                     .map(|c| {
+                        // json_each, not a JSON path: a path cannot name a
+                        // column whose name holds a double quote.
                         format!(
-                            "t.{} = json_extract(d.key, {})",
+                            "t.{} = (SELECT j.value FROM json_each(d.key) j WHERE j.key = {})",
                             quote_ident(c),
-                            quote_literal(&format!("$.\"{c}\""))
+                            quote_literal(c)
                         )
                     })
                     .collect::<Vec<_>>()

@@ -25,34 +25,85 @@ pub struct Staged {
     pub checksum: Checksum,
 }
 
-/// A change line's fingerprint (SHA-256 of the line).
+/// A change line's fingerprint: SHA-256 of the table's name and the line.
 pub type LineHash = [u8; 32];
 
-/// Skips change lines identical to a line of the previous bundle.
+/// The most change lines a bundle records for [`Dedup`]. A bundle with more
+/// records none, so the next partial re-sends its overlap (harmless: upserts and
+/// deletes are idempotent) and the sender's memory stays bounded whatever the
+/// size of a partial.
+pub const DEDUP_MAX_LINES: usize = 100_000;
+
+/// Skips change lines identical to a line of the previous bundle *for the same
+/// table*.
 ///
 /// Why this is safe: the receiver applies bundles in order, so after the previous
 /// bundle it holds exactly the row state that bundle's line described. A line that
-/// is identical now describes the same state; the only bundle between the two
-/// snapshots is the previous one itself, so the receiver cannot have seen any other
-/// state of that row in between. Only the *immediately* previous bundle counts.
+/// is identical now, for the same table, describes the same state; the only bundle
+/// between the two snapshots is the previous one itself, so the receiver cannot
+/// have seen any other state of that row in between. Only the *immediately*
+/// previous bundle counts, and the table is part of the fingerprint: the delete of
+/// key `{"id":5}` in one table says nothing about key `{"id":5}` in another.
+/// A partial carries an upsert or a delete of a key, never both (deletes are only
+/// sent for keys absent from the snapshot), so skipping one never reorders the
+/// other.
+///
 /// Without this, the overlap that keeps watermarks safe would re-send the newest
 /// rows in every partial and an idle application would never have empty partials.
+/// Memory: at most [`DEDUP_MAX_LINES`] fingerprints of each bundle.
 #[derive(Default)]
 pub struct Dedup {
     previous: std::collections::HashSet<LineHash>,
     sent: std::sync::Mutex<Vec<LineHash>>,
+    /// Lines counted so far in this bundle; past the cap nothing is recorded.
+    counted: AtomicU64,
 }
 
 impl Dedup {
     pub fn new(previous: std::collections::HashSet<LineHash>) -> Self {
         Self {
             previous,
-            sent: Default::default(),
+            ..Default::default()
         }
     }
 
-    /// The fingerprints of every line sent by this bundle.
+    /// The fingerprint of `line` (with or without its newline) of `table`.
+    pub fn hash(table: &str, line: &[u8]) -> LineHash {
+        use sha2::Digest;
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let mut h = sha2::Sha256::new();
+        h.update(table.as_bytes());
+        h.update([0u8]);
+        h.update(line);
+        h.finalize().into()
+    }
+
+    /// Whether the previous bundle carried this line of this table.
+    pub fn seen(&self, hash: &LineHash) -> bool {
+        self.previous.contains(hash)
+    }
+
+    /// Records a line of this bundle; `false` once the bundle passed the cap
+    /// (the caller stops recording).
+    fn record(&self, hashes: &mut Vec<LineHash>) -> bool {
+        let n = hashes.len() as u64;
+        let before = self.counted.fetch_add(n, Ordering::Relaxed);
+        if before + n > DEDUP_MAX_LINES as u64 {
+            hashes.clear();
+            return false;
+        }
+        if let Ok(mut all) = self.sent.lock() {
+            all.append(hashes);
+        }
+        true
+    }
+
+    /// The fingerprints of every line sent by this bundle; empty when it carried
+    /// more than [`DEDUP_MAX_LINES`].
     pub fn take_sent(&self) -> Vec<LineHash> {
+        if self.counted.load(Ordering::Relaxed) > DEDUP_MAX_LINES as u64 {
+            return Vec::new();
+        }
         self.sent
             .lock()
             .map(|mut v| std::mem::take(&mut *v))
@@ -208,27 +259,36 @@ impl BlockingSink {
     /// Like [`spawn`](Self::spawn) for JSON change lines (batches of whole lines),
     /// skipping lines the [`Dedup`] says the previous bundle already carried.
     pub fn spawn_changes(mut writer: StageWriter, dedup: Option<std::sync::Arc<Dedup>>) -> Self {
-        use sha2::Digest;
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
+        let table = writer
+            .member
+            .table
+            .as_ref()
+            .map(|t| t.to_string())
+            .unwrap_or_default();
         let handle = tokio::task::spawn_blocking(move || {
-            let mut sent = Vec::new();
+            let mut recording = true;
+            let mut batch = Vec::new();
             while let Some(buf) = rx.blocking_recv() {
                 for line in buf.split_inclusive(|&b| b == b'\n') {
                     if let Some(d) = &dedup {
-                        let h: LineHash = sha2::Sha256::digest(line).into();
-                        sent.push(h);
-                        if d.previous.contains(&h) {
+                        let h = Dedup::hash(&table, line);
+                        let seen = d.seen(&h);
+                        if recording {
+                            batch.push(h);
+                        }
+                        if seen {
                             continue;
                         }
                     }
                     writer.write(line)?;
                     writer.add_rows(1);
                 }
-            }
-            if let Some(d) = &dedup
-                && let Ok(mut all) = d.sent.lock()
-            {
-                all.extend(sent);
+                if let Some(d) = &dedup
+                    && recording
+                {
+                    recording = d.record(&mut batch);
+                }
             }
             writer.finish(true)
         });

@@ -8,6 +8,16 @@ use ferry_common::ident::quote_literal;
 use sqlx::Connection;
 use std::time::Duration;
 
+/// The body of `ferry.capture_delete()`: one delete-log row with the key
+/// columns (the trigger's arguments after the table name) of the deleted row.
+const CAPTURE_BODY: &str = "
+BEGIN
+  INSERT INTO ferry.deleted_rows (table_name, key)
+  SELECT TG_ARGV[0], jsonb_object_agg(k, to_jsonb(OLD) -> k)
+  FROM unnest(TG_ARGV[1:TG_NARGS - 1]) AS k;
+  RETURN OLD;
+END ";
+
 impl PgSource {
     /// Installs the delete log and a trigger on every partial table with a primary
     /// key (only where missing), or removes all of it when `enabled` is false.
@@ -30,9 +40,23 @@ impl PgSource {
         .fetch_all(&mut self.conn)
         .await
         .map_err(err())?;
+        // The DDL runs only when something is missing or changed: even `CREATE
+        // INDEX IF NOT EXISTS` takes a lock on the delete log that waits behind
+        // any open application transaction that deleted a row, and every
+        // application DELETE would then queue behind that wait.
+        let installed: bool = sqlx::query_scalar(
+            "SELECT to_regclass('ferry.deleted_rows') IS NOT NULL
+                AND to_regclass('ferry.deleted_rows_deleted_at') IS NOT NULL
+                AND coalesce((SELECT p.prosrc = $1 FROM pg_proc p
+                              WHERE p.oid = to_regprocedure('ferry.capture_delete()')), false)",
+        )
+        .bind(CAPTURE_BODY)
+        .fetch_one(&mut self.conn)
+        .await
+        .map_err(err())?;
         let mut tx = self.conn.begin().await.map_err(err())?;
-        if enabled {
-            sqlx::raw_sql(
+        if enabled && !installed {
+            sqlx::raw_sql(q(format!(
                 "CREATE SCHEMA IF NOT EXISTS ferry;
                  CREATE TABLE IF NOT EXISTS ferry.deleted_rows (
                    id bigserial PRIMARY KEY,
@@ -42,14 +66,8 @@ impl PgSource {
                  CREATE INDEX IF NOT EXISTS deleted_rows_deleted_at
                    ON ferry.deleted_rows (deleted_at);
                  CREATE OR REPLACE FUNCTION ferry.capture_delete() RETURNS trigger
-                 LANGUAGE plpgsql AS $f$
-                 BEGIN
-                   INSERT INTO ferry.deleted_rows (table_name, key)
-                   SELECT TG_ARGV[0], jsonb_object_agg(k, to_jsonb(OLD) -> k)
-                   FROM unnest(TG_ARGV[1:TG_NARGS - 1]) AS k;
-                   RETURN OLD;
-                 END $f$;",
-            )
+                 LANGUAGE plpgsql AS $f${CAPTURE_BODY}$f$;"
+            )))
             .execute(&mut *tx)
             .await
             .map_err(err())?;

@@ -163,8 +163,11 @@ impl PgSource {
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
+            // `x.*` names the subquery's row even when the table has a column
+            // `x` (a bare `x` would be that column); every other reference is
+            // qualified, so no user identifier can capture one of ours.
             let sql = format!(
-                "SELECT '{{\"op\":\"upsert\",\"row\":' || row_to_json(x)::text || '}}'
+                "SELECT '{{\"op\":\"upsert\",\"row\":' || row_to_json(x.*)::text || '}}'
                  FROM (SELECT {select} FROM {name} t JOIN {k} k ON {on}) x",
                 name = t.info.name.quoted(),
                 k = keys(i),
