@@ -187,6 +187,28 @@ impl PgServer {
         );
     }
 
+    /// Crashes the server (`-m immediate`, as a power loss or an OOM kill
+    /// would) and starts it again on the same port.
+    pub fn restart(&self) {
+        let data = self.dir.join("data");
+        let log = self.dir.join("log");
+        self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                path_str(&data),
+                "-m",
+                "immediate",
+                "-l",
+                path_str(&log),
+                "-w",
+                "-t",
+                "60",
+                "restart",
+            ],
+        );
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

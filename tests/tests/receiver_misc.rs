@@ -189,7 +189,7 @@ async fn newer_formats_damaged_manifests_and_unlisted_tables_are_refused() {
     let cases = [
         (
             "format 4",
-            manifest_json(4, &[member.clone()]),
+            manifest_json(4, std::slice::from_ref(&member)),
             "media/images/a",
             "upgrade ferry",
         ),
