@@ -426,6 +426,13 @@ fn replace_member(bundle: &Path, member: &str, data: &[u8]) {
     m["size"] = data.len().into();
     m["blake3"] = of(Algorithm::Blake3, data).hex().into();
     entries[0].1 = serde_json::to_vec(&manifest).unwrap();
+    // The manifest's own checksum (format 3), as a sender would write it.
+    let sum = format!("{}\n", of(Algorithm::Blake3, &entries[0].1).hex());
+    entries
+        .iter_mut()
+        .find(|(p, _)| p == ferry_common::manifest::MANIFEST_SUM)
+        .unwrap()
+        .1 = sum.into_bytes();
     entries.iter_mut().find(|(p, _)| p == member).unwrap().1 = data.to_vec();
     write_bundle(bundle, &entries);
 }
