@@ -7,8 +7,10 @@
 //! - [`ident`]: table names, and quoting identifiers and literals for SQL;
 //! - [`durable`]: write-to-temporary, fsync, rename;
 //! - [`lock`]: one agent per state directory;
-//! - [`service`]: logging, systemd notification, stop signals, progress bars.
+//! - [`service`]: logging, systemd notification, stop signals, progress bars;
+//! - [`ack`]: what a receiver acknowledges to its senders through the inbox.
 
+pub mod ack;
 pub mod bundle;
 pub mod checksum;
 pub mod config;

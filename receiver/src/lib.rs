@@ -4,8 +4,10 @@
 //! A bundle's path through the receiver, by module: [`inbox`] → [`plan`] (order,
 //! exactly once) → [`verify`] → [`media`] → [`load`] (with the ledger, in one
 //! transaction) → [`hooks`] → [`prune`]; failures go to [`quarantine`]. [`run`]
-//! does one pass; [`daemon`] watches; [`report`] answers status, check, failures.
+//! does one pass and [`ack`] tells the senders what it holds; [`daemon`] watches;
+//! [`report`] answers status, check, failures.
 
+pub mod ack;
 pub mod config;
 pub mod daemon;
 pub mod hooks;

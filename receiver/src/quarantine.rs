@@ -59,6 +59,25 @@ pub fn list(dir: &Path) -> std::io::Result<Vec<Failure>> {
         .collect())
 }
 
+/// Removes quarantined copies of bundle `seq` of `sender` once another copy
+/// of it (sent again after it was found damaged) is applied: the failure is
+/// resolved and must not stay in `failures` and `status`.
+pub fn forget(dir: &Path, sender: &str, seq: u64) {
+    let Ok(entries) = inbox::scan(dir) else {
+        return;
+    };
+    for e in entries
+        .iter()
+        .filter(|e| e.sender == sender && e.seq == seq)
+    {
+        for f in e.files() {
+            let _ = std::fs::remove_file(&f);
+        }
+        let _ = std::fs::remove_file(report_path(&e.path));
+        tracing::info!(bundle = %e.file, seq, "a copy sent again was applied; the quarantined copy is removed");
+    }
+}
+
 /// Moves a quarantined bundle back to the inbox.
 pub fn retry(dir: &Path, inbox: &Path, file: &str) -> Result<PathBuf, String> {
     let name = Path::new(file)

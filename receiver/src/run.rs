@@ -135,6 +135,7 @@ pub async fn plan_all(config: &Config, target: &mut Target) -> Result<Vec<Step>,
 
 /// Applies every pending bundle that can be applied.
 pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassError> {
+    let scanned_at = chrono::Utc::now();
     let steps = plan_all(config, target).await?;
     let mut report = Report::default();
     let mut stopped: BTreeMap<String, String> = BTreeMap::new();
@@ -181,6 +182,7 @@ pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassEr
                 bar.inc(1);
                 match result {
                     Ok((applied, hook_failures)) => {
+                        quarantine::forget(&config.quarantine_dir(), &e.sender, e.seq);
                         report
                             .hook_failures
                             .extend(hook_failures.into_iter().map(|h| (e.file.clone(), h)));
@@ -218,6 +220,7 @@ pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassEr
     }
     bar.finish_and_clear();
     drop_superseded(target, superseded, &mut report).await?;
+    crate::ack::write_all(config, target, scanned_at).await?;
     Ok(report)
 }
 

@@ -17,7 +17,7 @@ use russh::keys::ssh_key::{self, HashAlg};
 use russh::server::{Auth, Msg, Server as _, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, MethodKind, MethodSet};
 use russh_sftp::protocol::{
-    Attrs, File, FileAttributes, Handle, Name, OpenFlags, Packet, Status, StatusCode, Version,
+    Attrs, Data, File, FileAttributes, Handle, Name, OpenFlags, Packet, Status, StatusCode, Version,
 };
 use russh_sftp::server::StatusReply;
 use serde::Deserialize;
@@ -399,6 +399,11 @@ impl Inbox {
             std::fs::hard_link(&pa, &pb).map_err(|e| io_reply(&e, to))?;
             std::fs::remove_file(&pa).map_err(|e| io_reply(&e, from))?;
         }
+        // The rename must survive a power cut before the sender is told it
+        // succeeded: the sender stops re-sending what it delivered.
+        if let Some(dir) = pb.parent() {
+            ferry_common::durable::sync_dir(dir).map_err(|e| io_reply(&e, to))?;
+        }
         tracing::info!(peer = %self.peer, file = %b, bytes = meta.len(), "received over SFTP");
         Ok(())
     }
@@ -455,6 +460,21 @@ impl russh_sftp::server::Handler for Inbox {
         _attrs: FileAttributes,
     ) -> Result<Handle, StatusReply> {
         let name = entry(&filename)?;
+        // The one thing a sender may read: the receiver's acknowledgement to it.
+        if name.starts_with(ferry_common::ack::ACK_PREFIX)
+            && pflags.contains(OpenFlags::READ)
+            && !pflags.contains(OpenFlags::WRITE)
+        {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(self.path(&name))
+                .map_err(|e| io_reply(&e, &filename))?;
+            self.next += 1;
+            let handle = format!("h{}", self.next);
+            self.handles.insert(handle.clone(), Open { file, name });
+            return Ok(Handle { id, handle });
+        }
         if pflags.contains(OpenFlags::READ) || !pflags.contains(OpenFlags::WRITE) {
             return Err(StatusCode::PermissionDenied.with_message(format!(
                 "{filename:?}: nothing can be read here; this endpoint accepts uploads only"
@@ -499,6 +519,29 @@ impl russh_sftp::server::Handler for Inbox {
             .write_all_at(&data, offset)
             .map_err(|e| io_reply(&e, &open.name))?;
         Ok(ok(id))
+    }
+
+    async fn read(
+        &mut self,
+        id: u32,
+        handle: String,
+        offset: u64,
+        len: u32,
+    ) -> Result<Data, StatusReply> {
+        let open = self
+            .handles
+            .get(&handle)
+            .ok_or_else(|| StatusCode::Failure.with_message("unknown handle"))?;
+        let mut data = vec![0u8; len.min(256 * 1024) as usize];
+        let n = open
+            .file
+            .read_at(&mut data, offset)
+            .map_err(|e| io_reply(&e, &open.name))?;
+        if n == 0 && len > 0 {
+            return Err(StatusCode::Eof.with_message("end of file"));
+        }
+        data.truncate(n);
+        Ok(Data { id, data })
     }
 
     async fn fstat(&mut self, id: u32, handle: String) -> Result<Attrs, StatusReply> {

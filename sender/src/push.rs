@@ -15,6 +15,7 @@
 use crate::config::{Config, PushConfig};
 use crate::outbox::{self, OutboxError, Pending};
 use crate::state::{State, StateError};
+use ferry_common::ack::{Ack, ack_file_name};
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey};
 use russh_sftp::client::{RawSftpSession, SftpSession};
 use russh_sftp::protocol::{Packet, StatusCode};
@@ -164,6 +165,8 @@ pub struct Link {
     posix_rename: bool,
     target: String,
     dir: String,
+    /// The server's mtime of the last upload, for [`mark_delivered`].
+    last_remote_mtime: Mutex<Option<u32>>,
 }
 
 /// `host` or `[host]:port`, as known_hosts writes it.
@@ -343,6 +346,7 @@ impl Link {
             posix_rename,
             target,
             dir: p.remote_dir.trim_end_matches('/').to_owned(),
+            last_remote_mtime: Mutex::new(None),
         };
         link.ensure_dir().await?;
         Ok(link)
@@ -464,12 +468,16 @@ impl Link {
         let synced = started.elapsed();
         dst.shutdown().await.map_err(|e| io_err("closing", e))?;
         self.rename(&tmp, &fin).await?;
-        let got = self
+        let meta = self
             .sftp
             .metadata(&fin)
             .await
-            .map_err(sftp_error(&self.target, format!("checking {fin}")))?
-            .size;
+            .map_err(sftp_error(&self.target, format!("checking {fin}")))?;
+        let got = meta.size;
+        self.last_remote_mtime
+            .lock()
+            .map(|mut m| *m = meta.mtime)
+            .ok();
         if got != Some(size) {
             return Err(PushError::Sftp {
                 target: self.target.clone(),
@@ -523,6 +531,40 @@ impl Link {
             .map_err(sftp_error(&self.target, doing))
     }
 
+    /// The receiver's acknowledgement to `sender` (see [`ferry_common::ack`]);
+    /// `None` when there is none (a receiver that writes none, or none yet) or
+    /// it cannot be read, which only means nothing is sent again.
+    pub async fn read_ack(&self, sender: &str) -> Option<Ack> {
+        let path = format!("{}/{}", self.dir, ack_file_name(sender));
+        let bytes = match self.sftp.read(&path).await {
+            Ok(b) => b,
+            Err(russh_sftp::client::error::Error::Status(s))
+                if s.status_code == StatusCode::NoSuchFile =>
+            {
+                return None;
+            }
+            Err(error) => {
+                tracing::warn!(file = %path, %error, "could not read the receiver's acknowledgement");
+                return None;
+            }
+        };
+        match serde_json::from_slice::<Ack>(&bytes) {
+            Ok(ack) if ack.sender_id == sender => Some(ack),
+            Ok(_) => None,
+            Err(error) => {
+                tracing::warn!(file = %path, %error, "the receiver's acknowledgement is not valid JSON");
+                None
+            }
+        }
+    }
+
+    /// The server's modification time of the last bundle uploaded (the
+    /// receiver's clock), as [`Ack::scanned_at`] is.
+    fn take_remote_mtime(&self) -> Option<std::time::SystemTime> {
+        let secs = self.last_remote_mtime.lock().ok()?.take()?;
+        Some(std::time::UNIX_EPOCH + Duration::from_secs(secs.into()))
+    }
+
     pub async fn close(self) {
         let _ = self.sftp.close().await;
         let _ = self
@@ -570,6 +612,8 @@ async fn push_round(
     outcome: &mut PushOutcome,
 ) -> Result<(), PushError> {
     let mut pending: Vec<Pending> = outbox::list(&config.outbox(), &config.sender_id)?;
+    // Delivered bundles the receiver may need again (see `resend`).
+    let delivered = !outbox::list(&config.sent_dir(), &config.sender_id)?.is_empty();
     // Only what the state has recorded: a job renames a bundle into the outbox
     // a moment before it records it, and a bundle delivered but never recorded
     // could have its seq issued again with other rows. Volumes of a complete
@@ -581,11 +625,17 @@ async fn push_round(
         .await?
         .map_or(0, |b| b.seq);
     pending.retain(|b| b.volume.is_some() || b.seq <= recorded);
-    if pending.is_empty() {
+    if pending.is_empty() && !delivered {
         return Ok(());
     }
     let link = Link::open(p).await?;
-    let result = deliver(config, &link, pending, outcome).await;
+    let result = async {
+        if let Some(ack) = link.read_ack(&config.sender_id).await {
+            resend(config, &link, &ack, outcome).await?;
+        }
+        deliver(config, &link, pending, outcome).await
+    }
+    .await;
     link.close().await;
     result
 }
@@ -605,14 +655,89 @@ async fn deliver(
     for b in pending {
         let local = config.outbox().join(&b.file);
         let bytes = link.upload(&local, &b.file).await?;
-        ferry_common::durable::commit_rename(&local, &sent.join(&b.file)).map_err(|source| {
-            PushError::Local {
-                path: local.clone(),
-                source,
-            }
+        let kept = sent.join(&b.file);
+        ferry_common::durable::commit_rename(&local, &kept).map_err(|source| PushError::Local {
+            path: local.clone(),
+            source,
         })?;
+        mark_delivered(&kept, link.take_remote_mtime());
         outcome.delivered.push(b.file);
         outcome.bytes += bytes;
+    }
+    Ok(())
+}
+
+/// How often one bundle is sent again for a receiver that keeps asking: a
+/// bundle that fails there for reasons of its own must not travel forever.
+const MAX_RESENDS: u32 = 3;
+
+/// Gives a file in `sent/` the server's time of its delivery (the receiver's
+/// clock), which [`resend`] compares with the acknowledgement's scan time.
+fn mark_delivered(kept: &Path, remote: Option<std::time::SystemTime>) {
+    let when = remote.unwrap_or_else(std::time::SystemTime::now);
+    if let Err(error) = std::fs::File::options()
+        .write(true)
+        .open(kept)
+        .and_then(|f| f.set_modified(when))
+    {
+        tracing::debug!(file = %kept.display(), %error, "could not record the delivery time");
+    }
+}
+
+/// Sends again, from `sent/`, what the receiver's acknowledgement says it
+/// needs: the seq a held chain waits for (a gap, a bundle it found damaged),
+/// and bundles delivered before its last inbox scan that it never saw (lost on
+/// a power cut before the inbox directory reached its disk). Each seq at most
+/// [`MAX_RESENDS`] times.
+async fn resend(
+    config: &Config,
+    link: &Link,
+    ack: &Ack,
+    outcome: &mut PushOutcome,
+) -> Result<(), PushError> {
+    let sent_dir = config.sent_dir();
+    let sent = outbox::list(&sent_dir, &config.sender_id)?;
+    let margin = Duration::from_secs(5);
+    let scanned: std::time::SystemTime = ack.scanned_at.into();
+    let mut seqs: Vec<u64> = sent
+        .iter()
+        .filter(|b| b.volume.is_none())
+        .filter(|b| {
+            ack.wants.contains(&b.seq)
+                || (b.seq > ack.seen_seq
+                    && std::fs::metadata(sent_dir.join(&b.file))
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t + margin < scanned))
+        })
+        .map(|b| b.seq)
+        .collect();
+    seqs.dedup();
+    if seqs.is_empty() {
+        return Ok(());
+    }
+    let mut state = State::open(&config.state_dir).await?;
+    for seq in seqs {
+        let times = state.resent(seq).await?;
+        if times >= MAX_RESENDS {
+            if times == MAX_RESENDS {
+                tracing::error!(
+                    seq,
+                    times,
+                    "the receiver still needs this bundle after it was sent again; check its quarantine (ferry-receiver failures) or take a complete"
+                );
+                state.count_resend(seq).await?;
+            }
+            continue;
+        }
+        state.count_resend(seq).await?;
+        for b in sent.iter().filter(|b| b.seq == seq) {
+            let local = sent_dir.join(&b.file);
+            tracing::warn!(bundle = %b.file, seq, applied_seq = ack.applied_seq, seen_seq = ack.seen_seq, "sending a delivered bundle again: the receiver does not have it");
+            let bytes = link.upload(&local, &b.file).await?;
+            mark_delivered(&local, link.take_remote_mtime());
+            outcome.delivered.push(b.file.clone());
+            outcome.bytes += bytes;
+        }
     }
     Ok(())
 }

@@ -77,6 +77,8 @@ CREATE TABLE IF NOT EXISTS media_index (
   size INTEGER NOT NULL,
   mtime_ns TEXT NOT NULL,
   PRIMARY KEY (set_name, path));
+-- Delivered bundles sent again because the receiver asked (see push::resend).
+CREATE TABLE IF NOT EXISTS resent (seq INTEGER PRIMARY KEY, times INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS push_status (
   id INTEGER PRIMARY KEY CHECK (id = 1),
   last_attempt_at TEXT NOT NULL,
@@ -303,6 +305,29 @@ impl State {
             .map_err(err("updating the media index"))?;
         }
         tx.commit().await.map_err(err("committing a bundle"))?;
+        Ok(())
+    }
+
+    /// How often bundle `seq` was sent again.
+    pub async fn resent(&mut self, seq: u64) -> Result<u32, StateError> {
+        let n: Option<i64> = sqlx::query_scalar("SELECT times FROM resent WHERE seq = ?")
+            .bind(seq as i64)
+            .fetch_optional(&mut self.conn)
+            .await
+            .map_err(self.err("reading re-sends"))?;
+        Ok(n.unwrap_or(0) as u32)
+    }
+
+    /// Counts one more re-send of bundle `seq`.
+    pub async fn count_resend(&mut self, seq: u64) -> Result<(), StateError> {
+        sqlx::query(
+            "INSERT INTO resent (seq, times) VALUES (?, 1)
+             ON CONFLICT (seq) DO UPDATE SET times = times + 1",
+        )
+        .bind(seq as i64)
+        .execute(&mut self.conn)
+        .await
+        .map_err(self.err("counting a re-send"))?;
         Ok(())
     }
 

@@ -779,3 +779,88 @@ async fn the_receiver_daemon_loads_a_complete_in_volumes_as_the_sender_pushes_it
     d.signal("TERM");
     assert!(d.wait_exit(std::time::Duration::from_secs(10)).success());
 }
+
+/// Delivery is durable end to end: the receiver acknowledges what it holds in
+/// `.ferry-ack-app.json` in its inbox, and the sender sends again from `sent/`
+/// what the receiver lacks — a bundle lost from the inbox before a later one
+/// arrived (a gap), the newest bundle lost with nothing after it, and a bundle
+/// damaged in transit (quarantined, then replaced and applied, its quarantined
+/// copy gone). No step by hand.
+#[tokio::test]
+async fn lost_and_damaged_deliveries_are_sent_again_from_the_acknowledgement() {
+    let p = Pg::new().await;
+    let mut src = p.pg.connect("app").await;
+    ok(&p.sender(&["complete"]));
+    p.receive();
+    let ack = p.ssh.inbox().join(".ferry-ack-app.json");
+    let read_ack = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(&ack).expect("the receiver writes its ack")).unwrap()
+    };
+    assert_eq!(read_ack()["applied_seq"], 1);
+    let change =
+        |n: u32| format!("UPDATE phone SET model = 'm{n}', updated_at = now() WHERE id = 1");
+
+    // A gap: #2 vanishes from the inbox (a power cut before the directory was
+    // on disk), #3 arrives and is held; the ack asks for #2.
+    exec(&mut src, &change(2)).await;
+    ok(&p.sender(&["partial"]));
+    std::fs::remove_file(p.ssh.inbox().join("app-000000000002-partial.tar.zst")).unwrap();
+    exec(&mut src, &change(3)).await;
+    ok(&p.sender(&["partial"]));
+    let held = run("ferry-receiver", &p.path("receiver.toml"), &["load"]);
+    assert!(
+        text(&held.stdout).contains("waits for bundle #2"),
+        "{}",
+        text(&held.stdout)
+    );
+    assert_eq!(read_ack()["wants"], serde_json::json!([2]));
+    let out = ok(&p.sender(&["push"]));
+    assert!(out.contains("push: 1 bundle(s)"), "{out}");
+    p.receive();
+    assert_eq!(read_ack()["applied_seq"], 3);
+    p.assert_same().await;
+
+    // The newest bundle lost with nothing after it: the receiver scanned its
+    // inbox after the delivery and never saw it.
+    exec(&mut src, &change(4)).await;
+    ok(&p.sender(&["partial"]));
+    let four = "app-000000000004-partial.tar.zst";
+    std::fs::remove_file(p.ssh.inbox().join(four)).unwrap();
+    // As if the delivery was a minute before the receiver's next scan.
+    let minute_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+    std::fs::File::options()
+        .write(true)
+        .open(p.path("sstate/sent").join(four))
+        .unwrap()
+        .set_modified(minute_ago)
+        .unwrap();
+    p.receive();
+    assert_eq!(read_ack()["seen_seq"], 3);
+    let out = ok(&p.sender(&["push"]));
+    assert!(out.contains("push: 1 bundle(s)"), "{out}");
+    p.receive();
+    p.assert_same().await;
+
+    // Damaged in transit: quarantined, asked for, sent again, applied.
+    exec(&mut src, &change(5)).await;
+    ok(&p.sender(&["partial"]));
+    let five = p.ssh.inbox().join("app-000000000005-partial.tar.zst");
+    let mut bytes = std::fs::read(&five).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&five, bytes).unwrap();
+    let out = run("ferry-receiver", &p.path("receiver.toml"), &["load"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert_eq!(read_ack()["wants"], serde_json::json!([5]));
+    ok(&p.sender(&["push"]));
+    p.receive();
+    p.assert_same().await;
+    let failures = text(&run("ferry-receiver", &p.path("receiver.toml"), &["failures"]).stdout);
+    assert!(!failures.contains("000000000005"), "{failures}");
+    // Nothing more to send: the ack is satisfied.
+    let out = ok(&p.sender(&["push"]));
+    assert!(
+        !out.contains("bundle(s)") || out.contains("push: 0"),
+        "{out}"
+    );
+}
