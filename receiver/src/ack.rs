@@ -133,10 +133,10 @@ mod tests {
         let p = Kind::Partial;
         // Nothing pending: nothing wanted.
         let a = compute("s", 5, &[], &[], now);
-        assert_eq!((a.applied_seq, a.seen_seq, a.wants.clone()), (5, 5, vec![]));
+        assert_eq!((a.applied_seq, a.seen_seq, a.wants), (5, 5, vec![]));
         // #7 waits for #6, which is not there.
         let a = compute("s", 5, &[e(7, p)], &[], now);
-        assert_eq!((a.seen_seq, a.wants.clone()), (7, vec![6]));
+        assert_eq!((a.seen_seq, a.wants), (7, vec![6]));
         // #6 is there (maybe being applied): nothing wanted.
         assert!(
             compute("s", 5, &[e(6, p), e(7, p)], &[], now)
@@ -145,7 +145,7 @@ mod tests {
         );
         // #6 was quarantined: wanted again, even with nothing behind it.
         let a = compute("s", 5, &[], &[e(6, p)], now);
-        assert_eq!((a.seen_seq, a.wants.clone()), (6, vec![6]));
+        assert_eq!((a.seen_seq, a.wants), (6, vec![6]));
         // A newer complete is pending: it starts over.
         assert!(
             compute("s", 5, &[e(8, Kind::Complete), e(9, p)], &[], now)
