@@ -124,6 +124,7 @@ mod tests {
             kind,
             volumes: Vec::new(),
             arriving: None,
+            stale: Vec::new(),
         }
     }
 

@@ -24,6 +24,10 @@ pub struct Entry {
     /// A volume set whose final file has not arrived: the newest volume's
     /// modification time.
     pub arriving: Option<SystemTime>,
+    /// Volumes of an abandoned attempt at this seq (a complete killed after its
+    /// first volumes, the seq then issued again as a partial): never part of
+    /// this bundle, removed by the next pass.
+    pub stale: Vec<PathBuf>,
 }
 
 impl Entry {
@@ -73,6 +77,8 @@ pub fn scan(dir: &Path) -> std::io::Result<Vec<Entry>> {
                 .or_insert_with(|| empty(dir, &sender, seq, kind));
             entry.arriving = None;
             entry.kind = kind;
+            entry.path = e.path();
+            entry.file = file;
         } else if let Some((sender, seq, Kind::Complete, _)) = parse_volume_file_name(&file) {
             let modified = e.metadata()?.modified().unwrap_or(SystemTime::UNIX_EPOCH);
             let entry = found
@@ -90,6 +96,11 @@ pub fn scan(dir: &Path) -> std::io::Result<Vec<Entry>> {
     let mut out: Vec<Entry> = found.into_values().collect();
     for e in &mut out {
         e.volumes.sort();
+        // Only a complete is sent in volumes: beside a partial they are another
+        // attempt's.
+        if e.kind == Kind::Partial {
+            e.stale = std::mem::take(&mut e.volumes);
+        }
     }
     Ok(out)
 }
@@ -104,5 +115,6 @@ fn empty(dir: &Path, sender: &str, seq: ferry_common::manifest::Seq, kind: Kind)
         kind,
         volumes: Vec::new(),
         arriving: None,
+        stale: Vec::new(),
     }
 }

@@ -107,6 +107,7 @@ mod tests {
             kind,
             volumes: Vec::new(),
             arriving: None,
+            stale: Vec::new(),
         }
     }
 

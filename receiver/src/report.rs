@@ -24,7 +24,7 @@ pub struct Status {
 pub async fn status(config: &Config) -> anyhow::Result<Status> {
     let mut target = Target::connect(config).await?;
     let applied = target.history().await?;
-    let steps = run::plan_all(config, &mut target).await?;
+    let steps = run::plan_all(config, &mut target, false).await?;
     let mut pending = Vec::new();
     let mut held = Vec::new();
     for s in steps {

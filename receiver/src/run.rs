@@ -84,8 +84,14 @@ pub struct Held {
     pub reason: String,
 }
 
-/// Plans every sender's bundles (shared by `load` and `status`).
-pub async fn plan_all(config: &Config, target: &mut Target) -> Result<Vec<Step>, PassError> {
+/// Plans every sender's bundles (shared by `load` and `status`). With `tidy`
+/// (a pass, not `status`), the volumes of abandoned completes are removed;
+/// without, they are reported as held.
+pub async fn plan_all(
+    config: &Config,
+    target: &mut Target,
+    tidy: bool,
+) -> Result<Vec<Step>, PassError> {
     let inbox_err = |source| PassError::Inbox {
         path: config.inbox.display().to_string(),
         source,
@@ -99,6 +105,39 @@ pub async fn plan_all(config: &Config, target: &mut Target) -> Result<Vec<Step>,
     let mut steps = Vec::new();
     let now = std::time::SystemTime::now();
     for (sender, mut list) in by_sender {
+        // A volume set that a newer bundle of its sender overtook was
+        // abandoned (the sender pushes a set's final file before anything
+        // newer, and was killed before it): its volumes can never complete,
+        // and waiting for them would hold the chain for `volume_wait`. If the
+        // set was really lost in transit, the acknowledgement asks for it again.
+        let newest = list.iter().map(|e| e.seq).max().unwrap_or(0);
+        list.retain(|e| {
+            if e.arriving.is_none() || e.seq >= newest {
+                return true;
+            }
+            if !tidy {
+                steps.push(Step::Hold(
+                    e.clone(),
+                    format!(
+                        "{} volumes of a complete the sender abandoned (bundle #{newest} arrived \
+                         after them): the next load removes them",
+                        e.volumes.len()
+                    ),
+                ));
+                return false;
+            }
+            tracing::warn!(bundle = %e.file, seq = e.seq, volumes = e.volumes.len(), newer_seq = newest, "removing the volumes of a complete the sender abandoned (a newer bundle arrived, its final file never will)");
+            for f in &e.volumes {
+                let _ = std::fs::remove_file(f);
+            }
+            false
+        });
+        for e in list.iter().filter(|e| tidy && !e.stale.is_empty()) {
+            tracing::warn!(bundle = %e.file, seq = e.seq, volumes = e.stale.len(), "removing the volumes of an abandoned complete whose seq the sender issued again");
+            for f in &e.stale {
+                let _ = std::fs::remove_file(f);
+            }
+        }
         // A volume set whose volumes stopped coming is not started (it would
         // only wait for them again); it starts over when more arrives.
         list.retain(|e| match e.arriving {
@@ -136,7 +175,7 @@ pub async fn plan_all(config: &Config, target: &mut Target) -> Result<Vec<Step>,
 /// Applies every pending bundle that can be applied.
 pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassError> {
     let scanned_at = chrono::Utc::now();
-    let steps = plan_all(config, target).await?;
+    let steps = plan_all(config, target, true).await?;
     let mut report = Report::default();
     let mut stopped: BTreeMap<String, String> = BTreeMap::new();
     let mut superseded = Vec::new();

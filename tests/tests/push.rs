@@ -36,7 +36,8 @@ fn ok(out: &Output) -> String {
     text(&out.stdout)
 }
 
-/// Final bundle names and leftover temporaries in the inbox.
+/// Final bundle names and leftover temporaries in the inbox (the receiver's
+/// acknowledgement files are neither).
 fn inbox(ssh: &SshServer, sub: &str) -> (Vec<String>, Vec<String>) {
     let all = outbox_files(&ssh.inbox().join(sub))
         .into_iter()
@@ -46,7 +47,7 @@ fn inbox(ssh: &SshServer, sub: &str) -> (Vec<String>, Vec<String>) {
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with('.'))
+                .filter(|n| n.starts_with('.') && !n.starts_with(ferry_common::ack::ACK_PREFIX))
                 .collect()
         })
         .unwrap_or_default();
@@ -863,4 +864,93 @@ async fn lost_and_damaged_deliveries_are_sent_again_from_the_acknowledgement() {
         !out.contains("bundle(s)") || out.contains("push: 0"),
         "{out}"
     );
+}
+
+/// A complete killed after its first volumes reached the receiver, its seq then
+/// issued again as a partial: the receiver does not wait `volume_wait` (5 min
+/// here) for volumes that can never complete. Volumes beside a partial of the
+/// same seq, or overtaken by a newer bundle, are an abandoned attempt: `status`
+/// says so, the next load removes them and applies the chain at once.
+#[tokio::test]
+async fn an_abandoned_volume_set_does_not_hold_the_partials_after_it() {
+    let p = Pg::with(VOLUMES).await;
+    let mut src = p.pg.connect("app").await;
+    ok(&p.sender(&["complete"]));
+    p.receive();
+    // The killed attempt: complete #2 from a copy of the sender's state, of
+    // which only the volumes reached the inbox.
+    let copy = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(p.path("sstate"))
+        .arg(p.path("killed-state"))
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    p.write_sender("killed.toml", "killed-state", p.ssh.port, VOLUMES);
+    ok(&run(
+        "ferry-sender",
+        &p.path("killed.toml"),
+        &["complete", "--no-push"],
+    ));
+    let (volumes, _) = set_files(&p.path("killed-state/outbox"), 2);
+    assert!(volumes.len() >= 2, "{volumes:?}");
+    for v in &volumes {
+        deliver(&p.path("killed-state/outbox").join(v), &p.ssh.inbox());
+    }
+    // The real sender goes on: partial #2 (same seq), then partial #3.
+    exec(
+        &mut src,
+        "UPDATE phone SET model = 'x', updated_at = now() WHERE id = 1",
+    )
+    .await;
+    ok(&p.sender(&["partial"]));
+    exec(
+        &mut src,
+        "UPDATE phone SET model = 'y', updated_at = now() WHERE id = 2",
+    )
+    .await;
+    ok(&p.sender(&["partial"]));
+    let started = std::time::Instant::now();
+    p.receive();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "the load waited for the abandoned volumes"
+    );
+    p.assert_same().await;
+    assert_eq!(set_files(&p.ssh.inbox(), 2).0, Vec::<String>::new());
+
+    // Volumes of an abandoned seq overtaken by a newer bundle (the partial of
+    // that seq already applied and pruned): status names them, load removes them.
+    for v in &volumes {
+        let name = v.replace("-000000000002-", "-000000000004-");
+        std::fs::copy(
+            p.path("killed-state/outbox").join(v),
+            p.ssh.inbox().join(name),
+        )
+        .unwrap();
+    }
+    exec(
+        &mut src,
+        "UPDATE phone SET model = 'z', updated_at = now() WHERE id = 1",
+    )
+    .await;
+    ok(&p.sender(&["partial", "--no-push"])); // #4, kept back
+    exec(
+        &mut src,
+        "UPDATE phone SET model = 'w', updated_at = now() WHERE id = 2",
+    )
+    .await;
+    ok(&p.sender(&["partial", "--no-push"])); // #5
+    deliver(
+        &p.path("sstate/outbox/app-000000000005-partial.tar.zst"),
+        &p.ssh.inbox(),
+    );
+    let status = run("ferry-receiver", &p.path("receiver.toml"), &["status"]);
+    let said = text(&status.stdout);
+    assert!(said.contains("abandoned"), "{said}");
+    let _ = run("ferry-receiver", &p.path("receiver.toml"), &["load"]);
+    assert_eq!(set_files(&p.ssh.inbox(), 4).0, Vec::<String>::new());
+    ok(&p.sender(&["push"]));
+    p.receive();
+    p.assert_same().await;
 }
