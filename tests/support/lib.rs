@@ -64,12 +64,14 @@ pub fn write_config(dir: &Path, toml: &str) -> PathBuf {
     path
 }
 
-/// Final bundle names in an outbox, sorted.
+/// Bundle names in an outbox or inbox, sorted (with any temporaries, but not a
+/// receiver's acknowledgement files).
 pub fn outbox_files(outbox: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(outbox)
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with(ferry_common::ack::ACK_PREFIX))
                 .collect()
         })
         .unwrap_or_default();
