@@ -27,15 +27,31 @@ pub enum MediaError {
 }
 
 /// Installs every media member of a staged bundle; returns the number of files.
-pub fn install(v: &Verified, sets: &BTreeMap<String, PathBuf>) -> Result<u64, MediaError> {
-    install_files(
-        v.manifest
-            .members
-            .iter()
-            .filter(|m| m.role == Role::Media)
-            .map(|m| (m, v.file(m))),
-        sets,
-    )
+/// The writes and fsyncs run on a blocking thread, off the runtime.
+pub async fn install(v: &Verified, sets: &BTreeMap<String, PathBuf>) -> Result<u64, MediaError> {
+    let items = v
+        .manifest
+        .members
+        .iter()
+        .filter(|m| m.role == Role::Media)
+        .map(|m| (m.clone(), v.file(m).to_owned()))
+        .collect();
+    install_owned(items, sets.clone()).await
+}
+
+/// [`install_files`] for owned members, on a blocking thread.
+pub async fn install_owned(
+    items: Vec<(Member, PathBuf)>,
+    sets: BTreeMap<String, PathBuf>,
+) -> Result<u64, MediaError> {
+    tokio::task::spawn_blocking(move || {
+        install_files(items.iter().map(|(m, p)| (m, p.as_path())), &sets)
+    })
+    .await
+    .map_err(|e| MediaError::Io {
+        path: PathBuf::new(),
+        source: std::io::Error::other(format!("the media writer failed: {e}")),
+    })?
 }
 
 /// Installs media members from their verified staged files.

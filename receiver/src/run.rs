@@ -375,7 +375,7 @@ async fn load_bundle(
                 loaded = streamed_complete(config, pg, e, &staging, 1).await;
             }
         }
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&staging)).await;
         return loaded;
     }
     let path = e.path.clone();
@@ -388,7 +388,7 @@ async fn load_bundle(
         "bundle verified and staged"
     );
     check_name(e, &v.manifest)?;
-    let media_files = media::install(&v, &config.media)?;
+    let media_files = media::install(&v, &config.media).await?;
     let rows = target.apply(&v, &e.file, &sql_hooks(config, e)).await?;
     Ok((rows, media_files, v.manifest.clone()))
 }
@@ -450,8 +450,7 @@ async fn streamed_complete(
         (Ok(_), Err(read)) => Err(read.into()),
         (Ok((tx, rows, media)), Ok(all)) => {
             check_name(e, &all)?;
-            let media_files =
-                media::install_files(media.iter().map(|(m, p)| (m, p.as_path())), &config.media)?;
+            let media_files = media::install_owned(media, config.media.clone()).await?;
             let sql_hooks = sql_hooks(config, e);
             crate::load::postgres::finish(tx, &all, &e.file, rows, &sql_hooks).await?;
             Ok((rows, media_files, all))

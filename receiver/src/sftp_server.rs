@@ -287,7 +287,8 @@ struct Inbox {
 }
 
 struct Open {
-    file: std::fs::File,
+    /// Shared with the blocking threads that write and fsync it.
+    file: Arc<std::fs::File>,
     name: String,
 }
 
@@ -364,6 +365,16 @@ fn ssh_string(data: &[u8], at: &mut usize) -> Option<String> {
     String::from_utf8(s.to_vec()).ok()
 }
 
+/// Runs file I/O of a request on a blocking thread: a write or an fsync on a
+/// slow disk must not stall the runtime that serves every session.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StatusReply> + Send + 'static,
+) -> Result<T, StatusReply> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StatusCode::Failure.with_message(format!("the file writer failed: {e}")))?
+}
+
 impl Inbox {
     fn path(&self, name: &str) -> PathBuf {
         self.root.join(name)
@@ -377,6 +388,22 @@ impl Inbox {
         std::fs::symlink_metadata(&p)
             .map(|m| FileAttributes::from(&m))
             .map_err(|e| io_reply(&e, path))
+    }
+
+    /// [`rename`](Self::rename) on a blocking thread (it renames and fsyncs).
+    async fn rename_blocking(
+        &self,
+        from: String,
+        to: String,
+        overwrite: bool,
+    ) -> Result<(), StatusReply> {
+        let this = Inbox {
+            root: self.root.clone(),
+            handles: HashMap::new(),
+            next: 0,
+            peer: self.peer.clone(),
+        };
+        blocking(move || this.rename(&from, &to, overwrite)).await
     }
 
     fn rename(&self, from: &str, to: &str, overwrite: bool) -> Result<(), StatusReply> {
@@ -472,7 +499,13 @@ impl russh_sftp::server::Handler for Inbox {
                 .map_err(|e| io_reply(&e, &filename))?;
             self.next += 1;
             let handle = format!("h{}", self.next);
-            self.handles.insert(handle.clone(), Open { file, name });
+            self.handles.insert(
+                handle.clone(),
+                Open {
+                    file: Arc::new(file),
+                    name,
+                },
+            );
             return Ok(Handle { id, handle });
         }
         if pflags.contains(OpenFlags::READ) || !pflags.contains(OpenFlags::WRITE) {
@@ -500,7 +533,13 @@ impl russh_sftp::server::Handler for Inbox {
         }
         self.next += 1;
         let handle = format!("h{}", self.next);
-        self.handles.insert(handle.clone(), Open { file, name });
+        self.handles.insert(
+            handle.clone(),
+            Open {
+                file: Arc::new(file),
+                name,
+            },
+        );
         Ok(Handle { id, handle })
     }
 
@@ -515,9 +554,12 @@ impl russh_sftp::server::Handler for Inbox {
             .handles
             .get(&handle)
             .ok_or_else(|| StatusCode::Failure.with_message("unknown handle"))?;
-        open.file
-            .write_all_at(&data, offset)
-            .map_err(|e| io_reply(&e, &open.name))?;
+        let (file, name) = (Arc::clone(&open.file), open.name.clone());
+        blocking(move || {
+            file.write_all_at(&data, offset)
+                .map_err(|e| io_reply(&e, &name))
+        })
+        .await?;
         Ok(ok(id))
     }
 
@@ -594,7 +636,7 @@ impl russh_sftp::server::Handler for Inbox {
         oldpath: String,
         newpath: String,
     ) -> Result<Status, StatusReply> {
-        Inbox::rename(self, &oldpath, &newpath, false)?;
+        self.rename_blocking(oldpath, newpath, false).await?;
         Ok(ok(id))
     }
 
@@ -629,7 +671,7 @@ impl russh_sftp::server::Handler for Inbox {
                 else {
                     return Err(StatusCode::BadMessage.with_message("malformed posix-rename"));
                 };
-                Inbox::rename(self, &from, &to, true)?;
+                self.rename_blocking(from, to, true).await?;
                 Ok(Packet::Status(ok(id)))
             }
             "fsync@openssh.com" => {
@@ -639,7 +681,8 @@ impl russh_sftp::server::Handler for Inbox {
                     .handles
                     .get(&handle)
                     .ok_or_else(|| StatusCode::Failure.with_message("unknown handle"))?;
-                open.file.sync_all().map_err(|e| io_reply(&e, &open.name))?;
+                let (file, name) = (Arc::clone(&open.file), open.name.clone());
+                blocking(move || file.sync_all().map_err(|e| io_reply(&e, &name))).await?;
                 Ok(Packet::Status(ok(id)))
             }
             _ => Err(self.unimplemented()),

@@ -10,8 +10,8 @@
 
 use crate::extract::Watermarks;
 use ferry_common::manifest::{Kind, Manifest, Role, Seq};
+use sqlx::Connection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
-use sqlx::{Connection, Row};
 use std::path::Path;
 
 /// An error reading or writing the state database.
@@ -144,22 +144,29 @@ impl State {
 
     /// The last push attempt: when, when one last succeeded, its error.
     pub async fn push_status(&mut self) -> Result<Option<PushStatus>, StateError> {
-        let row = sqlx::query("SELECT last_attempt_at, last_ok_at, last_error FROM push_status")
-            .fetch_optional(&mut self.conn)
-            .await
-            .map_err(self.err("reading the push status"))?;
-        Ok(row.map(|r| PushStatus {
-            last_attempt_at: r.get(0),
-            last_ok_at: r.get(1),
-            last_error: r.get(2),
-        }))
+        // query_as: a value of another type is an error, never a panic.
+        let row: Option<(String, Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT last_attempt_at, last_ok_at, last_error FROM push_status")
+                .fetch_optional(&mut self.conn)
+                .await
+                .map_err(self.err("reading the push status"))?;
+        Ok(
+            row.map(|(last_attempt_at, last_ok_at, last_error)| PushStatus {
+                last_attempt_at,
+                last_ok_at,
+                last_error,
+            }),
+        )
     }
 
     /// The newest bundle, or the newest of a kind.
     pub async fn last(&mut self, kind: Option<Kind>) -> Result<Option<BundleRecord>, StateError> {
         let kind = kind.map(|k| k.as_str().to_owned());
-        let row = sqlx::query(
-            "SELECT * FROM bundles WHERE ?1 IS NULL OR kind = ?1 ORDER BY seq DESC LIMIT 1",
+        type Bundle = (i64, String, String, i64, String, i64, i64, i64, String);
+        let row: Option<Bundle> = sqlx::query_as(
+            "SELECT seq, kind, file, base_seq, created_at, rows, bytes, duration_ms,
+                    schema_fingerprint
+             FROM bundles WHERE ?1 IS NULL OR kind = ?1 ORDER BY seq DESC LIMIT 1",
         )
         .bind(kind)
         .fetch_optional(&mut self.conn)
@@ -169,17 +176,21 @@ impl State {
             doing: "reading bundles",
             source,
         })?;
-        Ok(row.map(|r| BundleRecord {
-            seq: r.get::<i64, _>("seq") as u64,
-            kind: r.get("kind"),
-            file: r.get("file"),
-            base_seq: r.get::<i64, _>("base_seq") as u64,
-            created_at: r.get("created_at"),
-            rows: r.get::<i64, _>("rows") as u64,
-            bytes: r.get::<i64, _>("bytes") as u64,
-            duration_ms: r.get::<i64, _>("duration_ms") as u64,
-            schema_fingerprint: r.get("schema_fingerprint"),
-        }))
+        Ok(row.map(
+            |(seq, kind, file, base_seq, created_at, rows, bytes, duration_ms, fingerprint)| {
+                BundleRecord {
+                    seq: seq as u64,
+                    kind,
+                    file,
+                    base_seq: base_seq as u64,
+                    created_at,
+                    rows: rows as u64,
+                    bytes: bytes as u64,
+                    duration_ms: duration_ms as u64,
+                    schema_fingerprint: fingerprint,
+                }
+            },
+        ))
     }
 
     pub async fn watermarks(&mut self) -> Result<Watermarks, StateError> {

@@ -149,6 +149,20 @@ impl Target {
     }
 }
 
+/// A column of a row the receiver read (its ledger, the catalog), or an error
+/// naming it: a NULL or an unexpected type never panics the agent.
+pub(crate) fn col<'r, T, R>(row: &'r R, name: &'r str) -> Result<T, LoadError>
+where
+    R: sqlx::Row,
+    T: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    &'r str: sqlx::ColumnIndex<R>,
+{
+    row.try_get(name).map_err(|source| LoadError::Db {
+        doing: format!("reading column {name}"),
+        source,
+    })
+}
+
 /// Checks a bundle against the ledger inside the load transaction: the guard that
 /// makes a bundle apply exactly once even if two loads raced.
 pub(crate) fn check_order(m: &Manifest, ledger: &LedgerState) -> Result<(), LoadError> {

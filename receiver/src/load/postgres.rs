@@ -1,13 +1,13 @@
 //! The PostgreSQL target.
 
-use super::{Applied, LoadError, check_order, parents_first, split_change};
+use super::{Applied, LoadError, check_order, col, parents_first, split_change};
 use crate::plan::LedgerState;
 use crate::verify::{Piece, Verified};
 use ferry_common::ident::TableName;
 use ferry_common::ident::{quote_ident, quote_literal};
 use ferry_common::manifest::{DataFormat, Kind, Manifest, Member, Role, Table};
 use sqlx::postgres::PgConnection;
-use sqlx::{AssertSqlSafe, Connection, Postgres, Row, Transaction};
+use sqlx::{AssertSqlSafe, Connection, Postgres, Transaction};
 use std::path::PathBuf;
 use tokio::io::AsyncBufReadExt;
 
@@ -116,18 +116,19 @@ impl PgTarget {
         .fetch_all(&mut self.conn)
         .await
         .map_err(LoadError::db("reading the ledger"))?;
-        Ok(rows
-            .into_iter()
-            .map(|r| Applied {
-                sender_id: r.get("sender_id"),
-                seq: r.get("seq"),
-                kind: r.get("kind"),
-                created_at: r.get("c"),
-                applied_at: r.get("a"),
-                file: r.get("file"),
-                rows: r.get("rows"),
+        rows.iter()
+            .map(|r| {
+                Ok(Applied {
+                    sender_id: col(r, "sender_id")?,
+                    seq: col(r, "seq")?,
+                    kind: col(r, "kind")?,
+                    created_at: col(r, "c")?,
+                    applied_at: col(r, "a")?,
+                    file: col(r, "file")?,
+                    rows: col(r, "rows")?,
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// Begins the load transaction: locks the sender's ledger and checks that the
@@ -199,8 +200,12 @@ impl PgTarget {
             match piece {
                 Piece::Staged(member, path) => match member.role {
                     Role::PreData => {
-                        run_script(&mut tx, &std::fs::read_to_string(&path)?, "pre-data DDL")
-                            .await?;
+                        run_script(
+                            &mut tx,
+                            &tokio::fs::read_to_string(&path).await?,
+                            "pre-data DDL",
+                        )
+                        .await?;
                         pre_done = true;
                         for (member, path) in std::mem::take(&mut later)
                             .into_iter()
@@ -402,8 +407,8 @@ async fn ledger(conn: &mut PgConnection, sender: &str) -> Result<LedgerState, Lo
     .await
     .map_err(LoadError::db("reading the ledger"))?;
     Ok(LedgerState {
-        last_seq: row.get::<Option<i64>, _>("last").map(|v| v as u64),
-        base_seq: row.get::<Option<i64>, _>("base").map(|v| v as u64),
+        last_seq: col::<Option<i64>, _>(&row, "last")?.map(|v| v as u64),
+        base_seq: col::<Option<i64>, _>(&row, "base")?.map(|v| v as u64),
     })
 }
 

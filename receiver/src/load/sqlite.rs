@@ -3,13 +3,13 @@
 //! `CREATE INDEX` statements as DDL. Foreign keys are not enforced during a load
 //! (the source was consistent at its snapshot).
 
-use super::{Applied, LoadError, check_order, parents_first, split_change};
+use super::{Applied, LoadError, check_order, col, parents_first, split_change};
 use crate::plan::LedgerState;
 use crate::verify::Verified;
 use ferry_common::ident::quote_ident;
 use ferry_common::manifest::{Kind, Role, Table};
 use sqlx::sqlite::{SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
-use sqlx::{AssertSqlSafe, Connection, Row, Sqlite};
+use sqlx::{AssertSqlSafe, Connection, Sqlite};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,18 +103,19 @@ impl SqliteTarget {
         .fetch_all(&mut self.conn)
         .await
         .map_err(LoadError::db("reading the ledger"))?;
-        Ok(rows
-            .into_iter()
-            .map(|r| Applied {
-                sender_id: r.get("sender_id"),
-                seq: r.get("seq"),
-                kind: r.get("kind"),
-                created_at: r.get("created_at"),
-                applied_at: r.get("applied_at"),
-                file: r.get("file"),
-                rows: r.get("rows"),
+        rows.iter()
+            .map(|r| {
+                Ok(Applied {
+                    sender_id: col(r, "sender_id")?,
+                    seq: col(r, "seq")?,
+                    kind: col(r, "kind")?,
+                    created_at: col(r, "created_at")?,
+                    applied_at: col(r, "applied_at")?,
+                    file: col(r, "file")?,
+                    rows: col(r, "rows")?,
+                })
             })
-            .collect())
+            .collect()
     }
 
     pub async fn apply(
@@ -181,8 +182,8 @@ async fn ledger(conn: &mut SqliteConnection, sender: &str) -> Result<LedgerState
     .await
     .map_err(LoadError::db("reading the ledger"))?;
     Ok(LedgerState {
-        last_seq: row.get::<Option<i64>, _>("last").map(|v| v as u64),
-        base_seq: row.get::<Option<i64>, _>("base").map(|v| v as u64),
+        last_seq: col::<Option<i64>, _>(&row, "last")?.map(|v| v as u64),
+        base_seq: col::<Option<i64>, _>(&row, "base")?.map(|v| v as u64),
     })
 }
 

@@ -34,7 +34,7 @@ use crate::verify::Piece;
 use ferry_common::ident::{TableName, quote_ident};
 use ferry_common::manifest::{Manifest, Member, Role};
 use sqlx::postgres::PgConnection;
-use sqlx::{Connection, Postgres, Row, Transaction};
+use sqlx::{Connection, Postgres, Transaction};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -88,7 +88,7 @@ pub async fn begin<'c>(
     let pre = loop {
         match rx.recv().await {
             Some(Piece::Staged(member, path)) if member.role == Role::PreData => {
-                break std::fs::read_to_string(&path)?;
+                break tokio::fs::read_to_string(&path).await?;
             }
             Some(Piece::Staged(member, path)) => early.push((member, path)),
             Some(_) => return Err(out_of_place()),
@@ -118,7 +118,39 @@ pub async fn after_commit(pg: &mut PgTarget) {
             tracing::warn!(error = %e, "could not drop the previous copy moved aside; the next complete will")
         }
     }
-    let _ = sqlx::raw_sql(STAGE_UNLOCK).execute(&mut pg.conn).await;
+    release_stage_lock(pg).await;
+}
+
+/// Releases the staging lock. The connection stays open for the next bundle,
+/// so a lock that could not be released would block every later complete
+/// (this receiver's and any other sharing the database): when the unlock
+/// fails, the session is replaced, which makes the server release it.
+async fn release_stage_lock(pg: &mut PgTarget) {
+    match sqlx::query_scalar::<_, bool>(STAGE_UNLOCK)
+        .fetch_one(&mut pg.conn)
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => tracing::debug!("the staging lock was not held"),
+        Err(error) => {
+            tracing::warn!(%error, "could not release the staging lock; opening a new session so the server releases it");
+            match super::postgres::session(&pg.url).await {
+                Ok(fresh) => {
+                    let old = std::mem::replace(&mut pg.conn, fresh);
+                    drop(old);
+                    if let Ok(pid) = sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+                        .fetch_one(&mut pg.conn)
+                        .await
+                    {
+                        pg.backend_pid = pid;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not open a new session; the next load reconnects")
+                }
+            }
+        }
+    }
 }
 
 /// After a failed [`begin`] (its transaction rolled back): removes what was
@@ -127,7 +159,7 @@ pub async fn abandon(pg: &mut PgTarget) {
     if let Err(e) = cleanup(&mut pg.conn).await {
         tracing::warn!(error = %e, "could not remove the staging schemas; the next complete will");
     }
-    let _ = sqlx::raw_sql(STAGE_UNLOCK).execute(&mut pg.conn).await;
+    release_stage_lock(pg).await;
 }
 
 async fn stage_and_swap<'c>(
@@ -677,7 +709,7 @@ async fn swap(
             )))?;
         let mut moves = format!("CREATE SCHEMA IF NOT EXISTS {};\n", quote_ident(real));
         for o in objects {
-            let (kind, obj): (String, String) = (o.get("kind"), o.get("obj"));
+            let (kind, obj): (String, String) = (super::col(&o, "kind")?, super::col(&o, "obj")?);
             moves.push_str(&format!(
                 "ALTER {kind} {obj} SET SCHEMA {};\n",
                 quote_ident(real)

@@ -255,6 +255,35 @@ impl Source {
     }
 }
 
+/// A column of a row the sender read (catalog, schema), or an error naming it:
+/// a NULL or an unexpected type never panics the agent.
+pub(crate) fn col<'r, T, R>(row: &'r R, name: &'r str) -> Result<T, ExtractError>
+where
+    R: sqlx::Row,
+    T: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    &'r str: sqlx::ColumnIndex<R>,
+{
+    row.try_get(name).map_err(|source| ExtractError::Db {
+        doing: format!("reading column {name} of a catalog row"),
+        source,
+    })
+}
+
+/// Ends a snapshot transaction with ROLLBACK. The connection is used again
+/// afterwards (delete-log pruning, the next step of the job), so a failed
+/// ROLLBACK is an error: what follows must not run inside the old snapshot.
+pub(crate) async fn end_snapshot<'c, E, DB>(conn: E) -> Result<(), ExtractError>
+where
+    DB: sqlx::Database,
+    E: sqlx::Executor<'c, Database = DB>,
+{
+    sqlx::raw_sql("ROLLBACK")
+        .execute(conn)
+        .await
+        .map(|_| ())
+        .map_err(ExtractError::db("ending the snapshot (ROLLBACK)"))
+}
+
 /// Tables in partial mode, and the foreign keys among them (child index, fk).
 pub(crate) fn partial_graph(tables: &[TableMeta]) -> Vec<(usize, usize, &manifest::ForeignKey)> {
     let mut edges = Vec::new();

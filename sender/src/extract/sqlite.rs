@@ -17,6 +17,7 @@ use super::{
     ChangeKind, DELETES_KEY, ExtractError, ExtractSettings, Extracted, Stager, TableMeta,
     Watermarks, column_list, join_on, partial_graph,
 };
+use crate::extract::col;
 use ferry_common::TableName;
 use ferry_common::ident::{quote_ident, quote_literal};
 use ferry_common::manifest::{self, DataFormat, Role};
@@ -99,8 +100,8 @@ impl SqliteSource {
             };
             let mut pk: Vec<(i64, String)> = Vec::new();
             for c in cols {
-                let cname: String = c.get("name");
-                let ty: String = c.get("type");
+                let cname: String = col(&c, "name")?;
+                let ty: String = col(&c, "type")?;
                 let upper = ty.to_ascii_uppercase();
                 let kind = if upper.contains("DATE")
                     || upper.contains("TIME")
@@ -112,15 +113,15 @@ impl SqliteSource {
                     ChangeKind::Number
                 };
                 t.change_kinds.insert(cname.clone(), kind);
-                let pk_pos: i64 = c.get("pk");
+                let pk_pos: i64 = col(&c, "pk")?;
                 if pk_pos > 0 {
                     pk.push((pk_pos, cname.clone()));
                 }
                 t.info.columns.push(manifest::Column {
                     name: cname,
                     sql_type: ty,
-                    not_null: c.get::<i64, _>("nn") != 0,
-                    generated: c.get::<i64, _>("hidden") >= 2,
+                    not_null: col::<i64, _>(&c, "nn")? != 0,
+                    generated: col::<i64, _>(&c, "hidden")? >= 2,
                     identity: None,
                 });
             }
@@ -148,21 +149,21 @@ impl SqliteSource {
             .map_err(ExtractError::db(format!("reading foreign keys of {name}")))?;
             let mut by_id: Vec<(i64, manifest::ForeignKey, bool)> = Vec::new();
             for r in fks {
-                let id: i64 = r.get("id");
+                let id: i64 = col(&r, "id")?;
                 if by_id.last().is_none_or(|(last, _, _)| *last != id) {
                     by_id.push((
                         id,
                         manifest::ForeignKey {
                             columns: vec![],
-                            references: TableName::new(None, r.get("ref")),
+                            references: TableName::new(None, col(&r, "ref")?),
                             referenced_columns: vec![],
                         },
                         false,
                     ));
                 }
                 let entry = by_id.last_mut().expect("pushed above");
-                entry.1.columns.push(r.get("col"));
-                match r.get::<Option<String>, _>("refcol") {
+                entry.1.columns.push(col(&r, "col")?);
+                match col::<Option<String>, _>(&r, "refcol")? {
                     Some(c) => entry.1.referenced_columns.push(c),
                     None => entry.2 = true, // references the parent's primary key
                 }
@@ -212,8 +213,10 @@ impl SqliteSource {
             .await
             .map_err(ExtractError::db("starting the snapshot"))?;
         let result = self.complete_in_snapshot(tables, settings, stager).await;
-        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut self.conn).await;
-        result
+        let ended = crate::extract::end_snapshot(&mut self.conn).await;
+        let out = result?;
+        ended?;
+        Ok(out)
     }
 
     async fn complete_in_snapshot(
@@ -408,13 +411,15 @@ impl SqliteSource {
         let result = self
             .partial_in_snapshot(tables, watermarks, settings, stager)
             .await;
-        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut self.conn).await;
+        let ended = crate::extract::end_snapshot(&mut self.conn).await;
         for i in 0..tables.len() {
             let _ = sqlx::raw_sql(q(format!("DROP TABLE IF EXISTS temp.ferry_keys_{i}")))
                 .execute(&mut self.conn)
                 .await;
         }
-        result
+        let out = result?;
+        ended?;
+        Ok(out)
     }
 
     async fn partial_in_snapshot(

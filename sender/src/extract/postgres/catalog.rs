@@ -1,11 +1,11 @@
 //! The catalog: tables, columns (and which can be change columns), keys, indexes.
 
 use super::{JSON_OIDS, PgSource, TIMESTAMP_OIDS};
+use crate::extract::col;
 use crate::extract::select::CatalogTable;
 use crate::extract::{ChangeKind, ExtractError};
 use ferry_common::TableName;
 use ferry_common::manifest;
-use sqlx::Row;
 use std::collections::{HashMap, HashSet};
 
 impl PgSource {
@@ -25,9 +25,12 @@ impl PgSource {
         .map_err(ExtractError::db("listing tables"))?;
         let mut tables: Vec<(i64, CatalogTable)> = Vec::new();
         for r in rows {
-            let name = TableName::new(Some(r.get::<String, _>("schema").as_str()), r.get("name"));
+            let name = TableName::new(
+                Some(col::<String, _>(&r, "schema")?.as_str()),
+                col(&r, "name")?,
+            );
             tables.push((
-                r.get("oid"),
+                col(&r, "oid")?,
                 CatalogTable {
                     info: manifest::Table {
                         name,
@@ -38,7 +41,7 @@ impl PgSource {
                     },
                     change_kinds: HashMap::new(),
                     indexed_first: HashSet::new(),
-                    size_hint: r.get("pages"),
+                    size_hint: col(&r, "pages")?,
                 },
             ));
         }
@@ -63,9 +66,9 @@ impl PgSource {
         .map_err(ExtractError::db("reading columns"))?;
         self.json_columns.clear();
         for r in cols {
-            let t = &mut tables[by_oid[&r.get::<i64, _>("rel")]].1;
-            let name: String = r.get("name");
-            let base: i64 = r.get("base");
+            let t = &mut tables[by_oid[&col::<i64, _>(&r, "rel")?]].1;
+            let name: String = col(&r, "name")?;
+            let base: i64 = col(&r, "base")?;
             if TIMESTAMP_OIDS.contains(&base) {
                 t.change_kinds.insert(name.clone(), ChangeKind::Timestamp);
             }
@@ -77,10 +80,10 @@ impl PgSource {
             }
             t.info.columns.push(manifest::Column {
                 name,
-                sql_type: r.get("type"),
-                not_null: r.get("not_null"),
-                generated: r.get("generated"),
-                identity: r.get("identity"),
+                sql_type: col(&r, "type")?,
+                not_null: col(&r, "not_null")?,
+                generated: col(&r, "generated")?,
+                identity: col(&r, "identity")?,
             });
         }
 
@@ -97,7 +100,10 @@ impl PgSource {
         .await
         .map_err(ExtractError::db("reading primary keys"))?;
         for r in pks {
-            tables[by_oid[&r.get::<i64, _>("rel")]].1.info.primary_key = r.get("cols");
+            tables[by_oid[&col::<i64, _>(&r, "rel")?]]
+                .1
+                .info
+                .primary_key = col(&r, "cols")?;
         }
 
         let idx = sqlx::query(
@@ -111,10 +117,10 @@ impl PgSource {
         .await
         .map_err(ExtractError::db("reading indexes"))?;
         for r in idx {
-            tables[by_oid[&r.get::<i64, _>("rel")]]
+            tables[by_oid[&col::<i64, _>(&r, "rel")?]]
                 .1
                 .indexed_first
-                .insert(r.get("col"));
+                .insert(col(&r, "col")?);
         }
 
         let fks = sqlx::query(
@@ -134,18 +140,18 @@ impl PgSource {
         .await
         .map_err(ExtractError::db("reading foreign keys"))?;
         for r in fks {
-            let Some(&pi) = by_oid.get(&r.get::<i64, _>("ref")) else {
+            let Some(&pi) = by_oid.get(&col::<i64, _>(&r, "ref")?) else {
                 continue;
             };
             let references = tables[pi].1.info.name.clone();
-            tables[by_oid[&r.get::<i64, _>("rel")]]
+            tables[by_oid[&col::<i64, _>(&r, "rel")?]]
                 .1
                 .info
                 .foreign_keys
                 .push(manifest::ForeignKey {
-                    columns: r.get("cols"),
+                    columns: col(&r, "cols")?,
                     references,
-                    referenced_columns: r.get("refcols"),
+                    referenced_columns: col(&r, "refcols")?,
                 });
         }
         Ok(tables.into_iter().map(|(_, t)| t).collect())

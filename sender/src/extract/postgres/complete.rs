@@ -2,6 +2,7 @@
 
 use super::framing::{BINARY_HEADER, BINARY_TRAILER, Framing};
 use super::{PgSource, TRIGGER_NAME, q, split_password};
+use crate::extract::col;
 use crate::extract::stage::{BATCH, BlockingSink, member, stage_text};
 use crate::extract::{
     DELETES_KEY, ExtractError, ExtractSettings, Extracted, Stager, TableMeta, Watermarks,
@@ -10,7 +11,6 @@ use ferry_common::TableName;
 use ferry_common::ident::{quote_ident, quote_literal};
 use ferry_common::manifest::{DataFormat, Role};
 use futures_util::TryStreamExt;
-use sqlx::Row;
 use sqlx::postgres::PgConnection;
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -32,8 +32,9 @@ impl PgSource {
             .map_err(ExtractError::db("starting the snapshot"))?;
         // Whatever happens inside, the exporting transaction ends here.
         let result = self.complete_in_snapshot(tables, settings, stager).await;
-        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut self.conn).await;
+        let ended = crate::extract::end_snapshot(&mut self.conn).await;
         result?;
+        ended?;
         let mut watermarks = Watermarks::new();
         for t in tables.iter().filter(|t| t.change.is_some()) {
             watermarks.insert(t.key(), Some(horizon.clone()));
@@ -92,8 +93,7 @@ impl PgSource {
                     let Some(table) = next else { break };
                     copy_table(&mut conn, &table, &stager, binary).await?;
                 }
-                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut conn).await;
-                Ok::<(), ExtractError>(())
+                crate::extract::end_snapshot(&mut conn).await
             });
         }
         while let Some(done) = readers.join_next().await {
@@ -187,10 +187,10 @@ impl PgSource {
         .map_err(ExtractError::db("reading sequence values"))?;
         let mut sql = String::new();
         for r in rows {
-            if let Some(v) = r.get::<Option<i64>, _>("v") {
+            if let Some(v) = col::<Option<i64>, _>(&r, "v")? {
                 sql.push_str(&format!(
                     "SELECT pg_catalog.setval({}, {v}, true);\n",
-                    quote_literal(&r.get::<String, _>("seq"))
+                    quote_literal(&col::<String, _>(&r, "seq")?)
                 ));
             }
         }

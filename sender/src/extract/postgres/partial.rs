@@ -55,8 +55,9 @@ impl PgSource {
         let result = self
             .partial_in_snapshot(tables, watermarks, settings, stager)
             .await;
-        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut self.conn).await;
+        let ended = crate::extract::end_snapshot(&mut self.conn).await;
         result?;
+        ended?;
         let mut out = Watermarks::new();
         for t in tables.iter().filter(|t| t.change.is_some()) {
             out.insert(t.key(), Some(horizon.clone()));
