@@ -174,6 +174,7 @@ pub async fn plan_all(
 
 /// Applies every pending bundle that can be applied.
 pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassError> {
+    clear_staging(config).await;
     let scanned_at = chrono::Utc::now();
     let steps = plan_all(config, target, true).await?;
     let mut report = Report::default();
@@ -261,6 +262,31 @@ pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassEr
     drop_superseded(target, superseded, &mut report).await?;
     crate::ack::write_all(config, target, scanned_at).await?;
     Ok(report)
+}
+
+/// Removes what a load killed mid-way (kill -9, power loss) left in the staging
+/// directory: passes run one at a time under the state lock, so nothing there
+/// belongs to a load still running.
+async fn clear_staging(config: &Config) {
+    let dir = config.staging_dir();
+    let _ = tokio::task::spawn_blocking(move || {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let removed = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match removed {
+                Ok(()) => tracing::info!(path = %path.display(), "removed the staging files of an interrupted load"),
+                Err(error) => tracing::warn!(path = %path.display(), %error, "could not remove leftover staging files"),
+            }
+        }
+    })
+    .await;
 }
 
 /// A bundle at or below the ledger is a re-delivery only if it is the bundle

@@ -621,6 +621,10 @@ async fn kill_9_during_a_load_keeps_the_previous_copy_and_the_next_run_applies_i
         staging_schemas(&p).await.is_empty(),
         "the next load removes what the killed one staged"
     );
+    let left: Vec<_> = std::fs::read_dir(p.path("rstate/staging"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "staging files left behind: {left:?}");
 }
 
 /// A second complete moves the previous copy's tables aside in the swap and
