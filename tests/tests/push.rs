@@ -954,3 +954,116 @@ async fn an_abandoned_volume_set_does_not_hold_the_partials_after_it() {
     p.receive();
     p.assert_same().await;
 }
+
+/// The window between a job renaming its bundle into the outbox and recording
+/// it in the state: a push then must not deliver it (were the sender to die,
+/// its seq would be issued again with other rows), and a bundle that did reach
+/// `sent/` unrecorded (as older senders could leave it) is adopted at the next
+/// start, so its seq is never issued again.
+#[tokio::test]
+async fn only_recorded_bundles_are_pushed_and_sent_bundles_are_adopted() {
+    use sqlx::Connection;
+    let p = Pg::new().await;
+    let mut src = p.pg.connect("app").await;
+    ok(&p.sender(&["complete"]));
+    exec(
+        &mut src,
+        "UPDATE phone SET model = 'x', updated_at = now() WHERE id = 1",
+    )
+    .await;
+    ok(&p.sender(&["partial", "--no-push"]));
+    let two = "app-000000000002-partial.tar.zst";
+    // Undo the record of #2: as if the job were between rename and record.
+    let state_url = format!("sqlite://{}", p.path("sstate/state.db").display());
+    let forget = || async {
+        let mut state = sqlx::SqliteConnection::connect(&state_url).await.unwrap();
+        sqlx::query("DELETE FROM bundles WHERE seq = 2")
+            .execute(&mut state)
+            .await
+            .unwrap();
+    };
+    forget().await;
+    let out = ok(&p.sender(&["push"]));
+    assert!(!out.contains("1 bundle(s)"), "{out}");
+    assert!(
+        !p.ssh.inbox().join(two).exists(),
+        "an unrecorded bundle was pushed"
+    );
+    assert!(p.path("sstate/outbox").join(two).exists());
+
+    // Delivered before it was recorded: the next job adopts it from sent/.
+    std::fs::rename(
+        p.path("sstate/outbox").join(two),
+        p.path("sstate/sent").join(two),
+    )
+    .unwrap();
+    exec(
+        &mut src,
+        "UPDATE phone SET model = 'y', updated_at = now() WHERE id = 2",
+    )
+    .await;
+    ok(&p.sender(&["partial", "--no-push"]));
+    assert!(
+        p.path("sstate/outbox/app-000000000003-partial.tar.zst")
+            .exists(),
+        "seq 2 must not be issued again: {:?}",
+        outbox_files(&p.path("sstate/outbox"))
+    );
+    // The receiver gets #2 (asked for by its acknowledgement) and #3.
+    ok(&p.sender(&["push"]));
+    let _ = run("ferry-receiver", &p.path("receiver.toml"), &["load"]);
+    ok(&p.sender(&["push"]));
+    p.receive();
+    p.assert_same().await;
+}
+
+/// A complete killed after some of its volumes were delivered leaves them in
+/// `sent/`; they are not the newest complete: pruning removes them and keeps
+/// the last real complete and everything after it.
+#[tokio::test]
+async fn orphan_volumes_in_sent_never_replace_the_last_complete() {
+    let p = Pg::with(VOLUMES).await;
+    let mut src = p.pg.connect("app").await;
+    ok(&p.sender(&["complete"]));
+    let copy = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(p.path("sstate"))
+        .arg(p.path("killed-state"))
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    p.write_sender("killed.toml", "killed-state", p.ssh.port, VOLUMES);
+    ok(&run(
+        "ferry-sender",
+        &p.path("killed.toml"),
+        &["complete", "--no-push"],
+    ));
+    let (volumes, _) = set_files(&p.path("killed-state/outbox"), 2);
+    for v in &volumes {
+        std::fs::copy(
+            p.path("killed-state/outbox").join(v),
+            p.path("sstate/sent").join(v),
+        )
+        .unwrap();
+    }
+    exec(
+        &mut src,
+        "UPDATE phone SET model = 'x', updated_at = now() WHERE id = 1",
+    )
+    .await;
+    ok(&p.sender(&["partial"]));
+    let sent = outbox_files(&p.path("sstate/sent"));
+    assert!(
+        sent.iter()
+            .any(|f| f == "app-000000000001-complete.tar.zst"),
+        "the last real complete is kept: {sent:?}"
+    );
+    assert!(sent.iter().any(|f| f == "app-000000000002-partial.tar.zst"));
+    assert_eq!(
+        set_files(&p.path("sstate/sent"), 2).0,
+        Vec::<String>::new(),
+        "{sent:?}"
+    );
+    p.receive();
+    p.assert_same().await;
+}
