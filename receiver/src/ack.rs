@@ -113,19 +113,9 @@ pub async fn write_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
 
     fn e(seq: u64, kind: Kind) -> Entry {
-        Entry {
-            path: PathBuf::new(),
-            file: format!("s-{seq}"),
-            sender: "s".into(),
-            seq,
-            kind,
-            volumes: Vec::new(),
-            arriving: None,
-            stale: Vec::new(),
-        }
+        crate::inbox::test_entry(seq, kind)
     }
 
     #[test]

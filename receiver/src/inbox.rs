@@ -105,6 +105,16 @@ pub fn scan(dir: &Path) -> std::io::Result<Vec<Entry>> {
     Ok(out)
 }
 
+/// A bundle `s-<seq>` of sender `s` for unit tests of what plans by entries.
+#[cfg(test)]
+pub(crate) fn test_entry(seq: u64, kind: Kind) -> Entry {
+    Entry {
+        file: format!("s-{seq}"),
+        path: PathBuf::new(),
+        ..empty(Path::new(""), "s", ferry_common::manifest::Seq(seq), kind)
+    }
+}
+
 fn empty(dir: &Path, sender: &str, seq: ferry_common::manifest::Seq, kind: Kind) -> Entry {
     let file = ferry_common::manifest::bundle_file_name(sender, seq, kind);
     Entry {

@@ -376,6 +376,20 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Inbox {
+    /// Registers an open file under a new handle.
+    fn open_handle(&mut self, id: u32, file: std::fs::File, name: String) -> Handle {
+        self.next += 1;
+        let handle = format!("h{}", self.next);
+        self.handles.insert(
+            handle.clone(),
+            Open {
+                file: Arc::new(file),
+                name,
+            },
+        );
+        Handle { id, handle }
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
@@ -497,16 +511,7 @@ impl russh_sftp::server::Handler for Inbox {
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(self.path(&name))
                 .map_err(|e| io_reply(&e, &filename))?;
-            self.next += 1;
-            let handle = format!("h{}", self.next);
-            self.handles.insert(
-                handle.clone(),
-                Open {
-                    file: Arc::new(file),
-                    name,
-                },
-            );
-            return Ok(Handle { id, handle });
+            return Ok(self.open_handle(id, file, name));
         }
         if pflags.contains(OpenFlags::READ) || !pflags.contains(OpenFlags::WRITE) {
             return Err(StatusCode::PermissionDenied.with_message(format!(
@@ -531,16 +536,7 @@ impl russh_sftp::server::Handler for Inbox {
             return Err(StatusCode::PermissionDenied
                 .with_message(format!("{filename:?} is not a regular file")));
         }
-        self.next += 1;
-        let handle = format!("h{}", self.next);
-        self.handles.insert(
-            handle.clone(),
-            Open {
-                file: Arc::new(file),
-                name,
-            },
-        );
-        Ok(Handle { id, handle })
+        Ok(self.open_handle(id, file, name))
     }
 
     async fn write(

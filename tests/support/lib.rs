@@ -16,6 +16,20 @@ use ferry_common::reader::{Arrival, Limits, read_set};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// A small, seedable generator (xorshift64*) for the randomized tests: a run
+/// replays from its seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+}
+
 /// Reads and verifies a bundle (a volume set whole, when `path` is the final
 /// file of one), returning its manifest and every member's bytes.
 pub fn bundle_contents(path: &Path) -> (Manifest, BTreeMap<String, Vec<u8>>) {

@@ -11,6 +11,7 @@
 use ferry_common::manifest::Kind;
 use ferry_sender::Config;
 use ferry_sender::job;
+use ferry_tests::Rng;
 use ferry_tests::loader::apply;
 use ferry_tests::pg::{PgServer, exec};
 use sqlx::{AssertSqlSafe, PgConnection};
@@ -221,18 +222,6 @@ async fn identifiers_named_like_ferrys_aliases_survive_every_path() {
         .await;
     fx.ship(Kind::Partial).await.unwrap();
     fx.assert_same(&tables).await;
-}
-
-/// A small, seedable generator (xorshift64*): the property test must replay.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-    }
 }
 
 const PROP_SCHEMA: &str = "

@@ -12,10 +12,10 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
-use ferry_tests::binary;
 use ferry_tests::daemon::Daemon;
 use ferry_tests::pg::PgServer;
 use ferry_tests::sshd::SshServer;
+use ferry_tests::{Rng, binary};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,18 +38,6 @@ INSERT INTO tag SELECT 't' || i, 'l' FROM generate_series(1, 200) i;
 ";
 
 const TABLES: [&str; 3] = ["item", "note", "tag"];
-
-/// xorshift64*: a run replays from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-    }
-}
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)

@@ -132,6 +132,29 @@ impl Pg {
         self.dir.path().join(rel)
     }
 
+    /// A complete killed after its volumes were written: taken as complete
+    /// #`seq` from a copy of the sender's state (`killed-state/`), so the real
+    /// sender issues `seq` again. Returns the volumes' names in
+    /// `killed-state/outbox`.
+    fn killed_complete(&self, seq: u64) -> Vec<String> {
+        let copy = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(self.path("sstate"))
+            .arg(self.path("killed-state"))
+            .status()
+            .unwrap();
+        assert!(copy.success());
+        self.write_sender("killed.toml", "killed-state", self.ssh.port, VOLUMES);
+        ok(&run(
+            "ferry-sender",
+            &self.path("killed.toml"),
+            &["complete", "--no-push"],
+        ));
+        let (volumes, _) = set_files(&self.path("killed-state/outbox"), seq);
+        assert!(volumes.len() >= 2, "{volumes:?}");
+        volumes
+    }
+
     fn sender(&self, args: &[&str]) -> Output {
         run("ferry-sender", &self.path("sender.toml"), args)
     }
@@ -877,23 +900,8 @@ async fn an_abandoned_volume_set_does_not_hold_the_partials_after_it() {
     let mut src = p.pg.connect("app").await;
     ok(&p.sender(&["complete"]));
     p.receive();
-    // The killed attempt: complete #2 from a copy of the sender's state, of
-    // which only the volumes reached the inbox.
-    let copy = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(p.path("sstate"))
-        .arg(p.path("killed-state"))
-        .status()
-        .unwrap();
-    assert!(copy.success());
-    p.write_sender("killed.toml", "killed-state", p.ssh.port, VOLUMES);
-    ok(&run(
-        "ferry-sender",
-        &p.path("killed.toml"),
-        &["complete", "--no-push"],
-    ));
-    let (volumes, _) = set_files(&p.path("killed-state/outbox"), 2);
-    assert!(volumes.len() >= 2, "{volumes:?}");
+    // The killed attempt: complete #2, of which only the volumes reached the inbox.
+    let volumes = p.killed_complete(2);
     for v in &volumes {
         deliver(&p.path("killed-state/outbox").join(v), &p.ssh.inbox());
     }
@@ -1025,20 +1033,7 @@ async fn orphan_volumes_in_sent_never_replace_the_last_complete() {
     let p = Pg::with(VOLUMES).await;
     let mut src = p.pg.connect("app").await;
     ok(&p.sender(&["complete"]));
-    let copy = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(p.path("sstate"))
-        .arg(p.path("killed-state"))
-        .status()
-        .unwrap();
-    assert!(copy.success());
-    p.write_sender("killed.toml", "killed-state", p.ssh.port, VOLUMES);
-    ok(&run(
-        "ferry-sender",
-        &p.path("killed.toml"),
-        &["complete", "--no-push"],
-    ));
-    let (volumes, _) = set_files(&p.path("killed-state/outbox"), 2);
+    let volumes = p.killed_complete(2);
     for v in &volumes {
         std::fs::copy(
             p.path("killed-state/outbox").join(v),
