@@ -68,7 +68,7 @@ pub enum PushError {
     )]
     Key { path: String, message: String },
     #[error(
-        "the SFTP server {target} refused the key {key} for user {user:?}; add its public key ({key}.pub) to that account's authorized_keys"
+        "the SFTP server {target} refused the key {key} for user {user:?} (Permission denied (publickey)). Causes: its public key ({key}.pub) is not in that account's authorized_keys; or the account is locked (`!` in /etc/shadow, what useradd leaves: sshd without PAM then refuses every key; run `usermod -p '*' {user}` on the receiver); or sshd's AllowUsers/Match rules exclude it (see the server's log)"
     )]
     AuthRejected {
         target: String,

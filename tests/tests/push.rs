@@ -552,6 +552,21 @@ async fn a_down_server_and_an_unwritable_remote_dir_are_named() {
         "{}",
         text(&out.stdout)
     );
+    // A locked account (what useradd leaves): sshd without PAM refuses every
+    // key, and check names that cause among the others.
+    write(ssh.push_section("inbox", &ssh.client_key, ssh.port));
+    let locked = std::process::Command::new("usermod")
+        .args(["-L", &ssh.user])
+        .status()
+        .unwrap();
+    assert!(locked.success());
+    let out = run("ferry-sender", &config, &["check"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("account is locked") && stdout.contains("usermod -p '*'"),
+        "{stdout}"
+    );
 }
 
 /// The files of complete #`seq` in `dir`: its volumes in order, then its final
