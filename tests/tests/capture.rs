@@ -14,7 +14,7 @@ use ferry_sender::job;
 use ferry_tests::Rng;
 use ferry_tests::loader::apply;
 use ferry_tests::pg::{PgServer, exec};
-use sqlx::{AssertSqlSafe, PgConnection};
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use std::path::{Path, PathBuf};
 
 struct Fixture {
@@ -328,4 +328,39 @@ async fn random_workloads_converge_after_every_partial() {
     fx.ship(Kind::Partial).await;
     fx.assert_same(&PROP_TABLES).await;
     eprintln!("seed {seed}: {rounds} rounds, {bundles} partials, source = copy after each");
+}
+
+/// The application writes as its own role, which has no right on ferry's
+/// schema (the sender owns the tables and installs capture): the app's
+/// DELETEs must succeed — capture runs with its owner's rights — and reach
+/// the copy. Before, every app transaction with a DELETE failed with
+/// "permission denied for schema ferry" and rolled back the app's other writes.
+#[tokio::test]
+async fn delete_capture_never_makes_the_apps_writes_fail() {
+    let mut fx = Fixture::new(EQUAL_KEYS).await;
+    fx.sql(
+        "CREATE ROLE app LOGIN;
+         GRANT USAGE ON SCHEMA public TO app;
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO app;",
+    )
+    .await;
+    fx.ship(Kind::Complete).await.unwrap(); // installs ferry.deleted_rows and the triggers
+    let url = fx.server.url("app").replace("postgres@", "app@");
+    let mut app = sqlx::PgConnection::connect(&url).await.unwrap();
+    // One app transaction: an insert, an update and a delete together.
+    sqlx::raw_sql(
+        "BEGIN; INSERT INTO a VALUES (50, 'new'); UPDATE b SET v = 'upd', updated_at = now()
+         WHERE id = 1; DELETE FROM a WHERE id = 3; DELETE FROM c1 WHERE n = 3; COMMIT;",
+    )
+    .execute(&mut app)
+    .await
+    .expect("the app's transaction must not fail because of delete capture");
+    // The app role still has no right on ferry's schema.
+    let usage: bool = sqlx::query_scalar("SELECT has_schema_privilege('app', 'ferry', 'USAGE')")
+        .fetch_one(&mut fx.src)
+        .await
+        .unwrap();
+    assert!(!usage);
+    fx.ship(Kind::Partial).await.unwrap();
+    fx.assert_same(&EQUAL_TABLES).await;
 }

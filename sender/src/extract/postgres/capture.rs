@@ -10,6 +10,12 @@ use std::time::Duration;
 
 /// The body of `ferry.capture_delete()`: one delete-log row with the key
 /// columns (the trigger's arguments after the table name) of the deleted row.
+///
+/// The function is `SECURITY DEFINER` with a pinned `search_path`: it fires in
+/// the application's transactions, as the application's role, which need not
+/// (and should not) have any right on schema `ferry`. Run with its owner's
+/// rights (the sender's role), it can always write the log, so capture never
+/// makes an application's DELETE fail. Nothing is granted to anyone.
 const CAPTURE_BODY: &str = "
 BEGIN
   INSERT INTO ferry.deleted_rows (table_name, key)
@@ -47,7 +53,9 @@ impl PgSource {
         let installed: bool = sqlx::query_scalar(
             "SELECT to_regclass('ferry.deleted_rows') IS NOT NULL
                 AND to_regclass('ferry.deleted_rows_deleted_at') IS NOT NULL
-                AND coalesce((SELECT p.prosrc = $1 FROM pg_proc p
+                AND coalesce((SELECT p.prosrc = $1 AND p.prosecdef
+                                     AND p.proconfig @> ARRAY['search_path=pg_catalog, ferry']
+                              FROM pg_proc p
                               WHERE p.oid = to_regprocedure('ferry.capture_delete()')), false)",
         )
         .bind(CAPTURE_BODY)
@@ -66,7 +74,9 @@ impl PgSource {
                  CREATE INDEX IF NOT EXISTS deleted_rows_deleted_at
                    ON ferry.deleted_rows (deleted_at);
                  CREATE OR REPLACE FUNCTION ferry.capture_delete() RETURNS trigger
-                 LANGUAGE plpgsql AS $f${CAPTURE_BODY}$f$;"
+                 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, ferry
+                 AS $f${CAPTURE_BODY}$f$;
+                 REVOKE ALL ON FUNCTION ferry.capture_delete() FROM PUBLIC;"
             )))
             .execute(&mut *tx)
             .await
