@@ -228,6 +228,11 @@ pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassEr
                             .extend(hook_failures.into_iter().map(|h| (e.file.clone(), h)));
                         report.applied.push(applied);
                     }
+                    Err(ApplyError::Load(LoadError::AlreadyApplied { .. })) => {
+                        // Another receiver on this inbox won the race: a
+                        // re-delivery, left for pruning like any other.
+                        tracing::info!(bundle = %e.file, seq = e.seq, "applied meanwhile by another load; skipped");
+                    }
                     Err(err) if err.is_transient() => {
                         return Err(PassError::Transient {
                             bundle: e.file,

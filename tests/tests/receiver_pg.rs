@@ -948,3 +948,54 @@ fn write_bundle(bundle: &Path, entries: &[(String, Vec<u8>)]) {
     let tar = out.into_inner().unwrap();
     std::fs::write(bundle, zstd::encode_all(&tar[..], 1).unwrap()).unwrap();
 }
+
+/// Two receivers on one inbox and target (a mistake, but a likely one): the
+/// one that loses the race for a bundle finds it applied when it gets the
+/// ledger's lock, and skips it as a re-delivery — no ERROR, nothing moved to
+/// its quarantine. (A slow SQL hook keeps the first load's transaction open.)
+#[tokio::test]
+async fn a_second_receiver_that_loses_the_race_skips_the_bundle_quietly() {
+    let p = Pipe::new(SMALL, "[[hooks]]\nsql = \"SELECT pg_sleep(2)\"\n").await;
+    let mut src = p.server.connect("app").await;
+    p.deliver(&p.send("complete"));
+    p.load_ok();
+    exec(&mut src, "INSERT INTO parent (id, name) VALUES (7, 'p7')").await;
+    p.deliver(&p.send("partial"));
+    let second = p.path("receiver2.toml");
+    std::fs::write(
+        &second,
+        std::fs::read_to_string(p.path("receiver.toml"))
+            .unwrap()
+            .replace("rstate", "rstate2"),
+    )
+    .unwrap();
+    let other = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        Command::new(binary("ferry-receiver"))
+            .arg("--config")
+            .arg(&second)
+            .arg("load")
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap()
+    });
+    // The first load starts now; the other one plans while the first's
+    // transaction (held open by the hook) has not committed.
+    let first = Command::new(binary("ferry-receiver"))
+        .arg("--config")
+        .arg(p.path("receiver.toml"))
+        .arg("load")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let out = other.join().unwrap();
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let log = text(&out.stdout) + &text(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+    assert!(
+        outbox_files(&p.path("rstate2/quarantine")).is_empty(),
+        "{log}"
+    );
+    p.assert_same(&["parent", "child"]).await;
+}

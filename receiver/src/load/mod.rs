@@ -39,6 +39,10 @@ pub enum LoadError {
     },
     #[error("{0}")]
     Refused(String),
+    /// The ledger already holds this bundle: another load (a second receiver on
+    /// the same inbox and target) applied it after this one planned it.
+    #[error("bundle #{seq} of {sender} is already applied (the ledger is at #{last})")]
+    AlreadyApplied { sender: String, seq: u64, last: u64 },
     #[error("could not read a staged member: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -168,10 +172,11 @@ where
 pub(crate) fn check_order(m: &Manifest, ledger: &LedgerState) -> Result<(), LoadError> {
     let last = ledger.last_seq.unwrap_or(0);
     if m.seq.0 <= last {
-        return Err(LoadError::Refused(format!(
-            "bundle #{} of {} is already applied (the ledger is at #{last})",
-            m.seq, m.sender_id
-        )));
+        return Err(LoadError::AlreadyApplied {
+            sender: m.sender_id.clone(),
+            seq: m.seq.0,
+            last,
+        });
     }
     if m.kind == ferry_common::manifest::Kind::Partial {
         if m.seq.0 != last + 1 {
