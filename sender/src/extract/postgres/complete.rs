@@ -166,22 +166,40 @@ impl PgSource {
         })
     }
 
-    /// `setval` calls for the sequences in the dumped schemas, read now (sequences
-    /// are not transactional; values at or past the snapshot are what we want).
+    /// `setval` calls for exactly the sequences the selected tables own (serial,
+    /// identity) or use in a column default, read now (sequences are not
+    /// transactional; values at or past the snapshot are what we want). A
+    /// sequence of an unselected table is not in the bundle's DDL, and a
+    /// `setval` for it would fail the load on the receiver.
     async fn sequences(&mut self, tables: &[TableMeta]) -> Result<String, ExtractError> {
         let schemas: Vec<String> = tables
             .iter()
-            .filter_map(|t| t.info.name.schema.clone())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
+            .map(|t| t.info.name.schema.clone().unwrap_or_default())
             .collect();
+        let names: Vec<String> = tables.iter().map(|t| t.info.name.name.clone()).collect();
         let rows = sqlx::query(
-            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS seq,
-                    pg_sequence_last_value(c.oid) AS v
-             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE c.relkind = 'S' AND n.nspname = ANY($1) ORDER BY 1",
+            "WITH t AS (
+               SELECT c.oid FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN unnest($1::text[], $2::text[]) AS sel(schema, name)
+                 ON sel.schema = n.nspname AND sel.name = c.relname)
+             SELECT quote_ident(n.nspname) || '.' || quote_ident(s.relname) AS seq,
+                    pg_sequence_last_value(s.oid) AS v
+             FROM pg_class s JOIN pg_namespace n ON n.oid = s.relnamespace
+             WHERE s.relkind = 'S' AND (
+               EXISTS (SELECT 1 FROM pg_depend d
+                       WHERE d.classid = 'pg_class'::regclass AND d.objid = s.oid
+                         AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+                         AND d.refobjid IN (SELECT oid FROM t))
+               OR EXISTS (SELECT 1 FROM pg_depend d
+                          JOIN pg_attrdef ad ON d.classid = 'pg_attrdef'::regclass
+                                            AND d.objid = ad.oid
+                          WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = s.oid
+                            AND ad.adrelid IN (SELECT oid FROM t)))
+             ORDER BY 1",
         )
         .bind(&schemas)
+        .bind(&names)
         .fetch_all(&mut self.conn)
         .await
         .map_err(ExtractError::db("reading sequence values"))?;
