@@ -364,3 +364,82 @@ async fn delete_capture_never_makes_the_apps_writes_fail() {
     fx.ship(Kind::Partial).await.unwrap();
     fx.assert_same(&EQUAL_TABLES).await;
 }
+
+/// An application schema that happens to be called `ferry` is never touched:
+/// with `deletes = "off"` it survives every job (ferry-sender used to run
+/// `DROP SCHEMA ferry CASCADE` on every job), it is replicated like any other
+/// schema, and capture refuses to use it, naming the fix. ferry-sender's own
+/// schema is removed when capture is turned off, and only then.
+#[tokio::test]
+async fn an_application_schema_named_ferry_is_never_dropped() {
+    let mut fx = Fixture::new(&format!(
+        "{EQUAL_KEYS}
+         CREATE SCHEMA ferry;
+         CREATE TABLE ferry.orders (id int PRIMARY KEY, total numeric,
+                                    updated_at timestamptz NOT NULL DEFAULT now());
+         INSERT INTO ferry.orders SELECT i, i * 1.5 FROM generate_series(1, 30) i;"
+    ))
+    .await;
+    let text = |deletes: &str| {
+        format!(
+            "sender_id = \"app\"\nstate_dir = {:?}\n[source]\nurl = {:?}\n\
+             [partial]\nchange_column = \"updated_at\"\noverlap = \"0s\"\ndeletes = \"{deletes}\"\n",
+            fx.dir.path().join("state"),
+            fx.server.url("app"),
+        )
+    };
+    let off = Config::parse(&text("off"), Path::new("t.toml")).unwrap();
+    let on = Config::parse(&text("trigger"), Path::new("t.toml")).unwrap();
+    fx.config = off;
+    fx.ship(Kind::Complete).await.unwrap();
+    fx.sql("UPDATE ferry.orders SET total = 0, updated_at = now() WHERE id = 1")
+        .await;
+    fx.ship(Kind::Partial).await.unwrap();
+    fx.assert_same(&["ferry.orders", "a"]).await;
+    // Capture refuses the application's schema, and changes nothing in it.
+    fx.config = on;
+    let e = job::run(&fx.config, Kind::Partial).await.unwrap_err();
+    assert!(
+        e.to_string().contains("application schema named `ferry`"),
+        "{e}"
+    );
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM ferry.orders")
+        .fetch_one(&mut fx.src)
+        .await
+        .unwrap();
+    assert_eq!(n, 30);
+}
+
+/// Capture on, then off: ferry-sender removes its triggers, its log, its
+/// function and its (marked) schema.
+#[tokio::test]
+async fn turning_capture_off_removes_only_what_ferry_installed() {
+    let mut fx = Fixture::new(EQUAL_KEYS).await;
+    fx.ship(Kind::Complete).await.unwrap();
+    let installed: bool = sqlx::query_scalar(
+        "SELECT obj_description('ferry'::regnamespace, 'pg_namespace') LIKE 'ferry-sender%'",
+    )
+    .fetch_one(&mut fx.src)
+    .await
+    .unwrap();
+    assert!(installed);
+    let text = format!(
+        "sender_id = \"app\"\nstate_dir = {:?}\n[source]\nurl = {:?}\n\
+         [partial]\nchange_column = \"updated_at\"\noverlap = \"0s\"\ndeletes = \"off\"\n",
+        fx.dir.path().join("state"),
+        fx.server.url("app"),
+    );
+    fx.config = Config::parse(&text, Path::new("t.toml")).unwrap();
+    fx.sql("UPDATE a SET v = 'x', updated_at = now() WHERE id = 1")
+        .await;
+    fx.ship(Kind::Partial).await.unwrap();
+    let left: (i64, bool) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM pg_trigger WHERE tgname = 'ferry_capture_delete'),
+                to_regnamespace('ferry') IS NOT NULL",
+    )
+    .fetch_one(&mut fx.src)
+    .await
+    .unwrap();
+    assert_eq!(left, (0, false));
+    fx.assert_same(&EQUAL_TABLES).await;
+}

@@ -24,7 +24,45 @@ BEGIN
   RETURN OLD;
 END ";
 
+/// The comment ferry-sender puts on the schema it creates, so that it only
+/// ever removes its own.
+pub(super) const SCHEMA_MARKER: &str = "ferry-sender delete capture: created by ferry-sender, removed by it when [partial] deletes = \"off\"";
+
+/// Whose schema `ferry` is in the source database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FerrySchema {
+    Absent,
+    /// Marked by ferry-sender, or (made before the marker) holding nothing but
+    /// ferry's delete log and function.
+    Ours,
+    /// The application's: never written to, never dropped.
+    Foreign,
+}
+
 impl PgSource {
+    async fn ferry_schema(&mut self) -> Result<FerrySchema, ExtractError> {
+        let row: Option<(bool, i64)> = sqlx::query_as(
+            "SELECT coalesce(obj_description(n.oid, 'pg_namespace') = $1, false),
+                    (SELECT count(*) FROM pg_class c WHERE c.relnamespace = n.oid
+                       AND c.relname NOT IN ('deleted_rows', 'deleted_rows_id_seq',
+                                             'deleted_rows_pkey', 'deleted_rows_deleted_at'))
+                  + (SELECT count(*) FROM pg_proc p WHERE p.pronamespace = n.oid
+                       AND p.proname <> 'capture_delete')
+                  + (SELECT count(*) FROM pg_type t WHERE t.typnamespace = n.oid
+                       AND t.typname NOT IN ('deleted_rows', '_deleted_rows'))
+             FROM pg_namespace n WHERE n.nspname = 'ferry'",
+        )
+        .bind(SCHEMA_MARKER)
+        .fetch_optional(&mut self.conn)
+        .await
+        .map_err(ExtractError::db("looking at schema ferry"))?;
+        Ok(match row {
+            None => FerrySchema::Absent,
+            Some((true, _)) | Some((false, 0)) => FerrySchema::Ours,
+            Some(_) => FerrySchema::Foreign,
+        })
+    }
+
     /// Installs the delete log and a trigger on every partial table with a primary
     /// key (only where missing), or removes all of it when `enabled` is false.
     pub async fn set_delete_capture(
@@ -50,8 +88,18 @@ impl PgSource {
         // INDEX IF NOT EXISTS` takes a lock on the delete log that waits behind
         // any open application transaction that deleted a row, and every
         // application DELETE would then queue behind that wait.
+        let schema = self.ferry_schema().await?;
+        if enabled && schema == FerrySchema::Foreign {
+            return Err(ExtractError::Selection(
+                "the source database has an application schema named `ferry` (it holds objects \
+                 ferry-sender did not create), where delete capture would put its log: ferry-sender \
+                 does not touch it. Rename that schema, or set `[partial] deletes = \"off\"`"
+                    .into(),
+            ));
+        }
         let installed: bool = sqlx::query_scalar(
-            "SELECT to_regclass('ferry.deleted_rows') IS NOT NULL
+            "SELECT coalesce(obj_description(to_regnamespace('ferry'), 'pg_namespace') = $2, false)
+                AND to_regclass('ferry.deleted_rows') IS NOT NULL
                 AND to_regclass('ferry.deleted_rows_deleted_at') IS NOT NULL
                 AND coalesce((SELECT p.prosrc = $1 AND p.prosecdef
                                      AND p.proconfig @> ARRAY['search_path=pg_catalog, ferry']
@@ -59,9 +107,14 @@ impl PgSource {
                               WHERE p.oid = to_regprocedure('ferry.capture_delete()')), false)",
         )
         .bind(CAPTURE_BODY)
+        .bind(SCHEMA_MARKER)
         .fetch_one(&mut self.conn)
         .await
         .map_err(err())?;
+        // Turning capture off with nothing of it left: no transaction, no lock.
+        if !enabled && existing.is_empty() && schema != FerrySchema::Ours {
+            return Ok(());
+        }
         let mut tx = self.conn.begin().await.map_err(err())?;
         if enabled && !installed {
             sqlx::raw_sql(q(format!(
@@ -76,7 +129,9 @@ impl PgSource {
                  CREATE OR REPLACE FUNCTION ferry.capture_delete() RETURNS trigger
                  LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, ferry
                  AS $f${CAPTURE_BODY}$f$;
-                 REVOKE ALL ON FUNCTION ferry.capture_delete() FROM PUBLIC;"
+                 REVOKE ALL ON FUNCTION ferry.capture_delete() FROM PUBLIC;
+                 COMMENT ON SCHEMA ferry IS {marker};",
+                marker = quote_literal(SCHEMA_MARKER)
             )))
             .execute(&mut *tx)
             .await
@@ -124,10 +179,18 @@ impl PgSource {
                         .map_err(err())?;
                 }
             }
-            sqlx::raw_sql("DROP SCHEMA IF EXISTS ferry CASCADE")
+            // Only ferry's own objects, and the schema only if nothing else is
+            // in it (RESTRICT): never CASCADE into what the application keeps.
+            if schema == FerrySchema::Ours {
+                sqlx::raw_sql(
+                    "DROP TABLE IF EXISTS ferry.deleted_rows;
+                     DROP FUNCTION IF EXISTS ferry.capture_delete();
+                     DROP SCHEMA IF EXISTS ferry RESTRICT;",
+                )
                 .execute(&mut *tx)
                 .await
                 .map_err(err())?;
+            }
         }
         tx.commit().await.map_err(err())?;
         Ok(())

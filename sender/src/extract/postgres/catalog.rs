@@ -16,10 +16,18 @@ impl PgSource {
                     greatest(c.relpages, 0)::int8 AS pages
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-               AND n.nspname NOT IN ('information_schema', 'ferry')
+               AND n.nspname <> 'information_schema'
                AND n.nspname NOT LIKE 'pg\\_%'
+               -- ferry-sender's own schema, not an application schema named ferry
+               AND NOT (n.nspname = 'ferry'
+                        AND (coalesce(obj_description(n.oid, 'pg_namespace') = $1, false)
+                             OR NOT EXISTS (SELECT 1 FROM pg_class x
+                                            WHERE x.relnamespace = n.oid
+                                              AND x.relkind IN ('r', 'p')
+                                              AND x.relname <> 'deleted_rows')))
              ORDER BY 2, 3",
         )
+        .bind(super::capture::SCHEMA_MARKER)
         .fetch_all(&mut self.conn)
         .await
         .map_err(ExtractError::db("listing tables"))?;

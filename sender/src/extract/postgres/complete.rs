@@ -130,7 +130,6 @@ impl PgSource {
                 &[][..]
             })
             .arg(format!("--snapshot={snapshot}"))
-            .arg("--exclude-schema=ferry")
             .arg("--dbname")
             .arg(&url)
             .env("PGAPPNAME", "ferry-sender")
@@ -138,6 +137,9 @@ impl PgSource {
         if let Some(pw) = password {
             cmd.env("PGPASSWORD", pw);
         }
+        // Only the selected tables' schemas: ferry-sender's own `ferry` schema is
+        // never among them (the catalog leaves it out), an application schema
+        // that happens to be named `ferry` is when its tables are selected.
         for s in &schemas {
             cmd.arg(format!("--schema={}", quote_ident(s)));
         }
