@@ -39,6 +39,12 @@ pub struct TargetConfig {
     /// staging schemas, swapped in atomically); 1 loads in one transaction.
     #[serde(default = "default_jobs")]
     pub jobs: usize,
+    /// PostgreSQL: let the application's triggers fire on the target. Off by
+    /// default: a complete disables the user triggers it creates, as logical
+    /// replication does, so that a `BEFORE UPDATE … updated_at := now()` or an
+    /// audit trigger never makes the copy differ from the source.
+    #[serde(default)]
+    pub fire_triggers: bool,
 }
 
 fn default_jobs() -> usize {

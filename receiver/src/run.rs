@@ -446,6 +446,7 @@ async fn streamed_complete(
     staging: &std::path::Path,
     jobs: usize,
 ) -> Result<(u64, u64, Manifest), ApplyError> {
+    let fire = pg.fire_triggers;
     let limits = Limits {
         max_bytes: config.limits.max_bundle_bytes,
         ..Limits::default()
@@ -483,7 +484,7 @@ async fn streamed_complete(
             check_name(e, &all)?;
             let media_files = media::install_owned(media, config.media.clone()).await?;
             let sql_hooks = sql_hooks(config, e);
-            crate::load::postgres::finish(tx, &all, &e.file, rows, &sql_hooks).await?;
+            crate::load::postgres::finish(tx, &all, &e.file, rows, &sql_hooks, fire).await?;
             Ok((rows, media_files, all))
         }
     };

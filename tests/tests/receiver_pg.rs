@@ -1052,3 +1052,61 @@ async fn a_complete_carries_only_the_sequences_of_its_tables() {
         .unwrap();
     assert_eq!(next, 4);
 }
+
+/// The application's triggers come with the complete's DDL but must not fire on
+/// the copy: a `BEFORE` trigger that stamps a column and an audit trigger that
+/// writes rows would otherwise make the target differ from the source on every
+/// applied row. With `[target] fire_triggers = true` they fire (opt-in).
+#[tokio::test]
+async fn the_applications_triggers_do_not_fire_on_the_copy() {
+    const TRIGGERS: &str = r#"
+        CREATE TABLE item (id int PRIMARY KEY, v text, touched text,
+                           updated_at timestamptz NOT NULL DEFAULT now());
+        CREATE TABLE audit (id serial PRIMARY KEY, item_id int,
+                            updated_at timestamptz NOT NULL DEFAULT now());
+        CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS
+          $$BEGIN NEW.touched := 'stamped ' || clock_timestamp(); RETURN NEW; END$$;
+        CREATE FUNCTION audit_item() RETURNS trigger LANGUAGE plpgsql AS
+          $$BEGIN INSERT INTO audit (item_id) VALUES (NEW.id); RETURN NEW; END$$;
+        CREATE TRIGGER item_touch BEFORE INSERT OR UPDATE ON item
+          FOR EACH ROW EXECUTE FUNCTION touch();
+        CREATE TRIGGER item_audit AFTER INSERT OR UPDATE ON item
+          FOR EACH ROW EXECUTE FUNCTION audit_item();
+        INSERT INTO item (id, v) SELECT g, 'v' || g FROM generate_series(1, 20) g;"#;
+    for fire in [false, true] {
+        let p = Pipe::new(TRIGGERS, "").await;
+        if fire {
+            let toml = std::fs::read_to_string(p.path("receiver.toml")).unwrap();
+            std::fs::write(
+                p.path("receiver.toml"),
+                toml.replace("[target]\n", "[target]\nfire_triggers = true\n"),
+            )
+            .unwrap();
+        }
+        let mut src = p.server.connect("app").await;
+        if fire {
+            // An audit trigger on both sides would collide on audit's keys.
+            exec(&mut src, "DROP TRIGGER item_audit ON item").await;
+        }
+        p.deliver(&p.send("complete"));
+        p.load_ok();
+        exec(
+            &mut src,
+            "UPDATE item SET v = 'changed', updated_at = now() WHERE id <= 5;
+             INSERT INTO item (id, v) VALUES (21, 'new')",
+        )
+        .await;
+        p.deliver(&p.send("partial"));
+        p.load_ok();
+        if fire {
+            // Opted in: the copy's trigger stamped the applied rows again.
+            let mut viz = p.server.connect("viz").await;
+            assert_ne!(
+                table_rows(&mut viz, "item").await,
+                table_rows(&mut src, "item").await
+            );
+        } else {
+            p.assert_same(&["item", "audit"]).await;
+        }
+    }
+}

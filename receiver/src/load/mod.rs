@@ -102,7 +102,8 @@ impl Target {
     pub async fn connect(config: &Config) -> Result<Self, LoadError> {
         match config.target.engine() {
             Some(Engine::Postgres) => Ok(Target::Postgres(Box::new(
-                postgres::PgTarget::connect(&config.target.url).await?,
+                postgres::PgTarget::connect(&config.target.url, config.target.fire_triggers)
+                    .await?,
             ))),
             _ => Ok(Target::Sqlite(
                 sqlite::SqliteTarget::connect(&config.target.url).await?,

@@ -34,6 +34,8 @@ pub struct PgTarget {
     pub(super) url: String,
     /// This session's server process, to end it when a load is abandoned.
     pub(super) backend_pid: i32,
+    /// `[target] fire_triggers`.
+    pub(crate) fire_triggers: bool,
 }
 
 pub(super) fn q(sql: String) -> AssertSqlSafe<String> {
@@ -63,7 +65,7 @@ DO $$ BEGIN
 END $$;";
 
 impl PgTarget {
-    pub async fn connect(url: &str) -> Result<Self, LoadError> {
+    pub async fn connect(url: &str, fire_triggers: bool) -> Result<Self, LoadError> {
         let mut conn = session(url).await?;
         sqlx::raw_sql(LEDGER)
             .execute(&mut conn)
@@ -77,6 +79,7 @@ impl PgTarget {
             conn,
             url: url.to_owned(),
             backend_pid,
+            fire_triggers,
         })
     }
 
@@ -165,12 +168,13 @@ impl PgTarget {
                 m.source.engine
             )));
         }
+        let fire = self.fire_triggers;
         let mut tx = self.begin_checked(m).await?;
         let rows = match m.kind {
             Kind::Complete => load_complete(&mut tx, v).await?,
             Kind::Partial => load_partial(&mut tx, v).await?,
         };
-        finish(tx, m, file, rows, sql_hooks).await?;
+        finish(tx, m, file, rows, sql_hooks, fire).await?;
         Ok(rows)
     }
 
@@ -257,7 +261,24 @@ pub async fn finish(
     file: &str,
     rows: u64,
     sql_hooks: &[String],
+    fire_triggers: bool,
 ) -> Result<(), LoadError> {
+    // The complete created the application's triggers with its tables: turn
+    // them off (user triggers only; foreign keys keep being checked), so no
+    // load of this copy fires them, unless the operator asked for them.
+    if m.kind == Kind::Complete && !fire_triggers {
+        let sql: String = m
+            .tables
+            .iter()
+            .map(|t| format!("ALTER TABLE {} DISABLE TRIGGER USER;\n", t.name.quoted()))
+            .collect();
+        sqlx::raw_sql(q(sql))
+            .execute(&mut *tx)
+            .await
+            .map_err(LoadError::db(
+                "disabling the application's triggers on the copy",
+            ))?;
+    }
     sqlx::query(
         "INSERT INTO ferry_receiver.applied
            (sender_id, seq, kind, base_seq, created_at, file, rows, schema_fingerprint,
