@@ -20,6 +20,7 @@ pub mod quarantine;
 pub mod report;
 pub mod run;
 pub mod sftp_server;
+pub mod space;
 pub mod verify;
 
 pub use config::Config;

@@ -27,6 +27,8 @@ pub enum ApplyError {
     Load(#[from] LoadError),
     #[error("{0}")]
     Mismatch(String),
+    #[error(transparent)]
+    NoSpace(#[from] crate::space::NoSpace),
 }
 
 impl ApplyError {
@@ -34,6 +36,8 @@ impl ApplyError {
         match self {
             ApplyError::Load(e) => e.is_transient(),
             ApplyError::Verify(e) => e.is_transient(),
+            // The operator frees space; the bundle is not at fault.
+            ApplyError::NoSpace(_) => true,
             _ => false,
         }
     }
@@ -392,6 +396,16 @@ async fn load_bundle(
     started: Instant,
 ) -> Result<(u64, u64, Manifest), ApplyError> {
     let staging = config.staging_dir().join(&e.file);
+    let streamed = e.kind == Kind::Complete && matches!(target, Target::Postgres(_));
+    let first = match (&e.arriving, e.volumes.first()) {
+        (Some(_), Some(v)) => v.clone(),
+        _ => e.path.clone(),
+    };
+    // What it declares must fit before anything is staged (an unreadable
+    // manifest is left to verification, which names the damage).
+    if let Ok(m) = read_manifest(&first, &Limits::default()) {
+        crate::space::check(config, &e.file, &m, streamed)?;
+    }
     if e.kind == Kind::Complete
         && let Target::Postgres(pg) = target
     {

@@ -318,3 +318,68 @@ async fn the_daemon_loads_on_file_events_and_stops_on_sigterm() {
     let status = daemon.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "exit status after SIGTERM: {status}");
 }
+
+/// Unmounts a test file system when dropped.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A bundle that would leave its file system with less than the margin is not
+/// staged: the load waits (exit 75) with an error naming the directory and the
+/// numbers, nothing is applied or quarantined, and it loads once there is room.
+/// (A 16 MiB tmpfs as the receiver's state directory, a 20 MiB media file.)
+#[tokio::test]
+async fn a_bundle_that_does_not_fit_waits_for_free_space() {
+    let l = Lite::with("", "[bundle]\nvolume_bytes = 0\n").await;
+    let rstate = l.p("rstate");
+    std::fs::create_dir_all(&rstate).unwrap();
+    let mount = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "ferry-test"])
+        .arg(&rstate)
+        .status()
+        .unwrap();
+    assert!(
+        mount.success(),
+        "mounting a tmpfs needs root (CI runs the tests as root)"
+    );
+    let _mounted = Mounted(rstate.clone());
+    let mut x = 0x9e37_79b9_u32;
+    let noise: Vec<u8> = (0..20 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    std::fs::write(l.p("media-src/big.bin"), &noise).unwrap();
+    l.deliver(&l.send("complete"));
+    let out = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+    let said = text(&out.stdout) + &text(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{said}");
+    assert!(said.contains("not enough free space"), "{said}");
+    assert!(said.contains(&rstate.display().to_string()), "{said}");
+    assert!(!l.p("media-dst/big.bin").exists());
+    assert!(
+        !rstate.join("quarantine").exists()
+            || std::fs::read_dir(rstate.join("quarantine"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
+    // Room made: it loads.
+    let grown = Command::new("mount")
+        .args(["-o", "remount,size=200m"])
+        .arg(&rstate)
+        .status()
+        .unwrap();
+    assert!(grown.success());
+    let out = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    l.assert_same().await;
+    assert_eq!(std::fs::read(l.p("media-dst/big.bin")).unwrap(), noise);
+}
