@@ -1110,3 +1110,44 @@ async fn the_applications_triggers_do_not_fire_on_the_copy() {
         }
     }
 }
+
+/// A table that leaves the source (here dropped, with a trigger function it
+/// shares with another table) must not stop replication: the next complete
+/// drops it from the copy, whose DDL then applies, in both load paths
+/// (parallel staging and one transaction).
+#[tokio::test]
+async fn a_table_dropped_on_the_source_leaves_the_copy() {
+    const SHARED: &str = r#"
+        CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS
+          $$BEGIN NEW.updated_at := now(); RETURN NEW; END$$;
+        CREATE TABLE keep (id int PRIMARY KEY, v text, updated_at timestamptz NOT NULL DEFAULT now());
+        CREATE TABLE gone (id int PRIMARY KEY, v text, updated_at timestamptz NOT NULL DEFAULT now());
+        CREATE TRIGGER keep_touch BEFORE UPDATE ON keep FOR EACH ROW EXECUTE FUNCTION touch();
+        CREATE TRIGGER gone_touch BEFORE UPDATE ON gone FOR EACH ROW EXECUTE FUNCTION touch();
+        INSERT INTO keep SELECT g, 'k' FROM generate_series(1, 10) g;
+        INSERT INTO gone SELECT g, 'g' FROM generate_series(1, 10) g;"#;
+    for jobs in [2, 1] {
+        let p = Pipe::new(SHARED, "").await;
+        p.jobs(jobs);
+        let mut src = p.server.connect("app").await;
+        p.deliver(&p.send("complete"));
+        p.load_ok();
+        exec(
+            &mut src,
+            "DROP TABLE gone; UPDATE keep SET v = 'x' WHERE id = 1",
+        )
+        .await;
+        p.deliver(&p.send("complete"));
+        p.load_ok();
+        p.assert_same(&["keep"]).await;
+        let mut viz = p.server.connect("viz").await;
+        let left: bool = sqlx::query_scalar("SELECT to_regclass('public.gone') IS NOT NULL")
+            .fetch_one(&mut viz)
+            .await
+            .unwrap();
+        assert!(
+            !left,
+            "jobs = {jobs}: the dropped table is still on the copy"
+        );
+    }
+}

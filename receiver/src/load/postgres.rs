@@ -55,6 +55,12 @@ CREATE TABLE IF NOT EXISTS ferry_receiver.applied (
   rows bigint NOT NULL,
   schema_fingerprint text NOT NULL,
   PRIMARY KEY (sender_id, seq));
+-- The tables each sender's newest applied complete holds: a table that leaves
+-- the source (or its selection) is dropped from the copy by the next complete.
+CREATE TABLE IF NOT EXISTS ferry_receiver.complete_tables (
+  sender_id text NOT NULL,
+  table_name text NOT NULL,
+  PRIMARY KEY (sender_id, table_name));
 DO $$ BEGIN
   -- Added later: what identifies each applied bundle beyond its seq.
   IF NOT EXISTS (SELECT 1 FROM information_schema.columns
@@ -152,6 +158,9 @@ impl PgTarget {
             .map_err(LoadError::db("locking the sender's ledger"))?;
         let state = ledger(&mut tx, &m.sender_id).await?;
         check_order(m, &state)?;
+        if m.kind == Kind::Complete {
+            drop_departed(&mut tx, m).await?;
+        }
         Ok(tx)
     }
 
@@ -266,6 +275,23 @@ pub async fn finish(
     // The complete created the application's triggers with its tables: turn
     // them off (user triggers only; foreign keys keep being checked), so no
     // load of this copy fires them, unless the operator asked for them.
+    if m.kind == Kind::Complete {
+        let names: Vec<String> = m.tables.iter().map(|t| t.name.quoted()).collect();
+        sqlx::query("DELETE FROM ferry_receiver.complete_tables WHERE sender_id = $1")
+            .bind(&m.sender_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(LoadError::db("recording the complete's tables"))?;
+        sqlx::query(
+            "INSERT INTO ferry_receiver.complete_tables (sender_id, table_name)
+             SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(&m.sender_id)
+        .bind(&names)
+        .execute(&mut *tx)
+        .await
+        .map_err(LoadError::db("recording the complete's tables"))?;
+    }
     if m.kind == Kind::Complete && !fire_triggers {
         let sql: String = m
             .tables
@@ -306,6 +332,34 @@ pub async fn finish(
     let started = std::time::Instant::now();
     tx.commit().await.map_err(LoadError::db("committing"))?;
     tracing::debug!(ms = started.elapsed().as_millis() as u64, "committed");
+    Ok(())
+}
+
+/// Drops the tables the sender's previous complete brought that this one does
+/// not (dropped on the source, or no longer selected), with what depends on
+/// them, so that the complete's DDL (which drops and re-creates shared
+/// functions, say) applies to a target that holds exactly its tables.
+async fn drop_departed(conn: &mut PgConnection, m: &Manifest) -> Result<(), LoadError> {
+    let keep: Vec<String> = m.tables.iter().map(|t| t.name.quoted()).collect();
+    let gone: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name FROM ferry_receiver.complete_tables
+         WHERE sender_id = $1 AND NOT (table_name = ANY($2)) ORDER BY 1",
+    )
+    .bind(&m.sender_id)
+    .bind(&keep)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(LoadError::db("reading the tables of the previous complete"))?;
+    for t in &gone {
+        // The names were quoted by this receiver when it recorded them.
+        sqlx::raw_sql(q(format!("DROP TABLE IF EXISTS {t} CASCADE")))
+            .execute(&mut *conn)
+            .await
+            .map_err(LoadError::db(format!(
+                "dropping {t}, which left the source"
+            )))?;
+        tracing::warn!(table = %t, sender = %m.sender_id, seq = m.seq.0, "table no longer in the source's complete: dropped from the copy");
+    }
     Ok(())
 }
 
