@@ -180,10 +180,18 @@ async fn execute(command: Command, config: Config) -> ExitCode {
         },
         Command::Check => {
             let findings = report::check(&config).await;
-            for (ok, what) in &findings {
-                println!("{} {what}", if *ok { "ok   " } else { "ERROR" });
+            for (level, what) in &findings {
+                let tag = match level {
+                    report::Level::Ok => "ok   ",
+                    report::Level::Warning => "WARN ",
+                    report::Level::Error => "ERROR",
+                };
+                println!("{tag} {what}");
             }
-            if findings.iter().all(|(ok, _)| *ok) {
+            if findings
+                .iter()
+                .all(|(level, _)| *level != report::Level::Error)
+            {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

@@ -1,12 +1,13 @@
 //! `status`, `check` and `failures`: what the receiver has applied, what waits and
 //! why, what failed, and whether it can work.
 
-use crate::config::{Config, redact_url};
+use crate::config::{Config, Engine, redact_url};
 use crate::load::{Applied, Target};
 use crate::plan::Step;
 use crate::quarantine::{self, Failure};
 use crate::run;
 use serde::Serialize;
+use sqlx::Connection;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -85,8 +86,43 @@ impl std::fmt::Display for Status {
     }
 }
 
+/// How a `check` finding counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Ok,
+    /// Works, but an operator should change it; `check` still exits 0.
+    Warning,
+    Error,
+}
+
 /// `check`: config, target database, inbox, media and state directories.
-pub async fn check(config: &Config) -> Vec<(bool, String)> {
+pub async fn check(config: &Config) -> Vec<(Level, String)> {
+    let mut out: Vec<(Level, String)> = check_basics(config)
+        .await
+        .into_iter()
+        .map(|(ok, what)| (if ok { Level::Ok } else { Level::Error }, what))
+        .collect();
+    if let Some(Engine::Postgres) = config.target.engine()
+        && let Ok(mut conn) = sqlx::PgConnection::connect(&config.target.url).await
+        && let Ok(true) = sqlx::query_scalar::<_, bool>(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+        )
+        .fetch_one(&mut conn)
+        .await
+    {
+        out.push((
+            Level::Warning,
+            "the receiver connects to the target as a superuser: a complete's DDL runs as \
+             written, so whoever can write into the inbox can run any SQL there (and, as a \
+             superuser, on the server). Connect as a role that owns only the target database \
+             (docs/install.md)"
+                .to_owned(),
+        ));
+    }
+    out
+}
+
+async fn check_basics(config: &Config) -> Vec<(bool, String)> {
     let mut out = vec![(true, "configuration is valid".to_owned())];
     for (what, dir) in [("state_dir", &config.state_dir), ("inbox", &config.inbox)]
         .into_iter()

@@ -1151,3 +1151,39 @@ async fn a_table_dropped_on_the_source_leaves_the_copy() {
         );
     }
 }
+
+/// Whoever can write into the inbox runs a complete's DDL on the target: `check`
+/// warns (exit 0) when the receiver connects as a superuser, and not when it
+/// connects as a role that owns only the target database.
+#[tokio::test]
+async fn check_warns_when_the_receiver_connects_as_a_superuser() {
+    let p = Pipe::new(SMALL, "").await;
+    let out = p.receive(&["check"]);
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("WARN") && said.contains("superuser"),
+        "{said}"
+    );
+    let mut admin = p.server.connect("postgres").await;
+    exec(&mut admin, "CREATE ROLE viz_owner LOGIN").await;
+    exec(&mut admin, "CREATE DATABASE viz2 OWNER viz_owner").await;
+    let mut viz2 = p.server.connect("viz2").await;
+    exec(&mut viz2, "ALTER SCHEMA public OWNER TO viz_owner").await;
+    let toml = std::fs::read_to_string(p.path("receiver.toml")).unwrap();
+    let url = p.server.url("viz");
+    std::fs::write(
+        p.path("receiver.toml"),
+        toml.replace(
+            &url,
+            &p.server
+                .url("viz2")
+                .replace("postgres://postgres@", "postgres://viz_owner@"),
+        ),
+    )
+    .unwrap();
+    let out = p.receive(&["check"]);
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(!said.contains("superuser"), "{said}");
+}
