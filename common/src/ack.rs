@@ -3,8 +3,7 @@
 //! After each pass the receiver writes `.ferry-ack-<sender>.json` into its inbox
 //! (a dot name, so no scan takes it for a bundle), durably. A sender reads it over
 //! SFTP before each push and learns
-//! - `applied_seq`: what is applied, so `sent/` may drop what is older (and
-//!   must keep what is not: a delivered bundle is not safe until it is applied);
+//! - `applied_seq`: what is applied (logged with every bundle sent again);
 //! - `wants`: the seq a held chain waits for (a gap, or a bundle quarantined as
 //!   damaged), which the sender sends again from `sent/`;
 //! - `seen_seq` and `scanned_at`: the newest seq the receiver had anywhere when

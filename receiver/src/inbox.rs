@@ -40,6 +40,15 @@ impl Entry {
         out
     }
 
+    /// The file whose manifest carries the bundle's header: the first volume of
+    /// a set still arriving, else the final file.
+    pub fn header_file(&self) -> &Path {
+        match (&self.arriving, self.volumes.first()) {
+            (Some(_), Some(v)) => v,
+            _ => &self.path,
+        }
+    }
+
     /// Removes every file of the bundle; the first error is returned, after
     /// trying the rest.
     pub fn remove(&self) -> std::io::Result<()> {

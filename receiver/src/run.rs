@@ -193,17 +193,8 @@ pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassEr
         match step {
             Step::Duplicate(e) => match reused_seq(target, &e).await? {
                 None => tracing::debug!(bundle = %e.file, "already applied; left for pruning"),
-                Some(reason) => {
-                    // Never skipped: its rows were never applied.
-                    tracing::error!(bundle = %e.file, seq = e.seq, error = %reason, "bundle refused; quarantined");
-                    if let Err(io) = quarantine::quarantine(&config.quarantine_dir(), &e, &reason) {
-                        tracing::error!(bundle = %e.file, error = %io, "could not move the bundle to quarantine; it stays in the inbox");
-                    }
-                    report.failed.push(Held {
-                        file: e.file,
-                        reason,
-                    });
-                }
+                // Never skipped: its rows were never applied.
+                Some(reason) => fail(config, e, reason, &mut report),
             },
             Step::Superseded(e) => superseded.push(e),
             Step::Hold(e, reason) => {
@@ -244,13 +235,6 @@ pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassEr
                         });
                     }
                     Err(err) => {
-                        let reason = err.to_string();
-                        tracing::error!(bundle = %e.file, seq = e.seq, kind = %e.kind, error = %reason, "load failed; bundle quarantined");
-                        if let Err(io) =
-                            quarantine::quarantine(&config.quarantine_dir(), &e, &reason)
-                        {
-                            tracing::error!(bundle = %e.file, error = %io, "could not move the bundle to quarantine; it stays in the inbox");
-                        }
                         stopped.insert(
                             e.sender.clone(),
                             format!(
@@ -258,10 +242,7 @@ pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassEr
                                 e.seq
                             ),
                         );
-                        report.failed.push(Held {
-                            file: e.file,
-                            reason,
-                        });
+                        fail(config, e, err.to_string(), &mut report);
                     }
                 }
             }
@@ -271,6 +252,19 @@ pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassEr
     drop_superseded(target, superseded, &mut report).await?;
     crate::ack::write_all(config, target, scanned_at).await?;
     Ok(report)
+}
+
+/// A bundle that failed (or was refused): one error event, the bundle moved
+/// to quarantine with its reason, and a line in the report.
+fn fail(config: &Config, e: Entry, reason: String, report: &mut Report) {
+    tracing::error!(bundle = %e.file, seq = e.seq, kind = %e.kind, error = %reason, "load failed; bundle quarantined");
+    if let Err(io) = quarantine::quarantine(&config.quarantine_dir(), &e, &reason) {
+        tracing::error!(bundle = %e.file, error = %io, "could not move the bundle to quarantine; it stays in the inbox");
+    }
+    report.failed.push(Held {
+        file: e.file,
+        reason,
+    });
 }
 
 /// Removes what a load killed mid-way (kill -9, power loss) left in the staging
@@ -313,17 +307,16 @@ async fn reused_seq(target: &mut Target, e: &Entry) -> Result<Option<String>, Pa
     let Some(applied) = target.applied_identity(&e.sender, e.seq).await? else {
         return Ok(None);
     };
-    if applied == m.identity() {
+    let this = m.identity();
+    if applied == this {
         return Ok(None);
     }
     Ok(Some(format!(
-        "bundle #{} of sender {} was already applied with other content (manifest {applied:.16}…, \
-         this one {:.16}…): the sender issued seq {} twice, so the rows of this one were never \
+        "bundle #{seq} of sender {} was already applied with other content (manifest {applied:.16}…, \
+         this one {this:.16}…): the sender issued seq {seq} twice, so the rows of this one were never \
          applied. Run `ferry-sender resync` on the sender to re-base the copy with a complete",
-        e.seq,
         e.sender,
-        m.identity(),
-        e.seq
+        seq = e.seq,
     )))
 }
 
@@ -397,13 +390,9 @@ async fn load_bundle(
 ) -> Result<(u64, u64, Manifest), ApplyError> {
     let staging = config.staging_dir().join(&e.file);
     let streamed = e.kind == Kind::Complete && matches!(target, Target::Postgres(_));
-    let first = match (&e.arriving, e.volumes.first()) {
-        (Some(_), Some(v)) => v.clone(),
-        _ => e.path.clone(),
-    };
     // What it declares must fit before anything is staged (an unreadable
     // manifest is left to verification, which names the damage).
-    if let Ok(m) = read_manifest(&first, &Limits::default()) {
+    if let Ok(m) = read_manifest(e.header_file(), &Limits::default()) {
         crate::space::check(config, &e.file, &m, streamed)?;
     }
     if e.kind == Kind::Complete
@@ -465,12 +454,7 @@ async fn streamed_complete(
         max_bytes: config.limits.max_bundle_bytes,
         ..Limits::default()
     };
-    // A volume set still arriving: its first volume's manifest has the header.
-    let first = match (&e.arriving, e.volumes.first()) {
-        (Some(_), Some(v)) => v,
-        _ => &e.path,
-    };
-    let manifest = read_manifest(first, &limits)?;
+    let manifest = read_manifest(e.header_file(), &limits)?;
     check_name(e, &manifest)?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     let (path, dir, max) = (e.path.clone(), staging.to_owned(), limits.max_bytes);

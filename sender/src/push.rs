@@ -165,8 +165,6 @@ pub struct Link {
     posix_rename: bool,
     target: String,
     dir: String,
-    /// The server's mtime of the last upload, for [`mark_delivered`].
-    last_remote_mtime: Mutex<Option<u32>>,
 }
 
 /// `host` or `[host]:port`, as known_hosts writes it.
@@ -346,7 +344,6 @@ impl Link {
             posix_rename,
             target,
             dir: p.remote_dir.trim_end_matches('/').to_owned(),
-            last_remote_mtime: Mutex::new(None),
         };
         link.ensure_dir().await?;
         Ok(link)
@@ -405,7 +402,13 @@ impl Link {
     }
 
     /// Uploads one bundle: temporary name, fsync, atomic rename, size check.
-    pub async fn upload(&self, local: &Path, name: &str) -> Result<u64, PushError> {
+    /// Returns its size and the server's modification time of it (the
+    /// receiver's clock, as [`Ack::scanned_at`] is), for [`mark_delivered`].
+    pub async fn upload(
+        &self,
+        local: &Path,
+        name: &str,
+    ) -> Result<(u64, Option<std::time::SystemTime>), PushError> {
         let size = std::fs::metadata(local)
             .map_err(|source| PushError::Local {
                 path: local.to_owned(),
@@ -474,10 +477,6 @@ impl Link {
             .await
             .map_err(sftp_error(&self.target, format!("checking {fin}")))?;
         let got = meta.size;
-        self.last_remote_mtime
-            .lock()
-            .map(|mut m| *m = meta.mtime)
-            .ok();
         if got != Some(size) {
             return Err(PushError::Sftp {
                 target: self.target.clone(),
@@ -494,7 +493,10 @@ impl Link {
             sync_ms = (synced - written).as_millis() as u64,
             "bundle delivered"
         );
-        Ok(size)
+        let remote_mtime = meta
+            .mtime
+            .map(|secs| std::time::UNIX_EPOCH + Duration::from_secs(secs.into()));
+        Ok((size, remote_mtime))
     }
 
     async fn rename(&self, from: &str, to: &str) -> Result<(), PushError> {
@@ -558,13 +560,6 @@ impl Link {
         }
     }
 
-    /// The server's modification time of the last bundle uploaded (the
-    /// receiver's clock), as [`Ack::scanned_at`] is.
-    fn take_remote_mtime(&self) -> Option<std::time::SystemTime> {
-        let secs = self.last_remote_mtime.lock().ok()?.take()?;
-        Some(std::time::UNIX_EPOCH + Duration::from_secs(secs.into()))
-    }
-
     pub async fn close(self) {
         let _ = self.sftp.close().await;
         let _ = self
@@ -586,7 +581,7 @@ pub async fn push_pending(config: &Config, p: &PushConfig) -> Result<PushOutcome
     let mut attempt = 0;
     let result = loop {
         attempt += 1;
-        match push_round(config, p, &mut outcome).await {
+        match push_round(config, p, &mut state, &mut outcome).await {
             Ok(()) => break Ok(()),
             Err(e) if e.is_transient() && attempt < p.attempts => {
                 let wait = backoff(attempt, p.backoff_max);
@@ -609,6 +604,7 @@ pub async fn push_pending(config: &Config, p: &PushConfig) -> Result<PushOutcome
 async fn push_round(
     config: &Config,
     p: &PushConfig,
+    state: &mut State,
     outcome: &mut PushOutcome,
 ) -> Result<(), PushError> {
     let mut pending: Vec<Pending> = outbox::list(&config.outbox(), &config.sender_id)?;
@@ -619,11 +615,7 @@ async fn push_round(
     // could have its seq issued again with other rows. Volumes of a complete
     // still being written go out (the receiver commits nothing before the
     // set's final file, which is only pushed once recorded).
-    let recorded = State::open(&config.state_dir)
-        .await?
-        .last(None)
-        .await?
-        .map_or(0, |b| b.seq);
+    let recorded = state.last(None).await?.map_or(0, |b| b.seq);
     pending.retain(|b| b.volume.is_some() || b.seq <= recorded);
     if pending.is_empty() && !delivered {
         return Ok(());
@@ -631,7 +623,7 @@ async fn push_round(
     let link = Link::open(p).await?;
     let result = async {
         if let Some(ack) = link.read_ack(&config.sender_id).await {
-            resend(config, &link, &ack, outcome).await?;
+            resend(config, &link, &ack, state, outcome).await?;
         }
         deliver(config, &link, pending, outcome).await
     }
@@ -654,13 +646,13 @@ async fn deliver(
     })?;
     for b in pending {
         let local = config.outbox().join(&b.file);
-        let bytes = link.upload(&local, &b.file).await?;
+        let (bytes, remote_mtime) = link.upload(&local, &b.file).await?;
         let kept = sent.join(&b.file);
         ferry_common::durable::commit_rename(&local, &kept).map_err(|source| PushError::Local {
             path: local.clone(),
             source,
         })?;
-        mark_delivered(&kept, link.take_remote_mtime());
+        mark_delivered(&kept, remote_mtime);
         outcome.delivered.push(b.file);
         outcome.bytes += bytes;
     }
@@ -693,6 +685,7 @@ async fn resend(
     config: &Config,
     link: &Link,
     ack: &Ack,
+    state: &mut State,
     outcome: &mut PushOutcome,
 ) -> Result<(), PushError> {
     let sent_dir = config.sent_dir();
@@ -715,7 +708,6 @@ async fn resend(
     if seqs.is_empty() {
         return Ok(());
     }
-    let mut state = State::open(&config.state_dir).await?;
     for seq in seqs {
         let times = state.resent(seq).await?;
         if times >= MAX_RESENDS {
@@ -733,8 +725,8 @@ async fn resend(
         for b in sent.iter().filter(|b| b.seq == seq) {
             let local = sent_dir.join(&b.file);
             tracing::warn!(bundle = %b.file, seq, applied_seq = ack.applied_seq, seen_seq = ack.seen_seq, "sending a delivered bundle again: the receiver does not have it");
-            let bytes = link.upload(&local, &b.file).await?;
-            mark_delivered(&local, link.take_remote_mtime());
+            let (bytes, remote_mtime) = link.upload(&local, &b.file).await?;
+            mark_delivered(&local, remote_mtime);
             outcome.delivered.push(b.file.clone());
             outcome.bytes += bytes;
         }

@@ -272,9 +272,8 @@ pub async fn finish(
     sql_hooks: &[String],
     fire_triggers: bool,
 ) -> Result<(), LoadError> {
-    // The complete created the application's triggers with its tables: turn
-    // them off (user triggers only; foreign keys keep being checked), so no
-    // load of this copy fires them, unless the operator asked for them.
+    // What this complete holds, for the next one to drop what leaves
+    // (`drop_departed`).
     if m.kind == Kind::Complete {
         let names: Vec<String> = m.tables.iter().map(|t| t.name.quoted()).collect();
         sqlx::query("DELETE FROM ferry_receiver.complete_tables WHERE sender_id = $1")
@@ -292,6 +291,9 @@ pub async fn finish(
         .await
         .map_err(LoadError::db("recording the complete's tables"))?;
     }
+    // The complete created the application's triggers with its tables: turn
+    // them off (user triggers only; foreign keys keep being checked), so no
+    // load of this copy fires them, unless the operator asked for them.
     if m.kind == Kind::Complete && !fire_triggers {
         let sql: String = m
             .tables

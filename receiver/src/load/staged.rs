@@ -136,8 +136,7 @@ async fn release_stage_lock(pg: &mut PgTarget) {
             tracing::warn!(%error, "could not release the staging lock; opening a new session so the server releases it");
             match super::postgres::session(&pg.url).await {
                 Ok(fresh) => {
-                    let old = std::mem::replace(&mut pg.conn, fresh);
-                    drop(old);
+                    pg.conn = fresh; // the old session closes, and its lock goes
                     if let Ok(pid) = sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
                         .fetch_one(&mut pg.conn)
                         .await

@@ -97,7 +97,8 @@ impl PgSource {
                     .into(),
             ));
         }
-        let installed: bool = sqlx::query_scalar(
+        let installed: bool = enabled
+            && sqlx::query_scalar(
             "SELECT coalesce(obj_description(to_regnamespace('ferry'), 'pg_namespace') = $2, false)
                 AND to_regclass('ferry.deleted_rows') IS NOT NULL
                 AND to_regclass('ferry.deleted_rows_deleted_at') IS NOT NULL
@@ -106,11 +107,11 @@ impl PgSource {
                               FROM pg_proc p
                               WHERE p.oid = to_regprocedure('ferry.capture_delete()')), false)",
         )
-        .bind(CAPTURE_BODY)
-        .bind(SCHEMA_MARKER)
-        .fetch_one(&mut self.conn)
-        .await
-        .map_err(err())?;
+            .bind(CAPTURE_BODY)
+            .bind(SCHEMA_MARKER)
+            .fetch_one(&mut self.conn)
+            .await
+            .map_err(err())?;
         // Turning capture off with nothing of it left: no transaction, no lock.
         if !enabled && existing.is_empty() && schema != FerrySchema::Ours {
             return Ok(());
