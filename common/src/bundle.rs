@@ -485,6 +485,7 @@ mod tests {
             media_set: None,
             mtime_ns: None,
             volume: None,
+            whole: false,
         }
     }
 

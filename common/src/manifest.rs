@@ -13,9 +13,10 @@ use std::fmt;
 
 /// The bundle format version this code writes: 2 gives members BLAKE3
 /// checksums; 3 follows `manifest.json` with [`MANIFEST_SUM`], the BLAKE3 of
-/// the manifest itself. An older reader refuses a newer format with "upgrade
+/// the manifest itself; 4 marks data members of partials that hold a whole
+/// table (`Member::whole`). An older reader refuses a newer format with "upgrade
 /// ferry".
-pub const FORMAT: u32 = 3;
+pub const FORMAT: u32 = 4;
 
 /// The member right after `manifest.json` (format 3 on): the BLAKE3 of
 /// `manifest.json`'s bytes, as hex and a newline, so that a damaged manifest
@@ -208,6 +209,10 @@ pub struct Member {
     /// (`None`: the final file itself). See [`Volume`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<u32>,
+    /// In a partial (format 4): this data member holds every row of its table,
+    /// and the receiver deletes the rows it lacks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub whole: bool,
 }
 
 /// A complete large enough to be sent in volumes (so that the receiver can load

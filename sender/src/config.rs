@@ -205,8 +205,18 @@ pub struct PartialConfig {
     /// How long delete-log entries are kept after the watermark passed them.
     #[serde(with = "ferry_common::duration")]
     pub delete_log_retention: Duration,
-    /// Per-table settings; keys are `schema.table` (case-sensitive).
+    /// Per-table settings; keys are `schema.table` (case-sensitive) or glob
+    /// patterns over those names (`"public.auth_*"`). An exact name wins over
+    /// patterns, and of several patterns the most specific (most characters
+    /// other than wildcards) wins.
     pub tables: BTreeMap<String, TableOverride>,
+    /// How partials carry a table that lacks the change column (and has no
+    /// stanza of its own): see [`WithoutChangeColumn`].
+    pub without_change_column: WithoutChangeColumn,
+    /// `without_change_column = "auto"`: tables of at most this many rows are
+    /// sent whole in every partial (when they changed), bigger ones in
+    /// completes only.
+    pub whole_max_rows: u64,
     /// `run`: how often to take a partial (`"5m"`, `"2s"`), or `"off"`.
     #[serde(deserialize_with = "interval")]
     pub interval: Option<Duration>,
@@ -236,6 +246,8 @@ impl Default for PartialConfig {
             deletes: DeleteCapture::Trigger,
             delete_log_retention: Duration::from_secs(7 * 86400),
             tables: BTreeMap::new(),
+            without_change_column: WithoutChangeColumn::Auto,
+            whole_max_rows: 10_000,
             interval: Some(Duration::from_secs(300)),
         }
     }
@@ -248,13 +260,77 @@ pub enum DeleteCapture {
     Off,
 }
 
+/// What partials do with a table that lacks the change column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WithoutChangeColumn {
+    /// Whole when it has at most `whole_max_rows` rows, else completes only.
+    Auto,
+    /// Always whole (when it changed).
+    Whole,
+    /// Completes only.
+    Complete,
+    /// Refuse to start until the table has a stanza of its own.
+    Error,
+}
+
+/// How partials carry a table (`[partial.tables."…"] partial`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carry {
+    /// Rows whose change column moved, and captured deletes.
+    Changes,
+    /// Every row, whenever the table changed; the receiver deletes the rows the
+    /// set lacks.
+    Whole,
+    /// Completes only (partials still carry the rows that changed rows of other
+    /// tables reference).
+    Complete,
+}
+
+impl Carry {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Carry::Changes => "changes",
+            Carry::Whole => "whole",
+            Carry::Complete => "complete",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Carry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Carry;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"changes\", \"whole\", \"complete\", true or false")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Carry, E> {
+                Ok(if v { Carry::Changes } else { Carry::Complete })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Carry, E> {
+                match v {
+                    "changes" => Ok(Carry::Changes),
+                    "whole" => Ok(Carry::Whole),
+                    "complete" => Ok(Carry::Complete),
+                    _ => Err(E::custom(format!(
+                        "{v:?} is not a table policy; write \"changes\", \"whole\" or \"complete\""
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Per-table partial settings.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TableOverride {
     pub change_column: Option<String>,
-    /// `false`: the table travels in completes only (e.g. it has no primary key).
-    pub partial: Option<bool>,
+    /// `"changes"` (or `true`), `"whole"`, or `"complete"` (or `false`: the
+    /// table travels in completes only, e.g. it has no primary key).
+    pub partial: Option<Carry>,
 }
 
 /// Bundle compression.
@@ -468,24 +544,33 @@ impl Config {
         self.state_dir.join("outbox")
     }
 
-    /// The change column for a table (`schema.table` as configured), if any.
-    pub fn change_column(&self, table: &str) -> Option<&str> {
+    /// The `[partial.tables."…"]` stanza that applies to `table`
+    /// (`schema.table`) and its key: the exact name, else the most specific
+    /// matching pattern (most characters other than wildcards; ties: the first
+    /// in key order).
+    pub fn table_rule(&self, table: &str) -> Option<(&str, &TableOverride)> {
+        if let Some((k, r)) = self.partial.tables.get_key_value(table) {
+            return Some((k.as_str(), r));
+        }
+        let literal = |p: &str| p.chars().filter(|c| !"*?[]".contains(*c)).count();
         self.partial
             .tables
-            .get(table)
-            .and_then(|t| t.change_column.as_deref())
-            .or(self.partial.change_column.as_deref())
-    }
-
-    /// Whether partials include this table (default: yes).
-    pub fn partial_enabled(&self, table: &str) -> bool {
-        self.partial
-            .tables
-            .get(table)
-            .and_then(|t| t.partial)
-            .unwrap_or(true)
+            .iter()
+            .filter(|(k, _)| {
+                glob::Pattern::new(k).is_ok_and(|p| p.matches_with(table, GLOB_OPTIONS))
+            })
+            .max_by(|a, b| literal(a.0).cmp(&literal(b.0)).then(b.0.cmp(a.0)))
+            .map(|(k, r)| (k.as_str(), r))
     }
 }
+
+/// How table patterns match `schema.table` names: case-sensitive, and `*`
+/// crosses the dot.
+pub const GLOB_OPTIONS: glob::MatchOptions = glob::MatchOptions {
+    case_sensitive: true,
+    require_literal_separator: false,
+    require_literal_leading_dot: false,
+};
 
 /// The commented example configuration (also `ferry-sender example-config`).
 pub const EXAMPLE: &str = include_str!("../../docs/sender.example.toml");
@@ -502,11 +587,41 @@ mod tests {
     fn example_parses() {
         let c = parse(EXAMPLE).unwrap();
         assert_eq!(c.sender_id, "transapp");
-        assert_eq!(
-            c.change_column("public.AndroidRequests_report"),
-            Some("timeStamp")
+        let column = |t: &str| {
+            c.table_rule(t)
+                .and_then(|(_, r)| r.change_column.as_deref())
+                .or(c.partial.change_column.as_deref())
+        };
+        assert_eq!(column("public.AndroidRequests_report"), Some("timeStamp"));
+        assert_eq!(column("public.other"), Some("updated_at"));
+    }
+
+    #[test]
+    fn table_stanzas_match_by_name_then_by_the_most_specific_pattern() {
+        let c = parse(
+            "sender_id='a'\nstate_dir='/x'\n[source]\nurl='sqlite:///x'\n\
+             [partial.tables.\"public.*\"]\npartial = \"complete\"\n\
+             [partial.tables.\"public.auth_*\"]\npartial = \"whole\"\n\
+             [partial.tables.\"public.auth_user\"]\npartial = true\nchange_column = \"t\"\n\
+             [partial.tables.\"public.django_session\"]\npartial = false\n",
+        )
+        .unwrap();
+        let carry = |t: &str| c.table_rule(t).and_then(|(_, r)| r.partial);
+        assert_eq!(carry("public.auth_user"), Some(Carry::Changes));
+        assert_eq!(carry("public.auth_group"), Some(Carry::Whole));
+        assert_eq!(carry("public.django_session"), Some(Carry::Complete));
+        assert_eq!(carry("public.x"), Some(Carry::Complete));
+        assert_eq!(carry("other.x"), None);
+        let e = parse(
+            "sender_id='a'\nstate_dir='/x'\n[source]\nurl='sqlite:///x'\n\
+             [partial.tables.\"t\"]\npartial = \"sometimes\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("write \"changes\", \"whole\" or \"complete\""),
+            "{e}"
         );
-        assert_eq!(c.change_column("public.other"), Some("updated_at"));
     }
 
     #[test]

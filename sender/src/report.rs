@@ -1,6 +1,6 @@
 //! `status` and `check`: what the sender has done, and whether it can work.
 
-use crate::config::{Config, Engine, redact_url};
+use crate::config::{Carry, Config, Engine, redact_url};
 use crate::extract::{ChangeKind, Source, Watermarks};
 use crate::outbox::{self, Pending};
 use crate::state::{BundleRecord, PushStatus, State};
@@ -224,10 +224,43 @@ pub async fn check(config: &Config) -> Vec<Finding> {
                 ),
             );
             for t in &tables {
+                let why = if t.auto {
+                    format!(
+                        " (no change column; `without_change_column = \"auto\"`: {} rows or fewer)",
+                        config.partial.whole_max_rows
+                    )
+                } else {
+                    String::new()
+                };
                 match &t.change {
-                    None => push(
+                    None if t.carry == Carry::Whole => push(
                         Level::Ok,
-                        format!("{}: completes only (`partial = false`)", t.key()),
+                        format!(
+                            "{}: whole in every partial that finds it changed{why}",
+                            t.key()
+                        ),
+                    ),
+                    None if t.info.primary_key.is_empty() => push(
+                        Level::Ok,
+                        format!("{}: completes only (no primary key)", t.key()),
+                    ),
+                    None => push(
+                        if t.auto { Level::Warn } else { Level::Ok },
+                        format!(
+                            "{}: completes only, and in partials the rows that changed rows \
+                             reference{}",
+                            t.key(),
+                            if t.auto {
+                                format!(
+                                    " (no change column and more than {} rows: its deletes and \
+                                     updates reach the copy with the next complete; add a change \
+                                     column, or set `partial = \"whole\"` for it)",
+                                    config.partial.whole_max_rows
+                                )
+                            } else {
+                                String::new()
+                            }
+                        ),
                     ),
                     Some((col, kind)) => {
                         let ty = t

@@ -443,3 +443,170 @@ async fn turning_capture_off_removes_only_what_ferry_installed() {
     assert_eq!(left, (0, false));
     fx.assert_same(&EQUAL_TABLES).await;
 }
+
+/// A stock Django project's own tables: no `updated_at` anywhere, foreign keys
+/// from the app's table into them, a session table bigger than the "small"
+/// limit and a table without a primary key.
+const DJANGO: &str = r#"
+CREATE TABLE django_migrations (id bigserial PRIMARY KEY, app varchar(255) NOT NULL,
+  name varchar(255) NOT NULL, applied timestamptz NOT NULL DEFAULT now());
+CREATE TABLE django_content_type (id serial PRIMARY KEY, app_label varchar(100) NOT NULL,
+  model varchar(100) NOT NULL, UNIQUE (app_label, model));
+CREATE TABLE auth_group (id serial PRIMARY KEY, name varchar(150) NOT NULL UNIQUE);
+CREATE TABLE auth_user (id serial PRIMARY KEY, username varchar(150) NOT NULL UNIQUE,
+  last_login timestamptz);
+CREATE TABLE auth_user_groups (id bigserial PRIMARY KEY,
+  user_id int NOT NULL REFERENCES auth_user (id) DEFERRABLE INITIALLY DEFERRED,
+  group_id int NOT NULL REFERENCES auth_group (id) DEFERRABLE INITIALLY DEFERRED,
+  UNIQUE (user_id, group_id));
+CREATE TABLE django_session (session_key varchar(40) PRIMARY KEY, session_data text NOT NULL,
+  expire_date timestamptz NOT NULL);
+CREATE TABLE "AndroidRequests_report" (id serial PRIMARY KEY,
+  user_id int REFERENCES auth_user (id), message text,
+  updated_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE "AndroidRequests_log" (line text);
+INSERT INTO django_migrations (app, name) SELECT 'app', 'm' || i FROM generate_series(1, 5) i;
+INSERT INTO django_content_type (app_label, model) VALUES ('auth', 'user'), ('auth', 'group');
+INSERT INTO auth_group (name) VALUES ('staff'), ('ops');
+INSERT INTO auth_user (username) SELECT 'u' || i FROM generate_series(1, 30) i;
+INSERT INTO auth_user_groups (user_id, group_id) VALUES (1, 1), (2, 2);
+INSERT INTO django_session SELECT 's' || i, 'data', now() FROM generate_series(1, 50) i;
+INSERT INTO "AndroidRequests_report" (user_id, message) VALUES (1, 'first');
+INSERT INTO "AndroidRequests_log" VALUES ('started');
+"#;
+
+/// `include = ["public.*"]` on a stock Django database works with no table
+/// stanza: tables without the change column are sent whole when small
+/// (inserts, updates and deletes all reach the copy) and in completes only
+/// when big, where partials still carry the rows that changed rows reference;
+/// `check` lists how each table travels; a pattern stanza covers many tables.
+#[tokio::test]
+async fn a_stock_django_database_needs_no_table_stanza() {
+    let mut fx = Fixture::new(DJANGO).await;
+    let (state, url) = (fx.dir.path().join("state"), fx.server.url("app"));
+    let conf = |extra: &str| {
+        format!(
+            "sender_id = \"app\"\nstate_dir = {state:?}\n[source]\nurl = {url:?}\ninclude = [\"public.*\"]\n\
+             [partial]\nchange_column = \"updated_at\"\noverlap = \"0s\"\nwhole_max_rows = 40\n{extra}",
+        )
+    };
+    fx.config = Config::parse(&conf(""), Path::new("t.toml")).unwrap();
+    let small = [
+        "django_migrations",
+        "django_content_type",
+        "auth_group",
+        "auth_user",
+        "auth_user_groups",
+        r#""AndroidRequests_report""#,
+    ];
+    fx.ship(Kind::Complete).await.unwrap();
+    fx.assert_same(&small).await;
+    fx.assert_same(&["django_session", r#""AndroidRequests_log""#])
+        .await;
+
+    // The first partial after a complete sends the small tables whole once;
+    // then, nothing changed: no bundle (unchanged whole tables are not re-sent).
+    fx.ship(Kind::Partial).await.unwrap();
+    assert_eq!(fx.ship(Kind::Partial).await, None);
+
+    // Inserts, updates and deletes in the small tables, and a new user in a
+    // new group with a report.
+    fx.sql(
+        "INSERT INTO django_migrations (app, name) VALUES ('app', 'm6');
+         DELETE FROM django_migrations WHERE name = 'm2';
+         UPDATE django_content_type SET model = 'person' WHERE model = 'user';
+         INSERT INTO auth_group (name) VALUES ('new');
+         INSERT INTO auth_user (username) VALUES ('newcomer');
+         INSERT INTO auth_user_groups (user_id, group_id)
+           SELECT u.id, g.id FROM auth_user u, auth_group g
+           WHERE u.username = 'newcomer' AND g.name = 'new';
+         DELETE FROM auth_user_groups WHERE user_id = 2;
+         INSERT INTO \"AndroidRequests_report\" (user_id, message)
+           SELECT id, 'from the newcomer' FROM auth_user WHERE username = 'newcomer';",
+    )
+    .await;
+    fx.ship(Kind::Partial).await.unwrap();
+    fx.assert_same(&small).await;
+
+    // Past the limit auth_user travels in completes only; a report by a new
+    // user still brings that user along (the copy never lacks a parent).
+    fx.sql(
+        "INSERT INTO auth_user (username) SELECT 'more' || i FROM generate_series(1, 20) i;
+         INSERT INTO \"AndroidRequests_report\" (user_id, message)
+           SELECT id, 'late' FROM auth_user WHERE username = 'more7';",
+    )
+    .await;
+    fx.ship(Kind::Partial).await.unwrap();
+    let has =
+        |name: &'static str| format!("SELECT count(*) FROM auth_user WHERE username = '{name}'");
+    let n: i64 = sqlx::query_scalar(AssertSqlSafe(has("more7")))
+        .fetch_one(&mut fx.copy)
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "the referenced user must reach the copy");
+    let n: i64 = sqlx::query_scalar(AssertSqlSafe(has("more8")))
+        .fetch_one(&mut fx.copy)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "an unreferenced user waits for the next complete");
+    fx.assert_same(&[r#""AndroidRequests_report""#, "auth_user_groups"])
+        .await;
+    fx.ship(Kind::Complete).await.unwrap();
+    fx.assert_same(&small).await;
+
+    // `check` (the binary) lists how each table travels.
+    let path = fx.dir.path().join("sender.toml");
+    std::fs::write(&path, conf("")).unwrap();
+    let out = std::process::Command::new(ferry_tests::binary("ferry-sender"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "public.django_migrations: whole in every partial",
+        "public.auth_user: completes only, and in partials the rows that changed rows reference \
+         (no change column and more than 40 rows",
+        "public.AndroidRequests_log: completes only (no primary key)",
+        "public.AndroidRequests_report: change column \"updated_at\"",
+    ] {
+        assert!(text.contains(want), "check lacks {want:?}:\n{text}");
+    }
+
+    // A pattern stanza: every auth table whole, whatever its size; an exact
+    // name wins over the pattern.
+    fx.config = Config::parse(
+        &conf(
+            "[partial.tables.\"public.auth_*\"]\npartial = \"whole\"\n\
+             [partial.tables.\"public.auth_group\"]\npartial = \"complete\"\n",
+        ),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    fx.sql("DELETE FROM auth_user WHERE username = 'more8'; UPDATE auth_group SET name = 'x' WHERE name = 'ops'")
+        .await;
+    fx.ship(Kind::Partial).await.unwrap();
+    fx.assert_same(&["auth_user"]).await;
+    let ops: i64 = sqlx::query_scalar("SELECT count(*) FROM auth_group WHERE name = 'ops'")
+        .fetch_one(&mut fx.copy)
+        .await
+        .unwrap();
+    assert_eq!(ops, 1, "auth_group travels in completes only");
+
+    // The old behaviour on request: a clear error naming the table and the keys.
+    fx.config = Config::parse(
+        &conf("without_change_column = \"error\"\n"),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let e = job::run(&fx.config, Kind::Partial)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("table public.auth_user has no change column"),
+        "{e}"
+    );
+    assert!(e.contains("public.auth_*"), "{e}");
+}

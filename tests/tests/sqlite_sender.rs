@@ -184,3 +184,54 @@ async fn sqlite_awkward_identifiers_survive_complete_partial_and_deletes() {
         sqlite_rows(&mut copy, "x").await,
     );
 }
+
+/// On the embedded engine too, a table without the change column travels
+/// whole when small: its inserts, updates and deletes all reach the copy
+/// (composite key included), with no table stanza.
+#[tokio::test]
+async fn sqlite_small_tables_without_a_change_column_travel_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.sqlite3");
+    let mut src = open(&db, true).await;
+    exec(
+        &mut src,
+        r#"PRAGMA journal_mode = WAL;
+        CREATE TABLE settings (name TEXT, scope TEXT, value TEXT, PRIMARY KEY (name, scope));
+        CREATE TABLE item (id INTEGER PRIMARY KEY, label TEXT, updated_at TEXT NOT NULL);
+        INSERT INTO settings VALUES ('a', 'x', '1'), ('b', 'x', '2'), ('c', 'y', NULL);
+        INSERT INTO item VALUES (1, 'one', '2024-01-01T10:00:00');"#,
+    )
+    .await;
+    let text = format!(
+        "sender_id = \"app\"\nstate_dir = {:?}\n[source]\nurl = \"sqlite://{}\"\n\
+         [partial]\nchange_column = \"updated_at\"\noverlap = \"0s\"\n",
+        dir.path().join("state"),
+        db.display(),
+    );
+    let config = Config::parse(&text, Path::new("t.toml")).unwrap();
+    let copy_path = dir.path().join("copy.sqlite3");
+    let copy_url = format!("sqlite://{}", copy_path.display());
+    let out = job::run(&config, Kind::Complete).await.expect("complete");
+    apply(&copy_url, out.file.as_deref().unwrap()).await;
+    let mut copy = open(&copy_path, true).await;
+    exec(
+        &mut src,
+        "DELETE FROM settings WHERE name = 'b'; UPDATE settings SET value = '9' WHERE name = 'a';
+         INSERT INTO settings VALUES ('d', 'z', 'new');",
+    )
+    .await;
+    let out = job::run(&config, Kind::Partial).await.expect("partial");
+    let (m, _) = bundle_contents(out.file.as_deref().unwrap());
+    assert!(m.members.iter().any(|x| x.whole), "settings travels whole");
+    apply(&copy_url, out.file.as_deref().unwrap()).await;
+    for t in ["settings", "item"] {
+        let (x, y) = (
+            sqlite_rows(&mut src, t).await,
+            sqlite_rows(&mut copy, t).await,
+        );
+        assert_eq!(x, y, "table {t} differs");
+    }
+    // Unchanged since the last partial: no bundle.
+    let out = job::run(&config, Kind::Partial).await.expect("partial");
+    assert_eq!(out.seq, None);
+}

@@ -1,6 +1,6 @@
 //! The PostgreSQL target.
 
-use super::{Applied, LoadError, check_order, col, parents_first, split_change};
+use super::{Applied, LoadError, check_order, col, parents_first};
 use crate::plan::LedgerState;
 use crate::verify::{Piece, Verified};
 use ferry_common::ident::TableName;
@@ -9,7 +9,6 @@ use ferry_common::manifest::{DataFormat, Kind, Manifest, Member, Role, Table};
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Connection, Postgres, Transaction};
 use std::path::PathBuf;
-use tokio::io::AsyncBufReadExt;
 
 /// A session with the settings every load connection uses.
 pub(super) async fn session(url: &str) -> Result<PgConnection, LoadError> {
@@ -420,10 +419,20 @@ pub(super) async fn copy_file(
     path: &std::path::Path,
 ) -> Result<u64, LoadError> {
     let doing = format!("loading {} ({})", table, member.path);
+    copy_raw(conn, &copy_in_sql(table, member), &doing, path).await
+}
+
+/// Runs a `COPY … FROM STDIN` statement with a file's bytes.
+async fn copy_raw(
+    conn: &mut PgConnection,
+    sql: &str,
+    doing: &str,
+    path: &std::path::Path,
+) -> Result<u64, LoadError> {
     let mut copy = conn
-        .copy_in_raw(&copy_in_sql(table, member))
+        .copy_in_raw(sql)
         .await
-        .map_err(LoadError::db(doing.clone()))?;
+        .map_err(LoadError::db_lazy(doing))?;
     // 1 MiB CopyData messages: sqlx's `read_from` sends one small message and a
     // flush per read, which measured slower.
     let mut file = tokio::fs::File::open(path).await?;
@@ -435,10 +444,10 @@ pub(super) async fn copy_file(
         }
         if let Err(e) = copy.send(&buf[..n]).await {
             let _ = copy.abort("ferry: sending failed").await;
-            return Err(LoadError::Db { doing, source: e });
+            return Err(LoadError::db_lazy(doing)(e));
         }
     }
-    copy.finish().await.map_err(LoadError::db(doing))
+    copy.finish().await.map_err(LoadError::db_lazy(doing))
 }
 
 /// COPYs one streamed data member into `table` (a quoted name): the chunks that
@@ -568,7 +577,33 @@ async fn check_tables(conn: &mut PgConnection, tables: &[Table]) -> Result<(), L
     Ok(())
 }
 
-fn upsert_sql(t: &Table) -> String {
+/// The temporary table a partial's change lines of table `i` are copied into.
+fn lines_table(i: usize) -> String {
+    format!("pg_temp.ferry_lines_{i}")
+}
+
+/// JSON change lines are copied as CSV with delimiter and quote bytes that JSON
+/// text never holds raw (control characters are escaped in JSON), so each line
+/// arrives as one value, untouched: no backslash or quote processing.
+const COPY_LINES: &str = "(line) FROM STDIN WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')";
+
+const IS_UPSERT: &str = "starts_with(s.line, '{\"op\":\"upsert\",\"row\":')";
+const IS_DELETE: &str = "starts_with(s.line, '{\"op\":\"delete\",\"key\":')";
+
+/// The rows of a table's upsert lines, as `r` (typed as the table) beside the
+/// JSON document `s.doc`.
+fn upserted_rows(t: &Table, i: usize) -> String {
+    format!(
+        "(SELECT s.line::json -> 'row' AS doc FROM {lines} s WHERE {IS_UPSERT}) s,
+         json_populate_record(NULL::{name}, s.doc) r",
+        lines = lines_table(i),
+        name = t.name.quoted()
+    )
+}
+
+/// One `INSERT … SELECT … ON CONFLICT DO UPDATE` for every upsert line of
+/// table `i`.
+fn upsert_sql(t: &Table, i: usize) -> String {
     let name = t.name.quoted();
     let cols: Vec<_> = t.columns.iter().filter(|c| !c.generated).collect();
     let list = cols
@@ -581,7 +616,7 @@ fn upsert_sql(t: &Table) -> String {
         .iter()
         .map(|c| match c.sql_type.as_str() {
             "json" | "json[]" => {
-                format!("($1::json ->> {})::{}", quote_literal(&c.name), c.sql_type)
+                format!("(s.doc ->> {})::{}", quote_literal(&c.name), c.sql_type)
             }
             _ => format!("r.{}", quote_ident(&c.name)),
         })
@@ -607,22 +642,51 @@ fn upsert_sql(t: &Table) -> String {
     };
     format!(
         "INSERT INTO {name} ({list}) OVERRIDING SYSTEM VALUE
-         SELECT {exprs} FROM json_populate_record(NULL::{name}, $1::json) r
-         ON CONFLICT ({pk}) {conflict}"
+         SELECT {exprs} FROM {rows}
+         ON CONFLICT ({pk}) {conflict}",
+        rows = upserted_rows(t, i)
     )
 }
 
-fn delete_sql(t: &Table) -> String {
+/// One `DELETE` for every delete line of table `i`.
+fn delete_sql(t: &Table, i: usize) -> String {
     let name = t.name.quoted();
     let on = t
         .primary_key
         .iter()
-        .map(|c| format!("t.{0} = r.{0}", quote_ident(c)))
+        .map(|c| format!("t.{0} = d.{0}", quote_ident(c)))
         .collect::<Vec<_>>()
         .join(" AND ");
-    format!("DELETE FROM {name} t USING json_populate_record(NULL::{name}, $1::json) r WHERE {on}")
+    format!(
+        "DELETE FROM {name} t USING (
+           SELECT r.* FROM {lines} s,
+             json_populate_record(NULL::{name}, s.line::json -> 'key') r
+           WHERE {IS_DELETE}) d
+         WHERE {on}",
+        lines = lines_table(i)
+    )
 }
 
+/// For a table sent whole: deletes the rows its set lacks.
+fn delete_absent_sql(t: &Table, i: usize) -> String {
+    let on = t
+        .primary_key
+        .iter()
+        .map(|c| format!("r.{0} = t.{0}", quote_ident(c)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    format!(
+        "DELETE FROM {name} t WHERE NOT EXISTS (SELECT 1 FROM {rows} WHERE {on})",
+        name = t.name.quoted(),
+        rows = upserted_rows(t, i)
+    )
+}
+
+/// Applies a partial as sets: each table's change lines are copied into a
+/// temporary table (one COPY, streamed from the staged member), then one
+/// statement upserts them and one deletes (per table: parents first for
+/// upserts, children first for deletes). The staged file is read once; nothing
+/// of it is held in memory.
 async fn load_partial(conn: &mut PgConnection, v: &Verified) -> Result<u64, LoadError> {
     let m = &v.manifest;
     check_tables(conn, &m.tables).await?;
@@ -630,54 +694,86 @@ async fn load_partial(conn: &mut PgConnection, v: &Verified) -> Result<u64, Load
         .execute(&mut *conn)
         .await
         .map_err(LoadError::db("deferring constraints"))?;
+    let mut whole = vec![false; m.tables.len()];
+    for (i, t) in m.tables.iter().enumerate() {
+        if t.primary_key.is_empty() {
+            continue;
+        }
+        let lines = lines_table(i);
+        sqlx::raw_sql(q(format!(
+            "CREATE TEMP TABLE {} (line text NOT NULL) ON COMMIT DROP",
+            lines.trim_start_matches("pg_temp.")
+        )))
+        .execute(&mut *conn)
+        .await
+        .map_err(LoadError::db("creating a staging table"))?;
+        for member in m
+            .members
+            .iter()
+            .filter(|x| x.role == Role::Data && x.table.as_ref() == Some(&t.name))
+        {
+            whole[i] |= member.whole;
+            let copy = format!("COPY {lines} {COPY_LINES}");
+            let doing = format!("staging the changes of {} ({})", t.name, member.path);
+            copy_raw(conn, &copy, &doing, v.file(member)).await?;
+        }
+        let bad: Option<String> = sqlx::query_scalar(q(format!(
+            "SELECT left(s.line, 200) FROM {lines} s WHERE NOT ({IS_UPSERT} OR {IS_DELETE}) LIMIT 1"
+        )))
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(LoadError::db(format!("checking the changes of {}", t.name)))?;
+        if let Some(line) = bad {
+            return Err(LoadError::Refused(format!(
+                "not a change line in {}: {line}",
+                t.name
+            )));
+        }
+    }
     let order = parents_first(&m.tables);
     let mut rows = 0;
-    // Upserts parents first, then deletes children first.
-    for (pass, op) in [(0, "upsert"), (1, "delete")] {
-        let tables: Vec<usize> = if pass == 0 {
-            order.clone()
-        } else {
-            order.iter().rev().copied().collect()
-        };
-        for i in tables {
-            let t = &m.tables[i];
-            if t.primary_key.is_empty() {
-                continue;
-            }
-            // Built once per table; each row clones only the Arc.
-            let sql: std::sync::Arc<str> = if op == "upsert" {
-                upsert_sql(t)
-            } else {
-                delete_sql(t)
-            }
-            .into();
-            let doing = format!("applying {op}s to {}", t.name);
-            for member in m
-                .members
-                .iter()
-                .filter(|x| x.role == Role::Data && x.table.as_ref() == Some(&t.name))
-            {
-                let file = tokio::fs::File::open(v.file(member)).await?;
-                let mut lines = tokio::io::BufReader::new(file).lines();
-                while let Some(line) = lines.next_line().await? {
-                    let (kind, payload) = split_change(&line)?;
-                    if kind != op {
-                        continue;
-                    }
-                    sqlx::query(AssertSqlSafe(sql.clone()))
-                        .bind(payload)
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(|source| LoadError::Db {
-                            doing: format!("{doing}: {payload:.300}"),
-                            source,
-                        })?;
-                    rows += 1;
-                }
-            }
+    for &i in &order {
+        let t = &m.tables[i];
+        if t.primary_key.is_empty() {
+            continue;
+        }
+        rows += exec(
+            conn,
+            upsert_sql(t, i),
+            format!("applying upserts to {}", t.name),
+        )
+        .await?;
+    }
+    for &i in order.iter().rev() {
+        let t = &m.tables[i];
+        if t.primary_key.is_empty() {
+            continue;
+        }
+        rows += exec(
+            conn,
+            delete_sql(t, i),
+            format!("applying deletes to {}", t.name),
+        )
+        .await?;
+        if whole[i] {
+            rows += exec(
+                conn,
+                delete_absent_sql(t, i),
+                format!("deleting the rows {} no longer holds", t.name),
+            )
+            .await?;
         }
     }
     Ok(rows)
+}
+
+/// Runs one statement; the rows it affected.
+async fn exec(conn: &mut PgConnection, sql: String, doing: String) -> Result<u64, LoadError> {
+    Ok(sqlx::query(q(sql))
+        .execute(&mut *conn)
+        .await
+        .map_err(LoadError::db(doing))?
+        .rows_affected())
 }
 
 /// Ends a session whose load was abandoned (a stop signal): the server would

@@ -319,6 +319,14 @@ async fn load_complete(conn: &mut SqliteConnection, v: &Verified) -> Result<u64,
     Ok(rows)
 }
 
+/// `"a", "b"`: quoted column names.
+fn column_list(cols: &[String]) -> String {
+    cols.iter()
+        .map(|c| quote_ident(c))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn table_of<'m>(
     m: &'m ferry_common::Manifest,
     member: &ferry_common::Member,
@@ -362,6 +370,7 @@ async fn load_partial(conn: &mut SqliteConnection, v: &Verified) -> Result<u64, 
         for i in tables {
             let t = &m.tables[i];
             let insert = Insert::new(t, true);
+            let pk = column_list(&t.primary_key);
             let delete: Arc<str> = format!(
                 "DELETE FROM {} WHERE {}",
                 t.name.quoted(),
@@ -373,6 +382,28 @@ async fn load_partial(conn: &mut SqliteConnection, v: &Verified) -> Result<u64, 
             )
             .into();
             let deleting = format!("deleting a row of {}", t.name);
+            // A table sent whole: its keys are kept aside, and the rows of the
+            // table that the set lacks are deleted in the delete pass.
+            let whole = m
+                .members
+                .iter()
+                .any(|x| x.whole && x.table.as_ref() == Some(&t.name));
+            let keep = format!("temp.ferry_keep_{i}");
+            if whole && op == "upsert" {
+                sqlx::raw_sql(q(format!(
+                    "DROP TABLE IF EXISTS {keep};
+                     CREATE TEMP TABLE ferry_keep_{i} AS SELECT {pk} FROM {} WHERE 0;",
+                    t.name.quoted()
+                )))
+                .execute(&mut *conn)
+                .await
+                .map_err(LoadError::db(format!("preparing the set of {}", t.name)))?;
+            }
+            let keeping: Arc<str> = format!(
+                "INSERT INTO {keep} VALUES ({})",
+                vec!["?"; t.primary_key.len()].join(", ")
+            )
+            .into();
             for member in m
                 .members
                 .iter()
@@ -385,22 +416,51 @@ async fn load_partial(conn: &mut SqliteConnection, v: &Verified) -> Result<u64, 
                     if kind != op {
                         continue;
                     }
-                    if op == "upsert" {
-                        insert.run(conn, payload).await?;
-                    } else {
-                        let key = parse_object(payload, "a key")?;
-                        let mut query = sqlx::query(AssertSqlSafe(delete.clone()));
+                    let key_of = |payload: &str, what: &str, sql: &Arc<str>| {
+                        let key = parse_object(payload, what)?;
+                        let mut query = sqlx::query(AssertSqlSafe(sql.clone()));
                         for c in &t.primary_key {
                             query =
                                 bind_json(query, key.get(c).unwrap_or(&serde_json::Value::Null))?;
                         }
-                        query
+                        Ok::<_, LoadError>(query)
+                    };
+                    if op == "upsert" {
+                        insert.run(conn, payload).await?;
+                        if whole {
+                            key_of(payload, "a row", &keeping)?
+                                .execute(&mut *conn)
+                                .await
+                                .map_err(LoadError::db_lazy(&deleting))?;
+                        }
+                    } else {
+                        key_of(payload, "a key", &delete)?
                             .execute(&mut *conn)
                             .await
                             .map_err(LoadError::db_lazy(&deleting))?;
                     }
                     rows += 1;
                 }
+            }
+            if whole && op == "delete" {
+                let on = t
+                    .primary_key
+                    .iter()
+                    .map(|c| format!("k.{0} IS t.{0}", quote_ident(c)))
+                    .collect::<Vec<_>>()
+                    .join(" AND ");
+                rows += sqlx::raw_sql(q(format!(
+                    "DELETE FROM {} AS t WHERE NOT EXISTS (SELECT 1 FROM {keep} k WHERE {on});
+                     DROP TABLE {keep};",
+                    t.name.quoted()
+                )))
+                .execute(&mut *conn)
+                .await
+                .map_err(LoadError::db(format!(
+                    "deleting the rows {} no longer holds",
+                    t.name
+                )))?
+                .rows_affected();
             }
         }
     }

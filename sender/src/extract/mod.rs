@@ -123,6 +123,11 @@ pub struct TableMeta {
     /// The configured change column and how it compares; `None` when partials skip
     /// the table.
     pub change: Option<(String, ChangeKind)>,
+    /// How partials carry the table (`Changes` exactly when `change` is set).
+    pub carry: crate::config::Carry,
+    /// The carry is decided by the table's size (`without_change_column =
+    /// "auto"`); [`Source::tables`] settles it.
+    pub auto: bool,
     /// Whether an index starts with the change column.
     pub change_indexed: bool,
     /// A size estimate used to start the largest tables first.
@@ -200,7 +205,20 @@ impl Source {
             Source::Postgres(s) => s.catalog().await?,
             Source::Sqlite(s) => s.catalog().await?,
         };
-        select::resolve(config, all, matches!(self, Source::Postgres(_)))
+        let mut tables = select::resolve(config, all, matches!(self, Source::Postgres(_)))?;
+        // Tables without a change column: whole when small. Counted up to the
+        // limit only, so a big table costs no more than a small one.
+        let limit = config.partial.whole_max_rows;
+        for t in tables.iter_mut().filter(|t| t.auto) {
+            let n = match self {
+                Source::Postgres(s) => s.count_upto(&t.info.name, limit).await?,
+                Source::Sqlite(s) => s.count_upto(&t.info.name, limit).await?,
+            };
+            if n <= limit {
+                t.carry = crate::config::Carry::Whole;
+            }
+        }
+        Ok(tables)
     }
 
     /// Takes a complete snapshot of `tables` into `stager`.
@@ -269,6 +287,15 @@ where
     })
 }
 
+/// `SELECT count(*)` of a table's rows, reading at most `limit + 1` of them.
+pub(crate) fn count_upto_sql(table: &ferry_common::ident::TableName, limit: u64) -> String {
+    format!(
+        "SELECT count(*) FROM (SELECT 1 FROM {} LIMIT {}) s",
+        table.quoted(),
+        limit.saturating_add(1).min(i64::MAX as u64)
+    )
+}
+
 /// Ends a snapshot transaction with ROLLBACK. The connection is used again
 /// afterwards (delete-log pruning, the next step of the job), so a failed
 /// ROLLBACK is an error: what follows must not run inside the old snapshot.
@@ -284,17 +311,26 @@ where
         .map_err(ExtractError::db("ending the snapshot (ROLLBACK)"))
 }
 
-/// Tables in partial mode, and the foreign keys among them (child index, fk).
+/// Whether a partial keeps a set of keys for the table: rows that changed
+/// (`Changes`), or rows changed rows reference (`Complete` tables with a key).
+/// `Whole` tables are sent entire.
+pub(crate) fn keyed(t: &TableMeta) -> bool {
+    t.carry != crate::config::Carry::Whole && !t.info.primary_key.is_empty()
+}
+
+/// The foreign keys from keyed or whole tables to keyed tables (child index,
+/// parent index, fk): a partial also carries the rows that the rows it sends
+/// reference, so that the receiver never holds a row whose parent it lacks.
 pub(crate) fn partial_graph(tables: &[TableMeta]) -> Vec<(usize, usize, &manifest::ForeignKey)> {
     let mut edges = Vec::new();
     for (ci, child) in tables.iter().enumerate() {
-        if child.change.is_none() {
+        if !keyed(child) && child.carry != crate::config::Carry::Whole {
             continue;
         }
         for fk in &child.info.foreign_keys {
             if let Some(pi) = tables
                 .iter()
-                .position(|t| t.info.name == fk.references && t.change.is_some())
+                .position(|t| t.info.name == fk.references && keyed(t))
             {
                 edges.push((ci, pi, fk));
             }

@@ -3,7 +3,7 @@
 //! naming the table, the key to change and the options.
 
 use super::{ChangeKind, ExtractError, TableMeta};
-use crate::config::Config;
+use crate::config::{Carry, Config, WithoutChangeColumn};
 use std::collections::{HashMap, HashSet};
 
 /// A table as the catalog describes it, before selection.
@@ -18,12 +18,9 @@ pub struct CatalogTable {
 }
 
 fn matches(patterns: &[glob::Pattern], name: &str) -> bool {
-    let opts = glob::MatchOptions {
-        case_sensitive: true,
-        require_literal_separator: false,
-        require_literal_leading_dot: false,
-    };
-    patterns.iter().any(|p| p.matches_with(name, opts))
+    patterns
+        .iter()
+        .any(|p| p.matches_with(name, crate::config::GLOB_OPTIONS))
 }
 
 /// Applies the configuration to the catalog. `postgres` selects the rules for
@@ -47,53 +44,103 @@ pub fn resolve(
         if (!include.is_empty() && !matches(&include, &key)) || matches(&exclude, &key) {
             continue;
         }
-        let partial = config.partial_enabled(&key);
+        let rule = config.table_rule(&key);
+        let policy = rule.and_then(|(_, r)| r.partial);
+        let own_column = rule.and_then(|(_, r)| r.change_column.as_deref());
+        let stanza = rule.map_or_else(
+            || format!("[partial.tables.\"{key}\"]"),
+            |(k, _)| format!("[partial.tables.\"{k}\"]"),
+        );
+        let has_pk = !t.info.primary_key.is_empty();
         let mut change = None;
-        if partial {
-            match config.change_column(&key) {
-                None => problems.push(format!(
-                    "table {key} has no change column: set `[partial] change_column`, or \
-                     `[partial.tables.\"{key}\"] change_column = \"…\"`, or \
-                     `[partial.tables.\"{key}\"] partial = false` to send it in completes only"
-                )),
-                Some(col) if !t.info.columns.iter().any(|c| c.name == col) => {
-                    problems.push(format!(
-                        "table {key} has no column {col:?} (change columns are case-sensitive; \
-                         its columns are: {}); set `[partial.tables.\"{key}\"] change_column`",
-                        t.info
-                            .columns
-                            .iter()
-                            .map(|c| c.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))
-                }
-                Some(col) => match t.change_kinds.get(col) {
-                    None => problems.push(if postgres {
-                        format!(
-                            "table {key}: change column {col:?} must be a timestamp, timestamptz \
-                             or date column that every insert and update sets (integer ids are \
-                             unsafe on PostgreSQL: a transaction that commits late with a lower \
-                             id would be missed); add e.g. `updated_at timestamptz NOT NULL \
-                             DEFAULT now()` kept current by the app or a trigger"
-                        )
-                    } else {
-                        format!(
-                            "table {key}: change column {col:?} must hold datetimes (text) or \
-                             numbers"
-                        )
-                    }),
-                    Some(kind) => change = Some((col.to_owned(), *kind)),
-                },
+        let mut carry = Carry::Complete;
+        let mut auto = false;
+        // The change column if this table is to be carried by changes: `None`
+        // means the table lacks the default column and has no policy of its
+        // own, so `without_change_column` decides.
+        let column = match policy {
+            Some(Carry::Complete) => None,
+            Some(Carry::Whole) => {
+                carry = Carry::Whole;
+                None
             }
-            if t.info.primary_key.is_empty() {
-                problems.push(format!(
-                    "table {key} has no primary key, so partials cannot upsert or delete its \
-                     rows: add a primary key, exclude it (`[source] exclude`), or set \
-                     `[partial.tables.\"{key}\"] partial = false` to send it whole in completes only"
-                ));
+            Some(Carry::Changes) | None => {
+                let col = own_column.or(config.partial.change_column.as_deref());
+                let explicit = own_column.is_some() || policy == Some(Carry::Changes);
+                let present = |c: &str| t.info.columns.iter().any(|x| x.name == c);
+                match col {
+                    Some(c) if present(c) => Some(c),
+                    Some(c) if explicit => {
+                        problems.push(format!(
+                            "table {key} has no column {c:?} (change columns are case-sensitive; \
+                             its columns are: {}); set `change_column` in `{stanza}`",
+                            t.info
+                                .columns
+                                .iter()
+                                .map(|c| c.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ));
+                        None
+                    }
+                    None if explicit => {
+                        problems.push(format!(
+                            "table {key} has no change column: set `change_column` in `{stanza}` \
+                             or `[partial] change_column`"
+                        ));
+                        None
+                    }
+                    _ => {
+                        match config.partial.without_change_column {
+                            WithoutChangeColumn::Auto => auto = true,
+                            WithoutChangeColumn::Whole => carry = Carry::Whole,
+                            WithoutChangeColumn::Complete => {}
+                            WithoutChangeColumn::Error => problems.push(format!(
+                                "table {key} has no change column{}: set `[partial] \
+                                 change_column`, or `[partial.tables.\"{key}\"] change_column = \
+                                 \"…\"`, or `partial = \"whole\"` or `\"complete\"` there (a \
+                                 pattern such as `\"public.auth_*\"` covers many tables), or \
+                                 `[partial] without_change_column = \"auto\"`",
+                                col.map_or(String::new(), |c| format!(" {c:?}"))
+                            )),
+                        }
+                        None
+                    }
+                }
+            }
+        };
+        if let Some(col) = column {
+            match t.change_kinds.get(col) {
+                None => problems.push(if postgres {
+                    format!(
+                        "table {key}: change column {col:?} must be a timestamp, timestamptz \
+                         or date column that every insert and update sets (integer ids are \
+                         unsafe on PostgreSQL: a transaction that commits late with a lower \
+                         id would be missed); add e.g. `updated_at timestamptz NOT NULL \
+                         DEFAULT now()` kept current by the app or a trigger, or set \
+                         `partial = \"whole\"` or `\"complete\"` in `{stanza}`"
+                    )
+                } else {
+                    format!(
+                        "table {key}: change column {col:?} must hold datetimes (text) or \
+                         numbers"
+                    )
+                }),
+                Some(kind) => {
+                    change = Some((col.to_owned(), *kind));
+                    carry = Carry::Changes;
+                }
             }
         }
+        if !has_pk && carry != Carry::Complete {
+            problems.push(format!(
+                "table {key} has no primary key, so partials cannot upsert or delete its \
+                 rows: add a primary key, exclude it (`[source] exclude`), or set \
+                 `partial = \"complete\"` in `{stanza}` to send it whole in completes only"
+            ));
+        }
+        // Without a key a table can only travel in completes.
+        auto &= has_pk;
         let change_indexed = change
             .as_ref()
             .is_some_and(|(c, _)| t.indexed_first.contains(c));
@@ -102,16 +149,21 @@ pub fn resolve(
         selected.push(TableMeta {
             info,
             change,
+            carry,
+            auto,
             change_indexed,
             size_hint: t.size_hint,
         });
     }
     let names: HashSet<String> = selected.iter().map(TableMeta::key).collect();
     for key in config.partial.tables.keys() {
-        if !names.contains(key) {
+        let used = names
+            .iter()
+            .any(|n| config.table_rule(n).is_some_and(|(k, _)| k == key));
+        if !used {
             problems.push(format!(
-                "`[partial.tables.\"{key}\"]` names no selected table (names are \
-                 `schema.table` and case-sensitive)"
+                "`[partial.tables.\"{key}\"]` applies to no selected table (names are \
+                 `schema.table` and case-sensitive; a more specific stanza may cover them)"
             ));
         }
     }

@@ -15,8 +15,9 @@ use super::select::CatalogTable;
 use super::stage::{BATCH, BlockingSink, member, stage_text};
 use super::{
     ChangeKind, DELETES_KEY, ExtractError, ExtractSettings, Extracted, Stager, TableMeta,
-    Watermarks, column_list, join_on, partial_graph,
+    Watermarks, column_list, join_on, keyed, partial_graph,
 };
+use crate::config::Carry;
 use crate::extract::col;
 use ferry_common::TableName;
 use ferry_common::ident::{quote_ident, quote_literal};
@@ -58,6 +59,19 @@ impl SqliteSource {
             .await
             .map_err(ExtractError::db("reading the SQLite version"))?;
         Ok(Self { conn, version })
+    }
+
+    /// The table's rows, counted up to `limit + 1`.
+    pub async fn count_upto(
+        &mut self,
+        table: &ferry_common::ident::TableName,
+        limit: u64,
+    ) -> Result<u64, ExtractError> {
+        let n: i64 = sqlx::query_scalar(q(crate::extract::count_upto_sql(table, limit)))
+            .fetch_one(&mut self.conn)
+            .await
+            .map_err(ExtractError::db(format!("counting the rows of {table}")))?;
+        Ok(n.max(0) as u64)
     }
 
     pub fn info(&self) -> manifest::Source {
@@ -252,7 +266,7 @@ impl SqliteSource {
                 column_list(None, &column_names(t)),
                 t.info.name.quoted()
             );
-            self.export(t, path, sql, None, stager).await?;
+            self.export(t, path, sql, None, false, stager).await?;
         }
         let names: Vec<String> = tables.iter().map(|t| t.info.name.name.clone()).collect();
         let mut post = String::new();
@@ -347,12 +361,17 @@ impl SqliteSource {
         path: String,
         sql: String,
         deletes: Option<(String, Vec<String>)>,
+        whole: bool,
         stager: &Stager,
     ) -> Result<(), ExtractError> {
         let mut m = member(path, Role::Data);
         m.table = Some(t.info.name.clone());
         m.format = Some(DataFormat::JsonLines);
-        let sink = BlockingSink::spawn_changes(stager.create(m)?, stager.dedup());
+        let sink = if whole {
+            BlockingSink::spawn_whole(stager.create(m)?, stager.dedup())
+        } else {
+            BlockingSink::spawn_changes(stager.create(m)?, stager.dedup())
+        };
         let names = column_names(t);
         let mut buf = Vec::with_capacity(BATCH + 64 * 1024);
         let doing = format!("reading {}", t.key());
@@ -390,6 +409,12 @@ impl SqliteSource {
         }
         if !buf.is_empty() {
             sink.send(buf).await?;
+        }
+        if whole {
+            return match sink.finish_whole().await? {
+                Some(staged) => stager.send(staged).await,
+                None => Ok(()),
+            };
         }
         stager.send(sink.finish().await?).await
     }
@@ -432,9 +457,9 @@ impl SqliteSource {
         let next = self.watermarks(tables, watermarks, settings).await?;
         let keys = |i: usize| format!("temp.ferry_keys_{i}");
         for (i, t) in tables.iter().enumerate() {
-            let Some((col, kind)) = &t.change else {
+            if !keyed(t) {
                 continue;
-            };
+            }
             let pk = column_list(None, &t.info.primary_key);
             let name = t.info.name.quoted();
             let sql = format!(
@@ -447,6 +472,9 @@ impl SqliteSource {
                 .execute(&mut self.conn)
                 .await
                 .map_err(ExtractError::db(format!("preparing {}", t.key())))?;
+            let Some((col, kind)) = &t.change else {
+                continue;
+            };
             let wm = watermarks.get(&t.key()).cloned().flatten();
             let c = quote_ident(col);
             let sql = format!("INSERT INTO {k} SELECT {pk} FROM {name}", k = keys(i));
@@ -474,16 +502,23 @@ impl SqliteSource {
             let mut added = 0;
             for (ci, pi, fk) in &edges {
                 let (c, p) = (&tables[*ci], &tables[*pi]);
+                // A whole table's rows all travel, so all their parents do.
+                let from_child = if keyed(c) {
+                    format!(
+                        "{kc} kc JOIN {cname} c ON {ckey}",
+                        kc = keys(*ci),
+                        cname = c.info.name.quoted(),
+                        ckey = join_on("c", &c.info.primary_key, "kc", &c.info.primary_key),
+                    )
+                } else {
+                    format!("{} c", c.info.name.quoted())
+                };
                 let sql = format!(
-                    "INSERT OR IGNORE INTO {kp} SELECT DISTINCT {ppk} FROM {kc} kc
-                     JOIN {cname} c ON {ckey}
+                    "INSERT OR IGNORE INTO {kp} SELECT DISTINCT {ppk} FROM {from_child}
                      JOIN {pname} p ON {fkjoin}",
                     kp = keys(*pi),
-                    kc = keys(*ci),
                     ppk = column_list(Some("p"), &p.info.primary_key),
-                    cname = c.info.name.quoted(),
                     pname = p.info.name.quoted(),
-                    ckey = join_on("c", &c.info.primary_key, "kc", &c.info.primary_key),
                     fkjoin = join_on("p", &fk.referenced_columns, "c", &fk.columns),
                 );
                 added += sqlx::query(q(sql))
@@ -502,18 +537,25 @@ impl SqliteSource {
         }
         let has_log = settings.capture_deletes && self.has_log().await?;
         for (i, t) in tables.iter().enumerate() {
-            if t.change.is_none() {
+            let whole = t.carry == Carry::Whole;
+            if !whole && !keyed(t) {
                 continue;
             }
             let path = format!("data/{}.jsonl", t.info.name.file_stem());
-            let sql = format!(
-                "SELECT {cols} FROM {name} t JOIN {k} k ON {on}",
-                cols = column_list(Some("t"), &column_names(t)),
-                name = t.info.name.quoted(),
-                k = keys(i),
-                on = join_on("t", &t.info.primary_key, "k", &t.info.primary_key),
-            );
-            let deletes = has_log.then(|| {
+            let cols = column_list(Some("t"), &column_names(t));
+            let name = t.info.name.quoted();
+            let sql = if whole {
+                // In key order, so that an unchanged table fingerprints the same.
+                let pk = column_list(Some("t"), &t.info.primary_key);
+                format!("SELECT {cols} FROM {name} t ORDER BY {pk}")
+            } else {
+                format!(
+                    "SELECT {cols} FROM {name} t JOIN {k} k ON {on}",
+                    k = keys(i),
+                    on = join_on("t", &t.info.primary_key, "k", &t.info.primary_key),
+                )
+            };
+            let deletes = (has_log && t.change.is_some()).then(|| {
                 let exists = t
                     .info
                     .primary_key
@@ -544,7 +586,7 @@ impl SqliteSource {
                     vec![t.key(), since],
                 )
             });
-            self.export(t, path, sql, deletes, stager).await?;
+            self.export(t, path, sql, deletes, whole, stager).await?;
         }
         Ok(Extracted { watermarks: next })
     }

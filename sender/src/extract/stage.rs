@@ -234,6 +234,7 @@ pub fn member(path: String, role: ferry_common::manifest::Role) -> Member {
         media_set: None,
         mtime_ns: None,
         volume: None,
+        whole: false,
     }
 }
 
@@ -293,6 +294,53 @@ impl BlockingSink {
             writer.finish(true)
         });
         Self { tx, handle }
+    }
+
+    /// For a table sent whole (`Carry::Whole`): writes every line (no line is
+    /// skipped: the receiver deletes the rows the set lacks) and fingerprints
+    /// the whole member. [`finish_whole`](Self::finish_whole) drops it when the
+    /// previous bundle carried exactly the same set.
+    pub fn spawn_whole(mut writer: StageWriter, dedup: Option<std::sync::Arc<Dedup>>) -> Self {
+        use sha2::Digest;
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
+        writer.member.whole = true;
+        let table = writer
+            .member
+            .table
+            .as_ref()
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        let handle = tokio::task::spawn_blocking(move || {
+            let mut digest = sha2::Sha256::new();
+            while let Some(buf) = rx.blocking_recv() {
+                digest.update(&buf);
+                writer.add_rows(buf.iter().filter(|&&b| b == b'\n').count() as u64);
+                writer.write(&buf)?;
+            }
+            let mut staged = writer.finish(true)?;
+            if let Some(d) = &dedup {
+                let line = format!("whole {}", hex::encode(digest.finalize()));
+                let h = Dedup::hash(&table, line.as_bytes());
+                if d.seen(&h) {
+                    staged.member.rows = None;
+                }
+                d.record(&mut vec![h]);
+            }
+            Ok(staged)
+        });
+        Self { tx, handle }
+    }
+
+    /// Finishes a [`spawn_whole`](Self::spawn_whole) member: `None` (and the
+    /// staged file removed) when the table is exactly as the previous bundle
+    /// sent it.
+    pub async fn finish_whole(self) -> Result<Option<Staged>, ExtractError> {
+        let staged = self.finish().await?;
+        if staged.member.rows.is_none() {
+            let _ = std::fs::remove_file(&staged.file);
+            return Ok(None);
+        }
+        Ok(Some(staged))
     }
 
     pub async fn send(&self, buf: Vec<u8>) -> Result<(), ExtractError> {

@@ -94,6 +94,19 @@ impl PgSource {
         Ok(conn)
     }
 
+    /// The table's rows, counted up to `limit + 1`.
+    pub async fn count_upto(
+        &mut self,
+        table: &ferry_common::ident::TableName,
+        limit: u64,
+    ) -> Result<u64, ExtractError> {
+        let n: i64 = sqlx::query_scalar(q(crate::extract::count_upto_sql(table, limit)))
+            .fetch_one(&mut self.conn)
+            .await
+            .map_err(ExtractError::db(format!("counting the rows of {table}")))?;
+        Ok(n.max(0) as u64)
+    }
+
     pub fn info(&self) -> manifest::Source {
         manifest::Source {
             engine: "postgresql".into(),

@@ -1,10 +1,11 @@
 //! A partial: the safe horizon, changed rows, foreign-key closure, deletes.
 
 use super::{PgSource, q};
+use crate::config::Carry;
 use crate::extract::stage::{BATCH, BlockingSink, member};
 use crate::extract::{
     DELETES_KEY, ExtractError, ExtractSettings, Extracted, Stager, TableMeta, Watermarks,
-    column_list, join_on, partial_graph,
+    column_list, join_on, keyed, partial_graph,
 };
 use ferry_common::ident::quote_ident;
 use ferry_common::manifest::{DataFormat, Role};
@@ -74,9 +75,12 @@ impl PgSource {
         stager: &Stager,
     ) -> Result<(), ExtractError> {
         let keys = |i: usize| format!("pg_temp.ferry_keys_{i}");
-        // 1. The keys of changed rows, per table.
+        // 1. The keys of changed rows, per table (and an empty set for each
+        //    other keyed table, which step 2 may fill).
         for (i, t) in tables.iter().enumerate() {
-            let Some((col, _)) = &t.change else { continue };
+            if !keyed(t) {
+                continue;
+            }
             let pk = column_list(None, &t.info.primary_key);
             let name = t.info.name.quoted();
             let sql = format!(
@@ -88,6 +92,7 @@ impl PgSource {
                 .execute(&mut self.conn)
                 .await
                 .map_err(ExtractError::db(format!("preparing {}", t.key())))?;
+            let Some((col, _)) = &t.change else { continue };
             // No watermark yet: every row. Otherwise an index range on the change column.
             let wm = watermarks.get(&t.key()).cloned().flatten();
             let filter = match wm {
@@ -113,17 +118,24 @@ impl PgSource {
             let mut added = 0;
             for (ci, pi, fk) in &edges {
                 let (c, p) = (&tables[*ci], &tables[*pi]);
+                // A whole table's rows all travel, so all their parents do.
+                let from_child = if keyed(c) {
+                    format!(
+                        "{kc} kc JOIN {cname} c ON {ckey}",
+                        kc = keys(*ci),
+                        cname = c.info.name.quoted(),
+                        ckey = join_on("c", &c.info.primary_key, "kc", &c.info.primary_key),
+                    )
+                } else {
+                    format!("{} c", c.info.name.quoted())
+                };
                 let sql = format!(
-                    "INSERT INTO {kp} SELECT DISTINCT {ppk} FROM {kc} kc
-                     JOIN {cname} c ON {ckey}
+                    "INSERT INTO {kp} SELECT DISTINCT {ppk} FROM {from_child}
                      JOIN {pname} p ON {fkjoin}
                      ON CONFLICT DO NOTHING",
                     kp = keys(*pi),
-                    kc = keys(*ci),
                     ppk = column_list(Some("p"), &p.info.primary_key),
-                    cname = c.info.name.quoted(),
                     pname = p.info.name.quoted(),
-                    ckey = join_on("c", &c.info.primary_key, "kc", &c.info.primary_key),
                     fkjoin = join_on("p", &fk.referenced_columns, "c", &fk.columns),
                 );
                 added += sqlx::query(q(sql))
@@ -142,14 +154,19 @@ impl PgSource {
         }
         // 3. Export: upserts (whole rows) and deletes (keys), one JSON line each.
         for (i, t) in tables.iter().enumerate() {
-            if t.change.is_none() {
+            let whole = t.carry == Carry::Whole;
+            if !whole && !keyed(t) {
                 continue;
             }
             let path = format!("data/{}.jsonl", t.info.name.file_stem());
             let mut m = member(path, Role::Data);
             m.table = Some(t.info.name.clone());
             m.format = Some(DataFormat::JsonLines);
-            let sink = BlockingSink::spawn_changes(stager.create(m)?, stager.dedup());
+            let sink = if whole {
+                BlockingSink::spawn_whole(stager.create(m)?, stager.dedup())
+            } else {
+                BlockingSink::spawn_changes(stager.create(m)?, stager.dedup())
+            };
             let json_cols = self.json_columns.get(&t.info.name);
             let select = t
                 .info
@@ -167,15 +184,33 @@ impl PgSource {
             // `x.*` names the subquery's row even when the table has a column
             // `x` (a bare `x` would be that column); every other reference is
             // qualified, so no user identifier can capture one of ours.
+            let from = if whole {
+                // In key order, so that an unchanged table fingerprints the same.
+                format!(
+                    "{name} t ORDER BY {pk}",
+                    name = t.info.name.quoted(),
+                    pk = column_list(Some("t"), &t.info.primary_key)
+                )
+            } else {
+                format!(
+                    "{name} t JOIN {k} k ON {on}",
+                    name = t.info.name.quoted(),
+                    k = keys(i),
+                    on = join_on("t", &t.info.primary_key, "k", &t.info.primary_key),
+                )
+            };
             let sql = format!(
                 "SELECT '{{\"op\":\"upsert\",\"row\":' || row_to_json(x.*)::text || '}}'
-                 FROM (SELECT {select} FROM {name} t JOIN {k} k ON {on}) x",
-                name = t.info.name.quoted(),
-                k = keys(i),
-                on = join_on("t", &t.info.primary_key, "k", &t.info.primary_key),
+                 FROM (SELECT {select} FROM {from}) x"
             );
             stream_lines(&mut self.conn, sqlx::query_scalar(q(sql)), &sink, &t.key()).await?;
-            if settings.capture_deletes {
+            if whole {
+                if let Some(staged) = sink.finish_whole().await? {
+                    stager.send(staged).await?;
+                }
+                continue;
+            }
+            if settings.capture_deletes && t.change.is_some() {
                 let wm = watermarks.get(DELETES_KEY).cloned().flatten();
                 let exists = t
                     .info
