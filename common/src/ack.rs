@@ -28,6 +28,10 @@ pub fn ack_file_name(sender: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
     pub sender_id: String,
+    /// The sender chain the copy follows; the numbers below are of that chain.
+    /// A sender of another chain (a replaced state) ignores the rest.
+    #[serde(default)]
+    pub chain: String,
     /// The newest applied bundle (0: none).
     pub applied_seq: u64,
     /// The newest seq the receiver held anywhere (applied, inbox, quarantine)
@@ -45,11 +49,13 @@ impl Ack {
     pub fn same_facts(&self, other: &Ack) -> bool {
         (
             &self.sender_id,
+            &self.chain,
             self.applied_seq,
             self.seen_seq,
             &self.wants,
         ) == (
             &other.sender_id,
+            &other.chain,
             other.applied_seq,
             other.seen_seq,
             &other.wants,
@@ -64,6 +70,7 @@ mod tests {
     #[test]
     fn round_trips_and_names_are_temporary() {
         let a = Ack {
+            chain: String::new(),
             sender_id: "app".into(),
             applied_seq: 7,
             seen_seq: 9,

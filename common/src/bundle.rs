@@ -254,9 +254,20 @@ impl BundleWriter {
     /// caller fills `manifest` with [`members`](Self::members). Returns the file's
     /// size and SHA-256 (hex).
     pub fn finish(
+        self,
+        manifest: &Manifest,
+        final_path: &Path,
+    ) -> Result<(u64, String), WriteError> {
+        self.finish_signed(manifest, final_path, None)
+    }
+
+    /// Like [`finish`](Self::finish), with the manifest signed by `signer`
+    /// (see [`Signer`]).
+    pub fn finish_signed(
         mut self,
         manifest: &Manifest,
         final_path: &Path,
+        signer: Option<&Signer>,
     ) -> Result<(u64, String), WriteError> {
         let body_path = self.body_path.clone();
         let body_err = |source| WriteError::File {
@@ -278,7 +289,7 @@ impl BundleWriter {
         let result = (|| -> Result<(u64, String), WriteError> {
             let mut out =
                 HashingWriter::new(File::create(&temp).map_err(file_err)?, Algorithm::Sha256);
-            let entry = manifest_entry(manifest).map_err(file_err)?;
+            let entry = manifest_entry(manifest, signer).map_err(file_err)?;
             let mut frame = zstd::stream::write::Encoder::new(&mut out, self.compression.level)
                 .map_err(file_err)?;
             frame.include_checksum(true).map_err(file_err)?;
@@ -310,8 +321,19 @@ impl Drop for BundleWriter {
     }
 }
 
-/// The tar entry (header, JSON, padding) for the manifest, without an end marker.
-fn manifest_entry(manifest: &Manifest) -> io::Result<Vec<u8>> {
+/// Signs a manifest: given the BLAKE3 hex of `manifest.json` (what
+/// `manifest.json.blake3` holds), returns an armored signature over those
+/// bytes (an SSH signature, `-----BEGIN SSH SIGNATURE-----`), which the writer
+/// appends to `manifest.json.blake3`. Signing the digest signs the manifest,
+/// which lists every other member's checksum: the whole bundle.
+pub type Signer = std::sync::Arc<dyn Fn(&str) -> io::Result<String> + Send + Sync>;
+
+/// The SSH signature namespace of bundle signatures.
+pub const SIGNATURE_NAMESPACE: &str = "ferry-bundle";
+
+/// The tar entry (header, JSON, padding) for the manifest, and from format 3
+/// on its digest (and signature), without an end marker.
+fn manifest_entry(manifest: &Manifest, signer: Option<&Signer>) -> io::Result<Vec<u8>> {
     let json = serde_json::to_vec_pretty(manifest)?;
     let size = json.len() as u64;
     let mtime = manifest.created_at.timestamp().max(0) as u64;
@@ -319,7 +341,11 @@ fn manifest_entry(manifest: &Manifest) -> io::Result<Vec<u8>> {
     entry.extend_from_slice(&json);
     entry.extend_from_slice(padding(size));
     if manifest.format >= 3 {
-        let sum = format!("{}\n", blake3::hash(&json).to_hex());
+        let digest = blake3::hash(&json).to_hex();
+        let mut sum = format!("{digest}\n");
+        if let Some(sign) = signer {
+            sum.push_str(&sign(digest.as_str())?);
+        }
         let size = sum.len() as u64;
         entry.extend_from_slice(&tar_header(crate::manifest::MANIFEST_SUM, size, mtime)?);
         entry.extend_from_slice(sum.as_bytes());
@@ -493,6 +519,7 @@ mod tests {
         Manifest {
             format: crate::manifest::FORMAT,
             sender_id: "t".into(),
+            chain: String::new(),
             kind: Kind::Complete,
             seq: Seq(1),
             base_seq: Seq(1),
@@ -507,6 +534,7 @@ mod tests {
             watermarks: Default::default(),
             volume: None,
             members,
+            seal: None,
         }
     }
 
@@ -525,7 +553,12 @@ mod tests {
         w.finish(&m, &out).unwrap();
         assert!(!dir.path().join(".body").exists());
 
-        assert_eq!(read_manifest(&out, &Limits::default()).unwrap(), m);
+        let read = read_manifest(&out, &Limits::default()).unwrap();
+        assert_eq!(
+            read.seal.as_ref().map(|s| s.signature.is_none()),
+            Some(true)
+        );
+        assert_eq!(Manifest { seal: None, ..read }, m);
         let mut seen = Vec::new();
         read_bundle(&out, &Limits::default(), |m, r| {
             let mut v = Vec::new();
@@ -734,7 +767,7 @@ mod tests {
                 volume: Some(k),
                 ..x.clone()
             }));
-            let file = volume_file_name("t", Seq(1), Kind::Complete, k);
+            let file = volume_file_name("t", "", Seq(1), Kind::Complete, k);
             let (size, sha256) = w.finish(&m, &dir.join(&file)).unwrap();
             earlier.push(VolumeFile { file, size, sha256 });
         }
@@ -750,7 +783,7 @@ mod tests {
             }),
             ..manifest(all)
         };
-        let last = dir.join(bundle_file_name("t", Seq(1), Kind::Complete));
+        let last = dir.join(bundle_file_name("t", "", Seq(1), Kind::Complete));
         w.finish(&m, &last).unwrap();
         last
     }
@@ -810,7 +843,7 @@ mod tests {
         let last = write_set(dir.path(), 3, "a");
         let v2 = dir
             .path()
-            .join(volume_file_name("t", Seq(1), Kind::Complete, 2));
+            .join(volume_file_name("t", "", Seq(1), Kind::Complete, 2));
 
         // Another attempt's volume 2 (same names, another set id).
         let other = tempfile::tempdir().unwrap();
@@ -882,7 +915,7 @@ mod tests {
             &mut |_| Ok(()),
         )
         .unwrap();
-        assert_eq!(got, m);
+        assert_eq!(Manifest { seal: None, ..got }, m);
         assert_eq!(seen, ["data/only"]);
     }
 }

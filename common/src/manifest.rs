@@ -62,15 +62,50 @@ impl fmt::Display for Kind {
     }
 }
 
-/// The final file name of a bundle: `<sender>-<seq, 12 digits>-<kind>.tar.zst`.
-/// Names of one sender sort in sequence order.
-pub fn bundle_file_name(sender_id: &str, seq: Seq, kind: Kind) -> String {
-    format!("{sender_id}-{:012}-{kind}.tar.zst", seq.0)
+/// A sender's chain: the identity its state directory was created with, so
+/// that a sender whose state was lost (and counts from #1 again) never makes
+/// bundles a receiver mistakes for ones it already applied. 12 lowercase hex
+/// digits: the creation time (seconds since the epoch, 8 digits) and 4 random
+/// ones, so chains sort by creation. Bundles from states older than chains
+/// have the empty chain, which sorts first.
+pub fn chain_id(created: std::time::SystemTime, random: u16) -> String {
+    let secs = created
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{:08x}{random:04x}", secs as u32)
 }
 
-/// Parses a final bundle file name back into (sender, seq, kind); `None` for
-/// anything else (temporary names, stray files).
-pub fn parse_bundle_file_name(name: &str) -> Option<(String, Seq, Kind)> {
+/// Whether `s` is a chain id as [`chain_id`] makes them.
+pub fn is_chain(s: &str) -> bool {
+    s.len() == 12
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A final bundle file name's parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleName {
+    pub sender: String,
+    /// Empty for bundles of a state older than chains.
+    pub chain: String,
+    pub seq: Seq,
+    pub kind: Kind,
+}
+
+/// The final file name of a bundle:
+/// `<sender>-<chain>-<seq, 12 digits>-<kind>.tar.zst` (`<sender>-<seq>-<kind>…`
+/// for the empty chain). Names of one sender sort by chain, then seq.
+pub fn bundle_file_name(sender_id: &str, chain: &str, seq: Seq, kind: Kind) -> String {
+    if chain.is_empty() {
+        format!("{sender_id}-{:012}-{kind}.tar.zst", seq.0)
+    } else {
+        format!("{sender_id}-{chain}-{:012}-{kind}.tar.zst", seq.0)
+    }
+}
+
+/// Parses a final bundle file name; `None` for anything else (temporary
+/// names, stray files).
+pub fn parse_bundle_file_name(name: &str) -> Option<BundleName> {
     let stem = name.strip_suffix(".tar.zst")?;
     if stem.starts_with('.') {
         return None;
@@ -81,31 +116,45 @@ pub fn parse_bundle_file_name(name: &str) -> Option<(String, Seq, Kind)> {
         "partial" => Kind::Partial,
         _ => return None,
     };
-    let (sender, seq) = rest.rsplit_once('-')?;
-    if seq.len() != 12 || sender.is_empty() {
+    let (rest, seq) = rest.rsplit_once('-')?;
+    if seq.len() != 12 || !seq.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some((sender.to_owned(), Seq(seq.parse().ok()?), kind))
+    let (sender, chain) = match rest.rsplit_once('-') {
+        Some((sender, chain)) if is_chain(chain) => (sender, chain),
+        _ => (rest, ""),
+    };
+    if sender.is_empty() {
+        return None;
+    }
+    Some(BundleName {
+        sender: sender.to_owned(),
+        chain: chain.to_owned(),
+        seq: Seq(seq.parse().ok()?),
+        kind,
+    })
 }
 
-/// The file name of volume `index` (from 1) of a volume set:
-/// `<sender>-<seq>-<kind>.v<index, 4 digits>.tar.zst`. Volumes sort among
+/// The file name of volume `index` (from 1) of a volume set: the bundle's
+/// name with `.v<index, 4 digits>` before `.tar.zst`. Volumes sort among
 /// themselves by name; the set's final file keeps the name [`bundle_file_name`]
 /// gives, and goes after them (by seq and index, not by name).
-pub fn volume_file_name(sender_id: &str, seq: Seq, kind: Kind, index: u32) -> String {
-    format!("{sender_id}-{:012}-{kind}.v{index:04}.tar.zst", seq.0)
+pub fn volume_file_name(sender_id: &str, chain: &str, seq: Seq, kind: Kind, index: u32) -> String {
+    let name = bundle_file_name(sender_id, chain, seq, kind);
+    let stem = name.strip_suffix(".tar.zst").unwrap_or(&name);
+    format!("{stem}.v{index:04}.tar.zst")
 }
 
-/// Parses a volume file name back into (sender, seq, kind, index).
-pub fn parse_volume_file_name(name: &str) -> Option<(String, Seq, Kind, u32)> {
+/// Parses a volume file name back into the bundle's name and the index.
+pub fn parse_volume_file_name(name: &str) -> Option<(BundleName, u32)> {
     let stem = name.strip_suffix(".tar.zst")?;
     let (base, index) = stem.rsplit_once(".v")?;
     if index.len() != 4 || !index.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let (sender, seq, kind) = parse_bundle_file_name(&format!("{base}.tar.zst"))?;
+    let bundle = parse_bundle_file_name(&format!("{base}.tar.zst"))?;
     let index: u32 = index.parse().ok()?;
-    (index > 0).then_some((sender, seq, kind, index))
+    (index > 0).then_some((bundle, index))
 }
 
 /// The source database engine and its version.
@@ -246,6 +295,10 @@ pub struct VolumeFile {
 pub struct Manifest {
     pub format: u32,
     pub sender_id: String,
+    /// The sender's chain ([`chain_id`]; format 4). Empty: a sender state
+    /// older than chains.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub chain: String,
     pub kind: Kind,
     pub seq: Seq,
     /// The complete this bundle builds on (its own seq for a complete).
@@ -267,6 +320,20 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<Volume>,
     pub members: Vec<Member>,
+    /// Not part of `manifest.json`: what the reader found in
+    /// `manifest.json.blake3` — the digest, and the sender's signature over it
+    /// if the bundle is signed.
+    #[serde(skip)]
+    pub seal: Option<Seal>,
+}
+
+/// A manifest's digest as its bundle states it, and the signature over it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Seal {
+    /// The BLAKE3 hex of `manifest.json` (checked by the reader).
+    pub digest: String,
+    /// An armored SSH signature over `digest`, if the bundle is signed.
+    pub signature: Option<String>,
 }
 
 impl Manifest {
@@ -330,28 +397,53 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_sort() {
-        let a = bundle_file_name("app-1", Seq(9), Kind::Partial);
-        let b = bundle_file_name("app-1", Seq(10), Kind::Complete);
+        let a = bundle_file_name("app-1", "", Seq(9), Kind::Partial);
+        let b = bundle_file_name("app-1", "", Seq(10), Kind::Complete);
         assert!(a < b);
+        let name = |sender: &str, chain: &str, seq, kind| BundleName {
+            sender: sender.into(),
+            chain: chain.into(),
+            seq: Seq(seq),
+            kind,
+        };
         assert_eq!(
             parse_bundle_file_name(&b),
-            Some(("app-1".to_owned(), Seq(10), Kind::Complete))
+            Some(name("app-1", "", 10, Kind::Complete))
         );
+        // A chain sorts by creation, and its names after the empty chain's.
+        let c1 = chain_id(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+            7,
+        );
+        let c2 = chain_id(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000),
+            1,
+        );
+        assert!(is_chain(&c1) && c1 < c2, "{c1} {c2}");
+        let x = bundle_file_name("app.1", &c1, Seq(1), Kind::Complete);
+        assert_eq!(x, format!("app.1-{c1}-000000000001-complete.tar.zst"));
+        assert_eq!(
+            parse_bundle_file_name(&x),
+            Some(name("app.1", &c1, 1, Kind::Complete))
+        );
+        assert!(bundle_file_name("app.1", "", Seq(99), Kind::Partial) < x);
+        assert!(x < bundle_file_name("app.1", &c2, Seq(1), Kind::Complete));
         assert_eq!(parse_bundle_file_name(&format!(".{a}.tmp")), None);
         assert_eq!(parse_bundle_file_name("x.tar.zst"), None);
     }
 
     #[test]
     fn volume_names_round_trip_and_are_not_bundle_names() {
-        let v1 = volume_file_name("app-1", Seq(10), Kind::Complete, 1);
-        let v12 = volume_file_name("app-1", Seq(10), Kind::Complete, 12);
-        let last = bundle_file_name("app-1", Seq(10), Kind::Complete);
+        let v1 = volume_file_name("app-1", "", Seq(10), Kind::Complete, 1);
+        let v12 = volume_file_name("app-1", "", Seq(10), Kind::Complete, 12);
+        let last = bundle_file_name("app-1", "", Seq(10), Kind::Complete);
         assert_eq!(v1, "app-1-000000000010-complete.v0001.tar.zst");
         assert!(v1 < v12, "volumes sort in order");
         assert_ne!(v12, last);
+        let (b, index) = parse_volume_file_name(&v12).unwrap();
         assert_eq!(
-            parse_volume_file_name(&v12),
-            Some(("app-1".to_owned(), Seq(10), Kind::Complete, 12))
+            (b.sender.as_str(), b.seq, b.kind, index),
+            ("app-1", Seq(10), Kind::Complete, 12)
         );
         // A volume is not a bundle by itself, and a bundle is not a volume.
         assert_eq!(parse_bundle_file_name(&v1), None);

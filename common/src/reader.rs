@@ -16,13 +16,30 @@ use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::{Component, Path, PathBuf};
 
+/// Decides whether a manifest's sender (and signature) is trusted: `Err`
+/// says why not. Checked on every manifest read, volumes included, before
+/// anything the manifest lists is used.
+pub type Trust = dyn Fn(&Manifest) -> Result<(), String> + Send + Sync;
+
 /// Bounds applied while reading.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct Limits {
     /// Largest accepted total of member sizes (decompressed).
     pub max_bytes: u64,
     /// Largest accepted manifest.
     pub max_manifest_bytes: u64,
+    /// Who may have made the bundle (`None`: anyone).
+    pub trust: Option<std::sync::Arc<Trust>>,
+}
+
+impl std::fmt::Debug for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limits")
+            .field("max_bytes", &self.max_bytes)
+            .field("max_manifest_bytes", &self.max_manifest_bytes)
+            .field("trust", &self.trust.is_some())
+            .finish()
+    }
 }
 
 impl Default for Limits {
@@ -30,6 +47,7 @@ impl Default for Limits {
         Self {
             max_bytes: 1 << 40,
             max_manifest_bytes: 64 << 20,
+            trust: None,
         }
     }
 }
@@ -45,6 +63,9 @@ pub enum ReadError {
     },
     #[error("{} is not a valid ferry bundle: {reason}", bundle.display())]
     Malformed { bundle: PathBuf, reason: String },
+    /// The receiver does not accept its sender, or its signature.
+    #[error("{} is refused: {reason}", bundle.display())]
+    Untrusted { bundle: PathBuf, reason: String },
     #[error("{} has an unsafe member path {path:?} (absolute, `..`, or empty); refusing the bundle", bundle.display())]
     UnsafePath { bundle: PathBuf, path: String },
     #[error("{} has member {path:?} of type {kind}; only regular files are allowed", bundle.display())]
@@ -188,10 +209,17 @@ fn first_manifest<R: Read>(
             ),
         ));
     }
+    let mut manifest = manifest;
     if manifest.format >= 3 {
-        check_manifest_sum(bundle, entries, &json)?;
+        manifest.seal = Some(check_manifest_sum(bundle, entries, &json)?);
     }
     check_members_consistent(bundle, &manifest)?;
+    if let Some(trust) = &limits.trust {
+        trust(&manifest).map_err(|reason| ReadError::Untrusted {
+            bundle: bundle.to_owned(),
+            reason,
+        })?;
+    }
     let total: u64 = manifest.members.iter().map(|m| m.size).sum();
     if total > limits.max_bytes {
         return Err(ReadError::TooLarge {
@@ -211,12 +239,13 @@ fn first_manifest<R: Read>(
     Ok(manifest)
 }
 
-/// Format 3 on: the member after `manifest.json` holds its BLAKE3.
+/// Format 3 on: the member after `manifest.json` holds its BLAKE3 (and, if
+/// the bundle is signed, the signature after it).
 fn check_manifest_sum<R: Read>(
     bundle: &Path,
     entries: &mut tar::Entries<'_, R>,
     json: &[u8],
-) -> Result<(), ReadError> {
+) -> Result<crate::manifest::Seal, ReadError> {
     let damaged = |why: String| {
         ReadError::malformed(
             bundle,
@@ -232,7 +261,7 @@ fn check_manifest_sum<R: Read>(
     };
     if entry.path_bytes().as_ref() != MANIFEST_SUM.as_bytes()
         || entry.header().entry_type() != tar::EntryType::Regular
-        || entry.size() > 256
+        || entry.size() > 16 << 10
     {
         return Err(damaged(format!(
             "the second member is {:?}, not the regular file {MANIFEST_SUM}",
@@ -244,13 +273,17 @@ fn check_manifest_sum<R: Read>(
         .read_to_string(&mut text)
         .map_err(|e| damaged(format!("{MANIFEST_SUM} unreadable ({e})")))?;
     let actual = blake3::hash(json).to_hex();
-    if text.trim() != actual.as_str() {
+    let (stated, signature) = text.split_once('\n').unwrap_or((&text, ""));
+    if stated.trim() != actual.as_str() {
         return Err(damaged(format!(
             "manifest.json has BLAKE3 {actual}, {MANIFEST_SUM} says {:.64}",
-            text.trim()
+            stated.trim()
         )));
     }
-    Ok(())
+    Ok(crate::manifest::Seal {
+        digest: actual.to_string(),
+        signature: (!signature.trim().is_empty()).then(|| signature.to_owned()),
+    })
 }
 
 /// What the manifest says must hang together before anything is read by it:
@@ -518,7 +551,7 @@ pub fn read_set(
         }
         let budget = Limits {
             max_bytes: limits.max_bytes.saturating_sub(used),
-            ..*limits
+            ..limits.clone()
         };
         let mut f = |m: &Member, r: &mut dyn Read| on_member(m, r);
         let (m, sum) = read_bundle_file(&path, &budget, &mut f)?;

@@ -20,6 +20,7 @@ pub const REFRESH: Duration = Duration::from_secs(20);
 /// and the quarantine now. Pure.
 pub fn compute(
     sender: &str,
+    chain: &str,
     applied_seq: u64,
     inbox: &[Entry],
     quarantined: &[Entry],
@@ -27,7 +28,7 @@ pub fn compute(
 ) -> Ack {
     let mine = |list: &[Entry]| -> Vec<Entry> {
         list.iter()
-            .filter(|e| e.sender == sender)
+            .filter(|e| e.sender == sender && e.chain == chain)
             .cloned()
             .collect()
     };
@@ -53,6 +54,7 @@ pub fn compute(
     };
     Ack {
         sender_id: sender.to_owned(),
+        chain: chain.to_owned(),
         applied_seq,
         seen_seq,
         wants,
@@ -76,8 +78,16 @@ pub async fn write_all(
         .collect();
     senders.extend(target.history().await?.into_iter().map(|a| a.sender_id));
     for sender in senders {
-        let applied = target.ledger(&sender).await?.last_seq.unwrap_or(0);
-        let ack = compute(&sender, applied, &entries, &quarantined, scanned_at);
+        let ledger = target.ledger(&sender).await?;
+        let applied = ledger.last_seq.unwrap_or(0);
+        let ack = compute(
+            &sender,
+            &ledger.chain,
+            applied,
+            &entries,
+            &quarantined,
+            scanned_at,
+        );
         let path = config.inbox.join(ack_file_name(&sender));
         let unchanged = std::fs::read(&path)
             .ok()
@@ -123,29 +133,29 @@ mod tests {
         let now = Utc::now();
         let p = Kind::Partial;
         // Nothing pending: nothing wanted.
-        let a = compute("s", 5, &[], &[], now);
+        let a = compute("s", "", 5, &[], &[], now);
         assert_eq!((a.applied_seq, a.seen_seq, a.wants), (5, 5, vec![]));
         // #7 waits for #6, which is not there.
-        let a = compute("s", 5, &[e(7, p)], &[], now);
+        let a = compute("s", "", 5, &[e(7, p)], &[], now);
         assert_eq!((a.seen_seq, a.wants), (7, vec![6]));
         // #6 is there (maybe being applied): nothing wanted.
         assert!(
-            compute("s", 5, &[e(6, p), e(7, p)], &[], now)
+            compute("s", "", 5, &[e(6, p), e(7, p)], &[], now)
                 .wants
                 .is_empty()
         );
         // #6 was quarantined: wanted again, even with nothing behind it.
-        let a = compute("s", 5, &[], &[e(6, p)], now);
+        let a = compute("s", "", 5, &[], &[e(6, p)], now);
         assert_eq!((a.seen_seq, a.wants), (6, vec![6]));
         // A newer complete is pending: it starts over.
         assert!(
-            compute("s", 5, &[e(8, Kind::Complete), e(9, p)], &[], now)
+            compute("s", "", 5, &[e(8, Kind::Complete), e(9, p)], &[], now)
                 .wants
                 .is_empty()
         );
         // Another sender's bundles say nothing about this one.
         let mut other = e(9, p);
         other.sender = "t".into();
-        assert!(compute("s", 5, &[other], &[], now).wants.is_empty());
+        assert!(compute("s", "", 5, &[other], &[], now).wants.is_empty());
     }
 }

@@ -28,6 +28,19 @@ pub struct Config {
     pub daemon: Daemon,
     /// The embedded SFTP endpoint (`run` serves it), for hosts without OpenSSH.
     pub sftp_server: Option<crate::sftp_server::SftpServerConfig>,
+    /// The senders whose bundles this receiver applies (`sender_id` ->
+    /// settings). Empty: any sender (`check` warns). See [`crate::trust`].
+    #[serde(default)]
+    pub senders: BTreeMap<String, SenderTrust>,
+}
+
+/// One accepted sender.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SenderTrust {
+    /// The sender's public key, an OpenSSH line (`ssh-ed25519 AAAA… comment`):
+    /// its bundles must be signed with the matching private key.
+    pub public_key: Option<String>,
 }
 
 #[derive(Clone, Deserialize)]
@@ -45,6 +58,20 @@ pub struct TargetConfig {
     /// audit trigger never makes the copy differ from the source.
     #[serde(default)]
     pub fire_triggers: bool,
+    /// A table that left the sender's complete (dropped on the source, or no
+    /// longer selected): `"drop"` (default) removes it from the copy with what
+    /// depends on it; `"keep"` leaves it (and logs a warning once).
+    #[serde(default)]
+    pub departed_tables: Departed,
+}
+
+/// See [`TargetConfig::departed_tables`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Departed {
+    #[default]
+    Drop,
+    Keep,
 }
 
 fn default_jobs() -> usize {
@@ -194,6 +221,19 @@ impl Config {
                 return Err(invalid(
                     &format!("media.{name}"),
                     format!("{} must be an absolute path", dir.display()),
+                ));
+            }
+        }
+        for (id, s) in &c.senders {
+            if let Some(key) = &s.public_key
+                && let Err(e) = crate::trust::parse_key(key)
+            {
+                return Err(invalid(
+                    &format!("senders.{id}.public_key"),
+                    format!(
+                        "not an OpenSSH public key ({e}); paste the sender's `<key>.pub` line, \
+                         e.g. \"ssh-ed25519 AAAA… ferry@app\""
+                    ),
                 ));
             }
         }

@@ -3,7 +3,7 @@
 //! starting with `.` are uploads in progress and are never touched.
 
 use ferry_common::durable::is_temp_name;
-use ferry_common::manifest::{Kind, parse_bundle_file_name, parse_volume_file_name};
+use ferry_common::manifest::{BundleName, Kind, parse_bundle_file_name, parse_volume_file_name};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -16,6 +16,9 @@ pub struct Entry {
     pub path: PathBuf,
     pub file: String,
     pub sender: String,
+    /// The sender state's chain (empty: a state older than chains). Bundles of
+    /// one sender sort by chain, then seq.
+    pub chain: String,
     pub seq: u64,
     pub kind: Kind,
     /// The volume files of this seq present, in order (empty for a bundle sent
@@ -73,28 +76,30 @@ pub fn scan(dir: &Path) -> std::io::Result<Vec<Entry>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    let mut found: BTreeMap<(String, u64), Entry> = BTreeMap::new();
+    let mut found: BTreeMap<(String, String, u64), Entry> = BTreeMap::new();
     for e in entries {
         let e = e?;
         let file = e.file_name().to_string_lossy().into_owned();
         if is_temp_name(&file) || !e.file_type()?.is_file() {
             continue;
         }
-        if let Some((sender, seq, kind)) = parse_bundle_file_name(&file) {
+        if let Some(b) = parse_bundle_file_name(&file) {
             let entry = found
-                .entry((sender.clone(), seq.0))
-                .or_insert_with(|| empty(dir, &sender, seq, kind));
+                .entry((b.sender.clone(), b.chain.clone(), b.seq.0))
+                .or_insert_with(|| empty(dir, &b));
             entry.arriving = None;
-            entry.kind = kind;
+            entry.kind = b.kind;
             entry.path = e.path();
             entry.file = file;
-        } else if let Some((sender, seq, Kind::Complete, _)) = parse_volume_file_name(&file) {
+        } else if let Some((b, _)) = parse_volume_file_name(&file)
+            && b.kind == Kind::Complete
+        {
             let modified = e.metadata()?.modified().unwrap_or(SystemTime::UNIX_EPOCH);
             let entry = found
-                .entry((sender.clone(), seq.0))
+                .entry((b.sender.clone(), b.chain.clone(), b.seq.0))
                 .or_insert_with(|| Entry {
                     arriving: Some(modified),
-                    ..empty(dir, &sender, seq, Kind::Complete)
+                    ..empty(dir, &b)
                 });
             if let Some(newest) = entry.arriving.as_mut() {
                 *newest = (*newest).max(modified);
@@ -117,21 +122,28 @@ pub fn scan(dir: &Path) -> std::io::Result<Vec<Entry>> {
 /// A bundle `s-<seq>` of sender `s` for unit tests of what plans by entries.
 #[cfg(test)]
 pub(crate) fn test_entry(seq: u64, kind: Kind) -> Entry {
+    let b = BundleName {
+        sender: "s".into(),
+        chain: String::new(),
+        seq: ferry_common::manifest::Seq(seq),
+        kind,
+    };
     Entry {
         file: format!("s-{seq}"),
         path: PathBuf::new(),
-        ..empty(Path::new(""), "s", ferry_common::manifest::Seq(seq), kind)
+        ..empty(Path::new(""), &b)
     }
 }
 
-fn empty(dir: &Path, sender: &str, seq: ferry_common::manifest::Seq, kind: Kind) -> Entry {
-    let file = ferry_common::manifest::bundle_file_name(sender, seq, kind);
+fn empty(dir: &Path, b: &BundleName) -> Entry {
+    let file = ferry_common::manifest::bundle_file_name(&b.sender, &b.chain, b.seq, b.kind);
     Entry {
         path: dir.join(&file),
         file,
-        sender: sender.to_owned(),
-        seq: seq.0,
-        kind,
+        sender: b.sender.clone(),
+        chain: b.chain.clone(),
+        seq: b.seq.0,
+        kind: b.kind,
         volumes: Vec::new(),
         arriving: None,
         stale: Vec::new(),

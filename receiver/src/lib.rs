@@ -21,6 +21,7 @@ pub mod report;
 pub mod run;
 pub mod sftp_server;
 pub mod space;
+pub mod trust;
 pub mod verify;
 
 pub use config::Config;

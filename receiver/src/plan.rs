@@ -6,13 +6,56 @@
 use crate::inbox::Entry;
 use ferry_common::manifest::Kind;
 
-/// What the ledger says about one sender.
+/// What the ledger says about one sender: the chain the copy follows (the
+/// newest chain with an applied bundle) and its position in it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LedgerState {
-    /// The newest applied bundle.
+    /// Empty: none applied yet, or a sender state older than chains.
+    pub chain: String,
+    /// The newest applied bundle of `chain`.
     pub last_seq: Option<u64>,
-    /// The newest applied complete (the base partials must build on).
+    /// The newest applied complete of `chain` (the base partials must build on).
     pub base_seq: Option<u64>,
+}
+
+impl LedgerState {
+    /// Whether bundle `seq` of `chain` is behind the copy: applied, or of a
+    /// chain older than the one the copy follows (a replaced sender state).
+    pub fn behind(&self, chain: &str, seq: u64) -> bool {
+        chain < self.chain.as_str()
+            || (chain == self.chain && self.last_seq.is_some_and(|l| seq <= l))
+    }
+
+    /// Whether bundle `seq` of `chain` is the complete the copy builds on.
+    pub fn is_base(&self, chain: &str, seq: u64) -> bool {
+        chain == self.chain && self.base_seq == Some(seq)
+    }
+
+    /// Whether the applied complete is newer than bundle `seq` of `chain`.
+    pub fn base_after(&self, chain: &str, seq: u64) -> bool {
+        chain < self.chain.as_str()
+            || (chain == self.chain && self.base_seq.is_some_and(|b| b > seq))
+    }
+}
+
+/// Why a partial of another chain than the copy's cannot apply, and the fix.
+pub fn other_chain(e_chain: &str, seq: u64, ledger_chain: &str) -> String {
+    format!(
+        "partial #{seq} belongs to sender chain {} but the copy follows chain {}: the \
+         sender's state was replaced (state directory removed or restored elsewhere), so its \
+         numbering started over; the new chain's first complete resyncs the copy — run \
+         `ferry-sender complete` on the sender if none is on its way",
+        if e_chain.is_empty() {
+            "(none)"
+        } else {
+            e_chain
+        },
+        if ledger_chain.is_empty() {
+            "(none)"
+        } else {
+            ledger_chain
+        },
+    )
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +67,9 @@ pub enum Step {
     Superseded(Entry),
     /// Waits; the reason says for what.
     Hold(Entry, String),
+    /// A partial of another chain than the copy's: waits for that chain's
+    /// complete; needs the operator's attention if none comes.
+    OtherChain(Entry, String),
 }
 
 /// Plans one sender's bundles (`entries` sorted by seq; `base_of` gives a
@@ -36,7 +82,8 @@ pub fn plan(
 ) -> Vec<Step> {
     let last = ledger.last_seq.unwrap_or(0);
     let mut steps = Vec::new();
-    let (done, pending): (Vec<&Entry>, Vec<&Entry>) = entries.iter().partition(|e| e.seq <= last);
+    let (done, pending): (Vec<&Entry>, Vec<&Entry>) =
+        entries.iter().partition(|e| ledger.behind(&e.chain, e.seq));
     steps.extend(done.into_iter().cloned().map(Step::Duplicate));
     // The newest complete supersedes everything pending before it.
     let start = pending
@@ -48,6 +95,7 @@ pub fn plan(
             .iter()
             .map(|e| Step::Superseded((*e).clone())),
     );
+    let mut chain = ledger.chain.clone();
     let mut expected = last + 1;
     let mut base = ledger.base_seq;
     let mut blocked: Option<String> = None;
@@ -58,8 +106,15 @@ pub fn plan(
         }
         if e.kind == Kind::Complete {
             steps.push(Step::Apply((*e).clone()));
+            chain = e.chain.clone();
             expected = e.seq + 1;
             base = Some(e.seq);
+            continue;
+        }
+        if e.chain != chain && base.is_some() {
+            let why = other_chain(&e.chain, e.seq, &chain);
+            steps.push(Step::OtherChain((*e).clone(), why.clone()));
+            blocked = Some(why);
             continue;
         }
         let why = if base.is_none() {
@@ -109,6 +164,7 @@ mod tests {
                 Step::Duplicate(e) => format!("dup {}", e.seq),
                 Step::Superseded(e) => format!("superseded {}", e.seq),
                 Step::Hold(e, _) => format!("hold {}", e.seq),
+                Step::OtherChain(e, _) => format!("other chain {}", e.seq),
             })
             .collect()
     }
@@ -118,6 +174,7 @@ mod tests {
         let l = LedgerState {
             last_seq: Some(2),
             base_seq: Some(1),
+            ..Default::default()
         };
         let es = [
             e(2, Kind::Partial),
@@ -161,6 +218,7 @@ mod tests {
         let l = LedgerState {
             last_seq: Some(3),
             base_seq: Some(1),
+            ..Default::default()
         };
         let s = plan(
             &l,
@@ -170,5 +228,54 @@ mod tests {
         );
         assert_eq!(kinds(&s), ["hold 5", "hold 6"]);
         assert!(matches!(&s[0], Step::Hold(_, w) if w.contains("quarantined bundle #4")));
+    }
+
+    fn of(chain: &str, seq: u64, kind: Kind) -> Entry {
+        Entry {
+            chain: chain.into(),
+            ..e(seq, kind)
+        }
+    }
+
+    #[test]
+    fn a_new_chain_resyncs_with_its_complete_and_its_partials_wait_for_it() {
+        // The copy follows chain "a" up to #37; the sender's state was replaced.
+        let l = LedgerState {
+            chain: "a".into(),
+            last_seq: Some(37),
+            base_seq: Some(30),
+        };
+        // Only partials of the new chain: held with the cause, never skipped.
+        let s = plan(
+            &l,
+            &[of("b", 2, Kind::Partial), of("b", 3, Kind::Partial)],
+            |_| Some(1),
+            &[],
+        );
+        assert_eq!(kinds(&s), ["other chain 2", "hold 3"]);
+        assert!(matches!(&s[0], Step::OtherChain(_, w) if w.contains("ferry-sender complete")));
+        // Its complete #1 applies although #1 <= #37, then its partials; the
+        // old chain's leftovers are behind the copy.
+        let es = [
+            of("a", 37, Kind::Partial),
+            of("a", 38, Kind::Partial),
+            of("b", 1, Kind::Complete),
+            of("b", 2, Kind::Partial),
+        ];
+        let s = plan(&l, &es, |_| Some(1), &[]);
+        assert_eq!(kinds(&s), ["dup 37", "superseded 38", "apply 1", "apply 2"]);
+        // Once the copy follows "b", bundles of "a" never apply again.
+        let l = LedgerState {
+            chain: "b".into(),
+            last_seq: Some(2),
+            base_seq: Some(1),
+        };
+        let s = plan(
+            &l,
+            &[of("a", 40, Kind::Complete), of("b", 3, Kind::Partial)],
+            |_| Some(1),
+            &[],
+        );
+        assert_eq!(kinds(&s), ["dup 40", "apply 3"]);
     }
 }

@@ -19,8 +19,8 @@ pub fn select<'a>(
         .iter()
         .filter(|e| {
             let l = ledger_of(&e.sender);
-            let applied = l.last_seq.is_some_and(|last| e.seq <= last);
-            let newest_complete = l.base_seq == Some(e.seq);
+            let applied = l.behind(&e.chain, e.seq);
+            let newest_complete = l.is_base(&e.chain, e.seq);
             let lifetime = match e.kind {
                 Kind::Complete => retention.complete,
                 Kind::Partial => retention.partial,

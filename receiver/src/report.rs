@@ -31,7 +31,7 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
     for s in steps {
         match s {
             Step::Apply(e) => pending.push(e.file),
-            Step::Hold(e, reason) => held.push(run::Held {
+            Step::Hold(e, reason) | Step::OtherChain(e, reason) => held.push(run::Held {
                 file: e.file,
                 reason,
             }),
@@ -102,6 +102,32 @@ pub async fn check(config: &Config) -> Vec<(Level, String)> {
         .into_iter()
         .map(|(ok, what)| (if ok { Level::Ok } else { Level::Error }, what))
         .collect();
+    if config.senders.is_empty() {
+        out.push((
+            Level::Warning,
+            "any sender's bundles are applied: whoever can write into the inbox can replace \
+             the copy's tables (and run a complete's DDL); name your senders with \
+             `[senders.<sender_id>]`, and give each a `public_key` so only signed bundles \
+             apply (docs/receiver.md)"
+                .to_owned(),
+        ));
+    } else {
+        for (id, s) in &config.senders {
+            match &s.public_key {
+                Some(_) => out.push((
+                    Level::Ok,
+                    format!("sender {id:?}: only bundles signed with its key are applied"),
+                )),
+                None => out.push((
+                    Level::Warning,
+                    format!(
+                        "sender {id:?} is accepted without a signature: anyone who can write \
+                         into the inbox can pass as it; set `[senders.{id}] public_key`"
+                    ),
+                )),
+            }
+        }
+    }
     if let Some(Engine::Postgres) = config.target.engine()
         && let Ok(mut conn) = sqlx::PgConnection::connect(&config.target.url).await
         && let Ok(true) = sqlx::query_scalar::<_, bool>(

@@ -114,9 +114,13 @@ pub async fn plan_all(
         // newer, and was killed before it): its volumes can never complete,
         // and waiting for them would hold the chain for `volume_wait`. If the
         // set was really lost in transit, the acknowledgement asks for it again.
-        let newest = list.iter().map(|e| e.seq).max().unwrap_or(0);
+        let newest = list
+            .iter()
+            .map(|e| (e.chain.clone(), e.seq))
+            .max()
+            .unwrap_or_default();
         list.retain(|e| {
-            if e.arriving.is_none() || e.seq >= newest {
+            if e.arriving.is_none() || (e.chain.clone(), e.seq) >= newest {
                 return true;
             }
             if !tidy {
@@ -125,12 +129,13 @@ pub async fn plan_all(
                     format!(
                         "{} volumes of a complete the sender abandoned (bundle #{newest} arrived \
                          after them): the next load removes them",
-                        e.volumes.len()
+                        e.volumes.len(),
+                        newest = newest.1
                     ),
                 ));
                 return false;
             }
-            tracing::warn!(bundle = %e.file, seq = e.seq, volumes = e.volumes.len(), newer_seq = newest, "removing the volumes of a complete the sender abandoned (a newer bundle arrived, its final file never will)");
+            tracing::warn!(bundle = %e.file, seq = e.seq, volumes = e.volumes.len(), newer_seq = newest.1, "removing the volumes of a complete the sender abandoned (a newer bundle arrived, its final file never will)");
             for f in &e.volumes {
                 let _ = std::fs::remove_file(f);
             }
@@ -199,6 +204,14 @@ pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassEr
             Step::Superseded(e) => superseded.push(e),
             Step::Hold(e, reason) => {
                 tracing::warn!(bundle = %e.file, seq = e.seq, %reason, "bundle held");
+                report.held.push(Held {
+                    file: e.file,
+                    reason,
+                });
+            }
+            // Will not fix itself unless a complete comes: an ERROR.
+            Step::OtherChain(e, reason) => {
+                tracing::error!(bundle = %e.file, seq = e.seq, chain = %e.chain, %reason, "bundle held");
                 report.held.push(Held {
                     file: e.file,
                     reason,
@@ -304,7 +317,7 @@ async fn reused_seq(target: &mut Target, e: &Entry) -> Result<Option<String>, Pa
     let Ok(m) = read_manifest(&e.path, &Limits::default()) else {
         return Ok(None);
     };
-    let Some(applied) = target.applied_identity(&e.sender, e.seq).await? else {
+    let Some(applied) = target.applied_identity(&e.sender, &e.chain, e.seq).await? else {
         return Ok(None);
     };
     let this = m.identity();
@@ -330,7 +343,10 @@ async fn drop_superseded(
 ) -> Result<(), PassError> {
     for e in superseded {
         let ledger = target.ledger(&e.sender).await?;
-        let Some(base) = ledger.base_seq.filter(|b| *b > e.seq) else {
+        let Some(base) = ledger
+            .base_seq
+            .filter(|_| ledger.base_after(&e.chain, e.seq))
+        else {
             tracing::info!(bundle = %e.file, seq = e.seq, "superseded by a newer complete that is not applied yet");
             continue;
         };
@@ -413,8 +429,8 @@ async fn load_bundle(
         return loaded;
     }
     let path = e.path.clone();
-    let (max, wait) = (config.limits.max_bundle_bytes, config.limits.volume_wait);
-    let v = tokio::task::spawn_blocking(move || verify::stage(&path, &staging, max, wait))
+    let (limits, wait) = (load_limits(config), config.limits.volume_wait);
+    let v = tokio::task::spawn_blocking(move || verify::stage(&path, &staging, &limits, wait))
         .await
         .map_err(|j| ApplyError::Mismatch(format!("verification panicked: {j}")))??;
     tracing::info!(
@@ -427,11 +443,35 @@ async fn load_bundle(
     Ok((rows, media_files, v.manifest.clone()))
 }
 
+/// What every bundle read for loading is held to: its size, and the senders
+/// (and keys) the configuration accepts.
+fn load_limits(config: &Config) -> Limits {
+    Limits {
+        max_bytes: config.limits.max_bundle_bytes,
+        trust: crate::trust::from_config(config),
+        ..Limits::default()
+    }
+}
+
 fn check_name(e: &Entry, m: &Manifest) -> Result<(), ApplyError> {
-    if m.sender_id != e.sender || m.seq.0 != e.seq || m.kind != e.kind {
+    if m.sender_id != e.sender || m.seq.0 != e.seq || m.kind != e.kind || m.chain != e.chain {
+        let chain = |c: &str| {
+            if c.is_empty() {
+                String::new()
+            } else {
+                format!(" (chain {c})")
+            }
+        };
         return Err(ApplyError::Mismatch(format!(
-            "the file name says {} #{} {}, the manifest says {} #{} {}; refusing a renamed bundle",
-            e.sender, e.seq, e.kind, m.sender_id, m.seq, m.kind
+            "the file name says {} #{} {}{}, the manifest says {} #{} {}{}; refusing a renamed bundle",
+            e.sender,
+            e.seq,
+            e.kind,
+            chain(&e.chain),
+            m.sender_id,
+            m.seq,
+            m.kind,
+            chain(&m.chain)
         )));
     }
     Ok(())
@@ -450,16 +490,14 @@ async fn streamed_complete(
     jobs: usize,
 ) -> Result<(u64, u64, Manifest), ApplyError> {
     let fire = pg.fire_triggers;
-    let limits = Limits {
-        max_bytes: config.limits.max_bundle_bytes,
-        ..Limits::default()
-    };
+    let limits = load_limits(config);
     let manifest = read_manifest(e.header_file(), &limits)?;
     check_name(e, &manifest)?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-    let (path, dir, max) = (e.path.clone(), staging.to_owned(), limits.max_bytes);
+    let (path, dir) = (e.path.clone(), staging.to_owned());
     let wait = config.limits.volume_wait;
-    let reader = tokio::task::spawn_blocking(move || verify::stream(&path, &dir, max, wait, &tx));
+    let reader =
+        tokio::task::spawn_blocking(move || verify::stream(&path, &dir, &limits, wait, &tx));
     let begun = if jobs > 1 {
         crate::load::staged::begin(pg, &manifest, &mut rx, jobs).await
     } else {

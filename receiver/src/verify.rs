@@ -42,7 +42,7 @@ impl Drop for Verified {
 pub fn stage(
     bundle: &Path,
     dir: &Path,
-    max_bytes: u64,
+    limits: &Limits,
     wait: std::time::Duration,
 ) -> Result<Verified, ReadError> {
     let _ = std::fs::remove_dir_all(dir);
@@ -51,10 +51,6 @@ pub fn stage(
         source,
     })?;
     let mut files = HashMap::new();
-    let limits = Limits {
-        max_bytes,
-        ..Limits::default()
-    };
     let mut n = 0u64;
     let arrival = Arrival {
         wait,
@@ -69,7 +65,7 @@ pub fn stage(
         files.insert(m.path.clone(), path);
         Ok(())
     };
-    let result = read_set(bundle, &limits, &arrival, &mut on_member, &mut |_| Ok(()));
+    let result = read_set(bundle, limits, &arrival, &mut on_member, &mut |_| Ok(()));
     match result {
         Ok(manifest) => Ok(Verified {
             manifest,
@@ -103,7 +99,7 @@ pub enum Piece {
 pub fn stream(
     bundle: &Path,
     dir: &Path,
-    max_bytes: u64,
+    limits: &Limits,
     wait: std::time::Duration,
     tx: &tokio::sync::mpsc::Sender<Piece>,
 ) -> Result<Manifest, ReadError> {
@@ -113,10 +109,6 @@ pub fn stream(
         bundle: bundle.to_owned(),
         source,
     })?;
-    let limits = Limits {
-        max_bytes,
-        ..Limits::default()
-    };
     let gone = ferry_common::reader::ConsumerStopped::io;
     let mut pre_seen = false;
     let mut n = 0u64;
@@ -180,5 +172,5 @@ pub fn stream(
         }
         Ok(())
     };
-    read_set(bundle, &limits, &arrival, &mut on_member, &mut on_final)
+    read_set(bundle, limits, &arrival, &mut on_member, &mut on_final)
 }

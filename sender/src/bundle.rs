@@ -11,7 +11,7 @@
 //! (see `ferry_common::manifest::Volume`).
 
 use crate::extract::{ExtractError, Staged};
-use ferry_common::bundle::{BundleWriter, Compression, WriteError};
+use ferry_common::bundle::{BundleWriter, Compression, Signer, WriteError};
 use ferry_common::manifest::{self, Manifest, Member, Volume, VolumeFile};
 use std::path::{Path, PathBuf};
 use tokio::sync::{mpsc, watch};
@@ -28,6 +28,8 @@ pub struct VolumePlan {
     pub outbox: PathBuf,
     /// Told how many volumes are sealed, for the push beside the job.
     pub sealed: Option<watch::Sender<u32>>,
+    /// Signs each volume's manifest.
+    pub signer: Option<Signer>,
 }
 
 /// The writer thread and the queue that feeds it.
@@ -45,6 +47,32 @@ pub struct Assembled {
     set: String,
     outbox: PathBuf,
     kept: bool,
+}
+
+/// The signer of this sender's bundles ([`Config::signing_key`]), if any.
+pub fn signer(config: &crate::Config) -> Result<Option<Signer>, crate::job::JobError> {
+    let Some(path) = config.signing_key() else {
+        return Ok(None);
+    };
+    let key = russh::keys::load_secret_key(path, None).map_err(|e| {
+        crate::job::JobError::SigningKey(format!(
+            "cannot read the signing key {} ({e}): it must be an OpenSSH private key without a \
+             passphrase, readable by the sender (`[bundle] signing_key`, or `[push] key_file`; \
+             `[bundle] sign = false` turns signing off)",
+            path.display()
+        ))
+    })?;
+    Ok(Some(std::sync::Arc::new(move |digest: &str| {
+        let sig = key
+            .sign(
+                ferry_common::bundle::SIGNATURE_NAMESPACE,
+                russh::keys::HashAlg::Sha512,
+                digest.as_bytes(),
+            )
+            .map_err(std::io::Error::other)?;
+        sig.to_pem(russh::keys::ssh_key::LineEnding::LF)
+            .map_err(std::io::Error::other)
+    })))
 }
 
 impl Assembly {
@@ -112,7 +140,7 @@ impl Assembled {
     fn seal(&mut self, writer: BundleWriter, plan: &VolumePlan) -> Result<(), WriteError> {
         let index = self.volumes.len() as u32 + 1;
         let h = &plan.header;
-        let file = manifest::volume_file_name(&h.sender_id, h.seq, h.kind, index);
+        let file = manifest::volume_file_name(&h.sender_id, &h.chain, h.seq, h.kind, index);
         let m = Manifest {
             members: writer.members().to_vec(),
             volume: Some(Volume {
@@ -122,7 +150,8 @@ impl Assembled {
             }),
             ..h.clone()
         };
-        let (size, sha256) = writer.finish(&m, &plan.outbox.join(&file))?;
+        let (size, sha256) =
+            writer.finish_signed(&m, &plan.outbox.join(&file), plan.signer.as_ref())?;
         tracing::debug!(volume = %file, size, members = m.members.len(), "volume sealed");
         self.volumes
             .push((VolumeFile { file, size, sha256 }, m.members));

@@ -344,6 +344,12 @@ pub struct BundleConfig {
     /// the receiver loads while the sender dumps; 0 sends every bundle as one
     /// file. Partials are always one file.
     pub volume_bytes: u64,
+    /// The OpenSSH private key (no passphrase) that signs every bundle's
+    /// manifest; unset: `[push] key_file`, if any. A receiver with the public
+    /// key in `[senders.<id>] public_key` applies only bundles it signed.
+    pub signing_key: Option<PathBuf>,
+    /// `false`: never sign (bundles for receivers that do not check).
+    pub sign: bool,
 }
 
 // Measured on 2 cores (docs/benchmarks.md): level 1 without zstd workers was faster
@@ -356,6 +362,8 @@ impl Default for BundleConfig {
             zstd_level: 1,
             zstd_workers: 0,
             volume_bytes: 8 << 20,
+            signing_key: None,
+            sign: true,
         }
     }
 }
@@ -533,6 +541,17 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The key that signs bundles (see [`BundleConfig::signing_key`]).
+    pub fn signing_key(&self) -> Option<&Path> {
+        if !self.bundle.sign {
+            return None;
+        }
+        self.bundle
+            .signing_key
+            .as_deref()
+            .or(self.push.as_ref().map(|p| p.key_file.as_path()))
     }
 
     /// Delivered bundles: the newest complete and what followed it are kept here.

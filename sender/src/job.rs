@@ -35,6 +35,8 @@ pub enum JobError {
         "no complete bundle yet, so a partial has nothing to build on: run `ferry-sender complete` first"
     )]
     NoComplete,
+    #[error("{0}")]
+    SigningKey(String),
 }
 
 impl JobError {
@@ -187,6 +189,7 @@ async fn run_locked(
     let header = Manifest {
         format: FORMAT,
         sender_id: config.sender_id.clone(),
+        chain: state.chain().await?,
         kind,
         seq,
         base_seq,
@@ -198,12 +201,15 @@ async fn run_locked(
         watermarks: Default::default(),
         volume: None,
         members: Vec::new(),
+        seal: None,
     };
+    let signer = crate::bundle::signer(config)?;
     let plan = (kind == Kind::Complete && config.bundle.volume_bytes > 0).then(|| VolumePlan {
         bytes: config.bundle.volume_bytes,
         header: header.clone(),
         outbox: outbox_dir.clone(),
         sealed,
+        signer: signer.clone(),
     });
     let assembly = Assembly::start(&staging.join(".body"), compression, plan)?;
     let dedup = match kind {
@@ -258,7 +264,7 @@ async fn run_locked(
         members,
         ..header
     };
-    let file_name = manifest::bundle_file_name(&config.sender_id, seq, kind);
+    let file_name = manifest::bundle_file_name(&config.sender_id, &manifest.chain, seq, kind);
     let final_path = outbox_dir.join(&file_name);
     let writer = assembled
         .take_writer()
@@ -266,7 +272,7 @@ async fn run_locked(
     let (last_bytes, _) = tokio::task::spawn_blocking({
         let manifest = manifest.clone();
         let final_path = final_path.clone();
-        move || writer.finish(&manifest, &final_path)
+        move || writer.finish_signed(&manifest, &final_path, signer.as_ref())
     })
     .await
     .map_err(|e| ExtractError::WriterGone(format!("bundle writer panicked: {e}")))??;

@@ -31,6 +31,9 @@ pub enum OutboxError {
 /// A bundle waiting in the outbox.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Pending {
+    /// The sender state's chain the bundle belongs to (empty: older than chains).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub chain: String,
     pub seq: u64,
     pub kind: String,
     pub file: String,
@@ -88,14 +91,15 @@ pub fn list(outbox: &Path, sender_id: &str) -> Result<Vec<Pending>, OutboxError>
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let parsed = parse_bundle_file_name(&name)
-            .map(|(s, q, k)| (s, q, k, None))
-            .or_else(|| parse_volume_file_name(&name).map(|(s, q, k, i)| (s, q, k, Some(i))));
-        if let Some((sender, seq, kind, volume)) = parsed
-            && sender == sender_id
+            .map(|b| (b, None))
+            .or_else(|| parse_volume_file_name(&name).map(|(b, i)| (b, Some(i))));
+        if let Some((b, volume)) = parsed
+            && b.sender == sender_id
         {
             out.push(Pending {
-                seq: seq.0,
-                kind: kind.to_string(),
+                chain: b.chain,
+                seq: b.seq.0,
+                kind: b.kind.to_string(),
                 file: name,
                 bytes: e.metadata().map(|m| m.len()).unwrap_or(0),
                 volume,
@@ -119,8 +123,17 @@ pub async fn recover(
     sender_id: &str,
 ) -> Result<(), OutboxError> {
     let mut found: Vec<(PathBuf, Pending)> = Vec::new();
+    let chain = state.chain().await?;
     for dir in [outbox, sent] {
         for p in list(dir, sender_id)? {
+            if p.chain != chain {
+                // Left by a state this one replaced (state.db was removed): its
+                // seqs are not this chain's, so it is never adopted or sent.
+                if dir == outbox {
+                    tracing::warn!(file = %p.file, dir = %dir.display(), chain = %chain, "a bundle of another chain (an earlier sender state) is in the outbox; it is not sent: remove it");
+                }
+                continue;
+            }
             if p.volume.is_none() {
                 found.push((dir.join(&p.file), p));
             }

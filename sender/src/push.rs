@@ -616,14 +616,22 @@ async fn push_round(
     // still being written go out (the receiver commits nothing before the
     // set's final file, which is only pushed once recorded).
     let recorded = state.last(None).await?.map_or(0, |b| b.seq);
-    pending.retain(|b| b.volume.is_some() || b.seq <= recorded);
+    let chain = state.chain().await?;
+    // Only this state's chain: files another state left are never sent.
+    pending.retain(|b| b.chain == chain && (b.volume.is_some() || b.seq <= recorded));
     if pending.is_empty() && !delivered {
         return Ok(());
     }
     let link = Link::open(p).await?;
     let result = async {
-        if let Some(ack) = link.read_ack(&config.sender_id).await {
-            resend(config, &link, &ack, state, outcome).await?;
+        match link.read_ack(&config.sender_id).await {
+            Some(ack) if ack.chain == chain => resend(config, &link, &ack, state, outcome).await?,
+            // The copy follows another chain (this state replaced an earlier
+            // one): its numbers say nothing about this chain's bundles.
+            Some(ack) => {
+                tracing::info!(receiver_chain = %ack.chain, chain = %chain, "the receiver follows another chain of this sender; it resyncs with this chain's next complete")
+            }
+            None => {}
         }
         deliver(config, &link, pending, outcome).await
     }
@@ -689,7 +697,10 @@ async fn resend(
     outcome: &mut PushOutcome,
 ) -> Result<(), PushError> {
     let sent_dir = config.sent_dir();
-    let sent = outbox::list(&sent_dir, &config.sender_id)?;
+    let sent: Vec<Pending> = outbox::list(&sent_dir, &config.sender_id)?
+        .into_iter()
+        .filter(|b| b.chain == ack.chain)
+        .collect();
     let margin = Duration::from_secs(5);
     let scanned: std::time::SystemTime = ack.scanned_at.into();
     let mut seqs: Vec<u64> = sent

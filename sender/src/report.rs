@@ -303,6 +303,19 @@ pub async fn check(config: &Config) -> Vec<Finding> {
                     }
                 }
             }
+            if let Source::Postgres(pg) = &mut source
+                && config.partial.deletes == crate::config::DeleteCapture::Trigger
+            {
+                let captured: Vec<String> = tables
+                    .iter()
+                    .filter(|t| t.change.is_some() && !t.info.primary_key.is_empty())
+                    .map(|t| t.info.name.quoted())
+                    .collect();
+                match pg.capture_check(&captured).await {
+                    Ok((ok, line)) => push(if ok { Level::Ok } else { Level::Error }, line),
+                    Err(e) => push(Level::Error, e.to_string()),
+                }
+            }
         }
     }
     for set in &config.media {

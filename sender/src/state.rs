@@ -84,7 +84,12 @@ CREATE TABLE IF NOT EXISTS push_status (
   last_attempt_at TEXT NOT NULL,
   last_ok_at TEXT,
   last_error TEXT);
-PRAGMA user_version = 2;
+-- The chain this state began (see ferry_common::manifest::chain_id): one row,
+-- written when the state is created.
+CREATE TABLE IF NOT EXISTS chain (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  chain TEXT NOT NULL);
+PRAGMA user_version = 3;
 ";
 
 impl State {
@@ -114,7 +119,29 @@ impl State {
             .execute(&mut conn)
             .await
             .map_err(err("creating the schema"))?;
+        // A new state begins a new chain; a state from before chains (it has
+        // bundles but no chain) keeps the empty one, so its receivers go on.
+        sqlx::query(
+            "INSERT INTO chain (id, chain)
+             SELECT 1, CASE WHEN EXISTS (SELECT 1 FROM bundles) THEN '' ELSE ? END
+             WHERE NOT EXISTS (SELECT 1 FROM chain)",
+        )
+        .bind(ferry_common::manifest::chain_id(
+            std::time::SystemTime::now(),
+            rand::random::<u16>(),
+        ))
+        .execute(&mut conn)
+        .await
+        .map_err(err("recording the chain"))?;
         Ok(Self { conn, path })
+    }
+
+    /// This state's chain (empty: a state from before chains).
+    pub async fn chain(&mut self) -> Result<String, StateError> {
+        sqlx::query_scalar("SELECT chain FROM chain WHERE id = 1")
+            .fetch_one(&mut self.conn)
+            .await
+            .map_err(self.err("reading the chain"))
     }
 
     fn err(&self, doing: &'static str) -> impl FnOnce(sqlx::Error) -> StateError + '_ {

@@ -154,3 +154,39 @@ pub fn copy_first_column(member: &ferry_common::manifest::Member, bytes: &[u8]) 
         other => panic!("{}: not COPY data ({other:?})", member.path),
     }
 }
+
+/// The sender chain of the bundles (or volumes) in `dir`, as their names say;
+/// panics if `dir` holds none, or several chains.
+pub fn chain_in(dir: &Path) -> String {
+    let mut chains = chains_in(dir);
+    assert_eq!(chains.len(), 1, "chains in {}: {chains:?}", dir.display());
+    chains.remove(0)
+}
+
+/// The sender chains of the bundles (or volumes) in `dir` (none if `dir` is
+/// missing), sorted.
+pub fn chains_in(dir: &Path) -> Vec<String> {
+    use ferry_common::manifest::{parse_bundle_file_name, parse_volume_file_name};
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut chains: Vec<String> = entries
+        .flatten()
+        .filter_map(|f| {
+            let n = f.file_name().to_string_lossy().into_owned();
+            parse_bundle_file_name(&n)
+                .or_else(|| parse_volume_file_name(&n).map(|(b, _)| b))
+                .map(|b| b.chain)
+        })
+        .collect();
+    chains.sort();
+    chains.dedup();
+    chains
+}
+
+/// The file name of bundle `seq` of `kind` from sender `sender`, in the chain
+/// of the bundles in `dir` (see [`chain_in`]).
+pub fn name_in(dir: &Path, sender: &str, seq: u64, kind: ferry_common::manifest::Kind) -> String {
+    let chain = chain_in(dir);
+    ferry_common::manifest::bundle_file_name(sender, &chain, ferry_common::manifest::Seq(seq), kind)
+}

@@ -11,10 +11,15 @@ use std::path::Path;
 /// SQLite), exactly as `ferry-receiver load` would; panics with the reason if
 /// the receiver refuses it.
 pub async fn apply(url: &str, bundle: &Path) -> Manifest {
+    apply_with(url, bundle, "").await
+}
+
+/// [`apply`] with more `[target]` settings (TOML lines).
+pub async fn apply_with(url: &str, bundle: &Path, target: &str) -> Manifest {
     let staging = tempfile::tempdir().expect("temp dir");
     let config = ferry_receiver::Config::parse(
         &format!(
-            "state_dir = \"/nonexistent\"\ninbox = \"/nonexistent\"\n[target]\nurl = {url:?}\n"
+            "state_dir = \"/nonexistent\"\ninbox = \"/nonexistent\"\n[target]\nurl = {url:?}\n{target}"
         ),
         Path::new("test"),
     )
@@ -22,7 +27,7 @@ pub async fn apply(url: &str, bundle: &Path) -> Manifest {
     let v = ferry_receiver::verify::stage(
         bundle,
         &staging.path().join("s"),
-        u64::MAX,
+        &ferry_common::reader::Limits::default(),
         std::time::Duration::ZERO,
     )
     .unwrap_or_else(|e| panic!("bundle {} does not verify: {e}", bundle.display()));

@@ -48,10 +48,8 @@ impl Fixture {
     }
 
     fn bundle(&self, seq: u64, kind: Kind) -> PathBuf {
-        self.dir
-            .path()
-            .join("state/outbox")
-            .join(format!("app-{seq:012}-{kind}.tar.zst"))
+        let outbox = self.dir.path().join("state/outbox");
+        outbox.join(ferry_tests::name_in(&outbox, "app", seq, kind))
     }
 
     /// Takes a bundle of `kind` and applies it to the copy; returns its seq
@@ -363,6 +361,48 @@ async fn delete_capture_never_makes_the_apps_writes_fail() {
     assert!(!usage);
     fx.ship(Kind::Partial).await.unwrap();
     fx.assert_same(&EQUAL_TABLES).await;
+
+    // `check` names the roles that delete, and says whether their deletes
+    // would fail.
+    let path = fx.dir.path().join("sender.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "sender_id = \"app\"\nstate_dir = {:?}\n[source]\nurl = {:?}\n\
+             [partial]\nchange_column = \"updated_at\"\n",
+            fx.dir.path().join("state"),
+            fx.server.url("app"),
+        ),
+    )
+    .unwrap();
+    let check = || {
+        let out = std::process::Command::new(ferry_tests::binary("ferry-sender"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = check();
+    let line = text
+        .lines()
+        .find(|l| l.contains("delete capture:"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains("app") && line.contains("as its owner"),
+        "{line}"
+    );
+    fx.sql("ALTER FUNCTION ferry.capture_delete() SECURITY INVOKER")
+        .await;
+    let text = check();
+    let line = text
+        .lines()
+        .find(|l| l.contains("delete capture:"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains("would fail") && line.contains("not SECURITY DEFINER"),
+        "{line}"
+    );
 }
 
 /// An application schema that happens to be called `ferry` is never touched:

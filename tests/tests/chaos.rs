@@ -308,9 +308,9 @@ async fn the_copy_converges_after_kills_outages_and_crashes() {
                         .and_then(|n| {
                             ferry_common::manifest::parse_bundle_file_name(&n.to_string_lossy())
                         })
-                        .is_some_and(|(_, seq, kind)| {
-                            kind == ferry_common::manifest::Kind::Partial
-                                && (seq.0 as i64) <= applied
+                        .is_some_and(|b| {
+                            b.kind == ferry_common::manifest::Kind::Partial
+                                && (b.seq.0 as i64) <= applied
                         })
                 }) {
                     let bytes = std::fs::read(b).unwrap();

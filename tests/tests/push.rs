@@ -569,18 +569,34 @@ async fn a_down_server_and_an_unwritable_remote_dir_are_named() {
     );
 }
 
+/// The name of the sender's bundle `seq` of `kind`, in the chain of the
+/// bundles in its outbox and sent/.
+fn bundle_name(p: &Pg, seq: u64, kind: &str) -> String {
+    let mut chains = ferry_tests::chains_in(&p.path("sstate/sent"));
+    chains.extend(ferry_tests::chains_in(&p.path("sstate/outbox")));
+    chains.dedup();
+    assert_eq!(chains.len(), 1, "{chains:?}");
+    let kind = if kind == "complete" {
+        ferry_common::manifest::Kind::Complete
+    } else {
+        ferry_common::manifest::Kind::Partial
+    };
+    ferry_common::manifest::bundle_file_name(
+        "app",
+        &chains[0],
+        ferry_common::manifest::Seq(seq),
+        kind,
+    )
+}
+
 /// The files of complete #`seq` in `dir`: its volumes in order, then its final
 /// file (if there).
 fn set_files(dir: &Path, seq: u64) -> (Vec<String>, Option<String>) {
-    let last = format!("app-{seq:012}-complete.tar.zst");
-    let stem = format!("app-{seq:012}-complete.v");
+    let last = format!("-{seq:012}-complete.tar.zst");
+    let stem = format!("-{seq:012}-complete.v");
     let all = outbox_files(dir);
-    let volumes = all
-        .iter()
-        .filter(|n| n.starts_with(&stem))
-        .cloned()
-        .collect();
-    (volumes, all.contains(&last).then_some(last))
+    let volumes = all.iter().filter(|n| n.contains(&stem)).cloned().collect();
+    (volumes, all.into_iter().find(|n| n.ends_with(&last)))
 }
 
 /// Copies a file into the inbox as an upload does: a temporary, then a rename.
@@ -811,7 +827,7 @@ async fn the_receiver_daemon_loads_a_complete_in_volumes_as_the_sender_pushes_it
     p.assert_same().await;
     let log = d.log();
     assert!(
-        log.contains("app-000000000001-complete.tar.zst"),
+        log.contains("-000000000001-complete.tar.zst"),
         "the set is applied under its final name: {log}"
     );
     assert!(!log.contains("load failed"), "{log}");
@@ -843,7 +859,7 @@ async fn lost_and_damaged_deliveries_are_sent_again_from_the_acknowledgement() {
     // on disk), #3 arrives and is held; the ack asks for #2.
     exec(&mut src, &change(2)).await;
     ok(&p.sender(&["partial"]));
-    std::fs::remove_file(p.ssh.inbox().join("app-000000000002-partial.tar.zst")).unwrap();
+    std::fs::remove_file(p.ssh.inbox().join(bundle_name(&p, 2, "partial"))).unwrap();
     exec(&mut src, &change(3)).await;
     ok(&p.sender(&["partial"]));
     let held = run("ferry-receiver", &p.path("receiver.toml"), &["load"]);
@@ -863,7 +879,7 @@ async fn lost_and_damaged_deliveries_are_sent_again_from_the_acknowledgement() {
     // inbox after the delivery and never saw it.
     exec(&mut src, &change(4)).await;
     ok(&p.sender(&["partial"]));
-    let four = "app-000000000004-partial.tar.zst";
+    let four = &bundle_name(&p, 4, "partial");
     std::fs::remove_file(p.ssh.inbox().join(four)).unwrap();
     // As if the delivery was a minute before the receiver's next scan.
     let minute_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
@@ -883,7 +899,7 @@ async fn lost_and_damaged_deliveries_are_sent_again_from_the_acknowledgement() {
     // Damaged in transit: quarantined, asked for, sent again, applied.
     exec(&mut src, &change(5)).await;
     ok(&p.sender(&["partial"]));
-    let five = p.ssh.inbox().join("app-000000000005-partial.tar.zst");
+    let five = p.ssh.inbox().join(bundle_name(&p, 5, "partial"));
     let mut bytes = std::fs::read(&five).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x55;
@@ -965,7 +981,7 @@ async fn an_abandoned_volume_set_does_not_hold_the_partials_after_it() {
     .await;
     ok(&p.sender(&["partial", "--no-push"])); // #5
     deliver(
-        &p.path("sstate/outbox/app-000000000005-partial.tar.zst"),
+        &p.path("sstate/outbox").join(bundle_name(&p, 5, "partial")),
         &p.ssh.inbox(),
     );
     let status = run("ferry-receiver", &p.path("receiver.toml"), &["status"]);
@@ -995,7 +1011,7 @@ async fn only_recorded_bundles_are_pushed_and_sent_bundles_are_adopted() {
     )
     .await;
     ok(&p.sender(&["partial", "--no-push"]));
-    let two = "app-000000000002-partial.tar.zst";
+    let two = &bundle_name(&p, 2, "partial");
     // Undo the record of #2: as if the job were between rename and record.
     let state_url = format!("sqlite://{}", p.path("sstate/state.db").display());
     let forget = || async {
@@ -1027,7 +1043,8 @@ async fn only_recorded_bundles_are_pushed_and_sent_bundles_are_adopted() {
     .await;
     ok(&p.sender(&["partial", "--no-push"]));
     assert!(
-        p.path("sstate/outbox/app-000000000003-partial.tar.zst")
+        p.path("sstate/outbox")
+            .join(bundle_name(&p, 3, "partial"))
             .exists(),
         "seq 2 must not be issued again: {:?}",
         outbox_files(&p.path("sstate/outbox"))
@@ -1064,16 +1081,182 @@ async fn orphan_volumes_in_sent_never_replace_the_last_complete() {
     ok(&p.sender(&["partial"]));
     let sent = outbox_files(&p.path("sstate/sent"));
     assert!(
-        sent.iter()
-            .any(|f| f == "app-000000000001-complete.tar.zst"),
+        sent.iter().any(|f| f == &bundle_name(&p, 1, "complete")),
         "the last real complete is kept: {sent:?}"
     );
-    assert!(sent.iter().any(|f| f == "app-000000000002-partial.tar.zst"));
+    assert!(sent.iter().any(|f| f == &bundle_name(&p, 2, "partial")));
     assert_eq!(
         set_files(&p.path("sstate/sent"), 2).0,
         Vec::<String>::new(),
         "{sent:?}"
     );
+    p.receive();
+    p.assert_same().await;
+}
+
+/// A sender whose state directory was removed starts a new chain at #1. Its
+/// bundles never collide with the old chain's in the inbox, the receiver never
+/// takes them for re-deliveries: a partial of the new chain is held with an
+/// ERROR naming the cause and the fix, and the new chain's complete resyncs the
+/// copy (a WARN), after which its partials apply. No manual step.
+#[tokio::test]
+async fn a_sender_that_lost_its_state_resyncs_the_copy() {
+    let p = Pg::new().await;
+    let mut src = p.pg.connect("app").await;
+    ok(&p.sender(&["complete"]));
+    for i in 0..2 {
+        exec(
+            &mut src,
+            &format!("UPDATE phone SET model = 'old {i}', updated_at = now() WHERE id = 1"),
+        )
+        .await;
+        ok(&p.sender(&["partial"]));
+    }
+    p.receive();
+    p.assert_same().await;
+    let old_chain = ferry_tests::chain_in(&p.path("sstate/sent"));
+
+    std::fs::remove_dir_all(p.path("sstate")).unwrap();
+    exec(
+        &mut src,
+        "DELETE FROM report WHERE id <= 10; UPDATE phone SET model = 'new', updated_at = now() WHERE id = 2",
+    )
+    .await;
+    ok(&p.sender(&["complete", "--no-push"]));
+    exec(
+        &mut src,
+        "UPDATE phone SET model = 'newer', updated_at = now() WHERE id = 2",
+    )
+    .await;
+    ok(&p.sender(&["partial", "--no-push"]));
+    let new_chain = ferry_tests::chain_in(&p.path("sstate/outbox"));
+    assert!(new_chain > old_chain, "{new_chain} after {old_chain}");
+
+    // Only the new chain's partial #2 arrives: held, with an ERROR and the fix.
+    let two = bundle_name(&p, 2, "partial");
+    std::fs::copy(p.path("sstate/outbox").join(&two), p.ssh.inbox().join(&two)).unwrap();
+    let out = run("ferry-receiver", &p.path("receiver.toml"), &["load"]);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("ERROR")
+            && err.contains("the sender's state was replaced")
+            && err.contains("ferry-sender complete"),
+        "{err}"
+    );
+    let status = text(&run("ferry-receiver", &p.path("receiver.toml"), &["status"]).stdout);
+    assert!(status.contains(&two), "{status}");
+    // The old chain's #2 is still in the inbox, beside the new one.
+    let (finals, _) = inbox(&p.ssh, "");
+    assert!(
+        finals
+            .iter()
+            .any(|f| f.contains(&old_chain) && f.contains("-000000000002-"))
+            && finals.contains(&two),
+        "{finals:?}"
+    );
+
+    // The new chain's complete arrives: a resync, then its partial.
+    ok(&p.sender(&["push"]));
+    let out = run("ferry-receiver", &p.path("receiver.toml"), &["load"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("the sender's state was replaced (a new chain"),
+        "{}",
+        text(&out.stderr)
+    );
+    p.assert_same().await;
+    // And it goes on: the next partial applies.
+    exec(
+        &mut src,
+        "UPDATE phone SET model = 'newest', updated_at = now() WHERE id = 1",
+    )
+    .await;
+    ok(&p.sender(&["partial"]));
+    p.receive();
+    p.assert_same().await;
+}
+
+/// Whoever can write into the inbox must not be able to rewrite the copy: with
+/// `[senders]` the receiver applies only the senders named there, and of a
+/// sender with a `public_key` only bundles signed with its key (the sender
+/// signs with its push key by default). A foreign sender, a forged bundle of
+/// the real sender signed with another key, and an unsigned one are each
+/// refused with the reason and quarantined; nothing of them is applied.
+#[tokio::test]
+async fn only_named_senders_and_their_signatures_are_applied() {
+    let p = Pg::new().await;
+    p.pg.create_db(
+        "evil",
+        &format!("{APP}\nUPDATE phone SET model = 'evil'; DELETE FROM report;"),
+    )
+    .await;
+    let pubkey = std::fs::read_to_string(p.ssh.client_key.with_extension("pub")).unwrap();
+    let receiver = std::fs::read_to_string(p.path("receiver.toml")).unwrap()
+        + &format!("[senders.app]\npublic_key = {:?}\n", pubkey.trim());
+    std::fs::write(p.path("receiver.toml"), receiver).unwrap();
+    let check = text(&run("ferry-receiver", &p.path("receiver.toml"), &["check"]).stdout);
+    assert!(
+        check.contains("sender \"app\": only bundles signed with its key are applied"),
+        "{check}"
+    );
+    ok(&p.sender(&["complete"]));
+    p.receive();
+    p.assert_same().await;
+
+    // Bundles made from the "evil" database, each delivered into the inbox.
+    let other_key = p.path("other_key");
+    ferry_tests::sshd::keygen(&other_key, "ed25519");
+    let forge = |name: &str, sender_id: &str, bundle: &str| -> String {
+        let config = p.path(&format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "sender_id = {sender_id:?}\nstate_dir = {:?}\n[source]\nurl = {:?}\n\
+                 [partial]\ndeletes = \"off\"\n[bundle]\n{bundle}",
+                p.path(name),
+                p.pg.url("evil"),
+            ),
+        )
+        .unwrap();
+        ok(&run("ferry-sender", &config, &["complete", "--no-push"]));
+        let outbox = p.path(&format!("{name}/outbox"));
+        let file = outbox_files(&outbox).pop().unwrap();
+        std::fs::copy(outbox.join(&file), p.ssh.inbox().join(&file)).unwrap();
+        file
+    };
+    let cases = [
+        (
+            ("intruder", "intruder", "sign = false\n".to_owned()),
+            "sender \"intruder\" is not one this receiver accepts",
+        ),
+        (
+            ("forged", "app", format!("signing_key = {other_key:?}\n")),
+            "signature does not match `[senders.app] public_key`",
+        ),
+        (
+            ("unsigned", "app", "sign = false\n".to_owned()),
+            "the bundle is not signed",
+        ),
+    ];
+    for ((name, sender_id, bundle), why) in &cases {
+        let file = forge(name, sender_id, bundle);
+        let out = run("ferry-receiver", &p.path("receiver.toml"), &["load"]);
+        let err = text(&out.stderr) + &text(&out.stdout);
+        assert!(err.contains(why), "{file}: {err}");
+        assert!(
+            p.path("rstate/quarantine").join(&file).exists(),
+            "{file} not quarantined: {err}"
+        );
+        p.assert_same().await;
+    }
+    // The real sender goes on.
+    let mut src = p.pg.connect("app").await;
+    exec(
+        &mut src,
+        "UPDATE phone SET model = 'real', updated_at = now() WHERE id = 1",
+    )
+    .await;
+    ok(&p.sender(&["partial"]));
     p.receive();
     p.assert_same().await;
 }

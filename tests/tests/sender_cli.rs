@@ -193,13 +193,15 @@ async fn kill_9_during_a_complete_leaves_no_bundle_and_loses_nothing() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let last = "app-000000000001-complete.tar.zst".to_owned();
+    let chain = ferry_tests::chain_in(&outbox);
+    let last = format!("app-{chain}-000000000001-complete.tar.zst");
+    let first_volume = format!("app-{chain}-000000000001-complete.v0001.tar.zst");
     let left = outbox_files(&outbox);
     assert!(
         !left.contains(&last),
         "a final bundle after kill -9: {left:?}"
     );
-    let old_volume = std::fs::read(outbox.join("app-000000000001-complete.v0001.tar.zst")).unwrap();
+    let old_volume = std::fs::read(outbox.join(&first_volume)).unwrap();
 
     // The next run starts clean (the killed run's volumes removed), takes seq 1
     // again with a new set, and ships every row.
@@ -215,11 +217,11 @@ async fn kill_9_during_a_complete_leaves_no_bundle_and_loses_nothing() {
     assert!(
         files
             .iter()
-            .all(|f| f.starts_with("app-000000000001-complete.")),
+            .all(|f| f.starts_with(&format!("app-{chain}-000000000001-complete."))),
         "{files:?}"
     );
     assert_ne!(
-        std::fs::read(outbox.join("app-000000000001-complete.v0001.tar.zst")).unwrap(),
+        std::fs::read(outbox.join(&first_volume)).unwrap(),
         old_volume,
         "the first volume is the new run's"
     );
@@ -255,7 +257,8 @@ async fn kill_9_during_a_complete_leaves_no_bundle_and_loses_nothing() {
     std::fs::write(&cfg, toml).unwrap();
     let out = sender(&cfg, &["complete"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let (m, members) = bundle_contents(&outbox.join("app-000000000002-complete.tar.zst"));
+    let (m, members) =
+        bundle_contents(&outbox.join(format!("app-{chain}-000000000002-complete.tar.zst")));
     let mut ids: Vec<i64> = Vec::new();
     let mut n = 0;
     for p in m

@@ -235,3 +235,49 @@ async fn sqlite_small_tables_without_a_change_column_travel_whole() {
     let out = job::run(&config, Kind::Partial).await.expect("partial");
     assert_eq!(out.seq, None);
 }
+
+/// A table dropped on the source leaves the SQLite copy with the next
+/// complete; with `departed_tables = "keep"` it stays.
+#[tokio::test]
+async fn sqlite_a_table_dropped_on_the_source_leaves_the_copy() {
+    for keep in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("app.sqlite3");
+        let mut src = open(&db, true).await;
+        exec(
+            &mut src,
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE a (id INTEGER PRIMARY KEY, updated_at TEXT NOT NULL);
+             CREATE TABLE b (id INTEGER PRIMARY KEY, updated_at TEXT NOT NULL);
+             INSERT INTO a VALUES (1, '2024-01-01'); INSERT INTO b VALUES (1, '2024-01-01');",
+        )
+        .await;
+        let text = format!(
+            "sender_id = \"app\"\nstate_dir = {:?}\n[source]\nurl = \"sqlite://{}\"\n\
+             [partial]\nchange_column = \"updated_at\"\n",
+            dir.path().join("state"),
+            db.display(),
+        );
+        let config = Config::parse(&text, Path::new("t.toml")).unwrap();
+        let copy_path = dir.path().join("copy.sqlite3");
+        let copy_url = format!("sqlite://{}", copy_path.display());
+        let target = if keep {
+            "departed_tables = \"keep\"\n"
+        } else {
+            ""
+        };
+        let out = job::run(&config, Kind::Complete).await.expect("complete");
+        ferry_tests::loader::apply_with(&copy_url, out.file.as_deref().unwrap(), target).await;
+        exec(&mut src, "DROP TABLE b").await;
+        let out = job::run(&config, Kind::Complete).await.expect("complete");
+        ferry_tests::loader::apply_with(&copy_url, out.file.as_deref().unwrap(), target).await;
+        let mut copy = open(&copy_path, false).await;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'b'",
+        )
+        .fetch_one(&mut copy)
+        .await
+        .unwrap();
+        assert_eq!(n, i64::from(keep), "keep = {keep}");
+    }
+}

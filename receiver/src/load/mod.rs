@@ -102,11 +102,10 @@ impl Target {
     pub async fn connect(config: &Config) -> Result<Self, LoadError> {
         match config.target.engine() {
             Some(Engine::Postgres) => Ok(Target::Postgres(Box::new(
-                postgres::PgTarget::connect(&config.target.url, config.target.fire_triggers)
-                    .await?,
+                postgres::PgTarget::connect(&config.target).await?,
             ))),
             _ => Ok(Target::Sqlite(
-                sqlite::SqliteTarget::connect(&config.target.url).await?,
+                sqlite::SqliteTarget::connect(&config.target).await?,
             )),
         }
     }
@@ -137,11 +136,12 @@ impl Target {
     pub async fn applied_identity(
         &mut self,
         sender: &str,
+        chain: &str,
         seq: u64,
     ) -> Result<Option<String>, LoadError> {
         match self {
-            Target::Postgres(t) => t.applied_identity(sender, seq).await,
-            Target::Sqlite(t) => t.applied_identity(sender, seq).await,
+            Target::Postgres(t) => t.applied_identity(sender, chain, seq).await,
+            Target::Sqlite(t) => t.applied_identity(sender, chain, seq).await,
         }
     }
 
@@ -172,14 +172,22 @@ where
 /// makes a bundle apply exactly once even if two loads raced.
 pub(crate) fn check_order(m: &Manifest, ledger: &LedgerState) -> Result<(), LoadError> {
     let last = ledger.last_seq.unwrap_or(0);
-    if m.seq.0 <= last {
+    if ledger.behind(&m.chain, m.seq.0) {
         return Err(LoadError::AlreadyApplied {
             sender: m.sender_id.clone(),
             seq: m.seq.0,
             last,
         });
     }
+    let new_chain = m.chain != ledger.chain && ledger.last_seq.is_some();
     if m.kind == ferry_common::manifest::Kind::Partial {
+        if new_chain {
+            return Err(LoadError::Refused(crate::plan::other_chain(
+                &m.chain,
+                m.seq.0,
+                &ledger.chain,
+            )));
+        }
         if m.seq.0 != last + 1 {
             return Err(LoadError::Refused(format!(
                 "partial #{} cannot apply after #{last}: bundles are missing",
@@ -194,6 +202,16 @@ pub(crate) fn check_order(m: &Manifest, ledger: &LedgerState) -> Result<(), Load
                 ledger.base_seq.map_or("none".into(), |b| format!("#{b}"))
             )));
         }
+    } else if new_chain {
+        tracing::warn!(
+            sender = %m.sender_id,
+            seq = m.seq.0,
+            chain = %m.chain,
+            previous_chain = %ledger.chain,
+            previous_seq = last,
+            "the sender's state was replaced (a new chain, numbered from the start): \
+             loading its complete as a resync; the previous chain's bundles are never applied"
+        );
     }
     Ok(())
 }

@@ -35,6 +35,8 @@ pub struct PgTarget {
     pub(super) backend_pid: i32,
     /// `[target] fire_triggers`.
     pub(crate) fire_triggers: bool,
+    /// `[target] departed_tables`.
+    departed: crate::config::Departed,
 }
 
 pub(super) fn q(sql: String) -> AssertSqlSafe<String> {
@@ -45,6 +47,7 @@ const LEDGER: &str = "
 CREATE SCHEMA IF NOT EXISTS ferry_receiver;
 CREATE TABLE IF NOT EXISTS ferry_receiver.applied (
   sender_id text NOT NULL,
+  chain text NOT NULL DEFAULT '',
   seq bigint NOT NULL,
   kind text NOT NULL,
   base_seq bigint NOT NULL,
@@ -53,7 +56,7 @@ CREATE TABLE IF NOT EXISTS ferry_receiver.applied (
   file text NOT NULL,
   rows bigint NOT NULL,
   schema_fingerprint text NOT NULL,
-  PRIMARY KEY (sender_id, seq));
+  PRIMARY KEY (sender_id, chain, seq));
 -- The tables each sender's newest applied complete holds: a table that leaves
 -- the source (or its selection) is dropped from the copy by the next complete.
 CREATE TABLE IF NOT EXISTS ferry_receiver.complete_tables (
@@ -67,10 +70,19 @@ DO $$ BEGIN
                    AND column_name = 'manifest_id') THEN
     ALTER TABLE ferry_receiver.applied ADD COLUMN manifest_id text;
   END IF;
+  -- Added later: the sender state's chain, part of the key.
+  IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                 WHERE table_schema = 'ferry_receiver' AND table_name = 'applied'
+                   AND column_name = 'chain') THEN
+    ALTER TABLE ferry_receiver.applied ADD COLUMN chain text NOT NULL DEFAULT '';
+    ALTER TABLE ferry_receiver.applied DROP CONSTRAINT applied_pkey;
+    ALTER TABLE ferry_receiver.applied ADD PRIMARY KEY (sender_id, chain, seq);
+  END IF;
 END $$;";
 
 impl PgTarget {
-    pub async fn connect(url: &str, fire_triggers: bool) -> Result<Self, LoadError> {
+    pub async fn connect(target: &crate::config::TargetConfig) -> Result<Self, LoadError> {
+        let url = target.url.as_str();
         let mut conn = session(url).await?;
         sqlx::raw_sql(LEDGER)
             .execute(&mut conn)
@@ -84,7 +96,8 @@ impl PgTarget {
             conn,
             url: url.to_owned(),
             backend_pid,
-            fire_triggers,
+            fire_triggers: target.fire_triggers,
+            departed: target.departed_tables,
         })
     }
 
@@ -102,12 +115,15 @@ impl PgTarget {
     pub async fn applied_identity(
         &mut self,
         sender: &str,
+        chain: &str,
         seq: u64,
     ) -> Result<Option<String>, LoadError> {
         let id: Option<Option<String>> = sqlx::query_scalar(
-            "SELECT manifest_id FROM ferry_receiver.applied WHERE sender_id = $1 AND seq = $2",
+            "SELECT manifest_id FROM ferry_receiver.applied
+             WHERE sender_id = $1 AND chain = $2 AND seq = $3",
         )
         .bind(sender)
+        .bind(chain)
         .bind(seq as i64)
         .fetch_optional(&mut self.conn)
         .await
@@ -119,7 +135,7 @@ impl PgTarget {
         let rows = sqlx::query(
             "SELECT DISTINCT ON (sender_id, kind) sender_id, seq, kind, created_at::text AS c,
                     applied_at::text AS a, file, rows
-             FROM ferry_receiver.applied ORDER BY sender_id, kind, seq DESC",
+             FROM ferry_receiver.applied ORDER BY sender_id, kind, chain DESC, seq DESC",
         )
         .fetch_all(&mut self.conn)
         .await
@@ -158,7 +174,7 @@ impl PgTarget {
         let state = ledger(&mut tx, &m.sender_id).await?;
         check_order(m, &state)?;
         if m.kind == Kind::Complete {
-            drop_departed(&mut tx, m).await?;
+            drop_departed(&mut tx, m, self.departed).await?;
         }
         Ok(tx)
     }
@@ -309,8 +325,8 @@ pub async fn finish(
     sqlx::query(
         "INSERT INTO ferry_receiver.applied
            (sender_id, seq, kind, base_seq, created_at, file, rows, schema_fingerprint,
-            manifest_id)
-         VALUES ($1, $2, $3, $4, $5::timestamptz, $6, $7, $8, $9)",
+            manifest_id, chain)
+         VALUES ($1, $2, $3, $4, $5::timestamptz, $6, $7, $8, $9, $10)",
     )
     .bind(&m.sender_id)
     .bind(m.seq.0 as i64)
@@ -321,6 +337,7 @@ pub async fn finish(
     .bind(rows as i64)
     .bind(&m.schema_fingerprint)
     .bind(m.identity())
+    .bind(&m.chain)
     .execute(&mut *tx)
     .await
     .map_err(LoadError::db("recording the bundle in the ledger"))?;
@@ -340,7 +357,11 @@ pub async fn finish(
 /// not (dropped on the source, or no longer selected), with what depends on
 /// them, so that the complete's DDL (which drops and re-creates shared
 /// functions, say) applies to a target that holds exactly its tables.
-async fn drop_departed(conn: &mut PgConnection, m: &Manifest) -> Result<(), LoadError> {
+async fn drop_departed(
+    conn: &mut PgConnection,
+    m: &Manifest,
+    departed: crate::config::Departed,
+) -> Result<(), LoadError> {
     let keep: Vec<String> = m.tables.iter().map(|t| t.name.quoted()).collect();
     let gone: Vec<String> = sqlx::query_scalar(
         "SELECT table_name FROM ferry_receiver.complete_tables
@@ -352,6 +373,10 @@ async fn drop_departed(conn: &mut PgConnection, m: &Manifest) -> Result<(), Load
     .await
     .map_err(LoadError::db("reading the tables of the previous complete"))?;
     for t in &gone {
+        if departed == crate::config::Departed::Keep {
+            tracing::warn!(table = %t, sender = %m.sender_id, seq = m.seq.0, "table no longer in the source's complete: kept on the copy (`[target] departed_tables = \"keep\"`); drop it by hand when done with it");
+            continue;
+        }
         // The names were quoted by this receiver when it recorded them.
         sqlx::raw_sql(q(format!("DROP TABLE IF EXISTS {t} CASCADE")))
             .execute(&mut *conn)
@@ -484,15 +509,21 @@ pub(super) async fn copy_stream<T: Into<Option<Piece>>>(
 }
 
 async fn ledger(conn: &mut PgConnection, sender: &str) -> Result<LedgerState, LoadError> {
+    // The copy follows the newest chain it applied a bundle of.
     let row = sqlx::query(
-        "SELECT max(seq) AS last, max(seq) FILTER (WHERE kind = 'complete') AS base
-         FROM ferry_receiver.applied WHERE sender_id = $1",
+        "SELECT coalesce(c.chain, '') AS chain, max(a.seq) AS last,
+                max(a.seq) FILTER (WHERE a.kind = 'complete') AS base
+         FROM (SELECT max(chain) AS chain FROM ferry_receiver.applied
+               WHERE sender_id = $1) c
+         LEFT JOIN ferry_receiver.applied a ON a.sender_id = $1 AND a.chain = c.chain
+         GROUP BY c.chain",
     )
     .bind(sender)
     .fetch_one(conn)
     .await
     .map_err(LoadError::db("reading the ledger"))?;
     Ok(LedgerState {
+        chain: col(&row, "chain")?,
         last_seq: col::<Option<i64>, _>(&row, "last")?.map(|v| v as u64),
         base_seq: col::<Option<i64>, _>(&row, "base")?.map(|v| v as u64),
     })

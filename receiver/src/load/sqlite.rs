@@ -17,6 +17,8 @@ use tokio::io::AsyncBufReadExt;
 
 pub struct SqliteTarget {
     conn: SqliteConnection,
+    /// `[target] departed_tables`.
+    departed: crate::config::Departed,
 }
 
 fn q(sql: String) -> AssertSqlSafe<String> {
@@ -34,10 +36,44 @@ CREATE TABLE IF NOT EXISTS ferry_applied (
   file TEXT NOT NULL,
   rows INTEGER NOT NULL,
   schema_fingerprint TEXT NOT NULL,
-  PRIMARY KEY (sender_id, seq));";
+  manifest_id TEXT,
+  chain TEXT NOT NULL DEFAULT '',
+  PRIMARY KEY (sender_id, chain, seq));
+-- The tables each sender's newest applied complete holds: a table that leaves
+-- the source (or its selection) is dropped from the copy by the next complete.
+CREATE TABLE IF NOT EXISTS ferry_complete_tables (
+  sender_id TEXT NOT NULL,
+  table_name TEXT NOT NULL,
+  PRIMARY KEY (sender_id, table_name));";
+
+/// Ledgers from before chains: the chain joins the key, so the table is
+/// rebuilt (SQLite cannot change a primary key in place), in one transaction.
+const LEDGER_ADD_CHAIN: &str = "
+BEGIN IMMEDIATE;
+ALTER TABLE ferry_applied RENAME TO ferry_applied_before_chains;
+CREATE TABLE ferry_applied (
+  sender_id TEXT NOT NULL,
+  seq INTEGER NOT NULL,
+  kind TEXT NOT NULL,
+  base_seq INTEGER NOT NULL,
+  created_at TEXT NOT NULL,
+  applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+  file TEXT NOT NULL,
+  rows INTEGER NOT NULL,
+  schema_fingerprint TEXT NOT NULL,
+  manifest_id TEXT,
+  chain TEXT NOT NULL DEFAULT '',
+  PRIMARY KEY (sender_id, chain, seq));
+INSERT INTO ferry_applied (sender_id, seq, kind, base_seq, created_at, applied_at, file, rows,
+                           schema_fingerprint, manifest_id)
+  SELECT sender_id, seq, kind, base_seq, created_at, applied_at, file, rows,
+         schema_fingerprint, manifest_id FROM ferry_applied_before_chains;
+DROP TABLE ferry_applied_before_chains;
+COMMIT;";
 
 impl SqliteTarget {
-    pub async fn connect(url: &str) -> Result<Self, LoadError> {
+    pub async fn connect(target: &crate::config::TargetConfig) -> Result<Self, LoadError> {
+        let url = target.url.as_str();
         let err = |source| LoadError::Connect {
             url: url.to_owned(),
             source,
@@ -68,7 +104,22 @@ impl SqliteTarget {
                 .await
                 .map_err(LoadError::db("adding manifest_id to the ledger"))?;
         }
-        Ok(Self { conn })
+        let has_chain: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pragma_table_info('ferry_applied') WHERE name = 'chain'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .map_err(LoadError::db("reading the ledger's columns"))?;
+        if has_chain == 0 {
+            sqlx::raw_sql(LEDGER_ADD_CHAIN)
+                .execute(&mut conn)
+                .await
+                .map_err(LoadError::db("adding the chain to the ledger"))?;
+        }
+        Ok(Self {
+            conn,
+            departed: target.departed_tables,
+        })
     }
 
     pub async fn ledger(&mut self, sender: &str) -> Result<LedgerState, LoadError> {
@@ -79,12 +130,14 @@ impl SqliteTarget {
     pub async fn applied_identity(
         &mut self,
         sender: &str,
+        chain: &str,
         seq: u64,
     ) -> Result<Option<String>, LoadError> {
         let id: Option<Option<String>> = sqlx::query_scalar(
-            "SELECT manifest_id FROM ferry_applied WHERE sender_id = ? AND seq = ?",
+            "SELECT manifest_id FROM ferry_applied WHERE sender_id = ? AND chain = ? AND seq = ?",
         )
         .bind(sender)
+        .bind(chain)
         .bind(seq as i64)
         .fetch_optional(&mut self.conn)
         .await
@@ -96,8 +149,11 @@ impl SqliteTarget {
         let rows = sqlx::query(
             "SELECT a.sender_id, a.seq, a.kind, a.created_at, a.applied_at, a.file, a.rows
              FROM ferry_applied a
-             WHERE a.seq = (SELECT max(seq) FROM ferry_applied b
-                            WHERE b.sender_id = a.sender_id AND b.kind = a.kind)
+             WHERE a.chain = (SELECT max(chain) FROM ferry_applied c
+                              WHERE c.sender_id = a.sender_id)
+               AND a.seq = (SELECT max(seq) FROM ferry_applied b
+                            WHERE b.sender_id = a.sender_id AND b.kind = a.kind
+                              AND b.chain = a.chain)
              ORDER BY a.sender_id, a.kind",
         )
         .fetch_all(&mut self.conn)
@@ -140,14 +196,17 @@ impl SqliteTarget {
         let state = ledger(&mut tx, &m.sender_id).await?;
         check_order(m, &state)?;
         let rows = match m.kind {
-            Kind::Complete => load_complete(&mut tx, v).await?,
+            Kind::Complete => {
+                departed_tables(&mut tx, m, self.departed).await?;
+                load_complete(&mut tx, v).await?
+            }
             Kind::Partial => load_partial(&mut tx, v).await?,
         };
         sqlx::query(
             "INSERT INTO ferry_applied
                (sender_id, seq, kind, base_seq, created_at, file, rows, schema_fingerprint,
-                manifest_id)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                manifest_id, chain)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&m.sender_id)
         .bind(m.seq.0 as i64)
@@ -158,6 +217,7 @@ impl SqliteTarget {
         .bind(rows as i64)
         .bind(&m.schema_fingerprint)
         .bind(m.identity())
+        .bind(&m.chain)
         .execute(&mut *tx)
         .await
         .map_err(LoadError::db("recording the bundle in the ledger"))?;
@@ -172,16 +232,69 @@ impl SqliteTarget {
     }
 }
 
+/// Drops (or, with `departed_tables = "keep"`, reports) the tables the
+/// sender's previous complete brought that this one does not, and records this
+/// complete's tables; in the load transaction.
+async fn departed_tables(
+    conn: &mut SqliteConnection,
+    m: &ferry_common::Manifest,
+    departed: crate::config::Departed,
+) -> Result<(), LoadError> {
+    let keep: Vec<String> = m.tables.iter().map(|t| t.name.quoted()).collect();
+    let before: Vec<String> =
+        sqlx::query_scalar("SELECT table_name FROM ferry_complete_tables WHERE sender_id = ?")
+            .bind(&m.sender_id)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(LoadError::db("reading the tables of the previous complete"))?;
+    for t in before.iter().filter(|t| !keep.contains(t)) {
+        if departed == crate::config::Departed::Keep {
+            tracing::warn!(table = %t, sender = %m.sender_id, seq = m.seq.0, "table no longer in the source's complete: kept on the copy (`[target] departed_tables = \"keep\"`); drop it by hand when done with it");
+            continue;
+        }
+        // The names were quoted by this receiver when it recorded them.
+        sqlx::raw_sql(q(format!("DROP TABLE IF EXISTS {t}")))
+            .execute(&mut *conn)
+            .await
+            .map_err(LoadError::db(format!(
+                "dropping {t}, which left the source"
+            )))?;
+        tracing::warn!(table = %t, sender = %m.sender_id, seq = m.seq.0, "table no longer in the source's complete: dropped from the copy");
+    }
+    sqlx::query("DELETE FROM ferry_complete_tables WHERE sender_id = ?")
+        .bind(&m.sender_id)
+        .execute(&mut *conn)
+        .await
+        .map_err(LoadError::db("recording the complete's tables"))?;
+    for t in &keep {
+        sqlx::query("INSERT OR IGNORE INTO ferry_complete_tables VALUES (?, ?)")
+            .bind(&m.sender_id)
+            .bind(t)
+            .execute(&mut *conn)
+            .await
+            .map_err(LoadError::db("recording the complete's tables"))?;
+    }
+    Ok(())
+}
+
 async fn ledger(conn: &mut SqliteConnection, sender: &str) -> Result<LedgerState, LoadError> {
+    // The copy follows the newest chain it applied a bundle of.
     let row = sqlx::query(
-        "SELECT max(seq) AS last, max(CASE WHEN kind = 'complete' THEN seq END) AS base
-         FROM ferry_applied WHERE sender_id = ?",
+        "WITH c AS (SELECT coalesce(max(chain), '') AS chain FROM ferry_applied
+                   WHERE sender_id = ?1)
+         SELECT c.chain,
+                (SELECT max(seq) FROM ferry_applied b
+                 WHERE b.sender_id = ?1 AND b.chain = c.chain) AS last,
+                (SELECT max(seq) FROM ferry_applied b
+                 WHERE b.sender_id = ?1 AND b.chain = c.chain AND b.kind = 'complete') AS base
+         FROM c",
     )
     .bind(sender)
     .fetch_one(conn)
     .await
     .map_err(LoadError::db("reading the ledger"))?;
     Ok(LedgerState {
+        chain: col(&row, "chain")?,
         last_seq: col::<Option<i64>, _>(&row, "last")?.map(|v| v as u64),
         base_seq: col::<Option<i64>, _>(&row, "base")?.map(|v| v as u64),
     })

@@ -223,6 +223,74 @@ impl PgSource {
         .rows_affected())
     }
 
+    /// Whether every role that can DELETE from a captured table (`tables`:
+    /// quoted names) fires delete capture without error: the function runs as
+    /// its owner (`SECURITY DEFINER`), who must be able to write the log. One
+    /// line for `check`, and whether it is fine.
+    pub async fn capture_check(
+        &mut self,
+        tables: &[String],
+    ) -> Result<(bool, String), ExtractError> {
+        let row: Option<(bool, String, bool)> = sqlx::query_as(
+            "SELECT p.prosecdef, pg_get_userbyid(p.proowner)::text,
+                    to_regclass('ferry.deleted_rows') IS NOT NULL
+                    AND has_table_privilege(p.proowner, 'ferry.deleted_rows', 'INSERT')
+             FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+             WHERE n.nspname = 'ferry' AND p.proname = 'capture_delete'",
+        )
+        .fetch_optional(&mut self.conn)
+        .await
+        .map_err(ExtractError::db("reading the delete-capture function"))?;
+        let Some((definer, owner, can_log)) = row else {
+            return Ok((
+                true,
+                "delete capture is not installed yet; the next job installs it".into(),
+            ));
+        };
+        let roles: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT r.rolname::text FROM pg_roles r, unnest($1::text[]) t(name)
+             WHERE to_regclass(t.name) IS NOT NULL
+               AND has_table_privilege(r.oid, to_regclass(t.name), 'DELETE')
+               AND r.rolname !~ '^pg_'
+             ORDER BY 1",
+        )
+        .bind(tables)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(ExtractError::db(
+            "listing the roles that delete from captured tables",
+        ))?;
+        let who = if roles.is_empty() {
+            "no role".to_owned()
+        } else {
+            roles.join(", ")
+        };
+        Ok(if definer && can_log {
+            (
+                true,
+                format!(
+                    "delete capture: the roles that can DELETE from captured tables ({who}) fire \
+                     ferry.capture_delete() as its owner {owner}, which can write the log"
+                ),
+            )
+        } else {
+            (
+                false,
+                format!(
+                    "delete capture: ferry.capture_delete() {} — a DELETE by {who} would fail \
+                     and roll back the application's transaction; run one job as the sender's \
+                     role (it re-creates the function), or GRANT INSERT ON ferry.deleted_rows TO \
+                     {owner}",
+                    if definer {
+                        format!("runs as {owner}, who cannot write ferry.deleted_rows")
+                    } else {
+                        "runs with the rights of whoever deletes (not SECURITY DEFINER)".to_owned()
+                    }
+                ),
+            )
+        })
+    }
+
     /// The number of rows in the delete log (for status and tests).
     pub async fn delete_log_len(&mut self) -> Result<i64, ExtractError> {
         sqlx::query_scalar(
