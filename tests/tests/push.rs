@@ -701,8 +701,17 @@ async fn the_receiver_loads_volumes_as_they_arrive_and_commits_after_the_final_f
 async fn volumes_that_stop_coming_are_held_and_another_attempt_replaces_them() {
     let p = Pg::with(VOLUMES).await;
     p.write_receiver("1s");
-    // Two attempts at complete #1 (two state directories: as if the first
-    // sender died mid-set and the next run took the same seq again).
+    // Two attempts at complete #1 (two copies of one new state, one chain: as
+    // if the first sender died mid-set and the next run took the same seq
+    // again). A partial before any complete fails, leaving the state created.
+    assert!(!p.sender(&["partial", "--no-push"]).status.success());
+    let copy = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(p.path("sstate"))
+        .arg(p.path("a-state"))
+        .status()
+        .unwrap();
+    assert!(copy.success());
     p.write_sender("a.toml", "a-state", p.ssh.port, VOLUMES);
     ok(&run(
         "ferry-sender",
