@@ -94,7 +94,8 @@ async fn check_names_missing_change_columns_and_unindexed_ones() {
     let cfg = write_config(
         dir.path(),
         &format!(
-            "sender_id = \"a\"\nstate_dir = {:?}\n[source]\nurl = {:?}\n[partial]\nchange_column = \"updated_at\"\n",
+            "sender_id = \"a\"\nstate_dir = {:?}\n[source]\nurl = {:?}\n[partial]\nchange_column = \"updated_at\"\n\
+             [partial.tables.\"public.b\"]\nchange_column = \"updated\"\n",
             dir.path().join("state"),
             server.url("app")
         ),
@@ -103,7 +104,7 @@ async fn check_names_missing_change_columns_and_unindexed_ones() {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
-        text.contains("ERROR table public.b has no column \"updated_at\""),
+        text.contains("ERROR table public.b has no column \"updated\""),
         "{text}"
     );
     assert!(
@@ -122,10 +123,9 @@ async fn check_names_missing_change_columns_and_unindexed_ones() {
     // Fixed: b uses its own column; a's column has no index, which is a warning.
     std::fs::write(
         &cfg,
-        format!(
-            "{}[partial.tables.\"public.b\"]\nchange_column = \"modified\"\n",
-            std::fs::read_to_string(&cfg).unwrap()
-        ),
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("change_column = \"updated\"", "change_column = \"modified\""),
     )
     .unwrap();
     let out = sender(&cfg, &["check"]);

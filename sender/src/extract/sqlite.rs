@@ -610,27 +610,50 @@ impl SqliteSource {
         .map_err(err())?;
         let mut todo = Vec::new();
         for t in tables {
+            // A delete, and an update that changes the key (the old key is gone
+            // as surely as if the row had been deleted).
             let trigger = format!("{TRIGGER_PREFIX}{}", t.info.name.name);
+            let key_trigger = format!("{trigger} (key update)");
             let wanted = enabled && t.change.is_some() && !t.info.primary_key.is_empty();
-            let has = existing.contains(&trigger);
-            if wanted && !has {
-                let obj = t
-                    .info
-                    .primary_key
-                    .iter()
-                    .map(|c| format!("{}, OLD.{}", quote_literal(c), quote_ident(c)))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                todo.push(format!(
-                    "CREATE TRIGGER {} AFTER DELETE ON {} BEGIN
-                       INSERT INTO {LOG} (table_name, key) VALUES ({}, json_object({obj}));
-                     END",
-                    quote_ident(&trigger),
-                    t.info.name.quoted(),
-                    quote_literal(&t.key())
-                ));
-            } else if !wanted && has {
-                todo.push(format!("DROP TRIGGER {}", quote_ident(&trigger)));
+            let pk = &t.info.primary_key;
+            let obj = pk
+                .iter()
+                .map(|c| format!("{}, OLD.{}", quote_literal(c), quote_ident(c)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let log = format!(
+                "INSERT INTO {LOG} (table_name, key) VALUES ({}, json_object({obj}));",
+                quote_literal(&t.key())
+            );
+            for (name, when) in [
+                (&trigger, "AFTER DELETE".to_owned()),
+                (
+                    &key_trigger,
+                    format!(
+                        "AFTER UPDATE OF {} ON {} WHEN {}",
+                        pk.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", "),
+                        t.info.name.quoted(),
+                        pk.iter()
+                            .map(|c| format!("OLD.{0} IS NOT NEW.{0}", quote_ident(c)))
+                            .collect::<Vec<_>>()
+                            .join(" OR ")
+                    ),
+                ),
+            ] {
+                let has = existing.contains(name);
+                if wanted && !has {
+                    let on = if when == "AFTER DELETE" {
+                        format!("AFTER DELETE ON {}", t.info.name.quoted())
+                    } else {
+                        when
+                    };
+                    todo.push(format!(
+                        "CREATE TRIGGER {} {on} BEGIN {log} END",
+                        quote_ident(name)
+                    ));
+                } else if !wanted && has {
+                    todo.push(format!("DROP TRIGGER {}", quote_ident(name)));
+                }
             }
         }
         if !enabled {

@@ -9,7 +9,9 @@ use sqlx::Connection;
 use std::time::Duration;
 
 /// The body of `ferry.capture_delete()`: one delete-log row with the key
-/// columns (the trigger's arguments after the table name) of the deleted row.
+/// columns (the trigger's arguments after the table name) of the deleted row,
+/// or of the old row of an update that changed the key (the old key is gone as
+/// surely as if the row had been deleted).
 ///
 /// The function is `SECURITY DEFINER` with a pinned `search_path`: it fires in
 /// the application's transactions, as the application's role, which need not
@@ -18,10 +20,15 @@ use std::time::Duration;
 /// makes an application's DELETE fail. Nothing is granted to anyone.
 const CAPTURE_BODY: &str = "
 BEGIN
+  IF TG_OP = 'UPDATE' AND NOT EXISTS (
+       SELECT 1 FROM unnest(TG_ARGV[1:TG_NARGS - 1]) AS k
+       WHERE to_jsonb(OLD) -> k IS DISTINCT FROM to_jsonb(NEW) -> k) THEN
+    RETURN NULL;
+  END IF;
   INSERT INTO ferry.deleted_rows (table_name, key)
   SELECT TG_ARGV[0], jsonb_object_agg(k, to_jsonb(OLD) -> k)
   FROM unnest(TG_ARGV[1:TG_NARGS - 1]) AS k;
-  RETURN OLD;
+  RETURN NULL;
 END ";
 
 /// The comment ferry-sender puts on the schema it creates, so that it only
@@ -75,15 +82,22 @@ impl PgSource {
                 "setting up delete capture (the source user needs CREATE on the database and ownership of the tables; or set `[partial] deletes = \"off\"`)",
             )
         };
-        let existing: Vec<String> = sqlx::query_scalar(
-            "SELECT n.nspname || '.' || c.relname FROM pg_trigger g
-             JOIN pg_class c ON c.oid = g.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE g.tgname = $1",
-        )
-        .bind(TRIGGER_NAME)
-        .fetch_all(&mut self.conn)
-        .await
-        .map_err(err())?;
+        // (A trigger from before key updates were captured fires on DELETE only:
+        // it is re-created.)
+        let (existing, outdated): (Vec<String>, Vec<String>) = {
+            let rows: Vec<(String, bool)> = sqlx::query_as(
+                "SELECT n.nspname || '.' || c.relname, (g.tgtype & 16) <> 0 FROM pg_trigger g
+                 JOIN pg_class c ON c.oid = g.tgrelid
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE g.tgname = $1",
+            )
+            .bind(TRIGGER_NAME)
+            .fetch_all(&mut self.conn)
+            .await
+            .map_err(err())?;
+            let outdated = rows.iter().filter(|r| !r.1).map(|r| r.0.clone()).collect();
+            (rows.into_iter().map(|r| r.0).collect(), outdated)
+        };
         // The DDL runs only when something is missing or changed: even `CREATE
         // INDEX IF NOT EXISTS` takes a lock on the delete log that waits behind
         // any open application transaction that deleted a row, and every
@@ -140,7 +154,15 @@ impl PgSource {
         }
         for t in tables {
             let wanted = enabled && t.change.is_some() && !t.info.primary_key.is_empty();
-            let has = existing.contains(&t.key());
+            let mut has = existing.contains(&t.key());
+            if wanted && outdated.contains(&t.key()) {
+                let sql = format!("DROP TRIGGER {TRIGGER_NAME} ON {}", t.info.name.quoted());
+                sqlx::raw_sql(q(sql))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err())?;
+                has = false;
+            }
             if wanted && !has {
                 let args = std::iter::once(t.key())
                     .chain(t.info.primary_key.iter().cloned())
@@ -148,8 +170,9 @@ impl PgSource {
                     .collect::<Vec<_>>()
                     .join(", ");
                 let sql = format!(
-                    "CREATE TRIGGER {TRIGGER_NAME} AFTER DELETE ON {} FOR EACH ROW \
-                     EXECUTE FUNCTION ferry.capture_delete({args})",
+                    "CREATE TRIGGER {TRIGGER_NAME} AFTER DELETE OR UPDATE OF {} ON {} \
+                     FOR EACH ROW EXECUTE FUNCTION ferry.capture_delete({args})",
+                    crate::extract::column_list(None, &t.info.primary_key),
                     t.info.name.quoted()
                 );
                 sqlx::raw_sql(q(sql))
