@@ -650,3 +650,37 @@ async fn a_stock_django_database_needs_no_table_stanza() {
     );
     assert!(e.contains("public.auth_*"), "{e}");
 }
+
+/// Updates that change a primary key (one row, a composite key, a text key,
+/// two rows swapping keys) and rows inserted and deleted between two partials
+/// all reach the copy through the set-based apply: capture logs the old key of
+/// a key update as deleted.
+#[tokio::test]
+async fn key_updates_and_rows_born_and_gone_in_one_partial_reach_the_copy() {
+    let mut fx = Fixture::new(EQUAL_KEYS).await;
+    fx.ship(Kind::Complete).await.unwrap();
+    fx.sql(
+        "UPDATE a SET id = 1000, updated_at = now() WHERE id = 1;
+         UPDATE c1 SET n = 500, updated_at = now() WHERE n = 2;
+         UPDATE t1 SET code = 'renamed', updated_at = now() WHERE code = 'code 4';
+         INSERT INTO b VALUES (77, 'short-lived'); DELETE FROM b WHERE id = 77;
+         UPDATE b SET v = 'not a key', updated_at = now() WHERE id = 8;",
+    )
+    .await;
+    fx.ship(Kind::Partial).await.unwrap();
+    fx.assert_same(&EQUAL_TABLES).await;
+    // Two rows swap keys (through a third value, as an application must).
+    fx.sql(
+        "UPDATE a SET id = -id, updated_at = now() WHERE id IN (2, 3);
+         UPDATE a SET id = CASE id WHEN -2 THEN 3 ELSE 2 END, updated_at = now()
+         WHERE id IN (-2, -3);",
+    )
+    .await;
+    fx.ship(Kind::Partial).await.unwrap();
+    fx.assert_same(&EQUAL_TABLES).await;
+    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM ferry.deleted_rows")
+        .fetch_one(&mut fx.src)
+        .await
+        .unwrap();
+    assert!(logged >= 7, "old keys are logged: {logged}");
+}

@@ -123,9 +123,10 @@ async fn check_names_missing_change_columns_and_unindexed_ones() {
     // Fixed: b uses its own column; a's column has no index, which is a warning.
     std::fs::write(
         &cfg,
-        std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("change_column = \"updated\"", "change_column = \"modified\""),
+        std::fs::read_to_string(&cfg).unwrap().replace(
+            "change_column = \"updated\"",
+            "change_column = \"modified\"",
+        ),
     )
     .unwrap();
     let out = sender(&cfg, &["check"]);

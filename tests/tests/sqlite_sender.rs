@@ -110,6 +110,8 @@ path = {:?}
            UPDATE "AndroidRequests_report" SET body = 'edited', "timeStamp" = '2024-06-01 09:00:01.000000' WHERE id = 2;
            DELETE FROM "AndroidRequests_report" WHERE id = 3;
            DELETE FROM tag WHERE lang = 'de';
+           INSERT INTO tag VALUES ('k', 'fr', NULL, '2024-01-01T10:00:00');
+           UPDATE tag SET name = 'kk', updated_at = '2024-06-01T09:00:00' WHERE name = 'k';
            UPDATE tag SET note = 'y', updated_at = '2024-06-01T09:00:00' WHERE lang = 'en';"#,
     )
     .await;
@@ -121,6 +123,16 @@ path = {:?}
     assert!(String::from_utf8_lossy(&members["data/author.jsonl"]).contains("\"cy\""));
     assert_eq!(members["media/images/2024/a.jpg"], b"jpeg-a-changed");
     assert_eq!(members["media/images/b.png"], b"png");
+    apply(&copy_url, out.file.as_deref().unwrap()).await;
+    assert_same(&mut src, &mut copy).await;
+
+    // A key update: the old key leaves the copy.
+    exec(
+        &mut src,
+        "UPDATE tag SET name = 'z', updated_at = '2024-06-02T09:00:00' WHERE name = 'a' AND lang = 'en'",
+    )
+    .await;
+    let out = job::run(&config, Kind::Partial).await.expect("partial");
     apply(&copy_url, out.file.as_deref().unwrap()).await;
     assert_same(&mut src, &mut copy).await;
 

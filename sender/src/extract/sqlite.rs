@@ -631,7 +631,10 @@ impl SqliteSource {
                     &key_trigger,
                     format!(
                         "AFTER UPDATE OF {} ON {} WHEN {}",
-                        pk.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", "),
+                        pk.iter()
+                            .map(|c| quote_ident(c))
+                            .collect::<Vec<_>>()
+                            .join(", "),
                         t.info.name.quoted(),
                         pk.iter()
                             .map(|c| format!("OLD.{0} IS NOT NEW.{0}", quote_ident(c)))
