@@ -64,20 +64,21 @@ impl fmt::Display for Kind {
 
 /// A sender's chain: the identity its state directory was created with, so
 /// that a sender whose state was lost (and counts from #1 again) never makes
-/// bundles a receiver mistakes for ones it already applied. 12 lowercase hex
-/// digits: the creation time (seconds since the epoch, 8 digits) and 4 random
-/// ones, so chains sort by creation. Bundles from states older than chains
-/// have the empty chain, which sorts first.
+/// bundles a receiver mistakes for ones it already applied. 16 lowercase hex
+/// digits: the creation time in microseconds since the epoch (13 digits) and 3
+/// random ones, so chains sort by creation (a state made after another, even
+/// within the same second, sorts after it). Bundles from states older than
+/// chains have the empty chain, which sorts first.
 pub fn chain_id(created: std::time::SystemTime, random: u16) -> String {
-    let secs = created
+    let micros = created
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    format!("{:08x}{random:04x}", secs as u32)
+        .map_or(0, |d| d.as_micros());
+    format!("{:013x}{:03x}", micros & ((1 << 52) - 1), random & 0xfff)
 }
 
 /// Whether `s` is a chain id as [`chain_id`] makes them.
 pub fn is_chain(s: &str) -> bool {
-    s.len() == 12
+    s.len() == 16
         && s.bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
