@@ -195,3 +195,62 @@ printf 'catch-up: %s partials of 1,000 rows applied in %.2f s (%.3f s each); one
   "$BACKLOG" "${backlog%% *}" "$(echo "${backlog%% *} / $BACKLOG" | bc -l)" "$((BACKLOG * 1000))" "${single%% *}"
 echo "rounds (s): $(for n in $SIZES; do echo -n "$n: e2e ${e2e[$n]}| load ${load[$n]}| anchor ${anc[$n]}; "; done)"
 echo "$checks; after the catch-up: $(same viz)"
+
+# The embedded default: a SQLite table of $SQLITE_ROWS rows, a partial of
+# $SQLITE_CHANGED updated rows, applied by ferry-receiver (one prepared upsert
+# per row in one transaction) beside sqlite3 applying the same lines as a set
+# (json_extract in one INSERT … ON CONFLICT and one DELETE).
+SQLITE_ROWS=${SQLITE_ROWS:-1000000}; SQLITE_CHANGED=${SQLITE_CHANGED:-100000}
+if [ "$SQLITE_ROWS" -gt 0 ]; then
+  lite=$work/lite; mkdir -p "$lite/inbox"
+  sqlite3 "$lite/app.db" "PRAGMA journal_mode = WAL;
+    CREATE TABLE t (id INTEGER PRIMARY KEY, account INTEGER NOT NULL, label TEXT, amount REAL, updated_at TEXT NOT NULL);
+    WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < $SQLITE_ROWS)
+    INSERT INTO t SELECT i, i % 1000, 'label ' || i, i * 0.01, '2020-01-01 00:00:00' FROM g;
+    CREATE INDEX t_updated ON t (updated_at);" >/dev/null
+  cat > "$lite/sender.toml" <<TOML
+sender_id = "lite"
+state_dir = "$lite/sstate"
+[source]
+url = "sqlite://$lite/app.db"
+[partial]
+change_column = "updated_at"
+overlap = "0s"
+TOML
+  cat > "$lite/receiver.toml" <<TOML
+state_dir = "$lite/rstate"
+inbox = "$lite/inbox"
+[target]
+url = "sqlite://$lite/copy.db"
+TOML
+  "$sender" --config "$lite/sender.toml" complete >/dev/null
+  mv "$lite"/sstate/outbox/*.tar.zst "$lite/inbox/"
+  "$receiver" --config "$lite/receiver.toml" load >/dev/null
+  cp "$lite/copy.db" "$lite/anchor.db"
+  sqlite3 "$lite/app.db" "UPDATE t SET label = 'new ' || id, updated_at = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE id % ($SQLITE_ROWS / $SQLITE_CHANGED) = 0" >/dev/null
+  "$sender" --config "$lite/sender.toml" partial >/dev/null
+  bundle=$(ls "$lite"/sstate/outbox/*-partial.tar.zst)
+  mkdir -p "$lite/x"; tar --zstd -xf "$bundle" -C "$lite/x" data/t.jsonl
+  cp "$bundle" "$lite/inbox/"
+  sync
+  lite_load=$(timed "$work/t5" "$receiver" --config "$lite/receiver.toml" load)
+  cat > "$lite/anchor.sql" <<SQL
+.mode tabs
+CREATE TEMP TABLE l (line TEXT);
+.import $lite/x/data/t.jsonl l
+BEGIN;
+INSERT INTO t SELECT json_extract(line, '\$.row.id'), json_extract(line, '\$.row.account'),
+  json_extract(line, '\$.row.label'), json_extract(line, '\$.row.amount'),
+  json_extract(line, '\$.row.updated_at')
+  FROM l WHERE line LIKE '{"op":"upsert"%'
+  ON CONFLICT (id) DO UPDATE SET account = excluded.account, label = excluded.label,
+    amount = excluded.amount, updated_at = excluded.updated_at;
+DELETE FROM t WHERE id IN (SELECT json_extract(line, '\$.key.id') FROM l WHERE line LIKE '{"op":"delete"%');
+COMMIT;
+SQL
+  lite_anchor=$(secs sqlite3 "$lite/anchor.db" ".read $lite/anchor.sql")
+  printf 'SQLite: %s changed rows of %s applied by ferry-receiver load in %.2f s (peak RSS %.0f MiB); sqlite3 as a set: %.2f s; ratio %.2f\n' \
+    "$SQLITE_CHANGED" "$SQLITE_ROWS" "${lite_load%% *}" "$(echo "${lite_load##* }/1024" | bc -l)" "$lite_anchor" "$(echo "${lite_load%% *} / $lite_anchor" | bc -l)"
+  a=$(sqlite3 "$lite/app.db" "SELECT count(*), sum(length(label)) FROM t"); b=$(sqlite3 "$lite/copy.db" "SELECT count(*), sum(length(label)) FROM t")
+  [ "$a" = "$b" ] && echo "the SQLite copy equals the source" || echo "WARNING: the SQLite copy differs"
+fi

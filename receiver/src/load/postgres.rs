@@ -621,11 +621,17 @@ const COPY_LINES: &str = "(line) FROM STDIN WITH (FORMAT csv, DELIMITER E'\\x02'
 const IS_UPSERT: &str = "starts_with(s.line, '{\"op\":\"upsert\",\"row\":')";
 const IS_DELETE: &str = "starts_with(s.line, '{\"op\":\"delete\",\"key\":')";
 
+/// The JSON object of a change line `s.line`: both prefixes are 21 bytes
+/// (`{"op":"upsert","row":`, `{"op":"delete","key":`) and the line ends with
+/// the closing `}`, so the object is cut out as text and parsed once (parsing
+/// the whole line first, then extracting, measured a third slower).
+const DOC: &str = "substr(s.line, 22, length(s.line) - 22)::json";
+
 /// The rows of a table's upsert lines, as `r` (typed as the table) beside the
 /// JSON document `s.doc`.
 fn upserted_rows(t: &Table, i: usize) -> String {
     format!(
-        "(SELECT s.line::json -> 'row' AS doc FROM {lines} s WHERE {IS_UPSERT}) s,
+        "(SELECT {DOC} AS doc FROM {lines} s WHERE {IS_UPSERT}) s,
          json_populate_record(NULL::{name}, s.doc) r",
         lines = lines_table(i),
         name = t.name.quoted()
@@ -690,8 +696,7 @@ fn delete_sql(t: &Table, i: usize) -> String {
         .join(" AND ");
     format!(
         "DELETE FROM {name} t USING (
-           SELECT r.* FROM {lines} s,
-             json_populate_record(NULL::{name}, s.line::json -> 'key') r
+           SELECT r.* FROM {lines} s, json_populate_record(NULL::{name}, {DOC}) r
            WHERE {IS_DELETE}) d
          WHERE {on}",
         lines = lines_table(i)
