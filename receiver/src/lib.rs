@@ -23,5 +23,6 @@ pub mod sftp_server;
 pub mod space;
 pub mod trust;
 pub mod verify;
+pub mod versions;
 
 pub use config::Config;

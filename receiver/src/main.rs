@@ -57,6 +57,12 @@ enum Command {
     Retry { bundle: String },
     /// Remove applied bundles past their lifetime.
     Prune,
+    /// The version history: every applied bundle, whether it is still kept,
+    /// and which points can be restored.
+    Versions {
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a commented example configuration.
     ExampleConfig,
 }
@@ -242,6 +248,29 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(e, false),
+            }
+        }
+        Command::Versions { json } => {
+            let mut target = match Target::connect(&config).await {
+                Ok(t) => t,
+                Err(e) => {
+                    let t = e.is_transient();
+                    return fail(e, t);
+                }
+            };
+            match ferry_receiver::versions::list(&config, &mut target).await {
+                Ok(v) if json => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Ok(v) => {
+                    print!("{}", ferry_receiver::versions::render(&v));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    let t = e.is_transient();
+                    fail(e, t)
+                }
             }
         }
         Command::ExampleConfig => ExitCode::SUCCESS,

@@ -149,7 +149,9 @@ for n in $SIZES; do
       load[$n]+="${b%% *} "; srss[$n]+="${a##* } "; rrss[$n]+="${b##* } "
     }
     run_anchor() {
-      local bundle; bundle=$(ls -t "$work"/sstate/sent/*-partial.tar.zst | head -1)
+      # The newest by name (chain, then seq): sent/ files carry the receiver's
+      # whole-second delivery time, so their modification times tie.
+      local bundle; bundle=$(ls "$work"/sstate/sent/*-partial.tar.zst | sort | tail -1)
       anc[$n]+="$(secs anchor "$bundle") "
     }
     # The anchor needs the bundle ferry made, so it runs second, after a

@@ -392,3 +392,74 @@ async fn a_bundle_that_does_not_fit_waits_for_free_space() {
     l.assert_same().await;
     assert_eq!(std::fs::read(l.p("media-dst/big.bin")).unwrap(), noise);
 }
+
+/// `versions` lists every applied bundle as a restore point, says which are
+/// restorable from what the inbox keeps, and names the oldest and newest; a
+/// point whose complete is gone is no longer restorable.
+#[tokio::test]
+async fn versions_lists_the_restore_points_the_history_keeps() {
+    let l = Lite::new("").await;
+    l.deliver(&l.send("complete"));
+    let mut app = sqlite(&l.p("app.sqlite3")).await;
+    for (i, t) in ["2024-06-01 00:00:00", "2024-06-02 00:00:00"]
+        .iter()
+        .enumerate()
+    {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "UPDATE phone SET model = 'v{i}', updated_at = '{t}' WHERE id = 1"
+        )))
+        .execute(&mut app)
+        .await
+        .unwrap();
+        l.deliver(&l.send("partial"));
+    }
+    assert!(
+        run("ferry-receiver", &l.p("receiver.toml"), &["load"])
+            .status
+            .success()
+    );
+    let out = run(
+        "ferry-receiver",
+        &l.p("receiver.toml"),
+        &["versions", "--json"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let points = v["points"].as_array().unwrap();
+    assert_eq!(points.len(), 3, "{v}");
+    assert!(points.iter().all(|p| p["restorable"] == true), "{v}");
+    assert_eq!(points[0]["kind"], "complete");
+    assert!(
+        points[0]["tables"]
+            .as_array()
+            .is_some_and(|t| !t.is_empty()),
+        "{v}"
+    );
+    assert!(points[0]["bytes"].as_u64().unwrap() > 0);
+    assert_eq!(v["oldest_restorable"]["seq"], 1);
+    assert_eq!(v["newest_restorable"]["seq"], 3);
+    let plain = text(&run("ferry-receiver", &l.p("receiver.toml"), &["versions"]).stdout);
+    assert!(
+        plain.contains("newest restorable point: app #3 (partial"),
+        "{plain}"
+    );
+
+    // The complete leaves the inbox: nothing built on it can be rebuilt.
+    let complete = points[0]["file"].as_str().unwrap();
+    std::fs::remove_file(l.p("inbox").join(complete)).unwrap();
+    let out = run(
+        "ferry-receiver",
+        &l.p("receiver.toml"),
+        &["versions", "--json"],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["restorable"] == false),
+        "{v}"
+    );
+    assert!(v["newest_restorable"].is_null(), "{v}");
+}

@@ -85,6 +85,20 @@ pub struct Applied {
     pub rows: i64,
 }
 
+/// One row of the ledger, whole (for the version history).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LedgerRow {
+    pub sender_id: String,
+    pub chain: String,
+    pub seq: i64,
+    pub kind: String,
+    pub base_seq: i64,
+    pub created_at: String,
+    pub applied_at: String,
+    pub file: String,
+    pub rows: i64,
+}
+
 pub enum Target {
     Postgres(Box<postgres::PgTarget>),
     Sqlite(sqlite::SqliteTarget),
@@ -142,6 +156,14 @@ impl Target {
         match self {
             Target::Postgres(t) => t.applied_identity(sender, chain, seq).await,
             Target::Sqlite(t) => t.applied_identity(sender, chain, seq).await,
+        }
+    }
+
+    /// Every applied bundle, by sender, chain and seq.
+    pub async fn applied_all(&mut self) -> Result<Vec<LedgerRow>, LoadError> {
+        match self {
+            Target::Postgres(t) => t.applied_all().await,
+            Target::Sqlite(t) => t.applied_all().await,
         }
     }
 

@@ -144,6 +144,33 @@ impl SqliteTarget {
         Ok(id.flatten())
     }
 
+    /// Every applied bundle, by sender, chain and seq.
+    pub async fn applied_all(&mut self) -> Result<Vec<super::LedgerRow>, LoadError> {
+        let rows = sqlx::query(
+            "SELECT sender_id, chain, seq, kind, base_seq, created_at AS c, applied_at AS a,
+                    file, rows
+             FROM ferry_applied ORDER BY sender_id, chain, seq",
+        )
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(LoadError::db("reading the ledger"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(super::LedgerRow {
+                    sender_id: col(r, "sender_id")?,
+                    chain: col(r, "chain")?,
+                    seq: col(r, "seq")?,
+                    kind: col(r, "kind")?,
+                    base_seq: col(r, "base_seq")?,
+                    created_at: col(r, "c")?,
+                    applied_at: col(r, "a")?,
+                    file: col(r, "file")?,
+                    rows: col(r, "rows")?,
+                })
+            })
+            .collect()
+    }
+
     pub async fn history(&mut self) -> Result<Vec<Applied>, LoadError> {
         let rows = sqlx::query(
             "SELECT a.sender_id, a.seq, a.kind, a.created_at, a.applied_at, a.file, a.rows
