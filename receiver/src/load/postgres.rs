@@ -650,9 +650,8 @@ const IS_DELETE: &str = "starts_with(s.line, '{\"op\":\"delete\",\"key\":')";
 
 /// The JSON object of a change line `s.line`: both prefixes are 21 bytes
 /// (`{"op":"upsert","row":`, `{"op":"delete","key":`) and the line ends with
-/// the closing `}`, so the object is cut out as text and parsed once (parsing
-/// the whole line first, then extracting it, measured 10–15 % slower at
-/// 1,000,000 rows; tests/bench/partials.sh).
+/// the closing `}`, so the object is cut out as text and parsed once rather
+/// than the whole line parsed and the object extracted and parsed again.
 const DOC: &str = "substr(s.line, 22, length(s.line) - 22)::json";
 
 /// The rows of a table's upsert lines, as `r` (typed as the table) beside the
