@@ -13,7 +13,8 @@
 #     UPDATE, one DELETE … USING), psql's start-up included;
 # interleaved (each ferry round, then the anchor on its bundle), medians printed side by side with
 # the ratio, and each agent's peak RSS (from /usr/bin/time) at every size.
-# Usage: bash tests/bench/partials.sh   (ROWS=5000000 SIZES="10 10000 1000000" RUNS=3)
+# Usage: bash tests/bench/partials.sh   (ROWS=5000000 SIZES="10 10000 1000000" RUNS=3;
+#        STEPS_LOG=/tmp/steps.log RUST_LOG=debug keeps each step's log)
 set -euo pipefail
 [ -n "${BENCH_TRACE:-}" ] && set -x
 cd "$(dirname "$0")/../.."
@@ -106,6 +107,9 @@ timed() {
   local out=$1; shift
   /usr/bin/time -f '%e %M' -o "$out" "$@" >"$work/step.log" 2>&1 </dev/null \
     || { echo "benchmark step failed: $*" >&2; tail -5 "$work/step.log" >&2; return 1; }
+  # STEPS_LOG=<file>: every timed step's own log (RUST_LOG as set), for a
+  # breakdown of where the time goes.
+  [ -z "${STEPS_LOG:-}" ] || cat "$work/step.log" >> "$STEPS_LOG"
   cat "$out"
 }
 secs() {
