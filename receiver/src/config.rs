@@ -86,7 +86,10 @@ impl std::fmt::Debug for TargetConfig {
     }
 }
 
-/// How long applied bundles stay in the inbox, by kind.
+/// Which applied bundles the inbox keeps as the version history (see
+/// [`crate::prune`]): the newest `keep_completes` completes of each sender's
+/// chain and everything after the oldest of them, and every point younger than
+/// its kind's lifetime with what it builds on.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Retention {
@@ -94,6 +97,8 @@ pub struct Retention {
     pub complete: Duration,
     #[serde(with = "ferry_common::duration")]
     pub partial: Duration,
+    /// At least 1: the complete the copy builds on always stays.
+    pub keep_completes: usize,
 }
 
 impl Default for Retention {
@@ -101,6 +106,7 @@ impl Default for Retention {
         Self {
             complete: Duration::from_secs(15 * 86400),
             partial: Duration::from_secs(2 * 86400),
+            keep_completes: 2,
         }
     }
 }

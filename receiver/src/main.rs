@@ -244,6 +244,9 @@ async fn execute(command: Command, config: Config) -> ExitCode {
             };
             match run::prune(&config, &mut target).await {
                 Ok(removed) => {
+                    for (file, why) in &removed {
+                        println!("pruned {file}: {why}");
+                    }
                     println!("pruned {} bundle(s)", removed.len());
                     ExitCode::SUCCESS
                 }

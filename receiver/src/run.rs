@@ -541,7 +541,12 @@ fn sql_hooks(config: &Config, e: &Entry) -> Vec<String> {
 }
 
 /// Removes applied bundles past their lifetime; returns the files removed.
-pub async fn prune(config: &Config, target: &mut Target) -> Result<Vec<String>, PassError> {
+/// Removes what `[retention]` no longer keeps (see [`crate::prune`]); each
+/// removed file with the reason.
+pub async fn prune(
+    config: &Config,
+    target: &mut Target,
+) -> Result<Vec<(String, String)>, PassError> {
     let entries = inbox::scan(&config.inbox).map_err(|source| PassError::Inbox {
         path: config.inbox.display().to_string(),
         source,
@@ -552,18 +557,24 @@ pub async fn prune(config: &Config, target: &mut Target) -> Result<Vec<String>, 
             ledgers.insert(e.sender.clone(), target.ledger(&e.sender).await?);
         }
     }
+    let base_of = |e: &Entry| {
+        read_manifest(e.header_file(), &Limits::default())
+            .ok()
+            .map(|m| m.base_seq.0)
+    };
     let chosen = crate::prune::select(
         &entries,
         |s| ledgers.get(s).cloned().unwrap_or_default(),
+        base_of,
         &config.retention,
         std::time::SystemTime::now(),
     );
     let mut removed = Vec::new();
-    for e in chosen {
+    for (e, why) in chosen {
         match e.remove() {
             Ok(()) => {
-                tracing::info!(bundle = %e.file, "pruned");
-                removed.push(e.file.clone());
+                tracing::info!(bundle = %e.file, reason = %why, "pruned");
+                removed.push((e.file.clone(), why));
             }
             Err(error) => tracing::warn!(bundle = %e.file, %error, "could not prune"),
         }

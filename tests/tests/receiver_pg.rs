@@ -654,27 +654,81 @@ async fn a_replaced_copy_is_dropped_after_the_commit() {
 
 #[tokio::test]
 async fn pruning_keeps_the_newest_complete_and_anything_unapplied() {
-    let p = Pipe::new(SMALL, "[retention]\ncomplete = \"0s\"\npartial = \"0s\"\n").await;
+    // Retention by count: one complete and what follows it; no age.
+    let p = Pipe::new(
+        SMALL,
+        "[retention]\ncomplete = \"0s\"\npartial = \"0s\"\nkeep_completes = 1\n",
+    )
+    .await;
     let mut src = p.server.connect("app").await;
     let c1 = p.send("complete");
     exec(&mut src, "INSERT INTO parent (id) VALUES (7)").await;
     let p2 = p.send("partial");
-    exec(&mut src, "INSERT INTO parent (id) VALUES (8)").await;
-    let p3 = p.send("partial");
-    exec(&mut src, "INSERT INTO parent (id) VALUES (99)").await;
-    let p4 = p.send("partial");
-    for f in [&c1, &p2, &p3] {
+    for f in [&c1, &p2] {
         p.deliver(f);
     }
     assert!(p.receive(&["load"]).status.success());
-    p.deliver(&p4); // not applied yet
+    let c3 = p.send("complete");
+    exec(&mut src, "INSERT INTO parent (id) VALUES (8)").await;
+    let p4 = p.send("partial");
+    exec(&mut src, "INSERT INTO parent (id) VALUES (99)").await;
+    let p5 = p.send("partial");
+    for f in [&c3, &p4] {
+        p.deliver(f);
+    }
+    assert!(p.receive(&["load"]).status.success());
+    p.deliver(&p5); // not applied yet
     let out = p.receive(&["prune"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains(&format!("pruned {c1}: older than every kept restore point")),
+        "{said}"
+    );
     let left = outbox_files(&p.path("inbox"));
     assert_eq!(
         left,
-        vec![c1.clone(), p4],
-        "kept: newest complete and the unapplied one"
+        vec![c3.clone(), p4.clone(), p5.clone()],
+        "kept: the newest complete, the point after it, and the unapplied one"
+    );
+    // Every kept point is restorable.
+    let v = text(&p.receive(&["versions"]).stdout);
+    assert!(
+        v.contains("oldest restorable point: app #3 (complete"),
+        "{v}"
+    );
+    assert!(
+        v.contains("newest restorable point: app #4 (partial"),
+        "{v}"
+    );
+}
+
+/// Retention by age: every point younger than its lifetime stays restorable,
+/// so the complete it builds on stays even when newer completes exist.
+#[tokio::test]
+async fn pruning_keeps_what_points_inside_the_lifetime_build_on() {
+    let p = Pipe::new(
+        SMALL,
+        "[retention]\ncomplete = \"0s\"\npartial = \"1d\"\nkeep_completes = 1\n",
+    )
+    .await;
+    let mut src = p.server.connect("app").await;
+    let c1 = p.send("complete");
+    exec(&mut src, "INSERT INTO parent (id) VALUES (7)").await;
+    let p2 = p.send("partial");
+    for f in [&c1, &p2] {
+        p.deliver(f);
+    }
+    assert!(p.receive(&["load"]).status.success());
+    let c3 = p.send("complete");
+    p.deliver(&c3);
+    assert!(p.receive(&["load"]).status.success());
+    let out = p.receive(&["prune"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        outbox_files(&p.path("inbox")),
+        vec![c1, p2, c3],
+        "#2 is a day young: it and its complete #1 stay"
     );
 }
 
