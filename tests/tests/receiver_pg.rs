@@ -688,7 +688,7 @@ async fn pruning_keeps_the_newest_complete_and_anything_unapplied() {
     let left = outbox_files(&p.path("inbox"));
     assert_eq!(
         left,
-        vec![c3.clone(), p4.clone(), p5.clone()],
+        vec![c3.clone(), p4.clone(), p5],
         "kept: the newest complete, the point after it, and the unapplied one"
     );
     // Every kept point is restorable.
