@@ -463,3 +463,49 @@ async fn versions_lists_the_restore_points_the_history_keeps() {
     );
     assert!(v["newest_restorable"].is_null(), "{v}");
 }
+
+/// A SQLite copy whose ledger predates chains (key `(sender_id, seq)`, no
+/// `chain` column) is migrated in place when the receiver connects: its rows
+/// keep their place (the empty chain) and the copy goes on from them.
+#[tokio::test]
+async fn a_ledger_from_before_chains_is_migrated_in_place() {
+    let l = Lite::new("").await;
+    let mut viz = sqlite(&l.p("viz.sqlite3")).await;
+    sqlx::raw_sql(
+        "CREATE TABLE ferry_applied (sender_id TEXT NOT NULL, seq INTEGER NOT NULL,
+           kind TEXT NOT NULL, base_seq INTEGER NOT NULL, created_at TEXT NOT NULL,
+           applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+           file TEXT NOT NULL, rows INTEGER NOT NULL, schema_fingerprint TEXT NOT NULL,
+           PRIMARY KEY (sender_id, seq));
+         INSERT INTO ferry_applied (sender_id, seq, kind, base_seq, created_at, file, rows,
+           schema_fingerprint) VALUES ('old', 7, 'complete', 7, '2026-01-01T00:00:00Z',
+           'old-000000000007-complete.tar.zst', 3, 'x');",
+    )
+    .execute(&mut viz)
+    .await
+    .unwrap();
+    drop(viz);
+    let out = run(
+        "ferry-receiver",
+        &l.p("receiver.toml"),
+        &["versions", "--json"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["points"][0]["seq"], 7, "{v}");
+    let mut viz = sqlite(&l.p("viz.sqlite3")).await;
+    let key: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM pragma_table_info('ferry_applied') WHERE pk > 0 ORDER BY pk",
+    )
+    .fetch_all(&mut viz)
+    .await
+    .unwrap();
+    assert_eq!(key, ["sender_id", "chain", "seq"]);
+    // And the copy goes on.
+    l.deliver(&l.send("complete"));
+    assert!(
+        run("ferry-receiver", &l.p("receiver.toml"), &["load"])
+            .status
+            .success()
+    );
+}

@@ -1241,3 +1241,44 @@ async fn check_warns_when_the_receiver_connects_as_a_superuser() {
     assert!(out.status.success(), "{said}");
     assert!(!said.contains("superuser"), "{said}");
 }
+
+/// A PostgreSQL copy whose ledger predates chains (key `(sender_id, seq)`) is
+/// migrated in place on connect: the chain joins the key, the rows stay.
+#[tokio::test]
+async fn a_postgres_ledger_from_before_chains_is_migrated_in_place() {
+    let p = Pipe::new(SMALL, "").await;
+    let mut viz = p.server.connect("viz").await;
+    exec(
+        &mut viz,
+        "CREATE SCHEMA ferry_receiver;
+         CREATE TABLE ferry_receiver.applied (sender_id text NOT NULL, seq bigint NOT NULL,
+           kind text NOT NULL, base_seq bigint NOT NULL, created_at timestamptz NOT NULL,
+           applied_at timestamptz NOT NULL DEFAULT now(), file text NOT NULL,
+           rows bigint NOT NULL, schema_fingerprint text NOT NULL,
+           PRIMARY KEY (sender_id, seq));
+         INSERT INTO ferry_receiver.applied (sender_id, seq, kind, base_seq, created_at, file,
+           rows, schema_fingerprint)
+         VALUES ('old', 7, 'complete', 7, now(), 'old-000000000007-complete.tar.zst', 3, 'x');",
+    )
+    .await;
+    let out = p.receive(&["versions"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("old\t-\t#7\tcomplete"),
+        "{}",
+        text(&out.stdout)
+    );
+    let key: Vec<String> = sqlx::query_scalar(
+        "SELECT a.attname::text FROM pg_index i
+         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+         WHERE i.indrelid = 'ferry_receiver.applied'::regclass AND i.indisprimary
+         ORDER BY array_position(i.indkey::int2[], a.attnum)",
+    )
+    .fetch_all(&mut viz)
+    .await
+    .unwrap();
+    assert_eq!(key, ["sender_id", "chain", "seq"]);
+    let c = p.send("complete");
+    p.deliver(&c);
+    assert!(p.receive(&["load"]).status.success());
+}

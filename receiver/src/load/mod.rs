@@ -99,6 +99,30 @@ pub struct LedgerRow {
     pub rows: i64,
 }
 
+impl LedgerRow {
+    /// From a row with the ledger's columns (`created_at` as `c`, `applied_at`
+    /// as `a`, both text), whichever the engine.
+    pub(crate) fn from_row<'r, R>(r: &'r R) -> Result<Self, LoadError>
+    where
+        R: sqlx::Row,
+        String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        &'r str: sqlx::ColumnIndex<R>,
+    {
+        Ok(Self {
+            sender_id: col(r, "sender_id")?,
+            chain: col(r, "chain")?,
+            seq: col(r, "seq")?,
+            kind: col(r, "kind")?,
+            base_seq: col(r, "base_seq")?,
+            created_at: col(r, "c")?,
+            applied_at: col(r, "a")?,
+            file: col(r, "file")?,
+            rows: col(r, "rows")?,
+        })
+    }
+}
+
 pub enum Target {
     Postgres(Box<postgres::PgTarget>),
     Sqlite(sqlite::SqliteTarget),
@@ -236,6 +260,16 @@ pub(crate) fn check_order(m: &Manifest, ledger: &LedgerState) -> Result<(), Load
         );
     }
     Ok(())
+}
+
+/// The warning for a table the sender's complete no longer carries: `dropped`
+/// from the copy, or kept (`[target] departed_tables = "keep"`).
+pub(crate) fn departed(table: &str, m: &Manifest, dropped: bool) {
+    if dropped {
+        tracing::warn!(%table, sender = %m.sender_id, seq = m.seq.0, "table no longer in the source's complete: dropped from the copy");
+    } else {
+        tracing::warn!(%table, sender = %m.sender_id, seq = m.seq.0, "table no longer in the source's complete: kept on the copy (`[target] departed_tables = \"keep\"`); drop it by hand when done with it");
+    }
 }
 
 /// Table indexes in load order: parents before children (foreign keys between the

@@ -141,21 +141,7 @@ impl PgTarget {
         .fetch_all(&mut self.conn)
         .await
         .map_err(LoadError::db("reading the ledger"))?;
-        rows.iter()
-            .map(|r| {
-                Ok(super::LedgerRow {
-                    sender_id: col(r, "sender_id")?,
-                    chain: col(r, "chain")?,
-                    seq: col(r, "seq")?,
-                    kind: col(r, "kind")?,
-                    base_seq: col(r, "base_seq")?,
-                    created_at: col(r, "c")?,
-                    applied_at: col(r, "a")?,
-                    file: col(r, "file")?,
-                    rows: col(r, "rows")?,
-                })
-            })
-            .collect()
+        rows.iter().map(super::LedgerRow::from_row).collect()
     }
 
     pub async fn history(&mut self) -> Result<Vec<Applied>, LoadError> {
@@ -401,7 +387,7 @@ async fn drop_departed(
     .map_err(LoadError::db("reading the tables of the previous complete"))?;
     for t in &gone {
         if departed == crate::config::Departed::Keep {
-            tracing::warn!(table = %t, sender = %m.sender_id, seq = m.seq.0, "table no longer in the source's complete: kept on the copy (`[target] departed_tables = \"keep\"`); drop it by hand when done with it");
+            super::departed(t, m, false);
             continue;
         }
         // The names were quoted by this receiver when it recorded them.
@@ -411,7 +397,7 @@ async fn drop_departed(
             .map_err(LoadError::db(format!(
                 "dropping {t}, which left the source"
             )))?;
-        tracing::warn!(table = %t, sender = %m.sender_id, seq = m.seq.0, "table no longer in the source's complete: dropped from the copy");
+        super::departed(t, m, true);
     }
     Ok(())
 }

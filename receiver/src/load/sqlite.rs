@@ -24,8 +24,8 @@ fn q(sql: String) -> AssertSqlSafe<String> {
     AssertSqlSafe(sql)
 }
 
-const LEDGER: &str = "
-CREATE TABLE IF NOT EXISTS ferry_applied (
+/// The ledger's columns and key.
+const APPLIED_COLUMNS: &str = "(
   sender_id TEXT NOT NULL,
   seq INTEGER NOT NULL,
   kind TEXT NOT NULL,
@@ -37,38 +37,35 @@ CREATE TABLE IF NOT EXISTS ferry_applied (
   schema_fingerprint TEXT NOT NULL,
   manifest_id TEXT,
   chain TEXT NOT NULL DEFAULT '',
-  PRIMARY KEY (sender_id, chain, seq));
+  PRIMARY KEY (sender_id, chain, seq))";
+
+fn ledger_ddl() -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS ferry_applied {APPLIED_COLUMNS};
 -- The tables each sender's newest applied complete holds: a table that leaves
 -- the source (or its selection) is dropped from the copy by the next complete.
 CREATE TABLE IF NOT EXISTS ferry_complete_tables (
   sender_id TEXT NOT NULL,
   table_name TEXT NOT NULL,
-  PRIMARY KEY (sender_id, table_name));";
+  PRIMARY KEY (sender_id, table_name));"
+    )
+}
 
 /// Ledgers from before chains: the chain joins the key, so the table is
 /// rebuilt (SQLite cannot change a primary key in place), in one transaction.
-const LEDGER_ADD_CHAIN: &str = "
-BEGIN IMMEDIATE;
+fn ledger_add_chain_ddl() -> String {
+    format!(
+        "BEGIN IMMEDIATE;
 ALTER TABLE ferry_applied RENAME TO ferry_applied_before_chains;
-CREATE TABLE ferry_applied (
-  sender_id TEXT NOT NULL,
-  seq INTEGER NOT NULL,
-  kind TEXT NOT NULL,
-  base_seq INTEGER NOT NULL,
-  created_at TEXT NOT NULL,
-  applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-  file TEXT NOT NULL,
-  rows INTEGER NOT NULL,
-  schema_fingerprint TEXT NOT NULL,
-  manifest_id TEXT,
-  chain TEXT NOT NULL DEFAULT '',
-  PRIMARY KEY (sender_id, chain, seq));
+CREATE TABLE ferry_applied {APPLIED_COLUMNS};
 INSERT INTO ferry_applied (sender_id, seq, kind, base_seq, created_at, applied_at, file, rows,
                            schema_fingerprint, manifest_id)
   SELECT sender_id, seq, kind, base_seq, created_at, applied_at, file, rows,
          schema_fingerprint, manifest_id FROM ferry_applied_before_chains;
 DROP TABLE ferry_applied_before_chains;
-COMMIT;";
+COMMIT;"
+    )
+}
 
 impl SqliteTarget {
     pub async fn connect(target: &crate::config::TargetConfig) -> Result<Self, LoadError> {
@@ -86,7 +83,7 @@ impl SqliteTarget {
         let mut conn = SqliteConnection::connect_with(&options)
             .await
             .map_err(err)?;
-        sqlx::raw_sql(LEDGER)
+        sqlx::raw_sql(q(ledger_ddl()))
             .execute(&mut conn)
             .await
             .map_err(LoadError::db("creating the ledger"))?;
@@ -110,7 +107,7 @@ impl SqliteTarget {
         .await
         .map_err(LoadError::db("reading the ledger's columns"))?;
         if has_chain == 0 {
-            sqlx::raw_sql(LEDGER_ADD_CHAIN)
+            sqlx::raw_sql(q(ledger_add_chain_ddl()))
                 .execute(&mut conn)
                 .await
                 .map_err(LoadError::db("adding the chain to the ledger"))?;
@@ -154,21 +151,7 @@ impl SqliteTarget {
         .fetch_all(&mut self.conn)
         .await
         .map_err(LoadError::db("reading the ledger"))?;
-        rows.iter()
-            .map(|r| {
-                Ok(super::LedgerRow {
-                    sender_id: col(r, "sender_id")?,
-                    chain: col(r, "chain")?,
-                    seq: col(r, "seq")?,
-                    kind: col(r, "kind")?,
-                    base_seq: col(r, "base_seq")?,
-                    created_at: col(r, "c")?,
-                    applied_at: col(r, "a")?,
-                    file: col(r, "file")?,
-                    rows: col(r, "rows")?,
-                })
-            })
-            .collect()
+        rows.iter().map(super::LedgerRow::from_row).collect()
     }
 
     pub async fn history(&mut self) -> Result<Vec<Applied>, LoadError> {
@@ -275,7 +258,7 @@ async fn departed_tables(
             .map_err(LoadError::db("reading the tables of the previous complete"))?;
     for t in before.iter().filter(|t| !keep.contains(t)) {
         if departed == crate::config::Departed::Keep {
-            tracing::warn!(table = %t, sender = %m.sender_id, seq = m.seq.0, "table no longer in the source's complete: kept on the copy (`[target] departed_tables = \"keep\"`); drop it by hand when done with it");
+            super::departed(t, m, false);
             continue;
         }
         // The names were quoted by this receiver when it recorded them.
@@ -285,7 +268,7 @@ async fn departed_tables(
             .map_err(LoadError::db(format!(
                 "dropping {t}, which left the source"
             )))?;
-        tracing::warn!(table = %t, sender = %m.sender_id, seq = m.seq.0, "table no longer in the source's complete: dropped from the copy");
+        super::departed(t, m, true);
     }
     sqlx::query("DELETE FROM ferry_complete_tables WHERE sender_id = ?")
         .bind(&m.sender_id)
