@@ -385,3 +385,49 @@ impl State {
         Ok(rows.into_iter().map(|(s, k, f)| (s as u64, k, f)).collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_new_state_begins_a_chain_and_an_older_one_keeps_the_empty_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fresh = State::open(dir.path()).await.unwrap();
+        let chain = fresh.chain().await.unwrap();
+        assert!(ferry_common::manifest::is_chain(&chain), "{chain}");
+        drop(fresh);
+        // Reopened: the same chain.
+        assert_eq!(
+            State::open(dir.path())
+                .await
+                .unwrap()
+                .chain()
+                .await
+                .unwrap(),
+            chain
+        );
+
+        // A state from before chains: it has bundles and no chain.
+        let old = tempfile::tempdir().unwrap();
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            old.path().join("state.db").display()
+        );
+        let mut conn = SqliteConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE bundles (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL,
+               file TEXT NOT NULL, base_seq INTEGER NOT NULL, created_at TEXT NOT NULL,
+               rows INTEGER NOT NULL, bytes INTEGER NOT NULL, duration_ms INTEGER NOT NULL,
+               schema_fingerprint TEXT NOT NULL);
+             INSERT INTO bundles VALUES (1, 'complete', 'app-000000000001-complete.tar.zst',
+               1, '2026-01-01', 1, 1, 1, 'x');",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        drop(conn);
+        let mut upgraded = State::open(old.path()).await.unwrap();
+        assert_eq!(upgraded.chain().await.unwrap(), "");
+    }
+}
