@@ -141,6 +141,21 @@ pub async fn check(config: &Config) -> Vec<Finding> {
         ),
     }
 
+    match (config.signing_key(), crate::bundle::signer(config)) {
+        (None, _) => push(
+            Level::Ok,
+            "bundles are not signed (no `[bundle] signing_key` or `[push] key_file`, or `sign = false`)"
+                .into(),
+        ),
+        (Some(path), Ok(_)) => push(
+            Level::Ok,
+            format!(
+                "bundles are signed with {} (receivers that list its public key in `[senders]` apply only what it signed)",
+                path.display()
+            ),
+        ),
+        (Some(_), Err(e)) => push(Level::Error, e.to_string()),
+    }
     match &config.push {
         None => push(
             Level::Warn,

@@ -1208,6 +1208,8 @@ async fn only_named_senders_and_their_signatures_are_applied() {
         check.contains("sender \"app\": only bundles signed with its key are applied"),
         "{check}"
     );
+    let check = text(&p.sender(&["check"]).stdout);
+    assert!(check.contains("bundles are signed with"), "{check}");
     ok(&p.sender(&["complete"]));
     p.receive();
     p.assert_same().await;
