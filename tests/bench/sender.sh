@@ -56,12 +56,15 @@ partial = false
 partial = false
 [partial.tables."public.pgbench_history"]
 partial = false
+# One file per complete: the sizes below are of one bundle file.
+[bundle]
+volume_bytes = 0
 TOML
 
 # Warm the page cache once.
 pg_dump -h 127.0.0.1 -p "$port" -U postgres "${tables[@]}" bench >/dev/null
 sed 's/^sender_id = "bench"/sender_id = "bench3"/; s#state_dir = .*#state_dir = "'"$work"'/state3"#' "$work/complete.toml" > "$work/complete3.toml"
-printf '[bundle]\nzstd_level = 3\n' >> "$work/complete3.toml"
+sed -i 's/^\[bundle\]$/[bundle]\nzstd_level = 3/' "$work/complete3.toml"
 base=(); ours=(); rss=(); ours3=(); rss3=()
 for i in $(seq "$RUNS"); do
   rm -rf "$work/state3"
