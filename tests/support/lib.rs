@@ -28,6 +28,11 @@ impl Rng {
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
     }
+
+    /// `n` bytes that do not compress.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.below(256) as u8).collect()
+    }
 }
 
 /// Reads and verifies a bundle (a volume set whole, when `path` is the final

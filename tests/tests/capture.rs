@@ -375,30 +375,27 @@ async fn delete_capture_never_makes_the_apps_writes_fail() {
         ),
     )
     .unwrap();
-    let check = || {
+    // The `delete capture:` line of `check`.
+    let capture_line = || {
         let out = std::process::Command::new(ferry_tests::binary("ferry-sender"))
             .args(["check", "--config"])
             .arg(&path)
             .output()
             .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .find(|l| l.contains("delete capture:"))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("{text}"))
     };
-    let text = check();
-    let line = text
-        .lines()
-        .find(|l| l.contains("delete capture:"))
-        .unwrap_or_else(|| panic!("{text}"));
+    let line = capture_line();
     assert!(
         line.contains("app") && line.contains("as its owner"),
         "{line}"
     );
     fx.sql("ALTER FUNCTION ferry.capture_delete() SECURITY INVOKER")
         .await;
-    let text = check();
-    let line = text
-        .lines()
-        .find(|l| l.contains("delete capture:"))
-        .unwrap_or_else(|| panic!("{text}"));
+    let line = capture_line();
     assert!(
         line.contains("would fail") && line.contains("not SECURITY DEFINER"),
         "{line}"

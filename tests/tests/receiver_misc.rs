@@ -356,15 +356,7 @@ async fn a_bundle_that_does_not_fit_waits_for_free_space() {
         "mounting a tmpfs needs root (CI runs the tests as root)"
     );
     let _mounted = Mounted(rstate.clone());
-    let mut x = 0x9e37_79b9_u32;
-    let noise: Vec<u8> = (0..20 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect();
+    let noise = ferry_tests::Rng(0x9e37_79b9).bytes(20 << 20);
     std::fs::write(l.p("media-src/big.bin"), &noise).unwrap();
     l.deliver(&l.send("complete"));
     let out = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);

@@ -462,8 +462,11 @@ impl<'t> Insert<'t> {
         }
     }
 
-    async fn add(&mut self, conn: &mut SqliteConnection, row: &str) -> Result<(), LoadError> {
-        let mut row = parse_object(row, "a row")?;
+    async fn add(
+        &mut self,
+        conn: &mut SqliteConnection,
+        mut row: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), LoadError> {
         let mut values = Vec::with_capacity(self.cols.len());
         for c in &self.cols {
             values.push(row.remove(*c).ok_or_else(|| {
@@ -479,12 +482,11 @@ impl<'t> Insert<'t> {
 }
 
 /// The key columns' values of a row or key object, in key order.
-fn key_of(t: &Table, payload: &str, what: &str) -> Result<Vec<serde_json::Value>, LoadError> {
-    let mut obj = parse_object(payload, what)?;
-    Ok(t.primary_key
+fn key_of(t: &Table, obj: &serde_json::Map<String, serde_json::Value>) -> Vec<serde_json::Value> {
+    t.primary_key
         .iter()
-        .map(|c| obj.remove(c).unwrap_or(serde_json::Value::Null))
-        .collect())
+        .map(|c| obj.get(c).cloned().unwrap_or(serde_json::Value::Null))
+        .collect()
 }
 
 async fn load_complete(conn: &mut SqliteConnection, v: &Verified) -> Result<u64, LoadError> {
@@ -506,7 +508,7 @@ async fn load_complete(conn: &mut SqliteConnection, v: &Verified) -> Result<u64,
         let mut lines = tokio::io::BufReader::new(file).lines();
         while let Some(line) = lines.next_line().await? {
             let (_, row) = split_change(&line)?;
-            insert.add(conn, row).await?;
+            insert.add(conn, parse_object(row, "a row")?).await?;
             rows += 1;
         }
         insert.flush(conn).await?;
@@ -604,12 +606,14 @@ async fn load_partial(conn: &mut SqliteConnection, v: &Verified) -> Result<u64, 
                         continue;
                     }
                     if op == "upsert" {
+                        let row = parse_object(payload, "a row")?;
                         if whole {
-                            keeping.add(conn, key_of(t, payload, "a row")?).await?;
+                            keeping.add(conn, key_of(t, &row)).await?;
                         }
-                        insert.add(conn, payload).await?;
+                        insert.add(conn, row).await?;
                     } else {
-                        delete.add(conn, key_of(t, payload, "a key")?).await?;
+                        let key = parse_object(payload, "a key")?;
+                        delete.add(conn, key_of(t, &key)).await?;
                     }
                     rows += 1;
                 }

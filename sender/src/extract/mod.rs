@@ -210,11 +210,28 @@ impl Source {
         // limit only, so a big table costs no more than a small one.
         let limit = config.partial.whole_max_rows;
         for t in tables.iter_mut().filter(|t| t.auto) {
-            let n = match self {
-                Source::Postgres(s) => s.count_upto(&t.info.name, limit).await?,
-                Source::Sqlite(s) => s.count_upto(&t.info.name, limit).await?,
-            };
-            if n <= limit {
+            let sql = format!(
+                "SELECT count(*) FROM (SELECT 1 FROM {} LIMIT {}) s",
+                t.info.name.quoted(),
+                limit.saturating_add(1).min(i64::MAX as u64)
+            );
+            let n: i64 = match self {
+                Source::Postgres(s) => {
+                    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                        .fetch_one(&mut s.conn)
+                        .await
+                }
+                Source::Sqlite(s) => {
+                    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                        .fetch_one(&mut s.conn)
+                        .await
+                }
+            }
+            .map_err(ExtractError::db(format!(
+                "counting the rows of {}",
+                t.key()
+            )))?;
+            if n.max(0) as u64 <= limit {
                 t.carry = crate::config::Carry::Whole;
             }
         }
@@ -287,15 +304,6 @@ where
     })
 }
 
-/// `SELECT count(*)` of a table's rows, reading at most `limit + 1` of them.
-pub(crate) fn count_upto_sql(table: &ferry_common::ident::TableName, limit: u64) -> String {
-    format!(
-        "SELECT count(*) FROM (SELECT 1 FROM {} LIMIT {}) s",
-        table.quoted(),
-        limit.saturating_add(1).min(i64::MAX as u64)
-    )
-}
-
 /// Ends a snapshot transaction with ROLLBACK. The connection is used again
 /// afterwards (delete-log pruning, the next step of the job), so a failed
 /// ROLLBACK is an error: what follows must not run inside the old snapshot.
@@ -337,6 +345,46 @@ pub(crate) fn partial_graph(tables: &[TableMeta]) -> Vec<(usize, usize, &manifes
         }
     }
     edges
+}
+
+/// The statements that add to each keyed table's key set (`keys(i)`) the rows
+/// that the sent rows of its children reference, with what each does: run
+/// them all until none adds a row. `insert` opens each statement (`INSERT
+/// INTO`, `INSERT OR IGNORE INTO`) and `tail` ends it (`ON CONFLICT DO
+/// NOTHING`, or nothing), the engines' two ways of skipping keys already there.
+pub(crate) fn closure_statements(
+    tables: &[TableMeta],
+    keys: impl Fn(usize) -> String,
+    insert: &str,
+    tail: &str,
+) -> Vec<(String, String)> {
+    partial_graph(tables)
+        .into_iter()
+        .map(|(ci, pi, fk)| {
+            let (c, p) = (&tables[ci], &tables[pi]);
+            // A whole table's rows all travel, so all their parents do.
+            let from_child = if keyed(c) {
+                format!(
+                    "{kc} kc JOIN {cname} c ON {ckey}",
+                    kc = keys(ci),
+                    cname = c.info.name.quoted(),
+                    ckey = join_on("c", &c.info.primary_key, "kc", &c.info.primary_key),
+                )
+            } else {
+                format!("{} c", c.info.name.quoted())
+            };
+            let sql = format!(
+                "{insert} {kp} SELECT DISTINCT {ppk} FROM {from_child}
+                 JOIN {pname} p ON {fkjoin} {tail}",
+                kp = keys(pi),
+                ppk = column_list(Some("p"), &p.info.primary_key),
+                pname = p.info.name.quoted(),
+                fkjoin = join_on("p", &fk.referenced_columns, "c", &fk.columns),
+            );
+            let doing = format!("following foreign keys from {} to {}", c.key(), p.key());
+            (sql, doing)
+        })
+        .collect()
 }
 
 /// `a.x = b.y AND …` over pairs of columns.

@@ -39,12 +39,17 @@ pub fn resolve(
     let exclude = compile(&config.source.exclude);
     let mut problems = Vec::new();
     let mut selected = Vec::new();
+    // The `[partial.tables]` stanzas that apply to a selected table.
+    let mut used: HashSet<&str> = HashSet::new();
     for t in catalog {
         let key = t.info.name.to_string();
         if (!include.is_empty() && !matches(&include, &key)) || matches(&exclude, &key) {
             continue;
         }
         let rule = config.table_rule(&key);
+        if let Some((k, _)) = rule {
+            used.insert(k);
+        }
         let policy = rule.and_then(|(_, r)| r.partial);
         let own_column = rule.and_then(|(_, r)| r.change_column.as_deref());
         let stanza = rule.map_or_else(
@@ -157,10 +162,7 @@ pub fn resolve(
     }
     let names: HashSet<String> = selected.iter().map(TableMeta::key).collect();
     for key in config.partial.tables.keys() {
-        let used = names
-            .iter()
-            .any(|n| config.table_rule(n).is_some_and(|(k, _)| k == key));
-        if !used {
+        if !used.contains(key.as_str()) {
             problems.push(format!(
                 "`[partial.tables.\"{key}\"]` applies to no selected table (names are \
                  `schema.table` and case-sensitive; a more specific stanza may cover them)"

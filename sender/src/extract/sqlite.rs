@@ -15,7 +15,7 @@ use super::select::CatalogTable;
 use super::stage::{BATCH, BlockingSink, member, stage_text};
 use super::{
     ChangeKind, DELETES_KEY, ExtractError, ExtractSettings, Extracted, Stager, TableMeta,
-    Watermarks, column_list, join_on, keyed, partial_graph,
+    Watermarks, closure_statements, column_list, join_on, keyed,
 };
 use crate::config::Carry;
 use crate::extract::col;
@@ -33,7 +33,7 @@ const LOG: &str = "ferry_deleted_rows";
 const TRIGGER_PREFIX: &str = "ferry_capture_delete:";
 
 pub struct SqliteSource {
-    conn: SqliteConnection,
+    pub(super) conn: SqliteConnection,
     version: String,
 }
 
@@ -59,19 +59,6 @@ impl SqliteSource {
             .await
             .map_err(ExtractError::db("reading the SQLite version"))?;
         Ok(Self { conn, version })
-    }
-
-    /// The table's rows, counted up to `limit + 1`.
-    pub async fn count_upto(
-        &mut self,
-        table: &ferry_common::ident::TableName,
-        limit: u64,
-    ) -> Result<u64, ExtractError> {
-        let n: i64 = sqlx::query_scalar(q(crate::extract::count_upto_sql(table, limit)))
-            .fetch_one(&mut self.conn)
-            .await
-            .map_err(ExtractError::db(format!("counting the rows of {table}")))?;
-        Ok(n.max(0) as u64)
     }
 
     pub fn info(&self) -> manifest::Source {
@@ -497,38 +484,14 @@ impl SqliteSource {
                     t.key()
                 )))?;
         }
-        let edges = partial_graph(tables);
+        let closure = closure_statements(tables, keys, "INSERT OR IGNORE INTO", "");
         loop {
             let mut added = 0;
-            for (ci, pi, fk) in &edges {
-                let (c, p) = (&tables[*ci], &tables[*pi]);
-                // A whole table's rows all travel, so all their parents do.
-                let from_child = if keyed(c) {
-                    format!(
-                        "{kc} kc JOIN {cname} c ON {ckey}",
-                        kc = keys(*ci),
-                        cname = c.info.name.quoted(),
-                        ckey = join_on("c", &c.info.primary_key, "kc", &c.info.primary_key),
-                    )
-                } else {
-                    format!("{} c", c.info.name.quoted())
-                };
-                let sql = format!(
-                    "INSERT OR IGNORE INTO {kp} SELECT DISTINCT {ppk} FROM {from_child}
-                     JOIN {pname} p ON {fkjoin}",
-                    kp = keys(*pi),
-                    ppk = column_list(Some("p"), &p.info.primary_key),
-                    pname = p.info.name.quoted(),
-                    fkjoin = join_on("p", &fk.referenced_columns, "c", &fk.columns),
-                );
-                added += sqlx::query(q(sql))
+            for (sql, doing) in &closure {
+                added += sqlx::query(q(sql.clone()))
                     .execute(&mut self.conn)
                     .await
-                    .map_err(ExtractError::db(format!(
-                        "following foreign keys from {} to {}",
-                        c.key(),
-                        p.key()
-                    )))?
+                    .map_err(ExtractError::db_lazy(doing))?
                     .rows_affected();
             }
             if added == 0 {

@@ -39,7 +39,7 @@ const TIMESTAMP_OIDS: [i64; 3] = [1082, 1114, 1184];
 const JSON_OIDS: [i64; 2] = [114, 199];
 
 pub struct PgSource {
-    conn: PgConnection,
+    pub(super) conn: PgConnection,
     options: PgConnectOptions,
     url: String,
     pg_dump: PathBuf,
@@ -92,19 +92,6 @@ impl PgSource {
             })?;
         setup_session(&mut conn, &self.timezone).await?;
         Ok(conn)
-    }
-
-    /// The table's rows, counted up to `limit + 1`.
-    pub async fn count_upto(
-        &mut self,
-        table: &ferry_common::ident::TableName,
-        limit: u64,
-    ) -> Result<u64, ExtractError> {
-        let n: i64 = sqlx::query_scalar(q(crate::extract::count_upto_sql(table, limit)))
-            .fetch_one(&mut self.conn)
-            .await
-            .map_err(ExtractError::db(format!("counting the rows of {table}")))?;
-        Ok(n.max(0) as u64)
     }
 
     pub fn info(&self) -> manifest::Source {

@@ -5,7 +5,7 @@ use crate::config::Carry;
 use crate::extract::stage::{BATCH, BlockingSink, member};
 use crate::extract::{
     DELETES_KEY, ExtractError, ExtractSettings, Extracted, Stager, TableMeta, Watermarks,
-    column_list, join_on, keyed, partial_graph,
+    closure_statements, column_list, join_on, keyed,
 };
 use ferry_common::ident::quote_ident;
 use ferry_common::manifest::{DataFormat, Role};
@@ -113,39 +113,14 @@ impl PgSource {
                 )))?;
         }
         // 2. Rows the changed rows reference, until nothing new is added.
-        let edges = partial_graph(tables);
+        let closure = closure_statements(tables, keys, "INSERT INTO", "ON CONFLICT DO NOTHING");
         loop {
             let mut added = 0;
-            for (ci, pi, fk) in &edges {
-                let (c, p) = (&tables[*ci], &tables[*pi]);
-                // A whole table's rows all travel, so all their parents do.
-                let from_child = if keyed(c) {
-                    format!(
-                        "{kc} kc JOIN {cname} c ON {ckey}",
-                        kc = keys(*ci),
-                        cname = c.info.name.quoted(),
-                        ckey = join_on("c", &c.info.primary_key, "kc", &c.info.primary_key),
-                    )
-                } else {
-                    format!("{} c", c.info.name.quoted())
-                };
-                let sql = format!(
-                    "INSERT INTO {kp} SELECT DISTINCT {ppk} FROM {from_child}
-                     JOIN {pname} p ON {fkjoin}
-                     ON CONFLICT DO NOTHING",
-                    kp = keys(*pi),
-                    ppk = column_list(Some("p"), &p.info.primary_key),
-                    pname = p.info.name.quoted(),
-                    fkjoin = join_on("p", &fk.referenced_columns, "c", &fk.columns),
-                );
-                added += sqlx::query(q(sql))
+            for (sql, doing) in &closure {
+                added += sqlx::query(q(sql.clone()))
                     .execute(&mut self.conn)
                     .await
-                    .map_err(ExtractError::db(format!(
-                        "following foreign keys from {} to {}",
-                        c.key(),
-                        p.key()
-                    )))?
+                    .map_err(ExtractError::db_lazy(doing))?
                     .rows_affected();
             }
             if added == 0 {
