@@ -232,7 +232,8 @@ TOML
   "$sender" --config "$lite/sender.toml" complete >/dev/null
   mv "$lite"/sstate/outbox/*.tar.zst "$lite/inbox/"
   "$receiver" --config "$lite/receiver.toml" load >/dev/null
-  cp "$lite/copy.db" "$lite/anchor.db"
+  # .backup, not cp: the copy's newest pages may still be in its WAL file.
+  sqlite3 "$lite/copy.db" ".backup '$lite/anchor.db'"
   sqlite3 "$lite/app.db" "UPDATE t SET label = 'new ' || id, updated_at = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE id % ($SQLITE_ROWS / $SQLITE_CHANGED) = 0" >/dev/null
   "$sender" --config "$lite/sender.toml" partial >/dev/null
   bundle=$(ls "$lite"/sstate/outbox/*-partial.tar.zst)

@@ -352,12 +352,13 @@ pub(crate) fn partial_graph(tables: &[TableMeta]) -> Vec<(usize, usize, &manifes
 /// them all until none adds a row. `insert` opens each statement (`INSERT
 /// INTO`, `INSERT OR IGNORE INTO`) and `tail` ends it (`ON CONFLICT DO
 /// NOTHING`, or nothing), the engines' two ways of skipping keys already there.
+/// Each statement comes with the index of the table whose key set it adds to.
 pub(crate) fn closure_statements(
     tables: &[TableMeta],
     keys: impl Fn(usize) -> String,
     insert: &str,
     tail: &str,
-) -> Vec<(String, String)> {
+) -> Vec<(String, String, usize)> {
     partial_graph(tables)
         .into_iter()
         .map(|(ci, pi, fk)| {
@@ -382,7 +383,7 @@ pub(crate) fn closure_statements(
                 fkjoin = join_on("p", &fk.referenced_columns, "c", &fk.columns),
             );
             let doing = format!("following foreign keys from {} to {}", c.key(), p.key());
-            (sql, doing)
+            (sql, doing, pi)
         })
         .collect()
 }

@@ -487,7 +487,7 @@ impl SqliteSource {
         let closure = closure_statements(tables, keys, "INSERT OR IGNORE INTO", "");
         loop {
             let mut added = 0;
-            for (sql, doing) in &closure {
+            for (sql, doing, _) in &closure {
                 added += sqlx::query(q(sql.clone()))
                     .execute(&mut self.conn)
                     .await
