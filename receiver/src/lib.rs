@@ -5,7 +5,8 @@
 //! exactly once) → [`verify`] → [`media`] → [`load`] (with the ledger, in one
 //! transaction) → [`hooks`] → [`prune`]; failures go to [`quarantine`]. [`run`]
 //! does one pass and [`ack`] tells the senders what it holds; [`daemon`] watches;
-//! [`report`] answers status, check, failures.
+//! [`report`] answers status, check, failures; [`versions`] lists the history and
+//! [`restore`] rebuilds any point of it elsewhere.
 
 pub mod ack;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod plan;
 pub mod prune;
 pub mod quarantine;
 pub mod report;
+pub mod restore;
 pub mod run;
 pub mod sftp_server;
 pub mod space;

@@ -63,6 +63,42 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rebuild tables as they were at a point of the history (the complete it
+    /// builds on plus every partial up to it) in another database: an empty
+    /// PostgreSQL database, chosen tables of an existing one (--replace), or a
+    /// new SQLite file. Nothing is visible there until all of it is.
+    Restore {
+        /// `latest`, a bundle's seq, or a time (2026-12-03T17:00:00Z; a day
+        /// alone means its end), UTC.
+        #[arg(long, default_value = "latest")]
+        at: String,
+        /// postgres://user@host/db, or sqlite:///path/new.db (a new file).
+        #[arg(long)]
+        into: String,
+        /// Only these tables (schema.name or name, glob patterns); repeatable.
+        #[arg(long = "table", value_name = "PATTERN")]
+        tables: Vec<String>,
+        /// Also write the media files as of that point, under DIR/<set>/.
+        #[arg(long, value_name = "DIR")]
+        media_into: Option<PathBuf>,
+        /// Replace the selected tables where they exist (in one transaction;
+        /// every other table is untouched).
+        #[arg(long)]
+        replace: bool,
+        /// Say what would be restored, from which bundles; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// A directory of bundles to restore from instead of this receiver's
+        /// inbox (the sender's delivered bundles, a copy of the history); no
+        /// configuration or running receiver needed.
+        #[arg(long, value_name = "DIR")]
+        from: Option<PathBuf>,
+        /// The sender whose bundles to restore, when the directory holds several.
+        #[arg(long)]
+        sender: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a commented example configuration.
     ExampleConfig,
 }
@@ -75,7 +111,14 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let config = match Config::load(&cli.config) {
-        Ok(c) => c,
+        Ok(c) => Some(c),
+        // A restore from a directory of bundles needs no receiver.
+        Err(_)
+            if matches!(&cli.command, Command::Restore { from: Some(_), .. })
+                && !cli.config.exists() =>
+        {
+            None
+        }
         Err(e) => {
             eprintln!("ferry-receiver: {e}");
             return ExitCode::from(2);
@@ -85,7 +128,63 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
     {
-        Ok(rt) => rt.block_on(execute(cli.command, config)),
+        Ok(rt) => rt.block_on(async move {
+            match (cli.command, config) {
+                (
+                    Command::Restore {
+                        at,
+                        into,
+                        tables,
+                        media_into,
+                        replace,
+                        dry_run,
+                        from,
+                        sender,
+                        json,
+                    },
+                    config,
+                ) => {
+                    let at = match at.parse() {
+                        Ok(a) => a,
+                        Err(e) => {
+                            eprintln!("ferry-receiver: {e}");
+                            return ExitCode::from(2);
+                        }
+                    };
+                    let req = ferry_receiver::restore::Request {
+                        at,
+                        into,
+                        tables,
+                        media_into,
+                        replace,
+                        dry_run,
+                        from: from
+                            .clone()
+                            .or_else(|| config.as_ref().map(|c| c.inbox.clone()))
+                            .unwrap_or_default(),
+                        sender,
+                        live_target: config.as_ref().map(|c| c.target.url.clone()),
+                        staging: config.as_ref().map_or_else(
+                            || {
+                                std::env::temp_dir()
+                                    .join(format!("ferry-restore-{}", std::process::id()))
+                            },
+                            |c| {
+                                c.staging_dir()
+                                    .join(format!("restore-{}", std::process::id()))
+                            },
+                        ),
+                        limits: ferry_common::reader::Limits {
+                            trust: config.as_ref().and_then(ferry_receiver::trust::from_config),
+                            ..Default::default()
+                        },
+                    };
+                    restore(&req, json).await
+                }
+                (command, Some(config)) => execute(command, config).await,
+                (_, None) => ExitCode::from(2),
+            }
+        }),
         Err(e) => {
             eprintln!("ferry-receiver: could not start the runtime: {e}");
             ExitCode::FAILURE
@@ -276,6 +375,30 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                 }
             }
         }
-        Command::ExampleConfig => ExitCode::SUCCESS,
+        Command::ExampleConfig | Command::Restore { .. } => ExitCode::SUCCESS,
+    }
+}
+
+async fn restore(req: &ferry_receiver::restore::Request, json: bool) -> ExitCode {
+    let result = ferry_receiver::restore::restore(req).await;
+    let _ = std::fs::remove_dir_all(&req.staging);
+    match result {
+        Ok(o) if json => {
+            println!("{}", serde_json::to_string_pretty(&o).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(o) => {
+            print!("{}", o.render());
+            ExitCode::SUCCESS
+        }
+        Err(e) if e.is_usage() => {
+            eprintln!("ferry-receiver: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            let transient =
+                matches!(&e, ferry_receiver::restore::RestoreError::Load(l) if l.is_transient());
+            fail(format!("restore: {e}"), transient)
+        }
     }
 }

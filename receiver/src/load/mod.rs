@@ -13,6 +13,7 @@
 
 mod post_data;
 pub mod postgres;
+pub mod restore;
 pub mod sqlite;
 pub mod staged;
 

@@ -542,7 +542,7 @@ async fn ledger(conn: &mut PgConnection, sender: &str) -> Result<LedgerState, Lo
     })
 }
 
-async fn load_complete(conn: &mut PgConnection, v: &Verified) -> Result<u64, LoadError> {
+pub(super) async fn load_complete(conn: &mut PgConnection, v: &Verified) -> Result<u64, LoadError> {
     let m = &v.manifest;
     drop_tables(conn, m).await?;
     run_script(conn, &v.text("schema/pre-data.sql")?, "pre-data DDL").await?;
@@ -736,7 +736,7 @@ fn delete_absent_sql(t: &Table, i: usize) -> String {
 /// statement upserts them and one deletes (per table: parents first for
 /// upserts, children first for deletes). The staged file is read once; nothing
 /// of it is held in memory.
-async fn load_partial(conn: &mut PgConnection, v: &Verified) -> Result<u64, LoadError> {
+pub(super) async fn load_partial(conn: &mut PgConnection, v: &Verified) -> Result<u64, LoadError> {
     let m = &v.manifest;
     check_tables(conn, &m.tables).await?;
     sqlx::raw_sql("SET CONSTRAINTS ALL DEFERRED")
@@ -750,7 +750,8 @@ async fn load_partial(conn: &mut PgConnection, v: &Verified) -> Result<u64, Load
         }
         let lines = lines_table(i);
         sqlx::raw_sql(q(format!(
-            "CREATE TEMP TABLE {} (line text NOT NULL) ON COMMIT DROP",
+            // Dropped first: a restore applies several partials in one transaction.
+            "DROP TABLE IF EXISTS {lines}; CREATE TEMP TABLE {} (line text NOT NULL) ON COMMIT DROP",
             lines.trim_start_matches("pg_temp.")
         )))
         .execute(&mut *conn)

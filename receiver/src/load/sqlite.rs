@@ -489,7 +489,10 @@ fn key_of(t: &Table, obj: &serde_json::Map<String, serde_json::Value>) -> Vec<se
         .collect()
 }
 
-async fn load_complete(conn: &mut SqliteConnection, v: &Verified) -> Result<u64, LoadError> {
+pub(super) async fn load_complete(
+    conn: &mut SqliteConnection,
+    v: &Verified,
+) -> Result<u64, LoadError> {
     let m = &v.manifest;
     for t in &m.tables {
         sqlx::raw_sql(q(format!("DROP TABLE IF EXISTS {}", t.name.quoted())))
@@ -531,7 +534,10 @@ fn table_of<'m>(
         .ok_or_else(|| LoadError::Refused(format!("{} names no listed table", member.path)))
 }
 
-async fn load_partial(conn: &mut SqliteConnection, v: &Verified) -> Result<u64, LoadError> {
+pub(super) async fn load_partial(
+    conn: &mut SqliteConnection,
+    v: &Verified,
+) -> Result<u64, LoadError> {
     let m = &v.manifest;
     for t in &m.tables {
         let cols: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?)")

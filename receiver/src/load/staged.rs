@@ -619,7 +619,7 @@ fn clean_statements(pre: &str) -> String {
 /// The objects of a staging schema that `ALTER … SET SCHEMA` must move one by
 /// one: relations (indexes, owned sequences and row types follow their table),
 /// free sequences, standalone types and routines.
-const OBJECTS: &str = "
+pub(super) const OBJECTS: &str = "
 SELECT kind, obj FROM (
   SELECT CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
            WHEN 'S' THEN 'SEQUENCE' WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END AS kind,

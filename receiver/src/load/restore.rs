@@ -1,0 +1,424 @@
+//! The loaders, pointed at a restore's destination instead of the live target:
+//! a complete and the partials after it, applied in one transaction with the
+//! same `load_complete` / `load_partial` the chain uses, and no ledger.
+//!
+//! PostgreSQL: inside that transaction, each schema the complete's DDL creates
+//! objects in is renamed aside and an empty one takes its name, so pg_dump's
+//! schema-qualified DDL builds the restored tables there, out of the way of
+//! whatever the database holds. Then the unselected tables are dropped, the
+//! fresh schema is renamed `ferry_restored_N`, the real one gets its name back,
+//! (with `--replace`) the selected tables' current versions are dropped, and
+//! every restored object is moved into the real schema. Nothing is visible to
+//! anyone until the commit, and a failure anywhere rolls all of it back.
+
+use super::postgres::{self, q, run_script, session};
+use super::sqlite;
+use super::{LoadError, col};
+use crate::restore::{Bundles, RestoreError, refuse_live_target};
+use ferry_common::TableName;
+use ferry_common::ident::{quote_ident, quote_literal};
+use ferry_common::manifest::{Kind, Manifest};
+use sqlx::Connection;
+use std::collections::BTreeSet;
+use std::path::Path;
+
+fn db(doing: &str) -> impl FnOnce(sqlx::Error) -> LoadError + '_ {
+    LoadError::db_lazy(doing)
+}
+
+fn schema_of(t: &TableName) -> &str {
+    t.schema.as_deref().unwrap_or("public")
+}
+
+/// The objects of schema `$1` that `ALTER … SET SCHEMA` moves one by one
+/// (indexes, owned sequences and row types follow their table), each with
+/// whether schema `$2` already has one of that name (and arguments).
+const MOVABLE: &str = "
+SELECT kind, name, taken FROM (
+  SELECT CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+           WHEN 'S' THEN 'SEQUENCE' WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END AS kind,
+         quote_ident(c.relname) AS name,
+         EXISTS (SELECT 1 FROM pg_class x JOIN pg_namespace xn ON xn.oid = x.relnamespace
+                 WHERE xn.nspname = $2 AND x.relname = c.relname) AS taken
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+  WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+    AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                    AND d.objid = c.oid AND d.deptype IN ('a', 'i'))
+  UNION ALL
+  SELECT CASE t.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END, quote_ident(t.typname),
+         EXISTS (SELECT 1 FROM pg_type x JOIN pg_namespace xn ON xn.oid = x.typnamespace
+                 WHERE xn.nspname = $2 AND x.typname = t.typname)
+  FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+  WHERE n.nspname = $1 AND (t.typtype IN ('e', 'd', 'r')
+    OR (t.typtype = 'c' AND (SELECT relkind FROM pg_class WHERE oid = t.typrelid) = 'c'))
+  UNION ALL
+  SELECT CASE p.prokind WHEN 'a' THEN 'AGGREGATE' ELSE 'ROUTINE' END,
+         quote_ident(p.proname) || '(' || pg_get_function_identity_arguments(p.oid) || ')',
+         EXISTS (SELECT 1 FROM pg_proc x JOIN pg_namespace xn ON xn.oid = x.pronamespace
+                 WHERE xn.nspname = $2 AND x.proname = p.proname
+                   AND x.proargtypes = p.proargtypes)
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+  WHERE n.nspname = $1
+) o ORDER BY kind <> 'TABLE', kind, name";
+
+/// Restores into PostgreSQL; returns what was left out (foreign keys to tables
+/// not restored, objects the database already had its own of).
+pub async fn postgres(
+    url: &str,
+    base: &Manifest,
+    tables: &[TableName],
+    replace: bool,
+    dry_run: bool,
+    mut bundles: Bundles<'_>,
+) -> Result<Vec<String>, RestoreError> {
+    if base.source.engine != "postgresql" {
+        return Err(RestoreError::Refused(format!(
+            "these bundles come from a {} source; restore them into a SQLite file (--into sqlite:///path)",
+            base.source.engine
+        )));
+    }
+    let mut conn = session(url).await?;
+    let live: bool = sqlx::query_scalar("SELECT to_regclass('ferry_receiver.applied') IS NOT NULL")
+        .fetch_one(&mut conn)
+        .await
+        .map_err(db("looking for a ferry-receiver ledger"))?;
+    if live {
+        return Err(refuse_live_target(url).into());
+    }
+    let mut existing = Vec::new();
+    for t in tables {
+        let there: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(t.quoted())
+            .fetch_one(&mut conn)
+            .await
+            .map_err(db("looking up the tables to restore"))?;
+        if there {
+            existing.push(t.to_string());
+        }
+    }
+    if !existing.is_empty() && !replace {
+        return Err(RestoreError::Refused(format!(
+            "{} already exist(s) in {}: add --replace to replace exactly the selected tables \
+             (in one transaction; every other table stays as it is), or restore into an empty database",
+            existing.join(", "),
+            crate::config::redact_url(url)
+        )));
+    }
+    if dry_run {
+        return Ok(Vec::new());
+    }
+    let schemas: BTreeSet<&str> = base.tables.iter().map(|t| schema_of(&t.name)).collect();
+    let mut tx = conn.begin().await.map_err(db("beginning the restore"))?;
+    // 1. Each schema aside, an empty one in its place.
+    let mut aside = Vec::new();
+    for (i, s) in schemas.iter().enumerate() {
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                .bind(s)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db("looking up schemas"))?;
+        let a = format!("ferry_restore_aside_{}", i + 1);
+        let mut sql = String::new();
+        if exists {
+            sql.push_str(&format!(
+                "ALTER SCHEMA {} RENAME TO {};",
+                quote_ident(s),
+                quote_ident(&a)
+            ));
+        }
+        sql.push_str(&format!("CREATE SCHEMA {};", quote_ident(s)));
+        run_script(&mut tx, &sql, "restore setup (schemas aside)").await?;
+        aside.push((s.to_string(), exists.then_some(a)));
+    }
+    // 2. The complete, then each partial, by the live chain's loaders.
+    match bundles.next().await? {
+        Some(v) if v.manifest.kind == Kind::Complete => {
+            postgres::load_complete(&mut tx, &v).await?;
+        }
+        _ => {
+            return Err(RestoreError::Refused(
+                "a restore starts from a complete".into(),
+            ));
+        }
+    }
+    while let Some(v) = bundles.next().await? {
+        postgres::load_partial(&mut tx, &v).await?;
+    }
+    // 3. Tables not asked for go, with the foreign keys that point at them.
+    let left_out: Vec<&TableName> = base
+        .tables
+        .iter()
+        .map(|t| &t.name)
+        .filter(|n| !tables.contains(n))
+        .collect();
+    let mut notes = Vec::new();
+    if !left_out.is_empty() {
+        let names: Vec<String> = left_out.iter().map(|t| t.quoted()).collect();
+        let fks = sqlx::query(q(format!(
+            "SELECT c.conname::text AS name, c.conrelid::regclass::text AS child,
+                    c.confrelid::regclass::text AS parent
+             FROM pg_constraint c
+             WHERE c.contype = 'f' AND c.confrelid IN ({list})
+               AND c.conrelid NOT IN ({list})",
+            list = names
+                .iter()
+                .map(|n| format!("{}::regclass", quote_literal(n)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db("listing foreign keys to tables left out"))?;
+        for r in fks {
+            let (name, child, parent): (String, String, String) =
+                (col(&r, "name")?, col(&r, "child")?, col(&r, "parent")?);
+            notes.push(format!(
+                "foreign key {name} of {child} (it references {parent}, which is not restored)"
+            ));
+        }
+        run_script(
+            &mut tx,
+            &format!("DROP TABLE {} CASCADE;", names.join(", ")),
+            "dropping the tables not restored",
+        )
+        .await?;
+    }
+    // 4. The restored schemas out of the way, the real ones back.
+    let mut restored = Vec::new();
+    for (i, (s, a)) in aside.iter().enumerate() {
+        let r = format!("ferry_restored_{}", i + 1);
+        let mut sql = format!(
+            "ALTER SCHEMA {} RENAME TO {};",
+            quote_ident(s),
+            quote_ident(&r)
+        );
+        match a {
+            Some(a) => sql.push_str(&format!(
+                "ALTER SCHEMA {} RENAME TO {};",
+                quote_ident(a),
+                quote_ident(s)
+            )),
+            None => sql.push_str(&format!("CREATE SCHEMA {};", quote_ident(s))),
+        }
+        run_script(&mut tx, &sql, "restore setup (schemas back)").await?;
+        restored.push((s.clone(), r));
+    }
+    // 5. With --replace, the current versions of the selected tables go.
+    if !existing.is_empty() {
+        let names: Vec<String> = tables
+            .iter()
+            .filter(|t| existing.contains(&t.to_string()))
+            .map(|t| t.quoted())
+            .collect();
+        sqlx::raw_sql(q(format!("DROP TABLE {}", names.join(", "))))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                RestoreError::Refused(format!(
+                    "could not replace {}: {}; objects outside the restore depend on them \
+                     (a view, a foreign key from another table): drop those first, or add \
+                     their tables to the restore with --table",
+                    existing.join(", "),
+                    e.as_database_error().map_or(e.to_string(), |d| {
+                        let detail = d
+                            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                            .and_then(|p| p.detail().map(str::to_owned))
+                            .unwrap_or_default();
+                        format!("{} {detail}", d.message())
+                    })
+                ))
+            })?;
+    }
+    // 6. Every restored object into its real schema.
+    sqlx::raw_sql("SET LOCAL search_path TO pg_catalog")
+        .execute(&mut *tx)
+        .await
+        .map_err(db("setting search_path"))?;
+    for (real, r) in &restored {
+        let objects = sqlx::query(MOVABLE)
+            .bind(r)
+            .bind(real)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db("listing the restored objects"))?;
+        let (rq, realq) = (quote_ident(r), quote_ident(real));
+        let mut moves = String::new();
+        for o in objects {
+            let (kind, name, taken): (String, String, bool) =
+                (col(&o, "kind")?, col(&o, "name")?, col(&o, "taken")?);
+            if !taken {
+                moves.push_str(&format!("ALTER {kind} {rq}.{name} SET SCHEMA {realq};\n"));
+                continue;
+            }
+            match kind.as_str() {
+                "TYPE" | "DOMAIN" => {
+                    // The database has its own: the restored columns take it.
+                    let uses = sqlx::query(
+                        "SELECT format('%I.%I', n.nspname, c.relname) AS rel,
+                                quote_ident(a.attname) AS col
+                         FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+                         JOIN pg_namespace n ON n.oid = c.relnamespace
+                         WHERE c.relkind IN ('r', 'p') AND n.nspname = $1 AND a.attnum > 0
+                           AND NOT a.attisdropped
+                           AND a.atttypid = to_regtype(format('%I.%s', $1::text, $2::text))",
+                    )
+                    .bind(r)
+                    .bind(&name)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db("finding the columns of a restored type"))?;
+                    let mut sql = String::new();
+                    for u in uses {
+                        let (rel, c): (String, String) = (col(&u, "rel")?, col(&u, "col")?);
+                        sql.push_str(&format!(
+                            "ALTER TABLE {rel} ALTER COLUMN {c} TYPE {realq}.{name} USING {c}::text::{realq}.{name};\n"
+                        ));
+                    }
+                    sql.push_str(&format!("DROP {kind} {rq}.{name};\n"));
+                    run_script(
+                        &mut tx,
+                        &sql,
+                        &format!("using the database's own type {real}.{name}"),
+                    )
+                    .await
+                    .map_err(|e| {
+                        RestoreError::Refused(format!(
+                            "the restored tables use type {real}.{name}, and the database has \
+                                 another type of that name whose values they do not fit ({e}); \
+                                 restore into an empty database instead"
+                        ))
+                    })?;
+                    notes.push(format!(
+                        "type {real}.{name}: the database's own kept, the restored columns use it"
+                    ));
+                }
+                "TABLE" => {
+                    return Err(RestoreError::Refused(format!(
+                        "table {real}.{name} appeared in {} during the restore; try again",
+                        crate::config::redact_url(url)
+                    )));
+                }
+                _ => {
+                    moves.push_str(&format!("DROP {kind} {rq}.{name} CASCADE;\n"));
+                    notes.push(format!(
+                        "{} {real}.{name}: the database's own kept",
+                        kind.to_lowercase()
+                    ));
+                }
+            }
+        }
+        // RESTRICT: anything not moved stops the restore here.
+        moves.push_str(&format!("DROP SCHEMA {rq};\n"));
+        sqlx::raw_sql(q(moves))
+            .execute(&mut *tx)
+            .await
+            .map_err(db(&format!("moving the restored objects into {real}")))?;
+    }
+    sqlx::raw_sql("SET LOCAL search_path TO DEFAULT")
+        .execute(&mut *tx)
+        .await
+        .map_err(db("resetting search_path"))?;
+    tx.commit().await.map_err(db("committing the restore"))?;
+    Ok(notes)
+}
+
+/// Restores into a new SQLite file: built under a temporary name beside it and
+/// renamed when complete.
+pub async fn sqlite(
+    path: &Path,
+    base: &Manifest,
+    tables: &[TableName],
+    dry_run: bool,
+    mut bundles: Bundles<'_>,
+) -> Result<(), RestoreError> {
+    if path.exists() {
+        return Err(RestoreError::Refused(format!(
+            "{} exists: a restore into SQLite writes a new file; remove it or choose another path",
+            path.display()
+        )));
+    }
+    if base.source.engine != "sqlite" {
+        return Err(RestoreError::Refused(format!(
+            "these bundles come from a {} source; restoring them into SQLite (type mapping for a \
+             development database) is not built yet: restore into a PostgreSQL database instead",
+            base.source.engine
+        )));
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(RestoreError::Refused(format!(
+            "the directory of {} does not exist",
+            path.display()
+        )));
+    }
+    if dry_run {
+        return Ok(());
+    }
+    let temp = ferry_common::durable::temp_name(path);
+    let result = sqlite_into(&temp, base, tables, &mut bundles).await;
+    match result {
+        Ok(()) => std::fs::rename(&temp, path).map_err(|e| {
+            RestoreError::Io(format!(
+                "renaming {} to {}: {e}",
+                temp.display(),
+                path.display()
+            ))
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&temp);
+            Err(e)
+        }
+    }
+}
+
+async fn sqlite_into(
+    temp: &Path,
+    base: &Manifest,
+    tables: &[TableName],
+    bundles: &mut Bundles<'_>,
+) -> Result<(), RestoreError> {
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
+    let options = SqliteConnectOptions::new()
+        .filename(temp)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Delete)
+        .foreign_keys(false);
+    let mut conn = SqliteConnection::connect_with(&options)
+        .await
+        .map_err(|source| LoadError::Connect {
+            url: format!("sqlite://{}", temp.display()),
+            source,
+        })?;
+    let mut tx = conn.begin().await.map_err(db("beginning the restore"))?;
+    match bundles.next().await? {
+        Some(v) if v.manifest.kind == Kind::Complete => {
+            sqlite::load_complete(&mut tx, &v).await?;
+        }
+        _ => {
+            return Err(RestoreError::Refused(
+                "a restore starts from a complete".into(),
+            ));
+        }
+    }
+    while let Some(v) = bundles.next().await? {
+        sqlite::load_partial(&mut tx, &v).await?;
+    }
+    for t in base
+        .tables
+        .iter()
+        .map(|t| &t.name)
+        .filter(|n| !tables.contains(n))
+    {
+        sqlx::raw_sql(q(format!("DROP TABLE {}", quote_ident(&t.name))))
+            .execute(&mut *tx)
+            .await
+            .map_err(db("dropping the tables not restored"))?;
+    }
+    tx.commit().await.map_err(db("committing the restore"))?;
+    let _ = conn.close().await;
+    Ok(())
+}
