@@ -174,6 +174,7 @@ fn main() -> ExitCode {
                                     .join(format!("restore-{}", std::process::id()))
                             },
                         ),
+                        jobs: config.as_ref().map_or(2, |c| c.target.jobs),
                         limits: ferry_common::reader::Limits {
                             trust: config.as_ref().and_then(ferry_receiver::trust::from_config),
                             ..Default::default()

@@ -358,6 +358,8 @@ pub struct Request {
     /// Where bundles are staged while verified (one at a time).
     pub staging: PathBuf,
     pub limits: Limits,
+    /// Connections loading the complete's tables side by side (`[target] jobs`).
+    pub jobs: usize,
 }
 
 /// What a restore did (or, with `--dry-run`, would do).
@@ -458,6 +460,7 @@ pub async fn restore(req: &Request) -> Result<Outcome, RestoreError> {
                 &tables,
                 req.replace,
                 req.dry_run,
+                req.jobs,
                 stream,
             )
             .await?;
@@ -564,7 +567,57 @@ pub struct Bundles<'p> {
     limits: Limits,
 }
 
+/// A complete streaming to a loader while it is verified (see
+/// [`verify::stream`]): the loader reads `rx`, then awaits `verified`, which
+/// must be `Ok` before anything commits.
+pub struct Streaming {
+    pub manifest: Manifest,
+    pub rx: tokio::sync::mpsc::Receiver<verify::Piece>,
+    pub verified: tokio::task::JoinHandle<Result<Manifest, ReadError>>,
+    pub file: String,
+}
+
+impl Streaming {
+    /// Waits for the end of verification.
+    pub async fn verified(self) -> Result<Manifest, RestoreError> {
+        let file = self.file;
+        drop(self.rx);
+        self.verified
+            .await
+            .map_err(|j| RestoreError::Io(format!("verification panicked: {j}")))?
+            .map_err(|source| RestoreError::Verify {
+                bundle: file,
+                source,
+            })
+    }
+}
+
 impl Bundles<'_> {
+    /// The first bundle (the complete), streamed rather than staged whole.
+    pub fn stream_complete(&mut self) -> Result<Streaming, RestoreError> {
+        let e = self
+            .plan
+            .bundles
+            .first()
+            .ok_or_else(|| RestoreError::Refused("a restore starts from a complete".into()))?;
+        self.next = 1;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (path, dir, limits) = (
+            e.path.clone(),
+            self.staging.join(&e.file),
+            self.limits.clone(),
+        );
+        let verified = tokio::task::spawn_blocking(move || {
+            verify::stream(&path, &dir, &limits, std::time::Duration::ZERO, &tx)
+        });
+        Ok(Streaming {
+            manifest: self.plan.base.clone(),
+            rx,
+            verified,
+            file: e.file.clone(),
+        })
+    }
+
     /// The next bundle, verified (the previous one's staged files are gone
     /// once it is dropped).
     pub async fn next(&mut self) -> Result<Option<Verified>, RestoreError> {

@@ -444,7 +444,27 @@ async fn chosen_tables_replace_media_time_and_refusals() {
     std::fs::write(&victim, bytes).unwrap();
     let err = shop.restore_refused(&["--into", &url, "--from", bad.to_str().unwrap()]);
     assert!(err.contains("verification"), "{err}");
+    // The complete itself damaged: found while it streams into staging.
+    let complete = bad.join(ferry_tests::name_in(
+        &bad,
+        "app",
+        first,
+        ferry_common::manifest::Kind::Complete,
+    ));
+    let mut bytes = std::fs::read(&complete).unwrap();
+    let at = bytes.len() * 2 / 3;
+    bytes[at] ^= 0xff;
+    std::fs::write(&complete, bytes).unwrap();
+    let err = shop.restore_refused(&["--into", &url, "--from", bad.to_str().unwrap()]);
+    assert!(err.contains("verification"), "{err}");
     assert!(shop.content("untouched").await.is_empty());
+    let mut untouched = shop.server.connect("untouched").await;
+    let leftovers: Vec<String> =
+        sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'ferry%'")
+            .fetch_all(&mut untouched)
+            .await
+            .unwrap();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
 /// A SQLite sender's history restores into a new SQLite file.

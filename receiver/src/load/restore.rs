@@ -2,14 +2,17 @@
 //! a complete and the partials after it, applied in one transaction with the
 //! same `load_complete` / `load_partial` the chain uses, and no ledger.
 //!
-//! PostgreSQL: inside that transaction, each schema the complete's DDL creates
-//! objects in is renamed aside and an empty one takes its name, so pg_dump's
-//! schema-qualified DDL builds the restored tables there, out of the way of
-//! whatever the database holds. Then the unselected tables are dropped, the
-//! fresh schema is renamed `ferry_restored_N`, the real one gets its name back,
-//! (with `--replace`) the selected tables' current versions are dropped, and
-//! every restored object is moved into the real schema. Nothing is visible to
-//! anyone until the commit, and a failure anywhere rolls all of it back.
+//! PostgreSQL: the complete streams, while it is verified, into committed
+//! staging schemas on several connections (the live chain's parallel load,
+//! each table's own indexes built there). Then, in one transaction, each real
+//! schema is renamed aside and its staging schema takes its name, so the rest
+//! of pg_dump's schema-qualified DDL and the partials apply to the restored
+//! tables, out of the way of whatever the database holds. The unselected
+//! tables are dropped, the restored schema is renamed `ferry_restored_N`, the
+//! real one gets its name back, (with `--replace`) the selected tables' current
+//! versions are dropped, and every restored object is moved into the real
+//! schema. Nothing but the staging schemas is visible before the commit, and a
+//! failure anywhere rolls the transaction back and drops them.
 
 use super::postgres::{self, q, run_script, session};
 use super::sqlite;
@@ -19,15 +22,10 @@ use ferry_common::TableName;
 use ferry_common::ident::{quote_ident, quote_literal};
 use ferry_common::manifest::{Kind, Manifest};
 use sqlx::Connection;
-use std::collections::BTreeSet;
 use std::path::Path;
 
 fn db(doing: &str) -> impl FnOnce(sqlx::Error) -> LoadError + '_ {
     LoadError::db_lazy(doing)
-}
-
-fn schema_of(t: &TableName) -> &str {
-    t.schema.as_deref().unwrap_or("public")
 }
 
 /// The objects of schema `$1` that `ALTER … SET SCHEMA` moves one by one
@@ -69,6 +67,7 @@ pub async fn postgres(
     tables: &[TableName],
     replace: bool,
     dry_run: bool,
+    jobs: usize,
     mut bundles: Bundles<'_>,
 ) -> Result<Vec<String>, RestoreError> {
     if base.source.engine != "postgresql" {
@@ -107,11 +106,48 @@ pub async fn postgres(
     if dry_run {
         return Ok(Vec::new());
     }
-    let schemas: BTreeSet<&str> = base.tables.iter().map(|t| schema_of(&t.name)).collect();
+    // 1. The complete, streamed while it is verified, into committed staging
+    //    schemas on `jobs` connections with each table's own indexes (the live
+    //    chain's parallel load); nothing in the real schemas changes yet.
+    let mut stream = bundles.stream_complete()?;
+    let staged =
+        super::staged::stage_only(&mut conn, url, &stream.manifest, &mut stream.rx, jobs).await;
+    let verified = stream.verified().await;
+    let staged = match (staged, verified) {
+        (Ok(s), Ok(_)) => s,
+        (_, Err(e)) => {
+            super::staged::drop_staging(&mut conn).await;
+            return Err(e);
+        }
+        (Err(e), _) => {
+            super::staged::drop_staging(&mut conn).await;
+            return Err(e.into());
+        }
+    };
+    let result = swap_in(&mut conn, url, base, tables, &existing, staged, bundles).await;
+    if result.is_err() {
+        super::staged::drop_staging(&mut conn).await;
+    }
+    result
+}
+
+/// Steps 2 to 6, in one transaction: the staged tables under their real
+/// schemas' names (the real ones aside), the rest of the DDL, the partials,
+/// the unselected tables dropped, the real schemas back, and the restored
+/// objects moved into them.
+async fn swap_in(
+    conn: &mut sqlx::PgConnection,
+    url: &str,
+    base: &Manifest,
+    tables: &[TableName],
+    existing: &[String],
+    staged: super::staged::StagedOnly,
+    mut bundles: Bundles<'_>,
+) -> Result<Vec<String>, RestoreError> {
     let mut tx = conn.begin().await.map_err(db("beginning the restore"))?;
-    // 1. Each schema aside, an empty one in its place.
+    // 2. Each real schema aside, the staged one under its name.
     let mut aside = Vec::new();
-    for (i, s) in schemas.iter().enumerate() {
+    for (i, (s, stage)) in staged.schemas.iter().enumerate() {
         let exists: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
                 .bind(s)
@@ -127,21 +163,17 @@ pub async fn postgres(
                 quote_ident(&a)
             ));
         }
-        sql.push_str(&format!("CREATE SCHEMA {};", quote_ident(s)));
+        sql.push_str(&format!(
+            "ALTER SCHEMA {} RENAME TO {};",
+            quote_ident(stage),
+            quote_ident(s)
+        ));
         run_script(&mut tx, &sql, "restore setup (schemas aside)").await?;
-        aside.push((s.to_string(), exists.then_some(a)));
+        aside.push((s.clone(), exists.then_some(a)));
     }
-    // 2. The complete, then each partial, by the live chain's loaders.
-    match bundles.next().await? {
-        Some(v) if v.manifest.kind == Kind::Complete => {
-            postgres::load_complete(&mut tx, &v).await?;
-        }
-        _ => {
-            return Err(RestoreError::Refused(
-                "a restore starts from a complete".into(),
-            ));
-        }
-    }
+    run_script(&mut tx, &staged.post, "post-data DDL").await?;
+    run_script(&mut tx, &staged.sequences, "sequence values").await?;
+    // The partials, by the live chain's loader.
     while let Some(v) = bundles.next().await? {
         postgres::load_partial(&mut tx, &v).await?;
     }

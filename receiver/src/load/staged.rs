@@ -102,6 +102,57 @@ pub async fn begin<'c>(
     stage_and_swap(pg, m, rx, jobs, &pre, early, started).await
 }
 
+/// A complete loaded into committed staging schemas only, each table's own
+/// indexes built there, for a restore that moves it into place itself (in its
+/// own transaction, with the partials after it).
+pub(super) struct StagedOnly {
+    /// Each real schema and the staging schema holding its new tables.
+    pub schemas: Vec<(String, String)>,
+    /// The post-data left to run once the tables are in their real schemas.
+    pub post: String,
+    pub sequences: String,
+}
+
+/// Steps 1 and 2 of a load without the swap: see [`StagedOnly`]. After a
+/// failure the caller drops what was staged with [`drop_staging`].
+pub(super) async fn stage_only(
+    conn: &mut PgConnection,
+    url: &str,
+    m: &Manifest,
+    rx: &mut mpsc::Receiver<Piece>,
+    jobs: usize,
+) -> Result<StagedOnly, LoadError> {
+    let mut early = Vec::new();
+    let pre = loop {
+        match rx.recv().await {
+            Some(Piece::Staged(member, path)) if member.role == Role::PreData => {
+                break tokio::fs::read_to_string(&path).await?;
+            }
+            Some(Piece::Staged(member, path)) => early.push((member, path)),
+            Some(_) => return Err(out_of_place()),
+            None => return Err(LoadError::Refused("the bundle has no pre-data DDL".into())),
+        }
+    };
+    let staging = Arc::new(setup(conn, m, &pre).await?);
+    let copied = copy_all(url, m, &staging, rx, jobs, early).await?;
+    let post = match copied.post_rest {
+        Some(rest) => rest,
+        None => staged_text(&copied.later, Role::PostData)?,
+    };
+    Ok(StagedOnly {
+        schemas: staging.schemas.clone(),
+        post,
+        sequences: staged_text(&copied.later, Role::Sequences)?,
+    })
+}
+
+/// Drops staging schemas left by a failed [`stage_only`].
+pub(super) async fn drop_staging(conn: &mut PgConnection) {
+    if let Err(e) = cleanup(conn).await {
+        tracing::warn!(error = %e, "could not remove the staging schemas");
+    }
+}
+
 /// After the load transaction committed: drops the previous copy moved aside by
 /// the swap and releases the staging lock (held until then, so that another
 /// receiver sharing the database does not stage into the same names meanwhile).
