@@ -82,24 +82,30 @@ pub async fn begin<'c>(
     jobs: usize,
 ) -> Result<Begun<'c>, LoadError> {
     let started = std::time::Instant::now();
-    // Everything before the pre-data is staged (the stream only starts COPY
-    // data after it), so wait for it, keeping the rest for later.
-    let mut early = Vec::new();
-    let pre = loop {
-        match rx.recv().await {
-            Some(Piece::Staged(member, path)) if member.role == Role::PreData => {
-                break tokio::fs::read_to_string(&path).await?;
-            }
-            Some(Piece::Staged(member, path)) => early.push((member, path)),
-            Some(_) => return Err(out_of_place()),
-            None => return Err(LoadError::Refused("the bundle has no pre-data DDL".into())),
-        }
-    };
+    let (pre, early) = pre_data(rx).await?;
     sqlx::raw_sql(STAGE_LOCK)
         .execute(&mut pg.conn)
         .await
         .map_err(LoadError::db("waiting for the staging lock"))?;
     stage_and_swap(pg, m, rx, jobs, &pre, early, started).await
+}
+
+/// Waits for the pre-data DDL: everything before it is staged (the stream only
+/// starts COPY data after it) and kept for later.
+async fn pre_data(
+    rx: &mut mpsc::Receiver<Piece>,
+) -> Result<(String, Vec<(Member, PathBuf)>), LoadError> {
+    let mut early = Vec::new();
+    loop {
+        match rx.recv().await {
+            Some(Piece::Staged(member, path)) if member.role == Role::PreData => {
+                return Ok((tokio::fs::read_to_string(&path).await?, early));
+            }
+            Some(Piece::Staged(member, path)) => early.push((member, path)),
+            Some(_) => return Err(out_of_place()),
+            None => return Err(LoadError::Refused("the bundle has no pre-data DDL".into())),
+        }
+    }
 }
 
 /// A complete loaded into committed staging schemas only, each table's own
@@ -122,17 +128,7 @@ pub(super) async fn stage_only(
     rx: &mut mpsc::Receiver<Piece>,
     jobs: usize,
 ) -> Result<StagedOnly, LoadError> {
-    let mut early = Vec::new();
-    let pre = loop {
-        match rx.recv().await {
-            Some(Piece::Staged(member, path)) if member.role == Role::PreData => {
-                break tokio::fs::read_to_string(&path).await?;
-            }
-            Some(Piece::Staged(member, path)) => early.push((member, path)),
-            Some(_) => return Err(out_of_place()),
-            None => return Err(LoadError::Refused("the bundle has no pre-data DDL".into())),
-        }
-    };
+    let (pre, early) = pre_data(rx).await?;
     let staging = Arc::new(setup(conn, m, &pre).await?);
     let copied = copy_all(url, m, &staging, rx, jobs, early).await?;
     let post = match copied.post_rest {
