@@ -164,16 +164,11 @@ fn main() -> ExitCode {
                             .unwrap_or_default(),
                         sender,
                         live_target: config.as_ref().map(|c| c.target.url.clone()),
-                        staging: config.as_ref().map_or_else(
-                            || {
-                                std::env::temp_dir()
-                                    .join(format!("ferry-restore-{}", std::process::id()))
-                            },
-                            |c| {
-                                c.staging_dir()
-                                    .join(format!("restore-{}", std::process::id()))
-                            },
-                        ),
+                        // Not the receiver's staging directory, which each
+                        // load pass empties. A complete's data streams; only
+                        // its DDL, the partials and media are staged here.
+                        staging: std::env::temp_dir()
+                            .join(format!("ferry-restore-{}", std::process::id())),
                         jobs: config.as_ref().map_or(2, |c| c.target.jobs),
                         limits: ferry_common::reader::Limits {
                             trust: config.as_ref().and_then(ferry_receiver::trust::from_config),
