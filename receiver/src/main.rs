@@ -67,40 +67,43 @@ enum Command {
     /// builds on plus every partial up to it) in another database: an empty
     /// PostgreSQL database, chosen tables of an existing one (--replace), or a
     /// new SQLite file. Nothing is visible there until all of it is.
-    Restore {
-        /// `latest`, a bundle's seq, or a time (2026-12-03T17:00:00Z; a day
-        /// alone means its end), UTC.
-        #[arg(long, default_value = "latest")]
-        at: String,
-        /// postgres://user@host/db, or sqlite:///path/new.db (a new file).
-        #[arg(long)]
-        into: String,
-        /// Only these tables (schema.name or name, glob patterns); repeatable.
-        #[arg(long = "table", value_name = "PATTERN")]
-        tables: Vec<String>,
-        /// Also write the media files as of that point, under DIR/<set>/.
-        #[arg(long, value_name = "DIR")]
-        media_into: Option<PathBuf>,
-        /// Replace the selected tables where they exist (in one transaction;
-        /// every other table is untouched).
-        #[arg(long)]
-        replace: bool,
-        /// Say what would be restored, from which bundles; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// A directory of bundles to restore from instead of this receiver's
-        /// inbox (the sender's delivered bundles, a copy of the history); no
-        /// configuration or running receiver needed.
-        #[arg(long, value_name = "DIR")]
-        from: Option<PathBuf>,
-        /// The sender whose bundles to restore, when the directory holds several.
-        #[arg(long)]
-        sender: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    Restore(RestoreArgs),
     /// Print a commented example configuration.
     ExampleConfig,
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// `latest`, a bundle's seq, or a time (2026-12-03T17:00:00Z; a day
+    /// alone means its end), UTC.
+    #[arg(long, default_value = "latest")]
+    at: String,
+    /// postgres://user@host/db, or sqlite:///path/new.db (a new file).
+    #[arg(long)]
+    into: String,
+    /// Only these tables (schema.name or name, glob patterns); repeatable.
+    #[arg(long = "table", value_name = "PATTERN")]
+    tables: Vec<String>,
+    /// Also write the media files as of that point, under DIR/<set>/.
+    #[arg(long, value_name = "DIR")]
+    media_into: Option<PathBuf>,
+    /// Replace the selected tables where they exist (in one transaction;
+    /// every other table is untouched).
+    #[arg(long)]
+    replace: bool,
+    /// Say what would be restored, from which bundles; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// A directory of bundles to restore from instead of this receiver's
+    /// inbox (the sender's delivered bundles, a copy of the history); no
+    /// configuration or running receiver needed.
+    #[arg(long, value_name = "DIR")]
+    from: Option<PathBuf>,
+    /// The sender whose bundles to restore, when the directory holds several.
+    #[arg(long)]
+    sender: Option<String>,
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -114,7 +117,7 @@ fn main() -> ExitCode {
         Ok(c) => Some(c),
         // A restore from a directory of bundles needs no receiver.
         Err(_)
-            if matches!(&cli.command, Command::Restore { from: Some(_), .. })
+            if matches!(&cli.command, Command::Restore(a) if a.from.is_some())
                 && !cli.config.exists() =>
         {
             None
@@ -130,53 +133,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt.block_on(async move {
             match (cli.command, config) {
-                (
-                    Command::Restore {
-                        at,
-                        into,
-                        tables,
-                        media_into,
-                        replace,
-                        dry_run,
-                        from,
-                        sender,
-                        json,
-                    },
-                    config,
-                ) => {
-                    let at = match at.parse() {
-                        Ok(a) => a,
-                        Err(e) => {
-                            eprintln!("ferry-receiver: {e}");
-                            return ExitCode::from(2);
-                        }
-                    };
-                    let req = ferry_receiver::restore::Request {
-                        at,
-                        into,
-                        tables,
-                        media_into,
-                        replace,
-                        dry_run,
-                        from: from
-                            .clone()
-                            .or_else(|| config.as_ref().map(|c| c.inbox.clone()))
-                            .unwrap_or_default(),
-                        sender,
-                        live_target: config.as_ref().map(|c| c.target.url.clone()),
-                        // Not the receiver's staging directory, which each
-                        // load pass empties. A complete's data streams; only
-                        // its DDL, the partials and media are staged here.
-                        staging: std::env::temp_dir()
-                            .join(format!("ferry-restore-{}", std::process::id())),
-                        jobs: config.as_ref().map_or(2, |c| c.target.jobs),
-                        limits: ferry_common::reader::Limits {
-                            trust: config.as_ref().and_then(ferry_receiver::trust::from_config),
-                            ..Default::default()
-                        },
-                    };
-                    restore(&req, json).await
-                }
+                (Command::Restore(args), config) => restore(args, config.as_ref()).await,
                 (command, Some(config)) => execute(command, config).await,
                 (_, None) => ExitCode::from(2),
             }
@@ -371,15 +328,45 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                 }
             }
         }
-        Command::ExampleConfig | Command::Restore { .. } => ExitCode::SUCCESS,
+        Command::ExampleConfig | Command::Restore(_) => ExitCode::SUCCESS,
     }
 }
 
-async fn restore(req: &ferry_receiver::restore::Request, json: bool) -> ExitCode {
-    let result = ferry_receiver::restore::restore(req).await;
+async fn restore(args: RestoreArgs, config: Option<&Config>) -> ExitCode {
+    let at = match args.at.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("ferry-receiver: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let req = ferry_receiver::restore::Request {
+        at,
+        into: args.into,
+        tables: args.tables,
+        media_into: args.media_into,
+        replace: args.replace,
+        dry_run: args.dry_run,
+        from: args
+            .from
+            .or_else(|| config.map(|c| c.inbox.clone()))
+            .unwrap_or_default(),
+        sender: args.sender,
+        live_target: config.map(|c| c.target.url.clone()),
+        // Not the receiver's staging directory, which each load pass
+        // empties. A complete's data streams; only its DDL, the partials and
+        // media are staged here.
+        staging: std::env::temp_dir().join(format!("ferry-restore-{}", std::process::id())),
+        jobs: config.map_or(2, |c| c.target.jobs),
+        limits: ferry_common::reader::Limits {
+            trust: config.and_then(ferry_receiver::trust::from_config),
+            ..Default::default()
+        },
+    };
+    let result = ferry_receiver::restore::restore(&req).await;
     let _ = std::fs::remove_dir_all(&req.staging);
     match result {
-        Ok(o) if json => {
+        Ok(o) if args.json => {
             println!("{}", serde_json::to_string_pretty(&o).unwrap_or_default());
             ExitCode::SUCCESS
         }

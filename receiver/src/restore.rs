@@ -164,23 +164,7 @@ pub fn plan(dir: &Path, at: &At, sender: Option<&str>) -> Result<Plan, RestoreEr
     let mut refusals = Vec::new();
     for (chain, list) in chains.iter().rev() {
         let point = match at {
-            At::Latest => list
-                .iter()
-                .rposition(|e| e.kind == Kind::Complete)
-                .map(|_| {
-                    // The newest bundle reachable from a complete without a gap.
-                    let mut last = None;
-                    for (i, e) in list.iter().enumerate() {
-                        if e.kind == Kind::Complete {
-                            last = Some(i);
-                        } else if let Some(l) = last
-                            && list[l].seq + 1 == e.seq
-                        {
-                            last = Some(i);
-                        }
-                    }
-                    last.unwrap_or_default()
-                }),
+            At::Latest => newest_reachable(list),
             At::Seq(n) => list.iter().position(|e| e.seq == *n),
             At::Time(t) => newest_before(list, t)?,
         };
@@ -215,6 +199,18 @@ pub fn plan(dir: &Path, at: &At, sender: Option<&str>) -> Result<Plan, RestoreEr
             At::Time(t) => format!("or before {}", t.to_rfc3339()),
         }
     )))
+}
+
+/// The newest bundle of a chain (sorted by seq) reachable from one of its
+/// completes without a gap.
+fn newest_reachable(list: &[Entry]) -> Option<usize> {
+    let mut last: Option<usize> = None;
+    for (i, e) in list.iter().enumerate() {
+        if e.kind == Kind::Complete || last.is_some_and(|l| list[l].seq + 1 == e.seq) {
+            last = Some(i);
+        }
+    }
+    last
 }
 
 fn senders_hint(by_sender: &BTreeMap<String, Vec<Entry>>) -> String {
@@ -315,16 +311,16 @@ pub fn select_tables(base: &Manifest, patterns: &[String]) -> Result<Vec<TableNa
 
 /// Where the restored tables go.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Into {
+pub enum Destination {
     Postgres(String),
     /// A new SQLite file.
     Sqlite(PathBuf),
 }
 
-impl Into {
+impl Destination {
     pub fn parse(url: &str) -> Result<Self, RestoreError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Ok(Into::Postgres(url.to_owned()));
+            return Ok(Destination::Postgres(url.to_owned()));
         }
         if let Some(rest) = url.strip_prefix("sqlite://") {
             let path = rest.split('?').next().unwrap_or_default();
@@ -333,7 +329,7 @@ impl Into {
                     "--into sqlite:// needs a file path, e.g. sqlite:///home/dev/app.db".into(),
                 ));
             }
-            return Ok(Into::Sqlite(PathBuf::from(path)));
+            return Ok(Destination::Sqlite(PathBuf::from(path)));
         }
         Err(RestoreError::Usage(format!(
             "--into {:?}: give a PostgreSQL URL (postgres://user@host/db) or a new SQLite file (sqlite:///path/app.db)",
@@ -419,11 +415,11 @@ impl Outcome {
 
 /// Plans, checks and (unless a dry run) performs a restore.
 pub async fn restore(req: &Request) -> Result<Outcome, RestoreError> {
-    let into = Into::parse(&req.into)?;
-    if let (Into::Postgres(url), Some(live)) = (&into, &req.live_target)
+    let into = Destination::parse(&req.into)?;
+    if let (Destination::Postgres(url), Some(live)) = (&into, &req.live_target)
         && same_database(url, live)
     {
-        return Err(live_target_refusal(url));
+        return Err(RestoreError::Refused(live_target_message(url)));
     }
     let plan = plan(&req.from, &req.at, req.sender.as_deref())?;
     let tables = select_tables(&plan.base, &req.tables)?;
@@ -441,19 +437,21 @@ pub async fn restore(req: &Request) -> Result<Outcome, RestoreError> {
         media_files: 0,
         dry_run: req.dry_run,
         into: match &into {
-            Into::Postgres(u) => crate::config::redact_url(u),
-            Into::Sqlite(p) => format!("sqlite://{}", p.display()),
+            Destination::Postgres(u) => crate::config::redact_url(u),
+            Destination::Sqlite(p) => format!("sqlite://{}", p.display()),
         },
         dropped_foreign_keys: Vec::new(),
     };
-    let stream = Bundles {
+    let mut bundles = Bundles {
         plan: &plan,
         next: 0,
         staging: req.staging.clone(),
         limits: req.limits.clone(),
+        media_into: req.media_into.clone(),
+        media_files: 0,
     };
     match into {
-        Into::Postgres(url) => {
+        Destination::Postgres(url) => {
             let dropped = crate::load::restore::postgres(
                 &url,
                 &plan.base,
@@ -461,38 +459,29 @@ pub async fn restore(req: &Request) -> Result<Outcome, RestoreError> {
                 req.replace,
                 req.dry_run,
                 req.jobs,
-                stream,
+                &mut bundles,
             )
             .await?;
             outcome.dropped_foreign_keys = dropped;
         }
-        Into::Sqlite(path) => {
-            crate::load::restore::sqlite(&path, &plan.base, &tables, req.dry_run, stream).await?;
+        Destination::Sqlite(path) => {
+            crate::load::restore::sqlite(&path, &plan.base, &tables, req.dry_run, &mut bundles)
+                .await?;
         }
     }
-    if let Some(dir) = &req.media_into
-        && !req.dry_run
-    {
-        outcome.media_files = restore_media(&plan, dir, req).await?;
-    }
+    outcome.media_files = bundles.media_files;
     Ok(outcome)
 }
 
-fn live_target_refusal(url: &str) -> RestoreError {
-    RestoreError::Refused(format!(
+/// Why the receiver's live target is no restore destination.
+pub(crate) fn live_target_message(url: &str) -> String {
+    format!(
         "{} is a ferry-receiver's live target (it holds the ledger ferry_receiver.applied): its \
          chain owns those tables, and the next bundle would apply on top of the restored rows. \
          Restore into another database (createdb, then --into that URL) and copy the rows you \
          need from there",
         crate::config::redact_url(url)
-    ))
-}
-
-pub(crate) fn refuse_live_target(url: &str) -> LoadError {
-    match live_target_refusal(url) {
-        RestoreError::Refused(s) => LoadError::Refused(s),
-        _ => LoadError::Refused(String::new()),
-    }
+    )
 }
 
 /// Whether two PostgreSQL URLs name the same database (host, port, database).
@@ -527,24 +516,6 @@ fn rows_of(plan: &Plan, tables: &[TableName]) -> Result<u64, RestoreError> {
     Ok(rows)
 }
 
-/// Every media file of the bundles, in order (a later version of a file
-/// replaces an earlier one), under `<dir>/<set>/`.
-async fn restore_media(plan: &Plan, dir: &Path, req: &Request) -> Result<u64, RestoreError> {
-    let mut n = 0;
-    for e in &plan.bundles {
-        let v = stage(e, &req.staging, &req.limits).await?;
-        let sets: BTreeMap<String, PathBuf> = v
-            .manifest
-            .members
-            .iter()
-            .filter_map(|m| m.media_set.clone())
-            .map(|s| (s.clone(), dir.join(&s)))
-            .collect();
-        n += crate::media::install(&v, &sets).await?;
-    }
-    Ok(n)
-}
-
 async fn stage(e: &Entry, staging: &Path, limits: &Limits) -> Result<Verified, RestoreError> {
     let (path, dir, limits) = (e.path.clone(), staging.join(&e.file), limits.clone());
     let file = e.file.clone();
@@ -565,6 +536,10 @@ pub struct Bundles<'p> {
     next: usize,
     staging: PathBuf,
     limits: Limits,
+    /// `--media-into`: each bundle's media files go there as it is read, so
+    /// every file ends at its version as of the point.
+    media_into: Option<PathBuf>,
+    media_files: u64,
 }
 
 /// A complete streaming to a loader while it is verified (see
@@ -618,6 +593,24 @@ impl Bundles<'_> {
         })
     }
 
+    /// Writes media files of a verified bundle under `--media-into DIR/<set>/`
+    /// (nothing without the option).
+    pub async fn install_media(
+        &mut self,
+        items: Vec<(ferry_common::manifest::Member, PathBuf)>,
+    ) -> Result<(), RestoreError> {
+        let Some(dir) = &self.media_into else {
+            return Ok(());
+        };
+        let sets: BTreeMap<String, PathBuf> = items
+            .iter()
+            .filter_map(|(m, _)| m.media_set.clone())
+            .map(|s| (s.clone(), dir.join(&s)))
+            .collect();
+        self.media_files += crate::media::install_owned(items, sets).await?;
+        Ok(())
+    }
+
     /// The next bundle, verified (the previous one's staged files are gone
     /// once it is dropped).
     pub async fn next(&mut self) -> Result<Option<Verified>, RestoreError> {
@@ -639,6 +632,13 @@ impl Bundles<'_> {
                 e.file, m.seq, m.base_seq, self.plan.base.seq
             )));
         }
+        let media = m
+            .members
+            .iter()
+            .filter(|x| x.role == ferry_common::manifest::Role::Media)
+            .map(|x| (x.clone(), v.file(x).to_owned()))
+            .collect();
+        self.install_media(media).await?;
         Ok(Some(v))
     }
 }

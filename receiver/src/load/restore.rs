@@ -17,7 +17,7 @@
 use super::postgres::{self, q, run_script, session};
 use super::sqlite;
 use super::{LoadError, col};
-use crate::restore::{Bundles, RestoreError, refuse_live_target};
+use crate::restore::{Bundles, RestoreError, live_target_message};
 use ferry_common::TableName;
 use ferry_common::ident::{quote_ident, quote_literal};
 use ferry_common::manifest::{Kind, Manifest};
@@ -28,37 +28,6 @@ fn db(doing: &str) -> impl FnOnce(sqlx::Error) -> LoadError + '_ {
     LoadError::db_lazy(doing)
 }
 
-/// The objects of schema `$1` that `ALTER … SET SCHEMA` moves one by one
-/// (indexes, owned sequences and row types follow their table), each with
-/// whether schema `$2` already has one of that name (and arguments).
-const MOVABLE: &str = "
-SELECT kind, name, taken FROM (
-  SELECT CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
-           WHEN 'S' THEN 'SEQUENCE' WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END AS kind,
-         quote_ident(c.relname) AS name,
-         EXISTS (SELECT 1 FROM pg_class x JOIN pg_namespace xn ON xn.oid = x.relnamespace
-                 WHERE xn.nspname = $2 AND x.relname = c.relname) AS taken
-  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-  WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
-    AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-                    AND d.objid = c.oid AND d.deptype IN ('a', 'i'))
-  UNION ALL
-  SELECT CASE t.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END, quote_ident(t.typname),
-         EXISTS (SELECT 1 FROM pg_type x JOIN pg_namespace xn ON xn.oid = x.typnamespace
-                 WHERE xn.nspname = $2 AND x.typname = t.typname)
-  FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
-  WHERE n.nspname = $1 AND (t.typtype IN ('e', 'd', 'r')
-    OR (t.typtype = 'c' AND (SELECT relkind FROM pg_class WHERE oid = t.typrelid) = 'c'))
-  UNION ALL
-  SELECT CASE p.prokind WHEN 'a' THEN 'AGGREGATE' ELSE 'ROUTINE' END,
-         quote_ident(p.proname) || '(' || pg_get_function_identity_arguments(p.oid) || ')',
-         EXISTS (SELECT 1 FROM pg_proc x JOIN pg_namespace xn ON xn.oid = x.pronamespace
-                 WHERE xn.nspname = $2 AND x.proname = p.proname
-                   AND x.proargtypes = p.proargtypes)
-  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-  WHERE n.nspname = $1
-) o ORDER BY kind <> 'TABLE', kind, name";
-
 /// Restores into PostgreSQL; returns what was left out (foreign keys to tables
 /// not restored, objects the database already had its own of).
 pub async fn postgres(
@@ -68,7 +37,7 @@ pub async fn postgres(
     replace: bool,
     dry_run: bool,
     jobs: usize,
-    mut bundles: Bundles<'_>,
+    bundles: &mut Bundles<'_>,
 ) -> Result<Vec<String>, RestoreError> {
     if base.source.engine != "postgresql" {
         return Err(RestoreError::Refused(format!(
@@ -82,7 +51,7 @@ pub async fn postgres(
         .await
         .map_err(db("looking for a ferry-receiver ledger"))?;
     if live {
-        return Err(refuse_live_target(url).into());
+        return Err(RestoreError::Refused(live_target_message(url)));
     }
     let mut existing = Vec::new();
     for t in tables {
@@ -113,7 +82,7 @@ pub async fn postgres(
     let staged =
         super::staged::stage_only(&mut conn, url, &stream.manifest, &mut stream.rx, jobs).await;
     let verified = stream.verified().await;
-    let staged = match (staged, verified) {
+    let mut staged = match (staged, verified) {
         (Ok(s), Ok(_)) => s,
         (_, Err(e)) => {
             super::staged::drop_staging(&mut conn).await;
@@ -124,6 +93,13 @@ pub async fn postgres(
             return Err(e.into());
         }
     };
+    if let Err(e) = bundles
+        .install_media(std::mem::take(&mut staged.media))
+        .await
+    {
+        super::staged::drop_staging(&mut conn).await;
+        return Err(e);
+    }
     let result = swap_in(&mut conn, url, base, tables, &existing, staged, bundles).await;
     if result.is_err() {
         super::staged::drop_staging(&mut conn).await;
@@ -142,7 +118,7 @@ async fn swap_in(
     tables: &[TableName],
     existing: &[String],
     staged: super::staged::StagedOnly,
-    mut bundles: Bundles<'_>,
+    bundles: &mut Bundles<'_>,
 ) -> Result<Vec<String>, RestoreError> {
     let mut tx = conn.begin().await.map_err(db("beginning the restore"))?;
     // 2. Each real schema aside, the staged one under its name.
@@ -268,7 +244,7 @@ async fn swap_in(
         .await
         .map_err(db("setting search_path"))?;
     for (real, r) in &restored {
-        let objects = sqlx::query(MOVABLE)
+        let objects = sqlx::query(super::staged::MOVABLE)
             .bind(r)
             .bind(real)
             .fetch_all(&mut *tx)
@@ -362,7 +338,7 @@ pub async fn sqlite(
     base: &Manifest,
     tables: &[TableName],
     dry_run: bool,
-    mut bundles: Bundles<'_>,
+    bundles: &mut Bundles<'_>,
 ) -> Result<(), RestoreError> {
     if path.exists() {
         return Err(RestoreError::Refused(format!(
@@ -391,7 +367,7 @@ pub async fn sqlite(
         return Ok(());
     }
     let temp = ferry_common::durable::temp_name(path);
-    let result = sqlite_into(&temp, base, tables, &mut bundles).await;
+    let result = sqlite_into(&temp, base, tables, bundles).await;
     match result {
         Ok(()) => std::fs::rename(&temp, path).map_err(|e| {
             RestoreError::Io(format!(

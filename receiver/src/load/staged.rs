@@ -114,6 +114,8 @@ async fn pre_data(
 pub(super) struct StagedOnly {
     /// Each real schema and the staging schema holding its new tables.
     pub schemas: Vec<(String, String)>,
+    /// The complete's media files, staged.
+    pub media: Vec<(Member, PathBuf)>,
     /// The post-data left to run once the tables are in their real schemas.
     pub post: String,
     pub sequences: String,
@@ -137,6 +139,7 @@ pub(super) async fn stage_only(
     };
     Ok(StagedOnly {
         schemas: staging.schemas.clone(),
+        media: copied.media,
         post,
         sequences: staged_text(&copied.later, Role::Sequences)?,
     })
@@ -663,30 +666,36 @@ fn clean_statements(pre: &str) -> String {
     out
 }
 
-/// The objects of a staging schema that `ALTER … SET SCHEMA` must move one by
-/// one: relations (indexes, owned sequences and row types follow their table),
-/// free sequences, standalone types and routines.
-pub(super) const OBJECTS: &str = "
-SELECT kind, obj FROM (
+/// The objects of schema `$1` that `ALTER … SET SCHEMA` moves one by one
+/// (indexes, owned sequences and row types follow their table), each with
+/// whether schema `$2` already has one of that name (and arguments).
+pub(super) const MOVABLE: &str = "
+SELECT kind, name, taken FROM (
   SELECT CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
            WHEN 'S' THEN 'SEQUENCE' WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END AS kind,
-         format('%I.%I', n.nspname, c.relname) AS obj
+         quote_ident(c.relname) AS name,
+         EXISTS (SELECT 1 FROM pg_class x JOIN pg_namespace xn ON xn.oid = x.relnamespace
+                 WHERE xn.nspname = $2 AND x.relname = c.relname) AS taken
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
   WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
     AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
                     AND d.objid = c.oid AND d.deptype IN ('a', 'i'))
   UNION ALL
-  SELECT CASE t.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END,
-         format('%I.%I', n.nspname, t.typname)
+  SELECT CASE t.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END, quote_ident(t.typname),
+         EXISTS (SELECT 1 FROM pg_type x JOIN pg_namespace xn ON xn.oid = x.typnamespace
+                 WHERE xn.nspname = $2 AND x.typname = t.typname)
   FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
   WHERE n.nspname = $1 AND (t.typtype IN ('e', 'd', 'r')
     OR (t.typtype = 'c' AND (SELECT relkind FROM pg_class WHERE oid = t.typrelid) = 'c'))
   UNION ALL
   SELECT CASE p.prokind WHEN 'a' THEN 'AGGREGATE' ELSE 'ROUTINE' END,
-         p.oid::regprocedure::text
+         quote_ident(p.proname) || '(' || pg_get_function_identity_arguments(p.oid) || ')',
+         EXISTS (SELECT 1 FROM pg_proc x JOIN pg_namespace xn ON xn.oid = x.pronamespace
+                 WHERE xn.nspname = $2 AND x.proname = p.proname
+                   AND x.proargtypes = p.proargtypes)
   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
   WHERE n.nspname = $1
-) o";
+) o ORDER BY kind <> 'TABLE', kind, name";
 
 /// The previous copy out of the way, inside the load transaction: its tables
 /// (with their indexes and owned sequences) moved into `ferry_old_N`, for
@@ -746,8 +755,9 @@ async fn swap(
         .map_err(LoadError::db("setting search_path"))?;
     move_aside(tx, m, staging, pre).await?;
     for (real, stage) in &staging.schemas {
-        let objects = sqlx::query(OBJECTS)
+        let objects = sqlx::query(MOVABLE)
             .bind(stage)
+            .bind(real)
             .fetch_all(&mut *tx)
             .await
             .map_err(LoadError::db(format!(
@@ -755,9 +765,10 @@ async fn swap(
             )))?;
         let mut moves = format!("CREATE SCHEMA IF NOT EXISTS {};\n", quote_ident(real));
         for o in objects {
-            let (kind, obj): (String, String) = (super::col(&o, "kind")?, super::col(&o, "obj")?);
+            let (kind, name): (String, String) = (super::col(&o, "kind")?, super::col(&o, "name")?);
             moves.push_str(&format!(
-                "ALTER {kind} {obj} SET SCHEMA {};\n",
+                "ALTER {kind} {}.{name} SET SCHEMA {};\n",
+                quote_ident(stage),
                 quote_ident(real)
             ));
         }

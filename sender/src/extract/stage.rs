@@ -179,6 +179,16 @@ pub struct StageWriter {
 }
 
 impl StageWriter {
+    /// The member's table as the [`Dedup`] fingerprints name it (empty for a
+    /// member of no table).
+    fn table_key(&self) -> String {
+        self.member
+            .table
+            .as_ref()
+            .map(|t| t.to_string())
+            .unwrap_or_default()
+    }
+
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), ExtractError> {
         self.writer
             .write_all(bytes)
@@ -261,12 +271,7 @@ impl BlockingSink {
     /// skipping lines the [`Dedup`] says the previous bundle already carried.
     pub fn spawn_changes(mut writer: StageWriter, dedup: Option<std::sync::Arc<Dedup>>) -> Self {
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
-        let table = writer
-            .member
-            .table
-            .as_ref()
-            .map(|t| t.to_string())
-            .unwrap_or_default();
+        let table = writer.table_key();
         let handle = tokio::task::spawn_blocking(move || {
             let mut recording = true;
             let mut batch = Vec::new();
@@ -304,12 +309,7 @@ impl BlockingSink {
         use sha2::Digest;
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
         writer.member.whole = true;
-        let table = writer
-            .member
-            .table
-            .as_ref()
-            .map(|t| t.to_string())
-            .unwrap_or_default();
+        let table = writer.table_key();
         let handle = tokio::task::spawn_blocking(move || {
             let mut digest = sha2::Sha256::new();
             while let Some(buf) = rx.blocking_recv() {
