@@ -35,12 +35,10 @@ pub struct Entry {
 
 impl Entry {
     /// Every file of the bundle that is present: volumes first, then the final file.
-    pub fn files(&self) -> Vec<PathBuf> {
-        let mut out = self.volumes.clone();
-        if self.arriving.is_none() {
-            out.push(self.path.clone());
-        }
-        out
+    pub fn files(&self) -> impl Iterator<Item = &PathBuf> {
+        self.volumes
+            .iter()
+            .chain(Some(&self.path).filter(|_| self.arriving.is_none()))
     }
 
     /// The file whose manifest carries the bundle's header: the first volume of
@@ -58,7 +56,7 @@ impl Entry {
         let mut first = Ok(());
         for f in self.files() {
             // Already gone (another pass, or a second receiver, removed it): done.
-            if let Err(e) = std::fs::remove_file(&f)
+            if let Err(e) = std::fs::remove_file(f)
                 && e.kind() != std::io::ErrorKind::NotFound
                 && first.is_ok()
             {
@@ -84,13 +82,31 @@ pub fn scan(dir: &Path) -> std::io::Result<Vec<Entry>> {
             continue;
         }
         if let Some(b) = parse_bundle_file_name(&file) {
-            let entry = found
-                .entry((b.sender.clone(), b.chain.clone(), b.seq.0))
-                .or_insert_with(|| empty(dir, &b));
-            entry.arriving = None;
-            entry.kind = b.kind;
-            entry.path = e.path();
-            entry.file = file;
+            let path = e.path();
+            match found.entry((b.sender.clone(), b.chain.clone(), b.seq.0)) {
+                // Most entries: the name parsed is all there is to know.
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(Entry {
+                        path,
+                        file,
+                        sender: b.sender,
+                        chain: b.chain,
+                        seq: b.seq.0,
+                        kind: b.kind,
+                        volumes: Vec::new(),
+                        arriving: None,
+                        stale: Vec::new(),
+                    });
+                }
+                // Its volumes came first.
+                std::collections::btree_map::Entry::Occupied(o) => {
+                    let entry = o.into_mut();
+                    entry.arriving = None;
+                    entry.kind = b.kind;
+                    entry.path = path;
+                    entry.file = file;
+                }
+            }
         } else if let Some((b, _)) = parse_volume_file_name(&file)
             && b.kind == Kind::Complete
         {

@@ -35,7 +35,6 @@ pub fn select<'a>(
     let age = |e: &Entry| -> Duration {
         // A volume set: its newest file.
         e.files()
-            .iter()
             .filter_map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
             .max()
             .and_then(|t| now.duration_since(t).ok())

@@ -39,7 +39,7 @@ pub fn quarantine(dir: &Path, entry: &Entry, error: &str) -> std::io::Result<Pat
     ferry_common::durable::write_atomic(&report_path(&dest), report.as_bytes())?;
     // A volume set moves whole: its volumes, then its final file if it came.
     for f in entry.files() {
-        std::fs::rename(&f, dir.join(f.file_name().unwrap_or_default()))?;
+        std::fs::rename(f, dir.join(f.file_name().unwrap_or_default()))?;
     }
     ferry_common::durable::sync_dir(dir)?;
     Ok(dest)
@@ -71,7 +71,7 @@ pub fn forget(dir: &Path, sender: &str, seq: u64) {
         .filter(|e| e.sender == sender && e.seq == seq)
     {
         for f in e.files() {
-            let _ = std::fs::remove_file(&f);
+            let _ = std::fs::remove_file(f);
         }
         let _ = std::fs::remove_file(report_path(&e.path));
         tracing::info!(bundle = %e.file, seq, "a copy sent again was applied; the quarantined copy is removed");
@@ -99,7 +99,7 @@ pub fn retry(dir: &Path, inbox: &Path, file: &str) -> Result<PathBuf, String> {
     // a set from its volumes).
     for f in entry.files() {
         let file = f.file_name().unwrap_or_default();
-        std::fs::rename(&f, inbox.join(file))
+        std::fs::rename(f, inbox.join(file))
             .map_err(|e| format!("moving {} back to the inbox: {e}", file.to_string_lossy()))?;
     }
     let _ = std::fs::remove_file(report_path(&src));

@@ -557,10 +557,27 @@ pub async fn prune(
             ledgers.insert(e.sender.clone(), target.ledger(&e.sender).await?);
         }
     }
+    // What each bundle builds on: the ledger knows it for every applied one;
+    // only the others' manifests are read.
+    let ledger_rows = target.applied_all().await?;
+    let applied: std::collections::HashMap<(&str, &str, u64), u64> = ledger_rows
+        .iter()
+        .map(|a| {
+            (
+                (a.sender_id.as_str(), a.chain.as_str(), a.seq as u64),
+                a.base_seq as u64,
+            )
+        })
+        .collect();
     let base_of = |e: &Entry| {
-        read_manifest(e.header_file(), &Limits::default())
-            .ok()
-            .map(|m| m.base_seq.0)
+        applied
+            .get(&(e.sender.as_str(), e.chain.as_str(), e.seq))
+            .copied()
+            .or_else(|| {
+                read_manifest(e.header_file(), &Limits::default())
+                    .ok()
+                    .map(|m| m.base_seq.0)
+            })
     };
     let chosen = crate::prune::select(
         &entries,

@@ -8,6 +8,7 @@ use crate::load::{LoadError, Target};
 use ferry_common::reader::{Limits, read_manifest};
 use serde::Serialize;
 use std::collections::HashMap;
+use std::fmt::Write;
 
 /// One applied bundle of the history.
 #[derive(Debug, Clone, Serialize)]
@@ -44,35 +45,38 @@ pub struct Versions {
 /// history keeps of it.
 pub async fn list(config: &Config, target: &mut Target) -> Result<Versions, LoadError> {
     let entries = inbox::scan(&config.inbox)?;
-    let present: HashMap<(String, String, u64), &inbox::Entry> = entries
+    let present: HashMap<(&str, &str, u64), &inbox::Entry> = entries
         .iter()
         .filter(|e| e.arriving.is_none())
-        .map(|e| ((e.sender.clone(), e.chain.clone(), e.seq), e))
+        .map(|e| ((e.sender.as_str(), e.chain.as_str(), e.seq), e))
         .collect();
-    let mut points = Vec::new();
-    // (sender, chain) -> whether every bundle since the current base is kept.
-    let mut intact: HashMap<(String, String), bool> = HashMap::new();
-    for a in target.applied_all().await? {
-        let key = (a.sender_id.clone(), a.chain.clone(), a.seq as u64);
-        let entry = present.get(&key);
+    let mut points: Vec<Version> = Vec::new();
+    for mut a in target.applied_all().await? {
+        let entry = present.get(&(a.sender_id.as_str(), a.chain.as_str(), a.seq as u64));
         let kept = entry.is_some();
-        let chain_key = (a.sender_id.clone(), a.chain.clone());
+        // A partial is restorable when it is kept and so is every bundle of
+        // its chain back to its complete: the ledger lists a chain's bundles
+        // together, in order, so that is the previous point's verdict.
         let ok = if a.kind == "complete" {
             kept
         } else {
-            kept && intact.get(&chain_key).copied().unwrap_or(false)
+            kept && points
+                .last()
+                .is_some_and(|p| p.restorable && p.sender_id == a.sender_id && p.chain == a.chain)
         };
-        intact.insert(chain_key, ok);
         let (bytes, tables) = match entry {
             Some(e) => (
                 e.files()
-                    .iter()
                     .filter_map(|f| std::fs::metadata(f).ok())
                     .map(|m| m.len())
                     .sum(),
-                read_manifest(e.header_file(), &Limits::default())
-                    .map(|m| m.tables.iter().map(|t| t.name.to_string()).collect())
-                    .unwrap_or_default(),
+                // Ledger rows from before the history recorded tables: the
+                // bundle's manifest says.
+                a.tables.take().unwrap_or_else(|| {
+                    read_manifest(e.header_file(), &Limits::default())
+                        .map(|m| m.tables.iter().map(|t| t.name.to_string()).collect())
+                        .unwrap_or_default()
+                }),
             ),
             None => (0, Vec::new()),
         };
@@ -93,8 +97,12 @@ pub async fn list(config: &Config, target: &mut Target) -> Result<Versions, Load
         });
     }
     let restorable = || points.iter().filter(|v| v.restorable);
-    let oldest = restorable().min_by_key(|v| v.source_time.clone()).cloned();
-    let newest = restorable().max_by_key(|v| v.source_time.clone()).cloned();
+    let oldest = restorable()
+        .min_by(|a, b| a.source_time.cmp(&b.source_time))
+        .cloned();
+    let newest = restorable()
+        .max_by(|a, b| a.source_time.cmp(&b.source_time))
+        .cloned();
     Ok(Versions {
         oldest_restorable: oldest,
         newest_restorable: newest,
@@ -107,8 +115,9 @@ pub fn render(v: &Versions) -> String {
     let mut out =
         String::from("sender\tchain\tseq\tkind\tsource time\trows\tbytes\ttables\trestorable\n");
     for p in &v.points {
-        out.push_str(&format!(
-            "{}\t{}\t#{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+        let _ = writeln!(
+            out,
+            "{}\t{}\t#{}\t{}\t{}\t{}\t{}\t{}\t{}",
             p.sender_id,
             if p.chain.is_empty() { "-" } else { &p.chain },
             p.seq,
@@ -128,7 +137,7 @@ pub fn render(v: &Versions) -> String {
             } else {
                 "no (pruned)"
             }
-        ));
+        );
     }
     let point = |p: &Option<Version>| {
         p.as_ref().map_or("none".to_owned(), |p| {

@@ -435,6 +435,30 @@ async fn versions_lists_the_restore_points_the_history_keeps() {
         plain.contains("newest restorable point: app #3 (partial"),
         "{plain}"
     );
+    // The ledger records each bundle's tables; a row from before it did has
+    // them read from the bundle.
+    let mut viz = sqlite(&l.p("viz.sqlite3")).await;
+    let recorded: Option<String> =
+        sqlx::query_scalar("SELECT tables FROM ferry_applied WHERE seq = 1")
+            .fetch_one(&mut viz)
+            .await
+            .unwrap();
+    assert_eq!(
+        recorded.map(|t| serde_json::from_str::<serde_json::Value>(&t).unwrap()),
+        Some(points[0]["tables"].clone())
+    );
+    sqlx::raw_sql("UPDATE ferry_applied SET tables = NULL")
+        .execute(&mut viz)
+        .await
+        .unwrap();
+    drop(viz);
+    let out = run(
+        "ferry-receiver",
+        &l.p("receiver.toml"),
+        &["versions", "--json"],
+    );
+    let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(again["points"][0]["tables"], points[0]["tables"], "{again}");
 
     // The complete leaves the inbox: nothing built on it can be rebuilt.
     let complete = points[0]["file"].as_str().unwrap();

@@ -87,7 +87,7 @@ pub struct Applied {
 }
 
 /// One row of the ledger, whole (for the version history).
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LedgerRow {
     pub sender_id: String,
     pub chain: String,
@@ -98,18 +98,18 @@ pub struct LedgerRow {
     pub applied_at: String,
     pub file: String,
     pub rows: i64,
+    /// The bundle's tables (recorded since the version history; `None` in
+    /// rows written before).
+    #[serde(default)]
+    pub tables: Option<Vec<String>>,
 }
 
 impl LedgerRow {
-    /// From a row with the ledger's columns (`created_at` as `c`, `applied_at`
-    /// as `a`, both text), whichever the engine.
-    pub(crate) fn from_row<'r, R>(r: &'r R) -> Result<Self, LoadError>
-    where
-        R: sqlx::Row,
-        String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-        i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-        &'r str: sqlx::ColumnIndex<R>,
-    {
+    /// From a PostgreSQL row with the ledger's columns (`created_at` as `c`,
+    /// `applied_at` as `a`, both text). SQLite's ledger arrives as one JSON
+    /// document instead (see `SqliteTarget::applied_all`).
+    pub(crate) fn from_row(r: &sqlx::postgres::PgRow) -> Result<Self, LoadError> {
+        let tables: Option<String> = col(r, "tables")?;
         Ok(Self {
             sender_id: col(r, "sender_id")?,
             chain: col(r, "chain")?,
@@ -120,8 +120,15 @@ impl LedgerRow {
             applied_at: col(r, "a")?,
             file: col(r, "file")?,
             rows: col(r, "rows")?,
+            tables: tables.and_then(|t| serde_json::from_str(&t).ok()),
         })
     }
+}
+
+/// A bundle's tables as the ledger records them (a JSON array of names).
+pub(crate) fn ledger_tables(m: &Manifest) -> String {
+    let names: Vec<String> = m.tables.iter().map(|t| t.name.to_string()).collect();
+    serde_json::to_string(&names).unwrap_or_default()
 }
 
 pub enum Target {

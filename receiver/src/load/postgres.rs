@@ -78,6 +78,12 @@ DO $$ BEGIN
     ALTER TABLE ferry_receiver.applied DROP CONSTRAINT applied_pkey;
     ALTER TABLE ferry_receiver.applied ADD PRIMARY KEY (sender_id, chain, seq);
   END IF;
+  -- Added later: the bundle's tables (a JSON array), for the version history.
+  IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                 WHERE table_schema = 'ferry_receiver' AND table_name = 'applied'
+                   AND column_name = 'tables') THEN
+    ALTER TABLE ferry_receiver.applied ADD COLUMN tables text;
+  END IF;
 END $$;";
 
 impl PgTarget {
@@ -135,7 +141,7 @@ impl PgTarget {
     pub async fn applied_all(&mut self) -> Result<Vec<super::LedgerRow>, LoadError> {
         let rows = sqlx::query(
             "SELECT sender_id, chain, seq, kind, base_seq, created_at::text AS c,
-                    applied_at::text AS a, file, rows
+                    applied_at::text AS a, file, rows, tables
              FROM ferry_receiver.applied ORDER BY sender_id, chain, seq",
         )
         .fetch_all(&mut self.conn)
@@ -338,8 +344,8 @@ pub async fn finish(
     sqlx::query(
         "INSERT INTO ferry_receiver.applied
            (sender_id, seq, kind, base_seq, created_at, file, rows, schema_fingerprint,
-            manifest_id, chain)
-         VALUES ($1, $2, $3, $4, $5::timestamptz, $6, $7, $8, $9, $10)",
+            manifest_id, chain, tables)
+         VALUES ($1, $2, $3, $4, $5::timestamptz, $6, $7, $8, $9, $10, $11)",
     )
     .bind(&m.sender_id)
     .bind(m.seq.0 as i64)
@@ -351,6 +357,7 @@ pub async fn finish(
     .bind(&m.schema_fingerprint)
     .bind(m.identity())
     .bind(&m.chain)
+    .bind(super::ledger_tables(m))
     .execute(&mut *tx)
     .await
     .map_err(LoadError::db("recording the bundle in the ledger"))?;

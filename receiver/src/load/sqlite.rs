@@ -37,6 +37,7 @@ const APPLIED_COLUMNS: &str = "(
   schema_fingerprint TEXT NOT NULL,
   manifest_id TEXT,
   chain TEXT NOT NULL DEFAULT '',
+  tables TEXT,
   PRIMARY KEY (sender_id, chain, seq))";
 
 fn ledger_ddl() -> String {
@@ -87,30 +88,33 @@ impl SqliteTarget {
             .execute(&mut conn)
             .await
             .map_err(LoadError::db("creating the ledger"))?;
-        // Added later: what identifies each applied bundle beyond its seq.
-        let has_id: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pragma_table_info('ferry_applied') WHERE name = 'manifest_id'",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .map_err(LoadError::db("reading the ledger's columns"))?;
-        if has_id == 0 {
-            sqlx::raw_sql("ALTER TABLE ferry_applied ADD COLUMN manifest_id TEXT")
-                .execute(&mut conn)
-                .await
-                .map_err(LoadError::db("adding manifest_id to the ledger"))?;
-        }
-        let has_chain: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pragma_table_info('ferry_applied') WHERE name = 'chain'",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .map_err(LoadError::db("reading the ledger's columns"))?;
-        if has_chain == 0 {
-            sqlx::raw_sql(q(ledger_add_chain_ddl()))
-                .execute(&mut conn)
-                .await
-                .map_err(LoadError::db("adding the chain to the ledger"))?;
+        // Added later, in this order: what identifies each applied bundle
+        // beyond its seq; the chain, part of the key (a rebuild); the tables.
+        let added = [
+            (
+                "manifest_id",
+                "ALTER TABLE ferry_applied ADD COLUMN manifest_id TEXT".to_owned(),
+            ),
+            ("chain", ledger_add_chain_ddl()),
+            (
+                "tables",
+                "ALTER TABLE ferry_applied ADD COLUMN tables TEXT".to_owned(),
+            ),
+        ];
+        for (column, ddl) in added {
+            let has: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pragma_table_info('ferry_applied') WHERE name = ?",
+            )
+            .bind(column)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(LoadError::db("reading the ledger's columns"))?;
+            if has == 0 {
+                sqlx::raw_sql(q(ddl))
+                    .execute(&mut conn)
+                    .await
+                    .map_err(LoadError::db(format!("adding {column} to the ledger")))?;
+            }
         }
         Ok(Self {
             conn,
@@ -142,16 +146,25 @@ impl SqliteTarget {
     }
 
     /// Every applied bundle, by sender, chain and seq.
+    ///
+    /// As one JSON document: sqlx hands each SQLite row over from its worker
+    /// thread one at a time, which made 100,000 rows take a second; one
+    /// aggregated value crosses once.
     pub async fn applied_all(&mut self) -> Result<Vec<super::LedgerRow>, LoadError> {
-        let rows = sqlx::query(
-            "SELECT sender_id, chain, seq, kind, base_seq, created_at AS c, applied_at AS a,
-                    file, rows
-             FROM ferry_applied ORDER BY sender_id, chain, seq",
+        let doc: Option<String> = sqlx::query_scalar(
+            "SELECT json_group_array(json_object(
+               'sender_id', sender_id, 'chain', chain, 'seq', seq, 'kind', kind,
+               'base_seq', base_seq, 'created_at', created_at, 'applied_at', applied_at,
+               'file', file, 'rows', rows, 'tables', json(tables)))
+             FROM ferry_applied",
         )
-        .fetch_all(&mut self.conn)
+        .fetch_one(&mut self.conn)
         .await
         .map_err(LoadError::db("reading the ledger"))?;
-        rows.iter().map(super::LedgerRow::from_row).collect()
+        let mut rows: Vec<super::LedgerRow> = serde_json::from_str(doc.as_deref().unwrap_or("[]"))
+            .map_err(|e| LoadError::Refused(format!("reading the ledger: {e}")))?;
+        rows.sort_by(|a, b| (&a.sender_id, &a.chain, a.seq).cmp(&(&b.sender_id, &b.chain, b.seq)));
+        Ok(rows)
     }
 
     pub async fn history(&mut self) -> Result<Vec<Applied>, LoadError> {
@@ -214,8 +227,8 @@ impl SqliteTarget {
         sqlx::query(
             "INSERT INTO ferry_applied
                (sender_id, seq, kind, base_seq, created_at, file, rows, schema_fingerprint,
-                manifest_id, chain)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                manifest_id, chain, tables)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&m.sender_id)
         .bind(m.seq.0 as i64)
@@ -227,6 +240,7 @@ impl SqliteTarget {
         .bind(&m.schema_fingerprint)
         .bind(m.identity())
         .bind(&m.chain)
+        .bind(super::ledger_tables(m))
         .execute(&mut *tx)
         .await
         .map_err(LoadError::db("recording the bundle in the ledger"))?;
