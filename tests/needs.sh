@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sourced by tests/run and the benchmarks: installs what they need (PostgreSQL
-# server binaries, OpenSSH server and client, zstd, systemd-analyze, bc) when
+# server binaries, OpenSSH server and client, zstd, systemd-analyze, bc, the
+# sqlite3 shell) when
 # missing, or says exactly what to install. Run as root, or with them installed.
 ferry_needs() {
   local need=()
@@ -10,6 +11,7 @@ ferry_needs() {
   command -v zstd >/dev/null || need+=(zstd)
   command -v systemd-analyze >/dev/null || need+=(systemd)
   command -v bc >/dev/null || need+=(bc)
+  command -v sqlite3 >/dev/null || need+=(sqlite3)
   if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
       echo "$0: installing ${need[*]}"

@@ -99,6 +99,10 @@ struct RestoreArgs {
     /// configuration or running receiver needed.
     #[arg(long, value_name = "DIR")]
     from: Option<PathBuf>,
+    /// For a PostgreSQL history into SQLite: a PostgreSQL server (URL) where
+    /// a scratch database may be created and dropped; default: the target's.
+    #[arg(long, value_name = "URL")]
+    via: Option<String>,
     /// The sender whose bundles to restore, when the directory holds several.
     #[arg(long)]
     sender: Option<String>,
@@ -353,6 +357,7 @@ async fn restore(args: RestoreArgs, config: Option<&Config>) -> ExitCode {
             .unwrap_or_default(),
         sender: args.sender,
         live_target: config.map(|c| c.target.url.clone()),
+        via: args.via,
         // Not the receiver's staging directory, which each load pass
         // empties. A complete's data streams; only its DDL, the partials and
         // media are staged here.

@@ -351,6 +351,9 @@ pub struct Request {
     pub sender: Option<String>,
     /// The receiver's own target, refused as a destination.
     pub live_target: Option<String>,
+    /// `--via`: the PostgreSQL server a PostgreSQL history is rebuilt on
+    /// before it becomes a SQLite file.
+    pub via: Option<String>,
     /// Where bundles are staged while verified (one at a time).
     pub staging: PathBuf,
     pub limits: Limits,
@@ -465,8 +468,28 @@ pub async fn restore(req: &Request) -> Result<Outcome, RestoreError> {
             outcome.dropped_foreign_keys = dropped;
         }
         Destination::Sqlite(path) => {
-            crate::load::restore::sqlite(&path, &plan.base, &tables, req.dry_run, &mut bundles)
-                .await?;
+            // A PostgreSQL history is rebuilt on --via's server, else on the
+            // receiver's own target server.
+            let scratch = req
+                .via
+                .as_deref()
+                .or(req
+                    .live_target
+                    .as_deref()
+                    .filter(|u| u.starts_with("postgres")))
+                .map(|url| crate::load::restore::Scratch {
+                    url,
+                    jobs: req.jobs,
+                });
+            crate::load::restore::sqlite(
+                &path,
+                &plan.base,
+                &tables,
+                req.dry_run,
+                scratch,
+                &mut bundles,
+            )
+            .await?;
         }
     }
     outcome.media_files = bundles.media_files;

@@ -401,11 +401,25 @@ async fn chosen_tables_replace_media_time_and_refusals() {
     let err = shop.restore_refused(&["--into", &url, "--at", "yesterday-ish"]);
     assert!(err.contains("latest"), "{err}");
     let lite = shop.path("dev.db");
-    let err = shop.restore_refused(&["--into", &format!("sqlite://{}", lite.display())]);
-    assert!(err.contains("PostgreSQL database instead"), "{err}");
     std::fs::write(&lite, b"").unwrap();
     let err = shop.restore_refused(&["--into", &format!("sqlite://{}", lite.display())]);
     assert!(err.contains("exists"), "{err}");
+    // A PostgreSQL history into SQLite needs a server for its scratch
+    // database: without the configuration, --via names one.
+    let out = Command::new(binary("ferry-receiver"))
+        .args([
+            "restore",
+            "--into",
+            "sqlite:///tmp/ferry-never.db",
+            "--from",
+        ])
+        .arg(shop.outbox())
+        .arg("--config")
+        .arg(shop.path("no-such-config.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--via"), "{}", text(&out.stderr));
     // A gap in the history: the missing bundle is named.
     let gappy = shop.path("gappy");
     std::fs::create_dir_all(&gappy).unwrap();
@@ -541,4 +555,141 @@ async fn a_sqlite_history_restores_into_a_new_sqlite_file() {
     let got = ferry_tests::loader::sqlite_rows(&mut restored, "t").await;
     assert_eq!(got, want);
     assert_eq!(got.len(), 3);
+}
+
+/// A PostgreSQL history as a SQLite development database: the type zoo and the
+/// shop, read back by the sqlite3 shell, hold the source's rows after the
+/// documented mapping (docs/restore.md).
+#[tokio::test]
+async fn a_postgres_history_becomes_a_sqlite_development_database() {
+    let shop = Shop::new().await;
+    shop.app(
+        "INSERT INTO customers (name) VALUES ('ann'), ('bob');
+              INSERT INTO orders (customer_id, total) VALUES (1, 10.50), (2, 20);",
+    )
+    .await;
+    shop.send("complete");
+    shop.app(
+        "UPDATE customers SET name = 'ann 2', updated_at = now() WHERE id = 1;
+              DELETE FROM orders WHERE id = 2;
+              INSERT INTO notes (body) VALUES (E'tab\\there');",
+    )
+    .await;
+    shop.send("partial");
+    let dev = shop.path("dev.db");
+    // From the sender's bundles, the scratch database on the receiver's
+    // target server (its configuration is read).
+    let out = shop.restore_ok(&[
+        "--into",
+        &format!("sqlite://{}", dev.display()),
+        "--from",
+        shop.outbox().to_str().unwrap(),
+    ]);
+    assert!(out.contains("6 table(s)"), "{out}");
+    // The scratch database is gone.
+    let mut admin = shop.server.connect("postgres").await;
+    let scratch: Vec<String> = sqlx::query_scalar(
+        "SELECT datname::text FROM pg_database WHERE datname LIKE 'ferry_restore%'",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(scratch.is_empty(), "{scratch:?}");
+    let sqlite3 = |sql: &str| -> String {
+        let out = Command::new("sqlite3")
+            .arg(&dev)
+            .arg(sql)
+            .output()
+            .expect("the sqlite3 shell (tests/needs.sh installs it)");
+        assert!(out.status.success(), "{sql}: {}", text(&out.stderr));
+        text(&out.stdout).trim_end().to_owned()
+    };
+    // Every table, every row.
+    let mut app = shop.server.connect("app").await;
+    for (pg, lite) in [
+        ("zoo", "zoo"),
+        ("\"TextKey\"", "\"TextKey\""),
+        ("composite", "composite"),
+        ("customers", "customers"),
+        ("orders", "orders"),
+        ("notes", "notes"),
+    ] {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {pg}")))
+            .fetch_one(&mut app)
+            .await
+            .unwrap();
+        assert_eq!(
+            sqlite3(&format!("SELECT count(*) FROM {lite}")),
+            n.to_string(),
+            "{lite}"
+        );
+    }
+    assert_eq!(
+        sqlite3("SELECT id, name FROM customers ORDER BY id"),
+        "1|ann 2\n2|bob"
+    );
+    assert_eq!(
+        sqlite3("SELECT customer_id, total, typeof(total) FROM orders"),
+        "1|10.5|real"
+    );
+    assert_eq!(
+        sqlite3("SELECT hex(CAST(body AS BLOB)) FROM notes"),
+        hex_of("tab\there")
+    );
+    // The type zoo's first row, column by column, as documented.
+    let row = |col: &str| sqlite3(&format!("SELECT {col} FROM zoo WHERE \"camelCase\" = 'a'"));
+    assert_eq!(row("typeof(id) || ' ' || typeof(ident)"), "integer integer");
+    assert_eq!(row("r IS NULL AND d IS NULL"), "1", "NaN becomes NULL");
+    assert_eq!(row("hex(b)"), "00FF5C0A");
+    assert_eq!(row("t"), "tab\there\nnew line\\back\\slash");
+    assert_eq!(row("j"), r#"{"k": [1, 2.50]}"#);
+    assert_eq!(row("jb"), r#"{"k": 1}"#);
+    assert_eq!(row("arr"), "[1,null,3]");
+    assert_eq!(row("tarr"), r#"["a b",null,"c\"d"]"#);
+    assert_eq!(row("ts"), "2024-02-29 12:34:56.789000");
+    assert_eq!(row("tstz"), "2024-02-29 07:04:56.789000", "UTC");
+    assert_eq!(row("dt"), "2024-02-29");
+    assert_eq!(row("tm"), "23:59:59.999999");
+    // 1 year 2 mons 3 days 04:05:06: (365.25 + 60 + 3) days and 14,706 s.
+    assert_eq!(row("iv"), "37015506000000");
+    assert_eq!(row("ip"), "192.168.0.1/24");
+    assert_eq!(row("u"), "a0eebc999c0b4ef8bb6d6bb9bd380a11");
+    assert_eq!(row("m"), "happy");
+    assert_eq!(
+        row("p || ' ' || typeof(p)"),
+        "7 integer",
+        "a domain maps as its base type"
+    );
+    let b = |col: &str| sqlite3(&format!("SELECT {col} FROM zoo WHERE \"camelCase\" = 'b'"));
+    assert_eq!(b("r > 1e308 AND d < -1e308"), "1", "±Infinity");
+    // A decimal column is NUMERIC: past 15 significant digits a number is
+    // REAL, as with Django's own DecimalField on SQLite.
+    assert_eq!(b("num || ' ' || typeof(num)"), "1.23456789012346e+29 real");
+    assert_eq!(b("ts || ' ' || tstz"), "-infinity infinity");
+    // The declared types Django's SQLite backend uses.
+    let decl = sqlite3("SELECT name || ':' || type FROM pragma_table_info('zoo') ORDER BY cid");
+    for want in [
+        "id:integer",
+        "num:decimal",
+        "r:real",
+        "b:BLOB",
+        "ts:datetime",
+        "tstz:datetime",
+        "dt:date",
+        "tm:time",
+        "iv:bigint",
+        "u:char(32)",
+        "jb:text",
+    ] {
+        // (SQLite reports some type names in capitals.)
+        assert!(
+            decl.lines().any(|l| l.eq_ignore_ascii_case(want)),
+            "{want} in {decl}"
+        );
+    }
+    assert_eq!(sqlite3("PRAGMA foreign_key_check"), "");
+}
+
+fn hex_of(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02X}")).collect()
 }

@@ -15,6 +15,7 @@ mod post_data;
 pub mod postgres;
 pub mod restore;
 pub mod sqlite;
+mod sqlite_dev;
 pub mod staged;
 
 use crate::config::{Config, Engine};

@@ -331,13 +331,24 @@ async fn swap_in(
     Ok(notes)
 }
 
+/// Where a PostgreSQL history is rebuilt before it becomes a SQLite file: a
+/// server on which ferry may create (and afterwards drops) a scratch database.
+pub struct Scratch<'a> {
+    /// A PostgreSQL URL on that server (its database is only connected to).
+    pub url: &'a str,
+    pub jobs: usize,
+}
+
 /// Restores into a new SQLite file: built under a temporary name beside it and
-/// renamed when complete.
+/// renamed when complete. A SQLite history loads as it is; a PostgreSQL one is
+/// rebuilt in a scratch database on `scratch`'s server and copied over with
+/// Django's SQLite mapping (see `sqlite_dev`).
 pub async fn sqlite(
     path: &Path,
     base: &Manifest,
     tables: &[TableName],
     dry_run: bool,
+    scratch: Option<Scratch<'_>>,
     bundles: &mut Bundles<'_>,
 ) -> Result<(), RestoreError> {
     if path.exists() {
@@ -346,12 +357,15 @@ pub async fn sqlite(
             path.display()
         )));
     }
-    if base.source.engine != "sqlite" {
-        return Err(RestoreError::Refused(format!(
-            "these bundles come from a {} source; restoring them into SQLite (type mapping for a \
-             development database) is not built yet: restore into a PostgreSQL database instead",
-            base.source.engine
-        )));
+    let from_postgres = base.source.engine == "postgresql";
+    if from_postgres && scratch.is_none() {
+        return Err(RestoreError::Usage(
+            "a PostgreSQL history becomes a SQLite file by way of a scratch PostgreSQL database: \
+             give --via postgres://user@host/postgres (a server where this user may CREATE \
+             DATABASE; the scratch database is dropped afterwards), or run with the receiver's \
+             configuration, whose target server is used"
+                .into(),
+        ));
     }
     let dir = path
         .parent()
@@ -367,7 +381,10 @@ pub async fn sqlite(
         return Ok(());
     }
     let temp = ferry_common::durable::temp_name(path);
-    let result = sqlite_into(&temp, base, tables, bundles).await;
+    let result = match scratch {
+        Some(scratch) if from_postgres => via_postgres(&temp, base, tables, scratch, bundles).await,
+        _ => sqlite_into(&temp, base, tables, bundles).await,
+    };
     match result {
         Ok(()) => std::fs::rename(&temp, path).map_err(|e| {
             RestoreError::Io(format!(
@@ -383,24 +400,89 @@ pub async fn sqlite(
     }
 }
 
-async fn sqlite_into(
-    temp: &Path,
-    base: &Manifest,
-    tables: &[TableName],
-    bundles: &mut Bundles<'_>,
-) -> Result<(), RestoreError> {
+async fn open_sqlite(temp: &Path) -> Result<sqlx::sqlite::SqliteConnection, RestoreError> {
     use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
     let options = SqliteConnectOptions::new()
         .filename(temp)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Delete)
         .foreign_keys(false);
-    let mut conn = SqliteConnection::connect_with(&options)
+    Ok(SqliteConnection::connect_with(&options)
         .await
         .map_err(|source| LoadError::Connect {
             url: format!("sqlite://{}", temp.display()),
             source,
+        })?)
+}
+
+/// A PostgreSQL history: restored into a scratch database, copied into the
+/// SQLite file, the scratch database dropped whatever happened.
+async fn via_postgres(
+    temp: &Path,
+    base: &Manifest,
+    tables: &[TableName],
+    scratch: Scratch<'_>,
+    bundles: &mut Bundles<'_>,
+) -> Result<(), RestoreError> {
+    use sqlx::ConnectOptions;
+    let options: sqlx::postgres::PgConnectOptions = scratch
+        .url
+        .parse()
+        .map_err(|e| RestoreError::Usage(format!("--via: {e}")))?;
+    let name = format!("ferry_restore_{}", std::process::id());
+    let mut admin = session(scratch.url).await?;
+    sqlx::raw_sql(q(format!("CREATE DATABASE {}", quote_ident(&name))))
+        .execute(&mut admin)
+        .await
+        .map_err(|e| {
+            RestoreError::Refused(format!(
+                "could not create the scratch database {name} on {}: {e}; the user needs \
+                 CREATEDB there (or give another server with --via)",
+                crate::config::redact_url(scratch.url)
+            ))
         })?;
+    let url = options.database(&name).to_url_lossy().to_string();
+    let result = async {
+        postgres(&url, base, tables, false, false, scratch.jobs, bundles).await?;
+        let mut pg = session(&url).await?;
+        let mut lite = open_sqlite(temp).await?;
+        let mut tx = lite
+            .begin()
+            .await
+            .map_err(db("beginning the SQLite file"))?;
+        let chosen: Vec<&ferry_common::manifest::Table> = base
+            .tables
+            .iter()
+            .filter(|t| tables.contains(&t.name))
+            .collect();
+        super::sqlite_dev::copy(&mut pg, &mut tx, &chosen).await?;
+        tx.commit()
+            .await
+            .map_err(db("committing the SQLite file"))?;
+        let _ = lite.close().await;
+        let _ = pg.close().await;
+        Ok::<(), RestoreError>(())
+    }
+    .await;
+    if let Err(e) = sqlx::raw_sql(q(format!(
+        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+        quote_ident(&name)
+    )))
+    .execute(&mut admin)
+    .await
+    {
+        tracing::warn!(database = %name, error = %e, "could not drop the scratch database; drop it by hand");
+    }
+    result
+}
+
+async fn sqlite_into(
+    temp: &Path,
+    base: &Manifest,
+    tables: &[TableName],
+    bundles: &mut Bundles<'_>,
+) -> Result<(), RestoreError> {
+    let mut conn = open_sqlite(temp).await?;
     let mut tx = conn.begin().await.map_err(db("beginning the restore"))?;
     match bundles.next().await? {
         Some(v) if v.manifest.kind == Kind::Complete => {
