@@ -525,6 +525,7 @@ mod tests {
             base_seq: Seq(1),
             prev_seq: None,
             created_at: chrono::Utc::now(),
+            complete_every_s: None,
             source: Source {
                 engine: "sqlite".into(),
                 version: "3".into(),

@@ -12,3 +12,16 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error
         ))
     })
 }
+
+/// `Option<Duration>` (an absent key is `None`), for
+/// `#[serde(default, with = "ferry_common::duration::option")]`.
+pub mod option {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrap(#[serde(with = "super")] Duration);
+        Ok(Some(Wrap::deserialize(d)?.0))
+    }
+}

@@ -8,7 +8,8 @@
 //! - [`durable`]: write-to-temporary, fsync, rename;
 //! - [`lock`]: one agent per state directory;
 //! - [`service`]: logging, systemd notification, stop signals, progress bars;
-//! - [`ack`]: what a receiver acknowledges to its senders through the inbox.
+//! - [`ack`]: what a receiver acknowledges to its senders through the inbox;
+//! - [`health`]: the verdict `status` exits with, and each job's last outcome.
 
 pub mod ack;
 pub mod bundle;
@@ -16,6 +17,7 @@ pub mod checksum;
 pub mod config;
 pub mod durable;
 pub mod duration;
+pub mod health;
 pub mod ident;
 pub mod lock;
 pub mod manifest;

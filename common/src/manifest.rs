@@ -307,6 +307,11 @@ pub struct Manifest {
     /// The bundle right before this one, if any: a receiver holds on a gap.
     pub prev_seq: Option<Seq>,
     pub created_at: chrono::DateTime<chrono::Utc>,
+    /// The longest gap between two completes on the sender's schedule, in
+    /// seconds: receivers derive how late a complete may be from it. Absent
+    /// when completes are off (or from older senders).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub complete_every_s: Option<u64>,
     pub source: Source,
     /// SHA-256 over the selected tables' names, columns, types and keys.
     pub schema_fingerprint: String,

@@ -32,6 +32,41 @@ pub struct Config {
     /// settings). Empty: any sender (`check` warns). See [`crate::trust`].
     #[serde(default)]
     pub senders: BTreeMap<String, SenderTrust>,
+    /// When `status` calls the receiver unhealthy.
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// `status` limits (see [`crate::health`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// The age of the newest applied bundle. Default: from the sender's
+    /// complete schedule (its period plus 2 h, and twice the period plus
+    /// 2 h), or 26 h and 50 h when the sender does not say; an app that
+    /// writes all day deserves tighter limits.
+    #[serde(with = "ferry_common::duration::option")]
+    pub lag_warning: Option<Duration>,
+    #[serde(with = "ferry_common::duration::option")]
+    pub lag_critical: Option<Duration>,
+    /// A bundle held (waiting for one that is missing) is a warning, and
+    /// critical once its file is older than this.
+    #[serde(with = "ferry_common::duration")]
+    pub held_critical: Duration,
+    /// Failed load passes in a row before they are critical (a refused login
+    /// is critical at once).
+    pub failures_critical: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            lag_warning: None,
+            lag_critical: None,
+            held_critical: Duration::from_secs(900),
+            failures_critical: 3,
+        }
+    }
 }
 
 /// One accepted sender.

@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::load::Target;
-use crate::run;
+use crate::{health, run};
 use ferry_common::lock::StateLock;
 use ferry_common::service::{self, StopSignals};
 use notify::{EventKind, RecursiveMode, Watcher};
@@ -85,7 +85,15 @@ pub async fn run(config: &Config, mut signals: StopSignals) -> anyhow::Result<()
             match Target::connect(config).await {
                 Ok(t) => target = Some(t),
                 Err(error) => {
-                    tracing::error!(%error, "target database unavailable; retrying at the next rescan");
+                    let level = health::record_pass(
+                        config,
+                        Some((&error.to_string(), error.is_transient())),
+                    );
+                    if level == tracing::Level::ERROR {
+                        tracing::error!(%error, "target database unavailable; retrying at the next rescan");
+                    } else {
+                        tracing::warn!(%error, "target database unavailable; retrying at the next rescan");
+                    }
                     continue;
                 }
             }
@@ -107,12 +115,20 @@ pub async fn run(config: &Config, mut signals: StopSignals) -> anyhow::Result<()
         };
         match outcome {
             Some(Ok(report)) => {
+                health::record_pass(config, None);
                 for h in &report.held {
                     tracing::debug!(bundle = %h.file, reason = %h.reason, "held");
                 }
             }
             Some(Err(error)) => {
-                tracing::error!(%error, "load pass failed");
+                let transient = matches!(error, run::PassError::Transient { .. });
+                if health::record_pass(config, Some((&error.to_string(), transient)))
+                    == tracing::Level::ERROR
+                {
+                    tracing::error!(%error, "load pass failed");
+                } else {
+                    tracing::warn!(%error, "load pass failed; retrying at the next rescan");
+                }
                 target = None; // reconnect next time
             }
             None => {

@@ -11,6 +11,7 @@
 pub mod ack;
 pub mod config;
 pub mod daemon;
+pub mod health;
 pub mod hooks;
 pub mod inbox;
 pub mod load;

@@ -2,9 +2,12 @@
 //!
 //! Exit status: 0 success (everything applied or nothing pending); 1 a bundle
 //! failed or is held, a hook failed, or another failure; 2 bad usage or configuration; 75 a
-//! transient failure (target database unreachable, lock busy).
+//! transient failure (target database unreachable, lock busy). `status` alone
+//! follows the monitoring-plugin convention: 0 ok, 1 warning, 2 critical,
+//! 3 unknown.
 
 use clap::{Parser, Subcommand, ValueEnum};
+use ferry_common::health::Level;
 use ferry_common::lock::StateLock;
 use ferry_receiver::load::Target;
 use ferry_receiver::{Config, daemon, quarantine, report, run};
@@ -41,7 +44,8 @@ enum Command {
     },
     /// The daemon: watch the inbox, load, prune.
     Run,
-    /// Last applied bundles, lag, pending, held, failures.
+    /// Last applied bundles, lag, pending, held, failures and the health; exits
+    /// 0 ok, 1 warning, 2 critical, 3 unknown (for a monitoring system).
     Status {
         #[arg(long)]
         json: bool,
@@ -128,7 +132,10 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("ferry-receiver: {e}");
-            return ExitCode::from(2);
+            return match cli.command {
+                Command::Status { .. } => ExitCode::from(Level::Unknown.exit_code()),
+                _ => ExitCode::from(2),
+            };
         }
     };
     match tokio::runtime::Builder::new_multi_thread()
@@ -164,6 +171,7 @@ async fn lock_and_connect(config: &Config) -> Result<(StateLock, Target), ExitCo
     let lock = StateLock::acquire(&config.state_dir).map_err(|e| fail(e, true))?;
     let target = Target::connect(config).await.map_err(|e| {
         let t = e.is_transient();
+        ferry_receiver::health::record_pass(config, Some((&e.to_string(), t)));
         fail(e, t)
     })?;
     Ok((lock, target))
@@ -176,7 +184,16 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                 Ok(v) => v,
                 Err(code) => return code,
             };
-            match run::pass(&config, &mut target).await {
+            let pass = run::pass(&config, &mut target).await;
+            ferry_receiver::health::record_pass(
+                &config,
+                pass.as_ref()
+                    .err()
+                    .map(|e| (e.to_string(), matches!(e, run::PassError::Transient { .. })))
+                    .as_ref()
+                    .map(|(e, t)| (e.as_str(), *t)),
+            );
+            match pass {
                 Ok(r) => {
                     if json {
                         println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
@@ -229,16 +246,20 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                 }
             }
         }
+        // The monitoring-plugin convention: 0 ok, 1 warning, 2 critical, 3 unknown.
         Command::Status { json } => match report::status(&config).await {
-            Ok(s) if json => {
-                println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
-                ExitCode::SUCCESS
-            }
             Ok(s) => {
-                print!("{s}");
-                ExitCode::SUCCESS
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                } else {
+                    print!("{s}");
+                }
+                ExitCode::from(s.health.level().exit_code())
             }
-            Err(e) => fail(format!("status: {e:#}"), false),
+            Err(e) => {
+                eprintln!("ferry-receiver: status: {e:#}");
+                ExitCode::from(Level::Unknown.exit_code())
+            }
         },
         Command::Check => {
             let findings = report::check(&config).await;

@@ -5,51 +5,95 @@ use crate::config::{Config, Engine, redact_url};
 use crate::load::{Applied, Target};
 use crate::plan::Step;
 use crate::quarantine::{self, Failure};
-use crate::run;
+use crate::{health, inbox, run};
+use ferry_common::health::{Health, JobRecord, Level as HealthLevel};
 use serde::Serialize;
 use sqlx::Connection;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
-    /// The newest applied complete and partial of each sender.
+    /// The newest applied complete and partial of each sender (from the
+    /// ledger; from the state directory while the target is unreachable).
     pub applied: Vec<Applied>,
     /// Seconds between the newest applied bundle's creation and now.
     pub lag_seconds: Option<i64>,
-    /// Bundles that the next `load` would apply.
+    /// Bundles that the next `load` would apply (while the target is
+    /// unreachable: the inbox's bundles newer than the last applied).
     pub pending: Vec<String>,
     /// Bundles waiting, with the reason.
     pub held: Vec<run::Held>,
     pub failures: Vec<Failure>,
+    /// Why the target database could not be asked, if it could not.
+    pub target_error: Option<String>,
+    /// How the latest load passes went.
+    pub last_pass: JobRecord,
+    /// The verdict `status` exits with (0 ok, 1 warning, 2 critical).
+    pub health: Health,
 }
 
 pub async fn status(config: &Config) -> anyhow::Result<Status> {
-    let mut target = Target::connect(config).await?;
-    let applied = target.history().await?;
-    let steps = run::plan_all(config, &mut target, false).await?;
-    let mut pending = Vec::new();
-    let mut held = Vec::new();
-    for s in steps {
-        match s {
-            Step::Apply(e) => pending.push(e.file),
-            Step::Hold(e, reason) | Step::OtherChain(e, reason) => held.push(run::Held {
-                file: e.file,
-                reason,
-            }),
-            _ => {}
+    let failures = quarantine::list(&config.quarantine_dir())?;
+    let mut status = Status {
+        applied: Vec::new(),
+        lag_seconds: None,
+        pending: Vec::new(),
+        held: Vec::new(),
+        failures,
+        target_error: None,
+        last_pass: JobRecord::read(&config.state_dir, health::LOAD),
+        health: Health::default(),
+    };
+    match Target::connect(config).await {
+        Ok(mut target) => {
+            status.applied = target.history().await?;
+            for s in run::plan_all(config, &mut target, false).await? {
+                match s {
+                    Step::Apply(e) => status.pending.push(e.file),
+                    Step::Hold(e, reason) | Step::OtherChain(e, reason) => {
+                        status.held.push(run::Held {
+                            file: e.file,
+                            reason,
+                        })
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Err(e) => {
+            // What the state directory knows: the last applied bundles, and
+            // the inbox's newer ones.
+            status.target_error = Some(e.to_string());
+            let known = health::last_applied(&config.state_dir);
+            status.applied = known.values().map(Applied::from).collect();
+            let newest = |sender: &str| {
+                known
+                    .values()
+                    .filter(|a| a.sender_id == sender)
+                    .map(|a| a.seq)
+                    .max()
+            };
+            status.pending = inbox::scan(&config.inbox)?
+                .into_iter()
+                .filter(|e| newest(&e.sender).is_none_or(|n| e.seq > n))
+                .map(|e| e.file)
+                .collect();
         }
     }
-    let lag_seconds = applied
+    status.lag_seconds = health::lag(&status.applied).map(|d| d.as_secs() as i64);
+    let held: Vec<(String, String)> = status
+        .held
         .iter()
-        .filter_map(|a| chrono::DateTime::parse_from_rfc3339(&a.created_at.replace(' ', "T")).ok())
-        .max()
-        .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds());
-    Ok(Status {
-        applied,
-        lag_seconds,
-        pending,
-        held,
-        failures: quarantine::list(&config.quarantine_dir())?,
-    })
+        .map(|h| (h.file.clone(), h.reason.clone()))
+        .collect();
+    let mut verdict = health::judge(config, &status.applied, &held, status.failures.len());
+    if let Some(e) = &status.target_error {
+        verdict.add(
+            HealthLevel::Critical,
+            format!("the target database cannot be asked ({e}); the rest is what the state directory knows"),
+        );
+    }
+    status.health = verdict.settle();
+    Ok(status)
 }
 
 impl std::fmt::Display for Status {
@@ -64,10 +108,27 @@ impl std::fmt::Display for Status {
                 a.kind, a.sender_id, a.seq, a.created_at, a.applied_at, a.rows
             )?;
         }
-        if let Some(lag) = self.lag_seconds {
+        match self.lag_seconds {
+            Some(lag) => writeln!(
+                f,
+                "lag: {lag} s ({}) since the newest applied bundle was created",
+                ferry_common::health::human(std::time::Duration::from_secs(lag.max(0) as u64))
+            )?,
+            None => writeln!(f, "lag: unknown (nothing applied yet)")?,
+        }
+        let pass = &self.last_pass;
+        if let Some(t) = pass.last_ok_at {
             writeln!(
                 f,
-                "lag: {lag} s since the newest applied bundle was created"
+                "last load pass that succeeded: {}",
+                t.format("%Y-%m-%d %H:%M:%S UTC")
+            )?;
+        }
+        if let (Some(e), Some(at)) = (&pass.last_error, pass.last_error_at) {
+            writeln!(
+                f,
+                "last load error ({}): {e}",
+                at.format("%Y-%m-%d %H:%M:%S UTC")
             )?;
         }
         writeln!(f, "pending: {}", self.pending.len())?;
@@ -82,7 +143,8 @@ impl std::fmt::Display for Status {
             f,
             "failures: {} (ferry-receiver failures)",
             self.failures.len()
-        )
+        )?;
+        f.write_str(&self.health.render())
     }
 }
 

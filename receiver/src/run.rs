@@ -379,6 +379,7 @@ async fn apply_one(
 ) -> Result<(AppliedBundle, Vec<HookFailure>), ApplyError> {
     let started = Instant::now();
     let (rows, media_files, m) = load_bundle(config, target, e, started).await?;
+    crate::health::remember(&config.state_dir, &e.file, &m, rows);
     let duration_ms = started.elapsed().as_millis() as u64;
     log_loaded(e, &m, rows, media_files, duration_ms);
     let hook_failures = hooks::run_commands(&config.hooks, &m, &e.file).await;

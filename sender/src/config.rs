@@ -27,6 +27,106 @@ pub struct Config {
     pub media: Vec<MediaSet>,
     /// Where bundles go over SFTP; without it bundles stay in the outbox.
     pub push: Option<PushConfig>,
+    /// When `status` calls the sender unhealthy.
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// `status` limits. Each age limit left out is derived from the schedule; see
+/// [`HealthConfig::limits`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Since the last partial run that succeeded (one that found no changes
+    /// counts). Default: 3 and 10 partial intervals, at least 10 min and 1 h.
+    #[serde(with = "ferry_common::duration::option")]
+    pub partial_warning: Option<Duration>,
+    #[serde(with = "ferry_common::duration::option")]
+    pub partial_critical: Option<Duration>,
+    /// Since the last complete. Default: the schedule's period plus 2 h, and
+    /// twice the period plus 2 h.
+    #[serde(with = "ferry_common::duration::option")]
+    pub complete_warning: Option<Duration>,
+    #[serde(with = "ferry_common::duration::option")]
+    pub complete_critical: Option<Duration>,
+    /// How long the oldest bundle may wait in the outbox. Default: as partials.
+    #[serde(with = "ferry_common::duration::option")]
+    pub push_warning: Option<Duration>,
+    #[serde(with = "ferry_common::duration::option")]
+    pub push_critical: Option<Duration>,
+    /// Failed runs in a row of one job before they are critical (a failure
+    /// that cannot fix itself, like a refused login, is critical at once).
+    pub failures_critical: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            partial_warning: None,
+            partial_critical: None,
+            complete_warning: None,
+            complete_critical: None,
+            push_warning: None,
+            push_critical: None,
+            failures_critical: 3,
+        }
+    }
+}
+
+/// The age limits `status` applies, with the defaults filled in.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthLimits {
+    /// `None` when partials are off.
+    pub partial: Option<Thresholds>,
+    /// `None` when completes are off.
+    pub complete: Option<Thresholds>,
+    pub push: Option<Thresholds>,
+}
+
+use ferry_common::health::Thresholds;
+
+fn pick(warning: Option<Duration>, critical: Option<Duration>, default: Thresholds) -> Thresholds {
+    let warning = warning.unwrap_or(default.warning);
+    Thresholds {
+        warning,
+        critical: critical.unwrap_or(default.critical).max(warning),
+    }
+}
+
+impl Config {
+    /// The health limits: what the operator set, the rest from the schedule.
+    pub fn health_limits(&self) -> HealthLimits {
+        let h = &self.health;
+        let partial_default = self.partial.interval.map(|i| Thresholds {
+            warning: (i * 3).max(Duration::from_secs(600)),
+            critical: (i * 10).max(Duration::from_secs(3600)),
+        });
+        let partial = partial_default.map(|d| pick(h.partial_warning, h.partial_critical, d));
+        let complete = self.complete.period().map(|p| {
+            let slack = Duration::from_secs(2 * 3600);
+            pick(
+                h.complete_warning,
+                h.complete_critical,
+                Thresholds {
+                    warning: p + slack,
+                    critical: p * 2 + slack,
+                },
+            )
+        });
+        let push_default = partial_default.or(complete).unwrap_or(Thresholds {
+            warning: Duration::from_secs(3600),
+            critical: Duration::from_secs(6 * 3600),
+        });
+        let push = self
+            .push
+            .as_ref()
+            .map(|_| pick(h.push_warning, h.push_critical, push_default));
+        HealthLimits {
+            partial,
+            complete,
+            push,
+        }
+    }
 }
 
 /// The receiver's SFTP account.
@@ -101,6 +201,28 @@ pub enum CopyFormat {
 }
 
 impl CompleteConfig {
+    /// The longest gap between two runs of the schedule over the next 8 days
+    /// (a weekday-only schedule has a weekend gap); `None` when `"off"`.
+    pub fn period(&self) -> Option<Duration> {
+        let cron = self.cron().ok()??;
+        let mut at = chrono::Local::now();
+        let mut longest = Duration::ZERO;
+        let end = at + chrono::Duration::days(8);
+        let mut prev: Option<chrono::DateTime<chrono::Local>> = None;
+        for _ in 0..10_000 {
+            let next = cron.find_next_occurrence(&at, false).ok()?;
+            if let Some(p) = prev {
+                longest = longest.max((next - p).to_std().unwrap_or_default());
+            }
+            if next > end {
+                break;
+            }
+            prev = Some(next);
+            at = next;
+        }
+        (longest > Duration::ZERO).then_some(longest)
+    }
+
     /// The parsed schedule; `None` when `"off"`.
     pub fn cron(&self) -> Result<Option<croner::Cron>, String> {
         let s = self.schedule.trim();

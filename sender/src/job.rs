@@ -13,6 +13,7 @@ use crate::extract::{
 use crate::outbox::{self, OutboxError};
 use crate::state::{State, StateError};
 use ferry_common::bundle::Compression;
+use ferry_common::health::JobRecord;
 use ferry_common::lock::{LockError, StateLock};
 use ferry_common::manifest::{self, FORMAT, Kind, Manifest, Seq};
 use std::path::PathBuf;
@@ -47,6 +48,19 @@ impl JobError {
             JobError::Extract(e) => e.is_transient(),
             JobError::Write(e) => e.is_transient(),
             _ => false,
+        }
+    }
+}
+
+/// Records how a job ended for `status` (`<state_dir>/health/<kind>.json`). A
+/// job that did not start because another one holds the lock is no failure.
+pub fn record(config: &Config, kind: Kind, outcome: &Result<JobOutcome, JobError>) {
+    let job = kind.to_string();
+    match outcome {
+        Ok(_) => JobRecord::record_ok(&config.state_dir, &job),
+        Err(JobError::Lock(LockError::Busy { .. })) => {}
+        Err(e) => {
+            JobRecord::record_failure(&config.state_dir, &job, &e.to_string(), !e.is_transient())
         }
     }
 }
@@ -102,7 +116,9 @@ pub struct ResyncOutcome {
 /// bundles it supersedes (the receiver would skip them anyway).
 pub async fn resync(config: &Config, wait: std::time::Duration) -> Result<ResyncOutcome, JobError> {
     let lock = StateLock::acquire_waiting(&config.state_dir, wait).await?;
-    let complete = run_locked(config, Kind::Complete, &lock, None).await?;
+    let complete = run_locked(config, Kind::Complete, &lock, None).await;
+    record(config, Kind::Complete, &complete);
+    let complete = complete?;
     let seq = complete.seq.unwrap_or(0);
     let mut dropped = Vec::new();
     for b in outbox::list(&config.outbox(), &config.sender_id)? {
@@ -195,6 +211,7 @@ async fn run_locked(
         base_seq,
         prev_seq,
         created_at: chrono::Utc::now(),
+        complete_every_s: config.complete.period().map(|d| d.as_secs()),
         source: source.info(),
         schema_fingerprint: fingerprint,
         tables: tables.iter().map(|t: &TableMeta| t.info.clone()).collect(),

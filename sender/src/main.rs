@@ -4,6 +4,8 @@
 //!
 //! Exit status: 0 success; 1 failure; 2 bad usage or configuration;
 //! 75 (EX_TEMPFAIL) a transient failure worth retrying (database down, lock busy).
+//! `status` alone follows the monitoring-plugin convention: 0 ok, 1 warning,
+//! 2 critical, 3 unknown (its state could not be read).
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ferry_common::manifest::Kind;
@@ -73,7 +75,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show the last bundles, the watermarks and the outbox.
+    /// Show the last bundles, the watermarks, the outbox and the health; exits
+    /// 0 ok, 1 warning, 2 critical, 3 unknown (for a monitoring system).
     Status {
         #[arg(long)]
         json: bool,
@@ -98,7 +101,12 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("ferry-sender: {e}");
-            return ExitCode::from(2);
+            return match cli.command {
+                Command::Status { .. } => {
+                    ExitCode::from(ferry_common::health::Level::Unknown.exit_code())
+                }
+                _ => ExitCode::from(2),
+            };
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -173,15 +181,19 @@ async fn run(command: Command, config: Config) -> ExitCode {
             }
             Some(p) => push(&config, p, json).await,
         },
+        // The monitoring-plugin convention: 0 ok, 1 warning, 2 critical, 3 unknown.
         Command::Status { json } => match report::status(&config).await {
-            Ok(s) if json => print_json(&s),
             Ok(s) => {
-                print!("{s}");
-                ExitCode::SUCCESS
+                if json {
+                    print_json(&s);
+                } else {
+                    print!("{s}");
+                }
+                ExitCode::from(s.health.level().exit_code())
             }
             Err(e) => {
                 eprintln!("ferry-sender: status: {e:#}");
-                ExitCode::FAILURE
+                ExitCode::from(ferry_common::health::Level::Unknown.exit_code())
             }
         },
         Command::Check { json } => {

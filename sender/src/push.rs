@@ -16,6 +16,7 @@ use crate::config::{Config, PushConfig};
 use crate::outbox::{self, OutboxError, Pending};
 use crate::state::{State, StateError};
 use ferry_common::ack::{Ack, ack_file_name};
+use ferry_common::health::JobRecord;
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey};
 use russh_sftp::client::{RawSftpSession, SftpSession};
 use russh_sftp::protocol::{Packet, StatusCode};
@@ -595,6 +596,12 @@ pub async fn push_pending(config: &Config, p: &PushConfig) -> Result<PushOutcome
     state
         .record_push(result.as_ref().err().map(|e| e.to_string()))
         .await?;
+    match &result {
+        Ok(()) => JobRecord::record_ok(&config.state_dir, "push"),
+        Err(e) => {
+            JobRecord::record_failure(&config.state_dir, "push", &e.to_string(), !e.is_transient())
+        }
+    }
     let recorded = state.last(None).await?.map_or(0, |b| b.seq);
     prune_sent(config, recorded)?;
     result.map(|()| outcome)
@@ -752,14 +759,18 @@ pub async fn job_following(
     kind: ferry_common::manifest::Kind,
     push: Option<&PushConfig>,
 ) -> Result<crate::job::JobOutcome, crate::job::JobError> {
-    let Some(p) = push else {
-        return crate::job::run(config, kind).await;
+    let outcome = match push {
+        None => crate::job::run(config, kind).await,
+        Some(p) => {
+            let (tx, rx) = watch::channel(0);
+            let (outcome, ()) = tokio::join!(
+                crate::job::run_sealing(config, kind, Some(tx)),
+                follow(config.clone(), p.clone(), rx)
+            );
+            outcome
+        }
     };
-    let (tx, rx) = watch::channel(0);
-    let (outcome, ()) = tokio::join!(
-        crate::job::run_sealing(config, kind, Some(tx)),
-        follow(config.clone(), p.clone(), rx)
-    );
+    crate::job::record(config, kind, &outcome);
     outcome
 }
 

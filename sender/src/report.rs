@@ -4,6 +4,7 @@ use crate::config::{Carry, Config, Engine, redact_url};
 use crate::extract::{ChangeKind, Source, Watermarks};
 use crate::outbox::{self, Pending};
 use crate::state::{BundleRecord, PushStatus, State};
+use ferry_common::health::{self, Health, JobRecord, Level as HealthLevel};
 use ferry_common::manifest::Kind;
 use serde::Serialize;
 
@@ -20,6 +21,10 @@ pub struct Status {
     /// `user@host:port:dir`, or `None` without a `[push]` section.
     pub push_to: Option<String>,
     pub last_push: Option<PushStatus>,
+    /// How each job's latest runs went (`complete`, `partial`, `push`).
+    pub jobs: std::collections::BTreeMap<String, JobRecord>,
+    /// The verdict `status` exits with (0 ok, 1 warning, 2 critical).
+    pub health: Health,
 }
 
 /// Reads the status without taking the lock (it only reads).
@@ -37,6 +42,8 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
             .as_ref()
             .map(|p| format!("{}@{}:{}:{}", p.user, p.host, p.port, p.remote_dir)),
         last_push: None,
+        jobs: Default::default(),
+        health: Health::default(),
     };
     s.outbox_bytes = s.outbox.iter().map(|p| p.bytes).sum();
     if config.state_dir.join("state.db").exists() {
@@ -46,7 +53,82 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
         s.watermarks = state.watermarks().await?;
         s.last_push = state.push_status().await?;
     }
+    for job in ["complete", "partial", "push"] {
+        let r = JobRecord::read(&config.state_dir, job);
+        if r != JobRecord::default() {
+            s.jobs.insert(job.to_owned(), r);
+        }
+    }
+    s.health = judge(config, &s).settle();
     Ok(s)
+}
+
+/// The sender's health: each job's failures, and the age of the last
+/// complete, of the last partial run and of the oldest bundle not yet pushed
+/// against [`Config::health_limits`].
+fn judge(config: &Config, s: &Status) -> Health {
+    let mut h = Health::default();
+    let limits = config.health_limits();
+    for (job, r) in &s.jobs {
+        // A push record outlives a removed `[push]` section.
+        if job != "push" || config.push.is_some() {
+            r.judge(&mut h, job, config.health.failures_critical);
+        }
+    }
+    let created =
+        |b: &Option<BundleRecord>| b.as_ref().and_then(|b| health::parse_time(&b.created_at));
+    match (created(&s.last_complete), limits.complete) {
+        (None, _) => h.add(
+            HealthLevel::Warning,
+            "no complete yet: the copy has nothing to build on (`ferry-sender complete`)",
+        ),
+        (Some(t), Some(l)) => h.age(
+            "the last complete",
+            health::age(t),
+            l,
+            "health.complete_warning / complete_critical",
+        ),
+        (Some(_), None) => {}
+    }
+    if let Some(l) = limits.partial
+        && s.last_complete.is_some()
+    {
+        // A run that found nothing to send succeeded too; before any run, the
+        // newest bundle stands in.
+        let last_ok = s
+            .jobs
+            .get("partial")
+            .and_then(|r| r.last_ok_at)
+            .into_iter()
+            .chain(created(&s.last_partial))
+            .chain(created(&s.last_complete))
+            .max();
+        if let Some(t) = last_ok {
+            h.age(
+                "the last partial run that succeeded",
+                health::age(t),
+                l,
+                "health.partial_warning / partial_critical",
+            );
+        }
+    }
+    if let Some(l) = limits.push {
+        let oldest = s
+            .outbox
+            .iter()
+            .filter_map(|p| std::fs::metadata(config.outbox().join(&p.file)).ok())
+            .filter_map(|m| m.modified().ok())
+            .min();
+        if let Some(t) = oldest {
+            h.age(
+                "the oldest bundle waiting to be pushed",
+                t.elapsed().unwrap_or_default(),
+                l,
+                "health.push_warning / push_critical",
+            );
+        }
+    }
+    h
 }
 
 impl std::fmt::Display for Status {
@@ -97,7 +179,17 @@ impl std::fmt::Display for Status {
                 }
             }
         }
-        Ok(())
+        // The push's own line above says how the last push went.
+        for (job, r) in self.jobs.iter().filter(|(job, _)| *job != "push") {
+            if let (Some(e), Some(at)) = (&r.last_error, r.last_error_at) {
+                writeln!(
+                    f,
+                    "last {job} error ({}): {e}",
+                    at.format("%Y-%m-%d %H:%M:%S UTC")
+                )?;
+            }
+        }
+        f.write_str(&self.health.render())
     }
 }
 

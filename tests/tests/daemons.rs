@@ -132,7 +132,11 @@ async fn a_busy_job_skips_ticks_and_sigterm_abandons_it_without_losing_the_bundl
         .collect();
     assert!(temps.is_empty(), "{temps:?}");
     let status = run("ferry-sender", &l.p("sender.toml"), &["status"]);
-    assert!(status.status.success(), "{}", text(&status.stderr));
+    assert!(
+        status.status.code().is_some_and(|c| c <= 1),
+        "{}",
+        text(&status.stderr)
+    );
 }
 
 #[tokio::test]

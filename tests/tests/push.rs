@@ -268,7 +268,9 @@ async fn an_outage_queues_bundles_and_they_arrive_in_order() {
     .await;
     assert_eq!(p.sender(&["partial"]).status.code(), Some(75));
     assert_eq!(outbox_files(&p.path("sstate/outbox")).len(), 2);
-    let status = ok(&p.sender(&["status"]));
+    let status = p.sender(&["status"]);
+    assert_eq!(status.status.code(), Some(1), "a failing push is a warning");
+    let status = text(&status.stdout);
     assert!(status.contains("last push error"), "{status}");
 
     p.ssh.restart();

@@ -39,8 +39,12 @@ fn a_bad_config_key_is_named_and_exits_2() {
     );
     assert!(e.contains("sender.toml"), "the message names the file: {e}");
 
-    let missing = sender(&dir.path().join("nope.toml"), &["status"]);
+    let missing = sender(&dir.path().join("nope.toml"), &["check"]);
     assert_eq!(missing.status.code(), Some(2));
+    assert!(stderr(&missing).contains("nope.toml"));
+    // `status` speaks the monitoring-plugin convention: unknown.
+    let missing = sender(&dir.path().join("nope.toml"), &["status"]);
+    assert_eq!(missing.status.code(), Some(3));
     assert!(stderr(&missing).contains("nope.toml"));
 }
 

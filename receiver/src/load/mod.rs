@@ -66,7 +66,7 @@ impl LoadError {
     /// Whether trying again later can help (the database was unreachable).
     pub fn is_transient(&self) -> bool {
         match self {
-            LoadError::Connect { .. } => true,
+            LoadError::Connect { source, .. } => !refused_for_good(source),
             LoadError::Db { source, .. } => {
                 matches!(source, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)
             }
@@ -317,4 +317,12 @@ pub(crate) fn split_change(line: &str) -> Result<(&'static str, &str), LoadError
     } else {
         Err(bad())
     }
+}
+
+/// A login the server refused, a database that is not there, a missing
+/// privilege: an operator must act, so it is logged at ERROR and `status` is
+/// critical at once.
+fn refused_for_good(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d)
+        if d.code().is_some_and(|c| ferry_common::health::sqlstate_is_permanent(&c)))
 }

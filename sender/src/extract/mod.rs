@@ -97,7 +97,7 @@ impl ExtractError {
     /// Whether trying again later can help (the database was down or busy).
     pub fn is_transient(&self) -> bool {
         match self {
-            ExtractError::Connect { .. } => true,
+            ExtractError::Connect { source, .. } => !refused_for_good(source),
             ExtractError::Db { source, .. } => matches!(
                 source,
                 sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_)
@@ -409,4 +409,12 @@ pub(crate) fn column_list(prefix: Option<&str>, cols: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// A login the server refused, a database that is not there, a missing
+/// privilege: an operator must act, so it is logged at ERROR and `status` is
+/// critical at once.
+fn refused_for_good(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d)
+        if d.code().is_some_and(|c| ferry_common::health::sqlstate_is_permanent(&c)))
 }
