@@ -15,6 +15,7 @@ pub mod ack;
 pub mod bundle;
 pub mod checksum;
 pub mod config;
+pub mod db;
 pub mod durable;
 pub mod duration;
 pub mod health;

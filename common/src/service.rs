@@ -10,7 +10,18 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 /// the top level. `RUST_LOG` filters (default `info`).
 pub fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // sqlx logs every statement slower than 1 s at WARN with its whole text
+    // (kilobytes of DDL), and PostgreSQL's notices (`schema "ferry" already
+    // exists, skipping`) as events of their own: neither belongs in an
+    // operator's log. `RUST_LOG=sqlx=…` brings them back.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("sqlx")) {
+        for quiet in ["sqlx::query=error", "sqlx::postgres::notice=error"] {
+            if let Ok(d) = quiet.parse() {
+                filter = filter.add_directive(d);
+            }
+        }
+    }
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

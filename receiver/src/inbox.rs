@@ -67,8 +67,37 @@ impl Entry {
     }
 }
 
+/// A file that is not a bundle by its name (`backup.tar.gz`, an uppercase
+/// name, a seq of 11 digits) is never loaded: a warning, once per file and
+/// process, says so.
+fn warn_once(file: &str) {
+    static WARNED: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let first = WARNED
+        .lock()
+        .map(|mut w| w.insert(file.to_owned()))
+        .unwrap_or(true);
+    if first {
+        tracing::warn!(
+            file,
+            "not a bundle name (<sender>-<chain>-<12-digit seq>-<complete|partial>.tar.zst): ignored; \
+             move it out of the inbox, or deliver bundles under the names the sender gave them"
+        );
+    }
+}
+
 /// Lists the bundles in a directory, sorted by sender and sequence.
 pub fn scan(dir: &Path) -> std::io::Result<Vec<Entry>> {
+    scan_with(dir, false)
+}
+
+/// [`scan`] for a load pass: files that are not bundles by name are named in
+/// the log (once per file and process).
+pub fn scan_inbox(dir: &Path) -> std::io::Result<Vec<Entry>> {
+    scan_with(dir, true)
+}
+
+fn scan_with(dir: &Path, warn_strangers: bool) -> std::io::Result<Vec<Entry>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -121,6 +150,8 @@ pub fn scan(dir: &Path) -> std::io::Result<Vec<Entry>> {
                 *newest = (*newest).max(modified);
             }
             entry.volumes.push(e.path());
+        } else if warn_strangers {
+            warn_once(&file);
         }
     }
     let mut out: Vec<Entry> = found.into_values().collect();

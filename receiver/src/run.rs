@@ -100,7 +100,12 @@ pub async fn plan_all(
         path: config.inbox.display().to_string(),
         source,
     };
-    let entries = inbox::scan(&config.inbox).map_err(inbox_err)?;
+    let entries = if tidy {
+        inbox::scan_inbox(&config.inbox)
+    } else {
+        inbox::scan(&config.inbox)
+    }
+    .map_err(inbox_err)?;
     let quarantined = inbox::scan(&config.quarantine_dir()).unwrap_or_default();
     let mut by_sender: BTreeMap<&str, Vec<Entry>> = BTreeMap::new();
     for e in &entries {

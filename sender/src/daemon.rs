@@ -165,6 +165,13 @@ async fn join(running: &mut Option<(Work, JoinHandle<()>)>) -> Option<Work> {
     }
 }
 
+/// Whether `job` has failed `health.failures_critical` times in a row: a
+/// transient failure that keeps coming is logged at ERROR.
+fn persistent(config: &Config, job: &str) -> bool {
+    ferry_common::health::JobRecord::read(&config.state_dir, job).failures_in_a_row
+        >= config.health.failures_critical
+}
+
 fn has_pending(config: &Config) -> bool {
     outbox::list(&config.outbox(), &config.sender_id).is_ok_and(|v| !v.is_empty())
 }
@@ -176,7 +183,11 @@ fn start(config: &Arc<Config>, work: Work) -> (Work, JoinHandle<()>) {
             service::status(&format!("taking a {kind}"));
             match push::job_following(&config, kind, config.push.as_ref()).await {
                 Ok(_) => {}
-                Err(e) if e.is_transient() => {
+                // Another job (a manual one) holds the lock: nothing failed.
+                Err(e @ job::JobError::Lock(_)) if e.is_transient() => {
+                    tracing::info!(%kind, reason = %e, "job skipped; the next tick tries again")
+                }
+                Err(e) if e.is_transient() && !persistent(&config, &kind.to_string()) => {
                     tracing::warn!(%kind, error = %e, "job failed; the next tick retries")
                 }
                 Err(e) => tracing::error!(%kind, error = %e, "job failed"),
@@ -186,8 +197,16 @@ fn start(config: &Arc<Config>, work: Work) -> (Work, JoinHandle<()>) {
             && has_pending(&config)
         {
             service::status("pushing");
-            if let Err(e) = push::push_pending(&config, p).await {
-                tracing::error!(error = %e, retry_in = %humantime::format_duration(p.retry_interval), "push failed; the bundles stay queued");
+            match push::push_pending(&config, p).await {
+                Ok(_) => {}
+                // A manual push is delivering the same bundles.
+                Err(e @ push::PushError::Busy(_)) => tracing::info!(reason = %e, "push skipped"),
+                Err(e) if e.is_transient() && !persistent(&config, "push") => {
+                    tracing::warn!(error = %e, retry_in = %humantime::format_duration(p.retry_interval), "push failed; the bundles stay queued")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = %humantime::format_duration(p.retry_interval), "push failed; the bundles stay queued")
+                }
             }
         }
         service::status("idle");

@@ -253,6 +253,12 @@ async fn push(config: &Config, p: &ferry_sender::config::PushConfig, json: bool)
             }
             ExitCode::SUCCESS
         }
+        // The daemon (or another manual push) is delivering the same outbox.
+        Err(e @ ferry_sender::push::PushError::Busy(_)) => {
+            tracing::info!(reason = %e, "push skipped");
+            println!("push: another push is running; it delivers what is queued");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             tracing::error!(error = %e, "push failed");
             eprintln!(

@@ -330,6 +330,13 @@ pub async fn check(config: &Config) -> Vec<Finding> {
                         .join(", ")
                 ),
             );
+            let names = tables.iter().map(|t| t.key()).collect();
+            for name in crate::extract::select::missing_includes(config, &names) {
+                push(
+                    Level::Warn,
+                    crate::extract::select::missing_include_message(&name),
+                );
+            }
             for t in &tables {
                 let why = if t.auto {
                     format!(

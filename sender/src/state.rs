@@ -16,7 +16,7 @@ use std::path::Path;
 
 /// An error reading or writing the state database.
 #[derive(Debug, thiserror::Error)]
-#[error("sender state {path}: {doing}: {source}")]
+#[error("sender state {path}: {doing}: {}", ferry_common::db::describe(.source))]
 pub struct StateError {
     path: String,
     doing: &'static str,

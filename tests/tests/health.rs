@@ -297,3 +297,121 @@ async fn the_senders_status_exits_with_its_health() {
     std::fs::write(&tx, "sender_id = 1\n").unwrap();
     assert_eq!(status("ferry-sender", &tx).0, 3);
 }
+
+fn run_info(bin: &str, config: &Path, args: &[&str]) -> Output {
+    Command::new(binary(bin))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap()
+}
+
+/// The operator's log and `check`: an include that selects nothing is named;
+/// no PostgreSQL notices, source positions or statement dumps; a push that
+/// finds another one running is no error; a file in the inbox that is not a
+/// bundle is named.
+#[tokio::test]
+async fn messages_an_operator_can_act_on() {
+    let l = Pair::new().await;
+    let tx = l.p("sender.toml");
+    let base = std::fs::read_to_string(&tx).unwrap();
+    let with_include = base.replace(
+        "[partial]",
+        "include = [\"public.report\", \"public.invoices\"]\n[partial]",
+    );
+    std::fs::write(&tx, &with_include).unwrap();
+    let check = run("ferry-sender", &tx, &["check"]);
+    let said = text(&check.stdout);
+    assert!(check.status.success(), "a warning only:\n{said}");
+    assert!(
+        said.lines().any(|l| l.starts_with("warn")
+            && l.contains("\"public.invoices\"")
+            && l.contains("selects no table")),
+        "{said}"
+    );
+    let complete = run_info("ferry-sender", &tx, &["complete"]);
+    let log = text(&complete.stderr);
+    assert!(complete.status.success(), "{log}");
+    assert_eq!(
+        log.matches("\"public.invoices\", which selects no table")
+            .count(),
+        1,
+        "{log}"
+    );
+    let partial = run_info("ferry-sender", &tx, &["partial"]);
+    let log = format!("{log}{}", text(&partial.stderr));
+    for noise in [
+        "already exists, skipping",
+        "slow statement",
+        "sqlx::postgres::notice",
+    ] {
+        assert!(!log.contains(noise), "{noise:?} in the log:\n{log}");
+    }
+
+    // A source position is PostgreSQL's business, not the operator's.
+    let refused = with_include.replace("postgres@", "nobody_here@");
+    std::fs::write(&tx, &refused).unwrap();
+    let out = run("ferry-sender", &tx, &["partial"]);
+    let err = text(&out.stderr);
+    assert!(err.contains("role \"nobody_here\" does not exist"), "{err}");
+    assert!(!err.contains(" at line "), "{err}");
+    std::fs::write(&tx, &with_include).unwrap();
+
+    // A manual push beside one that runs (the daemon's): no error.
+    let key = l.p("id_ed25519");
+    ferry_tests::sshd::keygen(&key, "ed25519");
+    std::fs::write(l.p("known_hosts"), "").unwrap();
+    std::fs::write(
+        &tx,
+        format!(
+            "{with_include}[push]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"nobody\"\nkey_file = {:?}\nknown_hosts = {:?}\n",
+            free_port(),
+            key,
+            l.p("known_hosts")
+        ),
+    )
+    .unwrap();
+    let mut holder = Command::new("flock")
+        .arg(l.p("sstate/push.lock"))
+        .args(["sleep", "30"])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::process::Command::new("flock")
+        .args(["-n"])
+        .arg(l.p("sstate/push.lock"))
+        .arg("true")
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flock never took the lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let push = run_info("ferry-sender", &tx, &["push"]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(code(&push), 0, "{}", text(&push.stderr));
+    assert!(text(&push.stdout).contains("another push is running"));
+    assert!(
+        !text(&push.stderr).contains("ERROR"),
+        "{}",
+        text(&push.stderr)
+    );
+
+    // Files that are not bundles by name are named, once per pass.
+    for f in ["backup.tar.gz", "app-00000000001-complete.tar.zst"] {
+        std::fs::write(l.p("inbox").join(f), b"x").unwrap();
+    }
+    let load = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+    let log = text(&load.stderr);
+    for f in ["backup.tar.gz", "app-00000000001-complete.tar.zst"] {
+        assert_eq!(log.matches(f).count(), 1, "{log}");
+    }
+    assert!(log.contains("not a bundle name"), "{log}");
+}

@@ -26,14 +26,15 @@ use ferry_common::manifest::{Manifest, Table};
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error(
-        "could not connect to the target database {url}: {source}; check `target.url` and that the server is running"
+        "could not connect to the target database {url}: {}; check `target.url` and that the server is running",
+        ferry_common::db::describe(.source)
     )]
     Connect {
         url: String,
         #[source]
         source: sqlx::Error,
     },
-    #[error("target database error while {doing}: {source}")]
+    #[error("target database error while {doing}: {}", ferry_common::db::describe(.source))]
     Db {
         doing: String,
         #[source]

@@ -37,14 +37,15 @@ pub type Watermarks = BTreeMap<String, Option<String>>;
 #[derive(Debug, thiserror::Error)]
 pub enum ExtractError {
     #[error(
-        "could not connect to the source database {url}: {source}; check `source.url`, that the server is running and that the user may log in"
+        "could not connect to the source database {url}: {}; check `source.url`, that the server is running and that the user may log in",
+        ferry_common::db::describe(.source)
     )]
     Connect {
         url: String,
         #[source]
         source: sqlx::Error,
     },
-    #[error("source database error while {doing}: {source}")]
+    #[error("source database error while {doing}: {}", ferry_common::db::describe(.source))]
     Db {
         doing: String,
         #[source]

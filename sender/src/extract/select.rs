@@ -23,6 +23,49 @@ fn matches(patterns: &[glob::Pattern], name: &str) -> bool {
         .any(|p| p.matches_with(name, crate::config::GLOB_OPTIONS))
 }
 
+/// The `[source] include` entries without wildcards that select no table: a
+/// typo, or a table that is not there (yet), or one `exclude` removes.
+pub fn missing_includes(config: &Config, selected: &HashSet<String>) -> Vec<String> {
+    config
+        .source
+        .include
+        .iter()
+        .filter(|p| !p.contains(['*', '?', '[']))
+        .filter(|p| {
+            let Ok(pattern) = glob::Pattern::new(p) else {
+                return false;
+            };
+            !selected
+                .iter()
+                .any(|n| pattern.matches_with(n, crate::config::GLOB_OPTIONS))
+        })
+        .cloned()
+        .collect()
+}
+
+/// What `check` and the log say about an include that selects nothing.
+pub fn missing_include_message(name: &str) -> String {
+    format!(
+        "`[source] include` names {name:?}, which selects no table: no such table (names are \
+         `schema.table`), or `exclude` removes it"
+    )
+}
+
+/// Once per process: a daemon's every partial would repeat it.
+fn warn_once(name: &str) {
+    static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let first = WARNED.lock().map_or(true, |mut w| {
+        let new = !w.iter().any(|x| x == name);
+        if new {
+            w.push(name.to_owned());
+        }
+        new
+    });
+    if first {
+        tracing::warn!("{}", missing_include_message(name));
+    }
+}
+
 /// Applies the configuration to the catalog. `postgres` selects the rules for
 /// change columns (PostgreSQL accepts timestamps only, see docs/change-capture.md).
 pub fn resolve(
@@ -168,6 +211,9 @@ pub fn resolve(
                  `schema.table` and case-sensitive; a more specific stanza may cover them)"
             ));
         }
+    }
+    for name in missing_includes(config, &names) {
+        warn_once(&name);
     }
     if selected.is_empty() {
         problems.push(
