@@ -54,12 +54,10 @@ pub fn signer(config: &crate::Config) -> Result<Option<Signer>, crate::job::JobE
     let Some(path) = config.signing_key() else {
         return Ok(None);
     };
-    let key = russh::keys::load_secret_key(path, None).map_err(|e| {
+    let key = crate::keys::load(path).map_err(|e| {
         crate::job::JobError::SigningKey(format!(
-            "cannot read the signing key {} ({e}): it must be an OpenSSH private key without a \
-             passphrase, readable by the sender (`[bundle] signing_key`, or `[push] key_file`; \
-             `[bundle] sign = false` turns signing off)",
-            path.display()
+            "the signing key (`[bundle] signing_key`, or `[push] key_file`; `[bundle] sign = \
+             false` turns signing off): {e}"
         ))
     })?;
     Ok(Some(std::sync::Arc::new(move |digest: &str| {

@@ -15,6 +15,7 @@ pub mod config;
 pub mod daemon;
 pub mod extract;
 pub mod job;
+pub mod keys;
 pub mod outbox;
 pub mod push;
 pub mod report;

@@ -64,9 +64,7 @@ pub enum PushError {
         message: String,
         line: String,
     },
-    #[error(
-        "could not load the SSH key {path}: {message}; set `push.key_file` to an OpenSSH private key without a passphrase (ssh-keygen -t ed25519 -N '' -f {path})"
-    )]
+    #[error("the SSH key `push.key_file`: {message}")]
     Key { path: String, message: String },
     #[error(
         "the SFTP server {target} refused the key {key} for user {user:?} (Permission denied (publickey)). Causes: its public key ({key}.pub) is not in that account's authorized_keys; or the account is locked (`!` in /etc/shadow, what useradd leaves: sshd without PAM then refuses every key; run `usermod -p '*' {user}` on the receiver); or sshd's AllowUsers/Match rules exclude it (see the server's log)"
@@ -213,9 +211,9 @@ impl Link {
     /// Connects, verifies the host key, authenticates and opens SFTP.
     pub async fn open(p: &PushConfig) -> Result<Self, PushError> {
         let target = format!("{}:{}", p.host, p.port);
-        let key = russh::keys::load_secret_key(&p.key_file, None).map_err(|e| PushError::Key {
+        let key = crate::keys::load(&p.key_file).map_err(|message| PushError::Key {
             path: p.key_file.display().to_string(),
-            message: e.to_string(),
+            message,
         })?;
         let mut preferred = russh::Preferred::default();
         // aes256-gcm measured faster than the default chacha20 on AES-NI machines.
@@ -369,7 +367,14 @@ impl Link {
                     target: self.target.clone(),
                     doing: format!("creating the remote directory {path:?}"),
                     message: format!(
-                        "{e}; create `push.remote_dir` on the receiver, writable by the SFTP user"
+                        "{e}; create `push.remote_dir` on the receiver, writable by the SFTP user{}",
+                        if self.dir.starts_with('/') {
+                            ". Paths are inside the account's SFTP chroot: for an inbox at \
+                             /srv/ferry/inbox on the host with ChrootDirectory /srv/ferry, write \
+                             `remote_dir = \"inbox\"`, not the host path"
+                        } else {
+                            ""
+                        }
                     ),
                     transient: false,
                 })?;
@@ -425,16 +430,58 @@ impl Link {
                 path: local.to_owned(),
                 source,
             })?;
-        let mut dst = self
+        let dst = self
             .sftp
             .create(&tmp)
             .await
             .map_err(sftp_error(&self.target, format!("creating {tmp}")))?;
-        let io_err = |doing: &str, e: std::io::Error| PushError::Sftp {
-            target: self.target.clone(),
-            doing: format!("{doing} {tmp}"),
-            message: e.to_string(),
-            transient: true,
+        match self
+            .write_part(&mut src, dst, local, name, &tmp, size)
+            .await
+        {
+            Ok(timings) => {
+                self.finish_upload(name, &tmp, &fin, size, started, timings)
+                    .await
+            }
+            Err(e) => {
+                // Free what the failed write took (a full disk most of all);
+                // the next attempt writes the same name from the start anyway.
+                let removed =
+                    tokio::time::timeout(Duration::from_secs(5), self.sftp.remove_file(&tmp)).await;
+                if !matches!(removed, Ok(Ok(()))) {
+                    tracing::debug!(file = %tmp, "could not remove the partial upload; the next attempt overwrites it");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes the bundle into the open temporary file, syncs and closes it;
+    /// returns when writing and syncing ended.
+    async fn write_part(
+        &self,
+        src: &mut tokio::fs::File,
+        mut dst: russh_sftp::client::fs::File,
+        local: &Path,
+        name: &str,
+        tmp: &str,
+        size: u64,
+    ) -> Result<(Instant, Instant), PushError> {
+        let io_err = |doing: &str, e: std::io::Error| {
+            let mut message = e.to_string();
+            // OpenSSH answers ENOSPC and EDQUOT with a bare SSH_FX_FAILURE.
+            if message.contains("Failure") {
+                message.push_str(
+                    "; the receiver's file system may be full or the SFTP account over its \
+                     quota: free space in the inbox (the partial upload was removed)",
+                );
+            }
+            PushError::Sftp {
+                target: self.target.clone(),
+                doing: format!("{doing} {tmp}"),
+                message,
+                transient: true,
+            }
         };
         let bar = ferry_common::service::progress_bar(
             size,
@@ -466,15 +513,30 @@ impl Link {
             bar.inc(filled as u64);
         }
         bar.finish_and_clear();
-        let written = started.elapsed();
+        let written = Instant::now();
         // flush: every write acknowledged, then fsync@openssh.com where offered.
         dst.flush().await.map_err(|e| io_err("syncing", e))?;
-        let synced = started.elapsed();
+        let synced = Instant::now();
         dst.shutdown().await.map_err(|e| io_err("closing", e))?;
-        self.rename(&tmp, &fin).await?;
+        Ok((written, synced))
+    }
+
+    /// Renames the synced temporary file to the bundle's name and checks its
+    /// size on the server.
+    async fn finish_upload(
+        &self,
+        name: &str,
+        tmp: &str,
+        fin: &str,
+        size: u64,
+        started: Instant,
+        (written, synced): (Instant, Instant),
+    ) -> Result<(u64, Option<std::time::SystemTime>), PushError> {
+        let (written, synced) = (written - started, synced - started);
+        self.rename(tmp, fin).await?;
         let meta = self
             .sftp
-            .metadata(&fin)
+            .metadata(fin)
             .await
             .map_err(sftp_error(&self.target, format!("checking {fin}")))?;
         let got = meta.size;

@@ -569,6 +569,96 @@ async fn a_down_server_and_an_unwritable_remote_dir_are_named() {
         stdout.contains("account is locked") && stdout.contains("usermod -p '*'"),
         "{stdout}"
     );
+    let unlocked = std::process::Command::new("usermod")
+        .args(["-p", "*", &ssh.user])
+        .status()
+        .unwrap();
+    assert!(unlocked.success());
+
+    // The host path of a chrooted inbox: the hint says paths are inside the chroot.
+    write(ssh.push_section("/srv/ferry/inbox", &ssh.client_key, ssh.port));
+    let stdout = text(&run("ferry-sender", &config, &["check"]).stdout);
+    assert!(
+        stdout.contains("/srv") && stdout.contains("inside the account's SFTP chroot"),
+        "{stdout}"
+    );
+
+    // A key others can read is refused, as OpenSSH refuses it.
+    let loose = dir.path().join("loose_key");
+    std::fs::copy(&ssh.client_key, &loose).unwrap();
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    write(ssh.push_section("inbox", &loose, ssh.port));
+    let stdout = text(&run("ferry-sender", &config, &["check"]).stdout);
+    assert!(
+        stdout.contains("mode 0644") && stdout.contains("chmod 600"),
+        "{stdout}"
+    );
+
+    // A full inbox file system: named, and no `.part` left taking the space.
+    let mut app = sqlx::SqliteConnection::connect(&format!(
+        "sqlite://{}/app.sqlite3?mode=rwc",
+        dir.path().display()
+    ))
+    .await
+    .unwrap();
+    sqlx::raw_sql("CREATE TABLE blob (id INTEGER PRIMARY KEY, data BLOB); INSERT INTO blob VALUES (1, randomblob(3000000));")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let id = |flag: &str| {
+        text(
+            &std::process::Command::new("id")
+                .args([flag, &ssh.user])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .trim()
+        .to_owned()
+    };
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o"])
+        .arg(format!(
+            "size=1m,mode=0755,uid={},gid={}",
+            id("-u"),
+            id("-g")
+        ))
+        .arg("ferry-test")
+        .arg(ssh.inbox())
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "mounting a tmpfs needs root (CI runs the tests as root)"
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let guard = Unmount(ssh.inbox());
+    write(ssh.push_section("inbox", &ssh.client_key, ssh.port));
+    let out = run("ferry-sender", &config, &["complete"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(
+        err.contains("may be full or the SFTP account over its quota"),
+        "{err}"
+    );
+    let left: Vec<String> = std::fs::read_dir(ssh.inbox())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.iter().all(|n| !n.ends_with(".part")), "{left:?}");
+    drop(guard);
+    let out = run("ferry-sender", &config, &["push"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(inbox(&ssh, "").0.len(), 1);
 }
 
 /// The name of the sender's bundle `seq` of `kind`, in the chain of the
