@@ -24,8 +24,29 @@ impl Drop for AbortOnDrop {
 /// (its transaction rolls back; the bundle stays in the inbox).
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// The lock file that marks a running daemon (see [`running`]).
+pub const DAEMON_LOCK: &str = "daemon.lock";
+
+/// Whether a daemon runs on this state directory.
+pub fn running(config: &Config) -> bool {
+    matches!(
+        StateLock::acquire_named(&config.state_dir, DAEMON_LOCK),
+        Err(ferry_common::lock::LockError::Busy { .. })
+    )
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 pub async fn run(config: &Config, mut signals: StopSignals) -> anyhow::Result<()> {
-    let _lock = StateLock::acquire(&config.state_dir)?;
+    // One daemon per state directory; the state lock itself is taken per
+    // pass, so that `load`, `prune` and `retry` by hand run between passes.
+    let _instance = StateLock::acquire_named(&config.state_dir, DAEMON_LOCK)?;
     std::fs::create_dir_all(&config.inbox)?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -60,6 +81,7 @@ pub async fn run(config: &Config, mut signals: StopSignals) -> anyhow::Result<()
     };
     let mut target: Option<Target> = None;
     let mut stop = false;
+    let mut again: Option<tokio::time::Instant> = None;
     tracing::info!(inbox = %config.inbox.display(), "receiver running");
     service::ready("running");
     service::spawn_watchdog();
@@ -80,6 +102,19 @@ pub async fn run(config: &Config, mut signals: StopSignals) -> anyhow::Result<()
             }
             _ = rescan.tick() => false,
             _ = prune.tick() => true,
+            () = until(again) => false,
+        };
+        again = None;
+        // A manual `load` or `prune` holds the state lock: this pass waits
+        // for a second.
+        let _pass = match StateLock::acquire(&config.state_dir) {
+            Ok(lock) => lock,
+            Err(ferry_common::lock::LockError::Busy { .. }) => {
+                tracing::debug!("a manual command holds the state lock; passing in a second");
+                again = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
         };
         if target.is_none() {
             match Target::connect(config).await {

@@ -156,6 +156,10 @@ fn main() -> ExitCode {
     }
 }
 
+/// How long `load` and `prune` wait for a pass of the daemon (or another
+/// command) to finish.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 fn fail(e: impl std::fmt::Display, transient: bool) -> ExitCode {
     eprintln!("ferry-receiver: {e}");
     if transient {
@@ -168,7 +172,13 @@ fn fail(e: impl std::fmt::Display, transient: bool) -> ExitCode {
 /// The state lock and the target, for commands that change either; a failure
 /// is already reported and mapped to its exit status.
 async fn lock_and_connect(config: &Config) -> Result<(StateLock, Target), ExitCode> {
-    let lock = StateLock::acquire(&config.state_dir).map_err(|e| fail(e, true))?;
+    // Beside the daemon: wait for its pass to end, then run between passes.
+    if ferry_receiver::daemon::running(config) {
+        eprintln!("ferry-receiver: the daemon runs here; this runs between its passes");
+    }
+    let lock = StateLock::acquire_waiting(&config.state_dir, LOCK_WAIT)
+        .await
+        .map_err(|e| fail(e, true))?;
     let target = Target::connect(config).await.map_err(|e| {
         let t = e.is_transient();
         ferry_receiver::health::record_pass(config, Some((&e.to_string(), t)));
@@ -305,10 +315,17 @@ async fn execute(command: Command, config: Config) -> ExitCode {
         Command::Retry { bundle } => {
             match quarantine::retry(&config.quarantine_dir(), &config.inbox, &bundle) {
                 Ok(p) => {
-                    println!(
-                        "{} is back in the inbox; `ferry-receiver load` applies it",
-                        p.display()
-                    );
+                    if ferry_receiver::daemon::running(&config) {
+                        println!(
+                            "{} is back in the inbox; the running daemon applies it now",
+                            p.display()
+                        );
+                    } else {
+                        println!(
+                            "{} is back in the inbox; `ferry-receiver load` (or the daemon, once started) applies it",
+                            p.display()
+                        );
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(e, false),

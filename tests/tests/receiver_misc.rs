@@ -294,13 +294,23 @@ async fn the_daemon_loads_on_file_events_and_stops_on_sigterm() {
     let mut daemon = Daemon::spawn(cmd);
     // It logs this once it holds the lock and watches the inbox.
     daemon.wait_for("receiver running", Duration::from_secs(20));
-    let second = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+    let second = run("ferry-receiver", &l.p("receiver.toml"), &["run"]);
     assert_eq!(
         second.status.code(),
         Some(75),
-        "a second instance must be refused"
+        "a second daemon must be refused"
     );
     assert!(text(&second.stderr).contains("another ferry process"));
+    // Day-2 commands run between the daemon's passes.
+    for cmd in ["load", "prune"] {
+        let out = run("ferry-receiver", &l.p("receiver.toml"), &[cmd]);
+        assert!(
+            out.status.success(),
+            "{cmd} beside the daemon: {}",
+            text(&out.stderr)
+        );
+        assert!(text(&out.stderr).contains("between its passes"));
+    }
     // The first pass ran at start (interval ticks immediately); now deliver.
     std::thread::sleep(Duration::from_millis(200));
     l.deliver(&l.send("complete"));
@@ -323,6 +333,52 @@ async fn the_daemon_loads_on_file_events_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     }
     l.assert_same().await;
+    // A quarantined bundle put back with `retry` is applied by the daemon.
+    let mut app = sqlite(&l.p("app.sqlite3")).await;
+    sqlx::raw_sql(
+        "UPDATE phone SET model = 'retried', updated_at = '2024-06-02 00:00:00' WHERE id = 1",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
+    let partial = l.send("partial");
+    std::fs::create_dir_all(l.p("rstate/quarantine")).unwrap();
+    std::fs::copy(
+        l.p("sstate/outbox").join(&partial),
+        l.p("rstate/quarantine").join(&partial),
+    )
+    .unwrap();
+    std::fs::write(
+        l.p("rstate/quarantine")
+            .join(format!("{partial}.error.txt")),
+        "test",
+    )
+    .unwrap();
+    let out = run(
+        "ferry-receiver",
+        &l.p("receiver.toml"),
+        &["retry", &partial],
+    );
+    assert!(
+        text(&out.stdout).contains("the running daemon applies it now"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sqlx::query_scalar::<_, String>("SELECT model FROM phone WHERE id = 1")
+        .fetch_one(&mut sqlite(&l.p("viz.sqlite3")).await)
+        .await
+        .unwrap()
+        != "retried"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not apply the retried bundle:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     daemon.signal("TERM");
     let status = daemon.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "exit status after SIGTERM: {status}");
