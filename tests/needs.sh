@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sourced by tests/run and the benchmarks: installs what they need (PostgreSQL
 # server binaries, OpenSSH server and client, zstd, systemd-analyze, bc, the
-# sqlite3 shell) when
+# sqlite3 shell, sudo for the install doc) when
 # missing, or says exactly what to install. Run as root, or with them installed.
 ferry_needs() {
   local need=()
@@ -12,6 +12,7 @@ ferry_needs() {
   command -v systemd-analyze >/dev/null || need+=(systemd)
   command -v bc >/dev/null || need+=(bc)
   command -v sqlite3 >/dev/null || need+=(sqlite3)
+  command -v sudo >/dev/null || need+=(sudo)
   if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
       echo "$0: installing ${need[*]}"
