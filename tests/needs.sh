@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sourced by tests/run and the benchmarks: installs what they need (PostgreSQL
 # server binaries, OpenSSH server and client, zstd, systemd-analyze, bc, the
-# sqlite3 shell, sudo for the install doc) when
+# sqlite3 shell, sudo for the install doc, Prometheus and promtool) when
 # missing, or says exactly what to install. Run as root, or with them installed.
 ferry_needs() {
   local need=()
@@ -13,12 +13,21 @@ ferry_needs() {
   command -v bc >/dev/null || need+=(bc)
   command -v sqlite3 >/dev/null || need+=(sqlite3)
   command -v sudo >/dev/null || need+=(sudo)
+  command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
   if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
       echo "$0: installing ${need[*]}"
       export DEBIAN_FRONTEND=noninteractive
       apt-get update -qq
+      # Install without starting services (prometheus would listen on :9090):
+      # the tests start their own, on loopback.
+      local policy=""
+      if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 0755 /usr/sbin/policy-rc.d
+        policy=1
+      fi
       apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+      [ -n "$policy" ] && rm -f /usr/sbin/policy-rc.d
     else
       echo "$0: missing ${need[*]}; install them (sudo apt-get install -y ${need[*]}) or run as root" >&2
       exit 1

@@ -19,9 +19,11 @@ pub mod db;
 pub mod durable;
 pub mod duration;
 pub mod health;
+pub mod http;
 pub mod ident;
 pub mod lock;
 pub mod manifest;
+pub mod metrics;
 pub mod reader;
 pub mod service;
 

@@ -35,6 +35,17 @@ pub struct Config {
     /// When `status` calls the receiver unhealthy.
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: Prometheus metrics served by `run`, off by default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `"127.0.0.1:9478"`: serves `GET /metrics` there. Keep it on loopback
+    /// (or behind a firewall).
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `status` limits (see [`crate::health`]).

@@ -16,6 +16,7 @@ pub mod hooks;
 pub mod inbox;
 pub mod load;
 pub mod media;
+pub mod metrics;
 pub mod plan;
 pub mod prune;
 pub mod quarantine;

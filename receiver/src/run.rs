@@ -267,6 +267,7 @@ pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassEr
         }
     }
     bar.finish_and_clear();
+    crate::metrics::get().held(report.held.len());
     drop_superseded(target, superseded, &mut report).await?;
     crate::ack::write_all(config, target, scanned_at).await?;
     Ok(report)
@@ -275,6 +276,7 @@ pub async fn pass(config: &Config, target: &mut Target) -> Result<Report, PassEr
 /// A bundle that failed (or was refused): one error event, the bundle moved
 /// to quarantine with its reason, and a line in the report.
 fn fail(config: &Config, e: Entry, reason: String, report: &mut Report) {
+    crate::metrics::get().failed(&e.kind.to_string());
     tracing::error!(bundle = %e.file, seq = e.seq, kind = %e.kind, error = %reason, "load failed; bundle quarantined");
     if let Err(io) = quarantine::quarantine(&config.quarantine_dir(), &e, &reason) {
         tracing::error!(bundle = %e.file, error = %io, "could not move the bundle to quarantine; it stays in the inbox");
@@ -386,6 +388,17 @@ async fn apply_one(
     let (rows, media_files, m) = load_bundle(config, target, e, started).await?;
     crate::health::remember(&config.state_dir, &e.file, &m, rows);
     let duration_ms = started.elapsed().as_millis() as u64;
+    let bytes = e
+        .files()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    crate::metrics::get().applied(
+        &e.kind.to_string(),
+        rows,
+        bytes,
+        started.elapsed().as_secs_f64(),
+    );
     log_loaded(e, &m, rows, media_files, duration_ms);
     let hook_failures = hooks::run_commands(&config.hooks, &m, &e.file).await;
     Ok((

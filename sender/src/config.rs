@@ -30,6 +30,17 @@ pub struct Config {
     /// When `status` calls the sender unhealthy.
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: Prometheus metrics served by `run`, off by default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `"127.0.0.1:9477"`: serves `GET /metrics` there. Keep it on loopback
+    /// (or behind a firewall): the metrics name tables and hosts.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `status` limits. Each age limit left out is derived from the schedule; see

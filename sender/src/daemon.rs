@@ -17,6 +17,15 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
+/// Stops a background task (the metrics server) when the daemon returns.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How long a job in flight may finish after a stop signal before it is abandoned.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -67,6 +76,7 @@ pub async fn run(config: Arc<Config>, mut signals: StopSignals) -> anyhow::Resul
         partial_interval = %config.partial.interval.map_or("off".to_owned(), |d| humantime::format_duration(d).to_string()),
         "sender running"
     );
+    let _metrics = crate::metrics::serve(&config).await?.map(AbortOnDrop);
     service::ready("running");
     service::spawn_watchdog();
 

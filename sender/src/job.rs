@@ -55,6 +55,7 @@ impl JobError {
 /// Records how a job ended for `status` (`<state_dir>/health/<kind>.json`). A
 /// job that did not start because another one holds the lock is no failure.
 pub fn record(config: &Config, kind: Kind, outcome: &Result<JobOutcome, JobError>) {
+    crate::metrics::get().job(kind, outcome);
     let job = kind.to_string();
     match outcome {
         Ok(_) => JobRecord::record_ok(&config.state_dir, &job),

@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod extract;
 pub mod job;
 pub mod keys;
+pub mod metrics;
 pub mod outbox;
 pub mod push;
 pub mod report;

@@ -658,6 +658,12 @@ pub async fn push_pending(config: &Config, p: &PushConfig) -> Result<PushOutcome
     state
         .record_push(result.as_ref().err().map(|e| e.to_string()))
         .await?;
+    crate::metrics::get().push(
+        result.is_ok(),
+        outcome.delivered.len(),
+        outcome.bytes,
+        outcome.duration_ms as f64 / 1000.0,
+    );
     match &result {
         Ok(()) => JobRecord::record_ok(&config.state_dir, "push"),
         Err(e) => {
