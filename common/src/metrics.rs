@@ -29,13 +29,13 @@ pub struct DirLabel {
     pub dir: String,
 }
 
-pub fn kind(k: impl ToString) -> KindLabel {
+pub fn kind(k: &(impl ToString + ?Sized)) -> KindLabel {
     KindLabel {
         kind: k.to_string(),
     }
 }
 
-pub fn kind_result(k: impl ToString, result: &str) -> KindResult {
+pub fn kind_result(k: &(impl ToString + ?Sized), result: &str) -> KindResult {
     KindResult {
         kind: k.to_string(),
         result: result.to_owned(),

@@ -108,16 +108,16 @@ impl Metrics {
         match outcome {
             Ok(o) => {
                 let result = if o.seq.is_some() { "written" } else { "empty" };
-                self.bundles.get_or_create(&kind_result(k, result)).inc();
-                self.rows.get_or_create(&kind(k)).inc_by(o.rows);
-                self.bytes.get_or_create(&kind(k)).inc_by(o.bytes);
+                self.bundles.get_or_create(&kind_result(&k, result)).inc();
+                self.rows.get_or_create(&kind(&k)).inc_by(o.rows);
+                self.bytes.get_or_create(&kind(&k)).inc_by(o.bytes);
                 self.duration
-                    .get_or_create(&kind(k))
+                    .get_or_create(&kind(&k))
                     .observe(o.duration_ms as f64 / 1000.0);
             }
             Err(JobError::Lock(_)) => {}
             Err(_) => {
-                self.bundles.get_or_create(&kind_result(k, "error")).inc();
+                self.bundles.get_or_create(&kind_result(&k, "error")).inc();
             }
         }
     }
