@@ -27,8 +27,8 @@ export FERRY_DOC_WORK=$WORK FERRY_DOC_PORT=$PORT
 uninstall() {
   for pid in "$WORK"/*.pid; do [ -e "$pid" ] && kill "$(cat "$pid")" 2>/dev/null || true; done
   sleep 0.5
-  rm -rf /usr/bin/ferry-sender /usr/bin/ferry-receiver /etc/ferry /etc/sysusers.d/ferry.conf \
-    /etc/tmpfiles.d/ferry.conf /etc/systemd/system/ferry-sender.service \
+  rm -rf /usr/bin/ferry-sender /usr/bin/ferry-receiver /etc/ferry /etc/sysusers.d/ferry-sender.sysusers.conf /etc/sysusers.d/ferry-receiver.sysusers.conf \
+    /etc/tmpfiles.d/ferry-sender.tmpfiles.conf /etc/tmpfiles.d/ferry-receiver.tmpfiles.conf /etc/systemd/system/ferry-sender.service \
     /etc/systemd/system/ferry-receiver.service /var/lib/ferry-sender /var/lib/ferry-receiver \
     /srv/ferry /srv/ferry-doc-app
   for u in ferry-sender ferry-receiver; do

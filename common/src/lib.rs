@@ -14,6 +14,7 @@
 pub mod ack;
 pub mod bundle;
 pub mod checksum;
+pub mod cli_docs;
 pub mod config;
 pub mod db;
 pub mod durable;

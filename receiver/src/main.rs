@@ -74,6 +74,9 @@ enum Command {
     Restore(RestoreArgs),
     /// Print a commented example configuration.
     ExampleConfig,
+    /// Write man pages and shell completions under DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
 }
 
 #[derive(clap::Args)]
@@ -120,6 +123,18 @@ fn main() -> ExitCode {
     if let Command::ExampleConfig = cli.command {
         print!("{}", ferry_receiver::config::EXAMPLE);
         return ExitCode::SUCCESS;
+    }
+    if let Command::GenerateDocs { dir } = &cli.command {
+        use clap::CommandFactory;
+        return match ferry_common::cli_docs::generate(Cli::command(), dir) {
+            Ok(files) => {
+                for f in files {
+                    println!("{}", f.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(format!("generate-docs {}: {e}", dir.display()), false),
+        };
     }
     let config = match Config::load(&cli.config) {
         Ok(c) => Some(c),
@@ -370,7 +385,9 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                 }
             }
         }
-        Command::ExampleConfig | Command::Restore(_) => ExitCode::SUCCESS,
+        Command::ExampleConfig | Command::GenerateDocs { .. } | Command::Restore(_) => {
+            ExitCode::SUCCESS
+        }
     }
 }
 

@@ -88,6 +88,9 @@ enum Command {
     },
     /// Print a commented example configuration.
     ExampleConfig,
+    /// Write man pages and shell completions under DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -96,6 +99,9 @@ fn main() -> ExitCode {
     if let Command::ExampleConfig = cli.command {
         print!("{}", ferry_sender::config::EXAMPLE);
         return ExitCode::SUCCESS;
+    }
+    if let Command::GenerateDocs { dir } = &cli.command {
+        return generate_docs(dir);
     }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
@@ -217,7 +223,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
-        Command::ExampleConfig => ExitCode::SUCCESS,
+        Command::ExampleConfig | Command::GenerateDocs { .. } => ExitCode::SUCCESS,
     }
 }
 
@@ -329,6 +335,22 @@ fn print_json<T: serde::Serialize>(value: &T) -> ExitCode {
         }
         Err(e) => {
             eprintln!("ferry-sender: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn generate_docs(dir: &std::path::Path) -> ExitCode {
+    use clap::CommandFactory;
+    match ferry_common::cli_docs::generate(Cli::command(), dir) {
+        Ok(files) => {
+            for f in files {
+                println!("{}", f.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ferry-sender: generate-docs {}: {e}", dir.display());
             ExitCode::FAILURE
         }
     }

@@ -72,7 +72,8 @@ fn sysusers_and_tmpfiles_create_the_users_and_directories() {
     std::fs::create_dir_all(root.path().join("etc")).unwrap();
     let ok = Command::new("systemd-sysusers")
         .arg(format!("--root={}", root.path().display()))
-        .arg(systemd_dir().join("ferry.sysusers.conf"))
+        .arg(systemd_dir().join("ferry-sender.sysusers.conf"))
+        .arg(systemd_dir().join("ferry-receiver.sysusers.conf"))
         .status()
         .unwrap();
     assert!(ok.success());
@@ -89,11 +90,13 @@ fn sysusers_and_tmpfiles_create_the_users_and_directories() {
     let ok = Command::new("systemd-tmpfiles")
         .arg(format!("--root={}", root.path().display()))
         .arg("--create")
-        .arg(systemd_dir().join("ferry.tmpfiles.conf"))
+        .arg(systemd_dir().join("ferry-sender.tmpfiles.conf"))
+        .arg(systemd_dir().join("ferry-receiver.tmpfiles.conf"))
         .status()
         .unwrap();
     assert!(ok.success());
     for (path, owner, mode) in [
+        ("etc/ferry", 0, 0o755),
         ("var/lib/ferry-sender", sender, 0o700),
         ("var/lib/ferry-receiver", receiver, 0o700),
         ("srv/ferry/inbox", receiver, 0o2770),
