@@ -191,7 +191,7 @@ fn start(config: &Arc<Config>, work: Work) -> (Work, JoinHandle<()>) {
     let handle = tokio::spawn(async move {
         if let Work::Bundle(kind) = work {
             service::status(&format!("taking a {kind}"));
-            match push::job_following(&config, kind, config.push.as_ref()).await {
+            match push::job_following(&config, kind, &[], config.push.as_ref()).await {
                 Ok(_) => {}
                 // Another job (a manual one) holds the lock: nothing failed.
                 Err(e @ job::JobError::Lock(_)) if e.is_transient() => {

@@ -38,6 +38,8 @@ pub enum JobError {
     NoComplete,
     #[error("{0}")]
     SigningKey(String),
+    #[error("{0}")]
+    Tables(String),
 }
 
 impl JobError {
@@ -55,6 +57,8 @@ impl JobError {
 /// Records how a job ended for `status` (`<state_dir>/health/<kind>.json`). A
 /// job that did not start because another one holds the lock is no failure.
 pub fn record(config: &Config, kind: Kind, outcome: &Result<JobOutcome, JobError>) {
+    // What the job became: a complete of chosen tables is a partial.
+    let kind = outcome.as_ref().map_or(kind, |o| o.kind);
     crate::metrics::get().job(kind, outcome);
     let job = kind.to_string();
     match outcome {
@@ -84,18 +88,59 @@ pub struct JobOutcome {
 
 /// Takes a complete or a partial. Holds the state lock for its duration.
 pub async fn run(config: &Config, requested: Kind) -> Result<JobOutcome, JobError> {
-    run_sealing(config, requested, None).await
+    run_sealing(config, requested, &[], None).await
 }
 
 /// [`run`], telling `sealed` each time a volume of a complete is in the outbox
-/// (for a push beside the job; see `crate::bundle`).
+/// (for a push beside the job; see `crate::bundle`). `tables` (patterns)
+/// makes a complete of just those tables: see [`force_whole`].
 pub async fn run_sealing(
     config: &Config,
     requested: Kind,
+    tables: &[String],
     sealed: Option<tokio::sync::watch::Sender<u32>>,
 ) -> Result<JobOutcome, JobError> {
     let lock = StateLock::acquire(&config.state_dir)?;
-    run_locked(config, requested, &lock, sealed).await
+    run_locked(config, requested, tables, &lock, sealed).await
+}
+
+/// A complete of chosen tables (`ferry-sender complete --table`): it travels
+/// as the chain's next partial, carrying those tables whole, so the receiver
+/// replaces exactly their rows (an upsert of the set and a delete of every row
+/// it lacks, in the bundle's one transaction) and the chain goes on. Every
+/// pattern must name a selected table with a primary key. Returns the tables'
+/// names.
+fn force_whole(tables: &mut [TableMeta], patterns: &[String]) -> Result<Vec<String>, JobError> {
+    let mut chosen = Vec::new();
+    for p in patterns {
+        let pattern = glob::Pattern::new(p)
+            .map_err(|e| JobError::Tables(format!("--table {p:?} is not a pattern ({e})")))?;
+        let mut matched = false;
+        for t in tables.iter_mut() {
+            if !pattern.matches_with(&t.key(), crate::config::GLOB_OPTIONS) {
+                continue;
+            }
+            matched = true;
+            if t.info.primary_key.is_empty() {
+                return Err(JobError::Tables(format!(
+                    "{} has no primary key, so it cannot be replaced by itself; take a full \
+                     complete (`ferry-sender complete` without --table)",
+                    t.key()
+                )));
+            }
+            t.carry = crate::config::Carry::Whole;
+            if !chosen.contains(&t.key()) {
+                chosen.push(t.key());
+            }
+        }
+        if !matched {
+            return Err(JobError::Tables(format!(
+                "--table {p:?} matches no selected table (names are `schema.table`; \
+                 `ferry-sender check` lists the selected ones)"
+            )));
+        }
+    }
+    Ok(chosen)
 }
 
 /// Whether a complete was ever taken (partials need one to build on).
@@ -117,7 +162,7 @@ pub struct ResyncOutcome {
 /// bundles it supersedes (the receiver would skip them anyway).
 pub async fn resync(config: &Config, wait: std::time::Duration) -> Result<ResyncOutcome, JobError> {
     let lock = StateLock::acquire_waiting(&config.state_dir, wait).await?;
-    let complete = run_locked(config, Kind::Complete, &lock, None).await;
+    let complete = run_locked(config, Kind::Complete, &[], &lock, None).await;
     record(config, Kind::Complete, &complete);
     let complete = complete?;
     let seq = complete.seq.unwrap_or(0);
@@ -145,6 +190,7 @@ pub async fn resync(config: &Config, wait: std::time::Duration) -> Result<Resync
 async fn run_locked(
     config: &Config,
     requested: Kind,
+    only: &[String],
     _lock: &StateLock,
     sealed: Option<tokio::sync::watch::Sender<u32>>,
 ) -> Result<JobOutcome, JobError> {
@@ -162,7 +208,7 @@ async fn run_locked(
     .await?;
 
     let mut source = Source::connect(config).await?;
-    let tables = source.tables(config).await?;
+    let mut tables = source.tables(config).await?;
     let settings = ExtractSettings::from_config(config);
     let fingerprint =
         manifest::schema_fingerprint(&tables.iter().map(|t| t.info.clone()).collect::<Vec<_>>());
@@ -170,10 +216,34 @@ async fn run_locked(
     let mut kind = requested;
     let mut note = None;
     let last_complete = state.last(Some(Kind::Complete)).await?;
+    let mut forced = Vec::new();
+    if !only.is_empty() && requested == Kind::Complete {
+        forced = force_whole(&mut tables, only)?;
+        match &last_complete {
+            None => return Err(JobError::NoComplete),
+            Some(c) if c.schema_fingerprint != fingerprint => {
+                note = Some(format!(
+                    "the selected tables' schema changed since complete #{}: taking a full \
+                     complete instead of one of {}",
+                    c.seq,
+                    forced.join(", ")
+                ));
+            }
+            Some(_) => {
+                kind = Kind::Partial;
+                note = Some(format!(
+                    "a complete of {}: sent whole in this partial, so the receiver replaces \
+                     exactly their rows and the chain goes on",
+                    forced.join(", ")
+                ));
+            }
+        }
+    }
     if kind == Kind::Partial {
         match &last_complete {
             None => return Err(JobError::NoComplete),
             Some(c) if c.schema_fingerprint != fingerprint => {
+                forced.clear();
                 let msg = format!(
                     "the selected tables' schema changed since complete #{} (columns, types or \
                      keys): taking a complete instead of a partial",
@@ -258,7 +328,7 @@ async fn run_locked(
     let members = assembled.members();
 
     let rows = crate::bundle::data_rows(&members);
-    if kind == Kind::Partial && rows == 0 && media_files == 0 {
+    if kind == Kind::Partial && rows == 0 && media_files == 0 && forced.is_empty() {
         // Nothing changed: no bundle, and the watermarks stay where they are
         // (always safe; the next partial looks again from the same point).
         tracing::info!(tables = tables.len(), "no changes since the last bundle");

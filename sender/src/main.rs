@@ -46,6 +46,12 @@ enum Command {
         /// Leave the bundle in the outbox.
         #[arg(long)]
         no_push: bool,
+        /// Only these tables (`schema.table`, `*` and `?` wildcards; repeat
+        /// for more): a resync of chosen tables without resending the rest.
+        /// It travels as the chain's next partial with those tables whole;
+        /// the receiver replaces exactly their rows and the chain goes on.
+        #[arg(long = "table", value_name = "PATTERN")]
+        tables: Vec<String>,
     },
     /// Take the changes since the last bundle, then push.
     Partial {
@@ -130,11 +136,13 @@ fn main() -> ExitCode {
 
 async fn run(command: Command, config: Config) -> ExitCode {
     match command {
-        Command::Complete { json, no_push } => {
-            bundle_job(&config, Kind::Complete, json, no_push).await
-        }
+        Command::Complete {
+            json,
+            no_push,
+            tables,
+        } => bundle_job(&config, Kind::Complete, &tables, json, no_push).await,
         Command::Partial { json, no_push } => {
-            bundle_job(&config, Kind::Partial, json, no_push).await
+            bundle_job(&config, Kind::Partial, &[], json, no_push).await
         }
         Command::Resync {
             json,
@@ -227,10 +235,16 @@ async fn run(command: Command, config: Config) -> ExitCode {
     }
 }
 
-async fn bundle_job(config: &Config, kind: Kind, json: bool, no_push: bool) -> ExitCode {
+async fn bundle_job(
+    config: &Config,
+    kind: Kind,
+    tables: &[String],
+    json: bool,
+    no_push: bool,
+) -> ExitCode {
     // A complete sent in volumes is pushed volume by volume while it is written.
     let pushing = config.push.as_ref().filter(|_| !no_push);
-    let code = build(config, kind, json, pushing).await;
+    let code = build(config, kind, tables, json, pushing).await;
     match &config.push {
         Some(p) if code == ExitCode::SUCCESS && !no_push => push(config, p, json).await,
         _ => code,
@@ -283,10 +297,11 @@ async fn push(config: &Config, p: &ferry_sender::config::PushConfig, json: bool)
 async fn build(
     config: &Config,
     kind: Kind,
+    tables: &[String],
     json: bool,
     push: Option<&ferry_sender::config::PushConfig>,
 ) -> ExitCode {
-    match ferry_sender::push::job_following(config, kind, push).await {
+    match ferry_sender::push::job_following(config, kind, tables, push).await {
         Ok(outcome) => {
             if json {
                 return print_json(&outcome);

@@ -825,14 +825,15 @@ async fn resend(
 pub async fn job_following(
     config: &Config,
     kind: ferry_common::manifest::Kind,
+    tables: &[String],
     push: Option<&PushConfig>,
 ) -> Result<crate::job::JobOutcome, crate::job::JobError> {
     let outcome = match push {
-        None => crate::job::run(config, kind).await,
+        None => crate::job::run_sealing(config, kind, tables, None).await,
         Some(p) => {
             let (tx, rx) = watch::channel(0);
             let (outcome, ()) = tokio::join!(
-                crate::job::run_sealing(config, kind, Some(tx)),
+                crate::job::run_sealing(config, kind, tables, Some(tx)),
                 follow(config.clone(), p.clone(), rx)
             );
             outcome

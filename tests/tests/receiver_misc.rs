@@ -5,9 +5,9 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
-use ferry_tests::binary;
 use ferry_tests::daemon::Daemon;
 use ferry_tests::lite::{Lite, run, sqlite, text};
+use ferry_tests::{binary, outbox_files};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -580,4 +580,45 @@ async fn a_ledger_from_before_chains_is_migrated_in_place() {
             .status
             .success()
     );
+}
+
+/// `ferry-sender complete --table` on the embedded default: the broken table
+/// is replaced by itself (a row deleted on the source meanwhile included).
+#[tokio::test]
+async fn a_sqlite_complete_of_one_table_replaces_it() {
+    let l = Lite::new("").await;
+    l.deliver(&l.send("complete"));
+    assert!(
+        run("ferry-receiver", &l.p("receiver.toml"), &["load"])
+            .status
+            .success()
+    );
+    let mut viz = sqlite(&l.p("viz.sqlite3")).await;
+    sqlx::raw_sql(
+        "DELETE FROM report WHERE id = 1;
+         INSERT INTO report VALUES (9, 1, 'stray', NULL, 0, '2024-01-01 00:00:00');",
+    )
+    .execute(&mut viz)
+    .await
+    .unwrap();
+    let mut app = sqlite(&l.p("app.sqlite3")).await;
+    sqlx::raw_sql("DELETE FROM report WHERE id = 2")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let out = run(
+        "ferry-sender",
+        &l.p("sender.toml"),
+        &["complete", "--table", "report"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("a complete of report"),
+        "{}",
+        text(&out.stdout)
+    );
+    l.deliver(&outbox_files(&l.p("sstate/outbox")).pop().unwrap());
+    let load = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+    assert!(load.status.success(), "{}", text(&load.stderr));
+    l.assert_same().await;
 }

@@ -1282,3 +1282,96 @@ async fn a_postgres_ledger_from_before_chains_is_migrated_in_place() {
     p.deliver(&c);
     assert!(p.receive(&["load"]).status.success());
 }
+
+/// `ferry-sender complete --table`: a broken table on the copy is replaced by
+/// itself, without resending the rest; the other tables keep what they have
+/// (plus the changes the bundle carries anyway), and the chain goes on.
+#[tokio::test]
+async fn a_complete_of_one_table_replaces_exactly_that_table() {
+    let p = Pipe::new(SMALL, "").await;
+    let mut src = p.server.connect("app").await;
+    let mut viz = p.server.connect("viz").await;
+    exec(&mut src, "INSERT INTO parent (id, name) VALUES (5, 'p5')").await;
+    p.deliver(&p.send("complete"));
+    p.load_ok();
+    // The copy's child table breaks. Parent 5, which no child references,
+    // is edited on the copy: the table complete must not touch it (parents
+    // 1 and 2 travel with the children that reference them).
+    exec(
+        &mut viz,
+        "DELETE FROM child WHERE id = 10; UPDATE child SET v = 'corrupt' WHERE id = 20;
+         INSERT INTO child (id, parent_id, v) VALUES (99, 1, 'stray');
+         UPDATE parent SET name = 'local edit' WHERE id = 5",
+    )
+    .await;
+    exec(
+        &mut src,
+        "UPDATE parent SET name = 'p2b', updated_at = now() WHERE id = 2",
+    )
+    .await;
+
+    let bad = run(
+        &binary("ferry-sender"),
+        &p.path("sender.toml"),
+        &["complete", "--table", "public.nope"],
+    );
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        text(&bad.stderr).contains("\"public.nope\" matches no selected table"),
+        "{}",
+        text(&bad.stderr)
+    );
+
+    let out = run(
+        &binary("ferry-sender"),
+        &p.path("sender.toml"),
+        &["complete", "--table", "public.child"],
+    );
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}{}", text(&out.stderr));
+    assert!(
+        said.contains("a complete of public.child") && said.contains("partial #2"),
+        "{said}"
+    );
+    let bundle = outbox_files(&p.path("sstate/outbox")).pop().unwrap();
+    assert!(bundle.contains("-000000000002-partial"), "{bundle}");
+    p.deliver(&bundle);
+    p.load_ok();
+    p.assert_same(&["child"]).await;
+    let names: Vec<String> = sqlx::query_scalar("SELECT name FROM parent ORDER BY id")
+        .fetch_all(&mut viz)
+        .await
+        .unwrap();
+    assert_eq!(
+        names,
+        ["p1", "p2b", "local edit"],
+        "parent: only the changed and referenced rows applied"
+    );
+
+    // The chain goes on.
+    exec(
+        &mut src,
+        "INSERT INTO child (id, parent_id, v) VALUES (40, 2, 'd')",
+    )
+    .await;
+    p.deliver(&p.send("partial"));
+    p.load_ok();
+    p.assert_same(&["child"]).await;
+
+    // An emptied table is replaced by nothing.
+    exec(&mut src, "DELETE FROM child").await;
+    exec(
+        &mut viz,
+        "INSERT INTO child (id, parent_id, v) VALUES (98, 1, 'stray')",
+    )
+    .await;
+    let out = run(
+        &binary("ferry-sender"),
+        &p.path("sender.toml"),
+        &["complete", "--table", "public.ch*"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    p.deliver(&outbox_files(&p.path("sstate/outbox")).pop().unwrap());
+    p.load_ok();
+    p.assert_same(&["child"]).await;
+}

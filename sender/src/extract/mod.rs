@@ -139,6 +139,23 @@ impl TableMeta {
     pub fn key(&self) -> String {
         self.info.name.to_string()
     }
+
+    /// A table with a change column sent whole on request (`ferry-sender
+    /// complete --table`): every row goes, even when the previous bundle sent
+    /// the same set, and no delete lines (the set replaces the copy's rows).
+    pub fn forced_whole(&self) -> bool {
+        self.carry == crate::config::Carry::Whole && self.change.is_some()
+    }
+
+    /// The staging sink's fingerprint memory for this whole table: none when
+    /// forced, so the set is always sent.
+    pub fn whole_dedup(&self, stager: &Stager) -> Option<std::sync::Arc<stage::Dedup>> {
+        if self.forced_whole() {
+            None
+        } else {
+            stager.dedup()
+        }
+    }
 }
 
 /// Settings the extraction needs from the configuration.

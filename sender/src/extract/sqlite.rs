@@ -355,7 +355,7 @@ impl SqliteSource {
         m.table = Some(t.info.name.clone());
         m.format = Some(DataFormat::JsonLines);
         let sink = if whole {
-            BlockingSink::spawn_whole(stager.create(m)?, stager.dedup())
+            BlockingSink::spawn_whole(stager.create(m)?, t.whole_dedup(stager))
         } else {
             BlockingSink::spawn_changes(stager.create(m)?, stager.dedup())
         };
@@ -518,7 +518,7 @@ impl SqliteSource {
                     on = join_on("t", &t.info.primary_key, "k", &t.info.primary_key),
                 )
             };
-            let deletes = (has_log && t.change.is_some()).then(|| {
+            let deletes = (has_log && t.change.is_some() && !whole).then(|| {
                 let exists = t
                     .info
                     .primary_key

@@ -160,7 +160,7 @@ impl PgSource {
             m.table = Some(t.info.name.clone());
             m.format = Some(DataFormat::JsonLines);
             let sink = if whole {
-                BlockingSink::spawn_whole(stager.create(m)?, stager.dedup())
+                BlockingSink::spawn_whole(stager.create(m)?, t.whole_dedup(stager))
             } else {
                 BlockingSink::spawn_changes(stager.create(m)?, stager.dedup())
             };
