@@ -144,3 +144,33 @@ async fn answer(
 
 /// The OpenMetrics content type Prometheus asks for.
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Reads a bearer token from `path` (`control.token_file`): the content,
+/// trimmed, at least 16 characters, in a file not readable by every user.
+pub fn read_token(path: &std::path::Path) -> Result<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| {
+        format!(
+            "control.token_file {shown}: {e}; write a long random token there \
+             (e.g. `openssl rand -hex 32 > {shown}`, mode 0640)"
+        )
+    })?;
+    if meta.mode() & 0o007 != 0 {
+        return Err(format!(
+            "control.token_file {shown} is readable by every user (mode {:04o}): `chmod 0640 {shown}`",
+            meta.mode() & 0o777
+        ));
+    }
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| format!("control.token_file {shown}: {e}"))?
+        .trim()
+        .to_owned();
+    if token.len() < 16 {
+        return Err(format!(
+            "control.token_file {shown} holds {} characters; use at least 16 (e.g. `openssl rand -hex 32`)",
+            token.len()
+        ));
+    }
+    Ok(token)
+}

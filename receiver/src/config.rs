@@ -37,6 +37,18 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The read-only HTTP control endpoint; off without it.
+    pub control: Option<ControlConfig>,
+}
+
+/// `[control]`: see [`crate::control`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// `"127.0.0.1:9480"`; plain HTTP, keep it on loopback.
+    pub listen: std::net::SocketAddr,
+    /// A file holding the bearer token (16 characters or more).
+    pub token_file: PathBuf,
 }
 
 /// `[metrics]`: Prometheus metrics served by `run`, off by default.

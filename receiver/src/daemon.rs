@@ -80,6 +80,7 @@ pub async fn run(config: &Config, mut signals: StopSignals) -> anyhow::Result<()
         None => None,
     };
     let _metrics = crate::metrics::serve(config).await?.map(AbortOnDrop);
+    let _control = crate::control::serve(config).await?.map(AbortOnDrop);
     let mut target: Option<Target> = None;
     let mut stop = false;
     let mut again: Option<tokio::time::Instant> = None;

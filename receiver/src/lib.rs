@@ -10,6 +10,7 @@
 
 pub mod ack;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod health;
 pub mod hooks;

@@ -32,6 +32,19 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The HTTP control endpoint (snapshots on demand); off without it.
+    pub control: Option<ControlConfig>,
+}
+
+/// `[control]`: see [`crate::control`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// `"127.0.0.1:9479"`. Plain HTTP: keep it on loopback and put TLS in a
+    /// reverse proxy.
+    pub listen: std::net::SocketAddr,
+    /// A file holding the bearer token (16 characters or more).
+    pub token_file: PathBuf,
 }
 
 /// `[metrics]`: Prometheus metrics served by `run`, off by default.

@@ -6,6 +6,7 @@
 //! temporaries are removed at the next start, the state moves only on commit).
 
 use crate::config::Config;
+use crate::control::{self, Snapshots, Stage};
 use crate::{job, outbox, push};
 use anyhow::Context;
 use chrono::{DateTime, Local};
@@ -29,10 +30,12 @@ impl Drop for AbortOnDrop {
 /// How long a job in flight may finish after a stop signal before it is abandoned.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum Work {
     Bundle(Kind),
     Push,
+    /// A snapshot asked for over HTTP (see [`crate::control`]).
+    Snapshot(control::Order),
 }
 
 impl std::fmt::Display for Work {
@@ -40,6 +43,7 @@ impl std::fmt::Display for Work {
         match self {
             Work::Bundle(k) => write!(f, "{k}"),
             Work::Push => f.write_str("push"),
+            Work::Snapshot(o) => write!(f, "snapshot {}", o.id),
         }
     }
 }
@@ -77,6 +81,12 @@ pub async fn run(config: Arc<Config>, mut signals: StopSignals) -> anyhow::Resul
         "sender running"
     );
     let _metrics = crate::metrics::serve(&config).await?.map(AbortOnDrop);
+    let snapshots = Arc::new(Snapshots::default());
+    let (_control, mut orders) = match control::serve(&config, Arc::clone(&snapshots)).await? {
+        Some((task, rx)) => (Some(AbortOnDrop(task)), Some(rx)),
+        None => (None, None),
+    };
+    let mut ordered: Option<control::Order> = None;
     service::ready("running");
     service::spawn_watchdog();
 
@@ -92,9 +102,20 @@ pub async fn run(config: Arc<Config>, mut signals: StopSignals) -> anyhow::Resul
                     tracing::debug!(%work, "job finished");
                 }
                 running = None;
-                if complete_due {
+                if let Some(order) = ordered.take() {
+                    running = Some(start_snapshot(&config, &snapshots, order));
+                } else if complete_due {
                     complete_due = false;
                     running = Some(start(&config, Work::Bundle(Kind::Complete)));
+                }
+            }
+            Some(order) = next_order(&mut orders) => {
+                match &running {
+                    Some((work, _)) => {
+                        tracing::info!(busy = %work, snapshot = %order.id, "snapshot queued behind the running job");
+                        ordered = Some(order);
+                    }
+                    None => running = Some(start_snapshot(&config, &snapshots, order)),
                 }
             }
             () = wall_clock(next_complete) => {
@@ -136,6 +157,75 @@ pub async fn run(config: Arc<Config>, mut signals: StopSignals) -> anyhow::Resul
     Ok(())
 }
 
+async fn next_order(
+    rx: &mut Option<tokio::sync::mpsc::Receiver<control::Order>>,
+) -> Option<control::Order> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Takes a snapshot asked for over HTTP, moving its status along: a complete
+/// (of its tables only, if it names some), then the push.
+fn start_snapshot(
+    config: &Arc<Config>,
+    snapshots: &Arc<Snapshots>,
+    order: control::Order,
+) -> (Work, JoinHandle<()>) {
+    let config = Arc::clone(config);
+    let snapshots = Arc::clone(snapshots);
+    let work = Work::Snapshot(order.clone());
+    let handle = tokio::spawn(async move {
+        let id = order.id.as_str();
+        snapshots.set(id, Stage::Extracting, |_| {});
+        service::status(&format!("taking snapshot {id}"));
+        let outcome =
+            push::job_following(&config, Kind::Complete, &order.tables, config.push.as_ref()).await;
+        match outcome {
+            Err(e) => {
+                tracing::error!(snapshot = id, error = %e, "snapshot failed");
+                snapshots.set(id, Stage::Failed, |s| s.error = Some(e.to_string()));
+            }
+            Ok(o) => {
+                let file = o
+                    .file
+                    .as_ref()
+                    .and_then(|f| f.file_name())
+                    .map(|f| f.to_string_lossy().into_owned());
+                let Some(p) = &config.push else {
+                    snapshots.set(id, Stage::Written, |s| {
+                        s.seq = o.seq;
+                        s.file = file;
+                    });
+                    return;
+                };
+                snapshots.set(id, Stage::Pushing, |s| {
+                    s.seq = o.seq;
+                    s.file = file;
+                });
+                service::status("pushing");
+                match push::push_pending(&config, p).await {
+                    // A manual push holds the lock: it delivers the bundle.
+                    Ok(_) | Err(push::PushError::Busy(_)) => {
+                        snapshots.set(id, Stage::Delivered, |_| {})
+                    }
+                    Err(e) => {
+                        tracing::error!(snapshot = id, error = %e, "snapshot written, push failed; it stays queued");
+                        snapshots.set(id, Stage::Failed, |s| {
+                            s.error = Some(format!(
+                                "written, but the push failed (it stays queued and is retried): {e}"
+                            ))
+                        });
+                    }
+                }
+            }
+        }
+        service::status("idle");
+    });
+    (work, handle)
+}
+
 fn ticker(every: Duration) -> Interval {
     let mut t = tokio::time::interval_at(Instant::now() + every, every);
     t.set_missed_tick_behavior(MissedTickBehavior::Skip);
@@ -169,7 +259,7 @@ async fn join(running: &mut Option<(Work, JoinHandle<()>)>) -> Option<Work> {
             {
                 tracing::error!(%work, "the job panicked");
             }
-            Some(*work)
+            Some(work.clone())
         }
         None => std::future::pending().await,
     }
@@ -188,8 +278,9 @@ fn has_pending(config: &Config) -> bool {
 
 fn start(config: &Arc<Config>, work: Work) -> (Work, JoinHandle<()>) {
     let config = Arc::clone(config);
+    let doing = work.clone();
     let handle = tokio::spawn(async move {
-        if let Work::Bundle(kind) = work {
+        if let Work::Bundle(kind) = doing {
             service::status(&format!("taking a {kind}"));
             match push::job_following(&config, kind, &[], config.push.as_ref()).await {
                 Ok(_) => {}

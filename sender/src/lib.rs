@@ -12,6 +12,7 @@
 
 pub mod bundle;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod extract;
 pub mod job;
