@@ -284,3 +284,61 @@ async fn kill_9_during_a_complete_leaves_no_bundle_and_loses_nothing() {
     assert_eq!(table_rows(&mut src, "small").await.len(), 1);
     exec(&mut src, "SELECT 1").await;
 }
+
+/// A key the sender's user cannot read is explained by owner and mode, never
+/// with advice to regenerate it (which would break the receiver's authorized
+/// key). Runs `check` as `nobody` against a root-owned 0600 key: root only.
+#[test]
+fn an_unreadable_key_names_its_owner_not_a_new_key() {
+    if !Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout == b"0\n")
+    {
+        eprintln!("skipped: needs root to run the sender as another user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let key = dir.path().join("id_ed25519");
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    std::fs::write(dir.path().join("known_hosts"), "").unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "sender_id = \"x\"\nstate_dir = {state:?}\n[source]\nurl = \"sqlite:///nonexistent/app.sqlite3\"\n\
+             [push]\nhost = \"127.0.0.1\"\nuser = \"ferry\"\nkey_file = {key:?}\nknown_hosts = {:?}\n",
+            dir.path().join("known_hosts")
+        ),
+    );
+    std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(binary("ferry-sender"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("check")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("cannot be read by this user (nobody)")
+            && said.contains("owned by root with mode 0600")
+            && said.contains("chown nobody")
+            && !said.contains("ssh-keygen"),
+        "{said}{}",
+        stderr(&out)
+    );
+}
