@@ -33,6 +33,11 @@ ferry_needs() {
       exit 1
     fi
   fi
+  # A real S3 server (SigV4) for the object-storage tests, from crates.io.
+  if [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs" ]; then
+    echo "$0: installing s3s-fs (cargo install s3s-fs@0.14.1 --features binary --locked)"
+    cargo install s3s-fs@0.14.1 --features binary --locked --quiet
+  fi
   if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
     echo "$0: as root the PostgreSQL clusters run as the 'postgres' user, which is missing; reinstall the postgresql package" >&2
     exit 1

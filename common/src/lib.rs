@@ -12,6 +12,7 @@
 //! - [`health`]: the verdict `status` exits with, and each job's last outcome.
 
 pub mod ack;
+pub mod bucket;
 pub mod bundle;
 pub mod checksum;
 pub mod cli_docs;

@@ -39,6 +39,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The read-only HTTP control endpoint; off without it.
     pub control: Option<ControlConfig>,
+    /// Bundles fetched from an S3-compatible bucket into the inbox.
+    pub bucket: Option<ferry_common::bucket::BucketConfig>,
 }
 
 /// `[control]`: see [`crate::control`].
@@ -279,6 +281,11 @@ impl Config {
                     redact_url(&c.target.url)
                 ),
             ));
+        }
+        if let Some(b) = &c.bucket
+            && let Err(message) = ferry_common::bucket::Bucket::open(b)
+        {
+            return Err(invalid("bucket.url", message));
         }
         for (name, dir) in &c.media {
             if !dir.is_absolute() {

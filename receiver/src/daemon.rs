@@ -64,6 +64,13 @@ pub async fn run(config: &Config, mut signals: StopSignals) -> anyhow::Result<()
     watcher.watch(&config.inbox, RecursiveMode::NonRecursive)?;
     let mut rescan = tokio::time::interval(config.daemon.rescan_interval);
     rescan.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut poll = tokio::time::interval(
+        config
+            .bucket
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |b| b.poll_interval),
+    );
+    poll.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut prune = tokio::time::interval(config.daemon.prune_interval);
     prune.set_missed_tick_behavior(MissedTickBehavior::Skip);
     // The embedded SFTP endpoint serves while the daemon runs.
@@ -103,6 +110,7 @@ pub async fn run(config: &Config, mut signals: StopSignals) -> anyhow::Result<()
                 false
             }
             _ = rescan.tick() => false,
+            _ = poll.tick(), if config.bucket.is_some() => false,
             _ = prune.tick() => true,
             () = until(again) => false,
         };
@@ -136,6 +144,15 @@ pub async fn run(config: &Config, mut signals: StopSignals) -> anyhow::Result<()
             }
         }
         let Some(t) = target.as_mut() else { continue };
+        if config.bucket.is_some()
+            && let Err(error) = crate::bucket_pull::pull(config, t).await
+        {
+            if error.transient {
+                tracing::warn!(%error, "could not fetch from the bucket; the next poll retries");
+            } else {
+                tracing::error!(%error, "could not fetch from the bucket");
+            }
+        }
         let pg_session = t.pg_session();
         let outcome = {
             let pass = run::pass(config, t);

@@ -9,6 +9,7 @@
 //! [`restore`] rebuilds any point of it elsewhere.
 
 pub mod ack;
+pub mod bucket_pull;
 pub mod config;
 pub mod control;
 pub mod daemon;

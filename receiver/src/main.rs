@@ -209,6 +209,12 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                 Ok(v) => v,
                 Err(code) => return code,
             };
+            if config.bucket.is_some()
+                && let Err(e) = ferry_receiver::bucket_pull::pull(&config, &mut target).await
+            {
+                let t = e.transient;
+                return fail(e, t);
+            }
             let pass = run::pass(&config, &mut target).await;
             ferry_receiver::health::record_pass(
                 &config,

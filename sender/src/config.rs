@@ -34,6 +34,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The HTTP control endpoint (snapshots on demand); off without it.
     pub control: Option<ControlConfig>,
+    /// Delivery into an S3-compatible bucket instead of `[push]` (SFTP).
+    pub bucket: Option<ferry_common::bucket::BucketConfig>,
 }
 
 /// `[control]`: see [`crate::control`].
@@ -584,6 +586,19 @@ impl Config {
         }
         if let Err(message) = self.complete.cron() {
             return Err(invalid("complete.schedule", message));
+        }
+        if self.push.is_some() && self.bucket.is_some() {
+            return Err(invalid(
+                "bucket",
+                "bundles go to one place: `[push]` (SFTP) or `[bucket]` (object storage); \
+                 remove one (receivers can read the bucket, or be fed over SFTP)"
+                    .into(),
+            ));
+        }
+        if let Some(b) = &self.bucket
+            && let Err(message) = ferry_common::bucket::Bucket::open(b)
+        {
+            return Err(invalid("bucket.url", message));
         }
         if self.source.engine().is_none() {
             return Err(invalid(

@@ -63,7 +63,8 @@ pub async fn run(config: Arc<Config>, mut signals: StopSignals) -> anyhow::Resul
         None => None,
     };
     let mut partials = config.partial.interval.map(ticker);
-    let mut retries = config.push.as_ref().map(|p| ticker(p.retry_interval));
+    let mut retries =
+        (config.push.is_some() || config.bucket.is_some()).then(|| ticker(retry_interval(&config)));
     let mut running: Option<(Work, JoinHandle<()>)> = None;
     let mut complete_due = false;
 
@@ -71,7 +72,7 @@ pub async fn run(config: Arc<Config>, mut signals: StopSignals) -> anyhow::Resul
     if !job::has_complete(&config).await? {
         tracing::info!("no complete bundle yet: taking one now");
         running = Some(start(&config, Work::Bundle(Kind::Complete)));
-    } else if config.push.is_some() {
+    } else if config.push.is_some() || config.bucket.is_some() {
         running = Some(start(&config, Work::Push));
     }
     tracing::info!(
@@ -193,19 +194,22 @@ fn start_snapshot(
                     .as_ref()
                     .and_then(|f| f.file_name())
                     .map(|f| f.to_string_lossy().into_owned());
-                let Some(p) = &config.push else {
+                if config.push.is_none() && config.bucket.is_none() {
                     snapshots.set(id, Stage::Written, |s| {
                         s.seq = o.seq;
                         s.file = file;
                     });
                     return;
-                };
+                }
                 snapshots.set(id, Stage::Pushing, |s| {
                     s.seq = o.seq;
                     s.file = file;
                 });
                 service::status("pushing");
-                match push::push_pending(&config, p).await {
+                match push::deliver_pending(&config)
+                    .await
+                    .unwrap_or(Ok(Default::default()))
+                {
                     // A manual push holds the lock: it delivers the bundle.
                     Ok(_) | Err(push::PushError::Busy(_)) => {
                         snapshots.set(id, Stage::Delivered, |_| {})
@@ -272,6 +276,14 @@ fn persistent(config: &Config, job: &str) -> bool {
         >= config.health.failures_critical
 }
 
+/// How often queued bundles are retried after a failed delivery.
+fn retry_interval(config: &Config) -> Duration {
+    config
+        .push
+        .as_ref()
+        .map_or(Duration::from_secs(60), |p| p.retry_interval)
+}
+
 fn has_pending(config: &Config) -> bool {
     outbox::list(&config.outbox(), &config.sender_id).is_ok_and(|v| !v.is_empty())
 }
@@ -294,19 +306,20 @@ fn start(config: &Arc<Config>, work: Work) -> (Work, JoinHandle<()>) {
                 Err(e) => tracing::error!(%kind, error = %e, "job failed"),
             }
         }
-        if let Some(p) = &config.push
-            && has_pending(&config)
+        if has_pending(&config)
+            && let Some(result) = push::deliver_pending(&config).await
         {
             service::status("pushing");
-            match push::push_pending(&config, p).await {
+            let retry = retry_interval(&config);
+            match result {
                 Ok(_) => {}
                 // A manual push is delivering the same bundles.
                 Err(e @ push::PushError::Busy(_)) => tracing::info!(reason = %e, "push skipped"),
                 Err(e) if e.is_transient() && !persistent(&config, "push") => {
-                    tracing::warn!(error = %e, retry_in = %humantime::format_duration(p.retry_interval), "push failed; the bundles stay queued")
+                    tracing::warn!(error = %e, retry_in = %humantime::format_duration(retry), "push failed; the bundles stay queued")
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, retry_in = %humantime::format_duration(p.retry_interval), "push failed; the bundles stay queued")
+                    tracing::error!(error = %e, retry_in = %humantime::format_duration(retry), "push failed; the bundles stay queued")
                 }
             }
         }

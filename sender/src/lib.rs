@@ -10,6 +10,7 @@
 //! [`job`] runs one complete or partial (or a resync); [`daemon`] is `run`;
 //! [`report`] answers `status` and `check`.
 
+pub mod bucket_push;
 pub mod bundle;
 pub mod config;
 pub mod control;

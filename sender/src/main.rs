@@ -158,9 +158,10 @@ async fn run(command: Command, config: Config) -> ExitCode {
                         println!("dropped {f}: queued, superseded by the resync");
                     }
                 }
-                match &config.push {
-                    Some(p) if !no_push => push(&config, p, json).await,
-                    _ => ExitCode::SUCCESS,
+                if no_push || (config.push.is_none() && config.bucket.is_none()) {
+                    ExitCode::SUCCESS
+                } else {
+                    push(&config, json).await
                 }
             }
             Err(e) => job_failed(Kind::Complete, &e),
@@ -186,15 +187,15 @@ async fn run(command: Command, config: Config) -> ExitCode {
                 }
             }
         }
-        Command::Push { json } => match &config.push {
-            None => {
+        Command::Push { json } => {
+            if config.push.is_none() && config.bucket.is_none() {
                 eprintln!(
-                    "ferry-sender: push: the configuration has no [push] section; add one (see `ferry-sender example-config`)"
+                    "ferry-sender: push: the configuration has no [push] (SFTP) or [bucket] section; add one (see `ferry-sender example-config`)"
                 );
-                ExitCode::from(2)
+                return ExitCode::from(2);
             }
-            Some(p) => push(&config, p, json).await,
-        },
+            push(&config, json).await
+        }
         // The monitoring-plugin convention: 0 ok, 1 warning, 2 critical, 3 unknown.
         Command::Status { json } => match report::status(&config).await {
             Ok(s) => {
@@ -245,15 +246,25 @@ async fn bundle_job(
     // A complete sent in volumes is pushed volume by volume while it is written.
     let pushing = config.push.as_ref().filter(|_| !no_push);
     let code = build(config, kind, tables, json, pushing).await;
-    match &config.push {
-        Some(p) if code == ExitCode::SUCCESS && !no_push => push(config, p, json).await,
-        _ => code,
+    let delivers = config.push.is_some() || config.bucket.is_some();
+    if code == ExitCode::SUCCESS && !no_push && delivers {
+        push(config, json).await
+    } else {
+        code
     }
 }
 
 /// Ships the outbox; the exit status says whether everything was delivered.
-async fn push(config: &Config, p: &ferry_sender::config::PushConfig, json: bool) -> ExitCode {
-    match ferry_sender::push::push_pending(config, p).await {
+async fn push(config: &Config, json: bool) -> ExitCode {
+    let to = match (&config.push, &config.bucket) {
+        (Some(p), _) => format!("{}@{}:{}", p.user, p.host, p.remote_dir),
+        (None, Some(b)) => b.url.clone(),
+        (None, None) => String::new(),
+    };
+    let Some(result) = ferry_sender::push::deliver_pending(config).await else {
+        return ExitCode::SUCCESS;
+    };
+    match result {
         Ok(outcome) => {
             if json {
                 return print_json(&outcome);
@@ -262,12 +273,9 @@ async fn push(config: &Config, p: &ferry_sender::config::PushConfig, json: bool)
                 println!("push: nothing pending");
             } else {
                 println!(
-                    "push: {} bundle(s), {} bytes delivered to {}@{}:{} in {} ms",
+                    "push: {} bundle(s), {} bytes delivered to {to} in {} ms",
                     outcome.delivered.len(),
                     outcome.bytes,
-                    p.user,
-                    p.host,
-                    p.remote_dir,
                     outcome.duration_ms
                 );
             }

@@ -93,6 +93,10 @@ pub enum PushError {
     State(#[from] StateError),
     #[error("another push is running ({0}); this one is not needed")]
     Busy(ferry_common::lock::LockError),
+    #[error(transparent)]
+    Bucket(ferry_common::bucket::BucketError),
+    #[error("{0}")]
+    Config(String),
 }
 
 impl PushError {
@@ -101,6 +105,7 @@ impl PushError {
         match self {
             PushError::Connect { .. } | PushError::Busy(_) => true,
             PushError::Sftp { transient, .. } => *transient,
+            PushError::Bucket(e) => e.transient,
             _ => false,
         }
     }
@@ -629,6 +634,16 @@ impl Link {
             .handle
             .disconnect(russh::Disconnect::ByApplication, "done", "en")
             .await;
+    }
+}
+
+/// Delivers the outbox to wherever the configuration says: `[push]` (SFTP) or
+/// `[bucket]` (object storage); `None` without either.
+pub async fn deliver_pending(config: &Config) -> Option<Result<PushOutcome, PushError>> {
+    match (&config.push, &config.bucket) {
+        (Some(p), _) => Some(push_pending(config, p).await),
+        (None, Some(b)) => Some(crate::bucket_push::push(config, b).await),
+        (None, None) => None,
     }
 }
 

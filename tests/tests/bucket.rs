@@ -1,0 +1,287 @@
+//! Object storage with a real S3 server (s3s-fs, SigV4, on loopback; the test
+//! command installs it): one sender delivers into a bucket, three receivers
+//! replicate from it independently (one started late catches up); the server
+//! down during a push spools and keeps the order; wrong credentials and a
+//! missing bucket are named with the fix; a corrupted object is quarantined
+//! with nothing applied.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use ferry_tests::daemon::Daemon;
+use ferry_tests::lite::{Lite, run, sqlite, text};
+use ferry_tests::loader::sqlite_rows;
+use ferry_tests::outbox_files;
+use ferry_tests::pg::free_port;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const KEY: &str = "ferrytestaccess";
+const SECRET: &str = "ferrytestsecret0123456789";
+
+/// s3s-fs serving `root` (buckets are its directories) on a loopback port.
+struct S3 {
+    root: tempfile::TempDir,
+    port: u16,
+    daemon: Option<Daemon>,
+}
+
+fn s3s_fs() -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let p = Path::new(&home).join(".cargo/bin/s3s-fs");
+    assert!(
+        p.exists(),
+        "s3s-fs is missing: tests/needs.sh installs it (cargo install s3s-fs@0.14.1 --features binary --locked)"
+    );
+    p
+}
+
+impl S3 {
+    fn start() -> Self {
+        let mut s = Self {
+            root: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            daemon: None,
+        };
+        std::fs::create_dir(s.root.path().join("ferry")).unwrap();
+        s.up();
+        s
+    }
+
+    fn up(&mut self) {
+        let mut cmd = Command::new(s3s_fs());
+        cmd.args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", KEY, "--secret-key", SECRET])
+            .arg(self.root.path());
+        self.daemon = Some(Daemon::spawn(cmd));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "s3s-fs did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn down(&mut self) {
+        self.daemon = None; // killed on drop
+    }
+
+    /// The `[bucket]` section for `url`, with credentials from a file.
+    fn section(&self, dir: &Path, url: &str, secret: &str) -> String {
+        let creds = dir.join(format!("credentials-{}", secret.len()));
+        std::fs::write(
+            &creds,
+            format!("[default]\naws_access_key_id = {KEY}\naws_secret_access_key = {secret}\n"),
+        )
+        .unwrap();
+        format!(
+            "[bucket]\nurl = {url:?}\nendpoint = \"http://127.0.0.1:{}\"\ncredentials_file = {creds:?}\npoll_interval = \"1s\"\n",
+            self.port
+        )
+    }
+}
+
+/// A receiver of its own (state, inbox, SQLite copy) reading the bucket.
+fn receiver(l: &Lite, s3: &S3, n: u32) -> PathBuf {
+    let dir = l.p(&format!("rx{n}"));
+    std::fs::create_dir_all(dir.join("inbox")).unwrap();
+    let cfg = dir.join("receiver.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\ninbox = {:?}\n[target]\nurl = \"sqlite://{}/copy.sqlite3\"\n[media]\nimages = {:?}\n{}",
+            dir.join("state"),
+            dir.join("inbox"),
+            dir.display(),
+            dir.join("media"),
+            s3.section(&dir, "s3://ferry/app", SECRET)
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+async fn same(l: &Lite, rx: &Path) {
+    let mut a = sqlite(&l.p("app.sqlite3")).await;
+    let mut b = sqlite(&rx.parent().unwrap().join("copy.sqlite3")).await;
+    for t in ["phone", "report"] {
+        assert_eq!(
+            sqlite_rows(&mut a, t).await,
+            sqlite_rows(&mut b, t).await,
+            "{t} differs"
+        );
+    }
+}
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+#[tokio::test]
+async fn one_sender_three_receivers_through_a_bucket() {
+    let mut s3 = S3::start();
+    let l = Lite::new("").await;
+    let tx = l.p("sender.toml");
+    let base = std::fs::read_to_string(&tx).unwrap();
+    std::fs::write(
+        &tx,
+        format!(
+            "{base}{}",
+            s3.section(l.dir.path(), "s3://ferry/app", SECRET)
+        ),
+    )
+    .unwrap();
+    let (r1, r2, r3) = (
+        receiver(&l, &s3, 1),
+        receiver(&l, &s3, 2),
+        receiver(&l, &s3, 3),
+    );
+
+    let out = ok(&run("ferry-sender", &tx, &["complete"]));
+    assert!(out.contains("delivered to s3://ferry/app"), "{out}");
+    assert!(outbox_files(&l.p("sstate/outbox")).is_empty());
+    for r in [&r1, &r2] {
+        ok(&run("ferry-receiver", r, &["load"]));
+        same(&l, r).await;
+    }
+
+    // A change: partial #2; the first two receivers follow.
+    let mut app = sqlite(&l.p("app.sqlite3")).await;
+    sqlx::raw_sql("INSERT INTO report VALUES (3, 1, 'via s3', NULL, 1.0, '2024-06-01 00:00:00'); DELETE FROM report WHERE id = 2;")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    ok(&run("ferry-sender", &tx, &["partial"]));
+    for r in [&r1, &r2] {
+        ok(&run("ferry-receiver", r, &["load"]));
+        same(&l, r).await;
+    }
+
+    // The server down during a push: spooled, then delivered in order.
+    s3.down();
+    sqlx::raw_sql(
+        "UPDATE report SET msg = 'during outage', updated_at = '2024-06-02 00:00:00' WHERE id = 3",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
+    let out = run("ferry-sender", &tx, &["partial"]);
+    assert_eq!(out.status.code(), Some(75), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("unreachable"),
+        "{}",
+        text(&out.stderr)
+    );
+    sqlx::raw_sql(
+        "UPDATE report SET msg = 'after outage', updated_at = '2024-06-03 00:00:00' WHERE id = 1",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
+    assert_eq!(
+        run("ferry-sender", &tx, &["partial", "--no-push"])
+            .status
+            .code(),
+        Some(0)
+    );
+    assert_eq!(outbox_files(&l.p("sstate/outbox")).len(), 2);
+    s3.up();
+    let out = ok(&run("ferry-sender", &tx, &["push"]));
+    assert!(out.contains("push: 2 bundle(s)"), "{out}");
+    // The third receiver starts late and catches up from the complete.
+    for r in [&r1, &r2, &r3] {
+        ok(&run("ferry-receiver", r, &["load"]));
+        same(&l, r).await;
+    }
+
+    // A corrupted object: quarantined, nothing applied.
+    sqlx::raw_sql(
+        "UPDATE report SET msg = 'never seen', updated_at = '2024-06-04 00:00:00' WHERE id = 1",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
+    ok(&run("ferry-sender", &tx, &["partial"]));
+    let newest = std::fs::read_dir(s3.root.path().join("ferry/app"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with("-partial.tar.zst"))
+        .max()
+        .unwrap();
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+    let out = run("ferry-receiver", &r1, &["load"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("FAILED"),
+        "{}",
+        text(&out.stdout)
+    );
+    let mut copy = sqlite(&r1.parent().unwrap().join("copy.sqlite3")).await;
+    let msg: String = sqlx::query_scalar("SELECT msg FROM report WHERE id = 1")
+        .fetch_one(&mut copy)
+        .await
+        .unwrap();
+    assert_eq!(msg, "after outage", "nothing of the damaged bundle applied");
+
+    // Wrong credentials and a missing bucket: named, with the fix.
+    std::fs::write(
+        &tx,
+        format!(
+            "{base}{}",
+            s3.section(l.dir.path(), "s3://ferry/app", "wrong-secret-0")
+        ),
+    )
+    .unwrap();
+    sqlx::raw_sql("UPDATE report SET msg = 'x', updated_at = '2024-06-05 00:00:00' WHERE id = 1")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let out = run("ferry-sender", &tx, &["partial"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("refused the credentials"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::write(
+        &tx,
+        format!(
+            "{base}{}",
+            s3.section(l.dir.path(), "s3://nope/app", SECRET)
+        ),
+    )
+    .unwrap();
+    let out = run("ferry-sender", &tx, &["push"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("bucket does not exist"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Nothing was lost: back on the right bucket, the queue goes out.
+    std::fs::write(
+        &tx,
+        format!(
+            "{base}{}",
+            s3.section(l.dir.path(), "s3://ferry/app", SECRET)
+        ),
+    )
+    .unwrap();
+    ok(&run("ferry-sender", &tx, &["push"]));
+
+    // The daemon polls the bucket.
+    let mut cmd = Command::new(ferry_tests::binary("ferry-receiver"));
+    cmd.arg("--config")
+        .arg(&r2)
+        .arg("run")
+        .env("RUST_LOG", "info");
+    let mut d = Daemon::spawn(cmd);
+    d.wait_for("fetched from the bucket", Duration::from_secs(30));
+}
