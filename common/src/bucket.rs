@@ -262,9 +262,17 @@ impl Bucket {
 /// An object store error as an operator reads it, and whether it may pass.
 fn explain(text: &str) -> (String, bool) {
     let lower = text.to_lowercase();
+    // A status 403, not the digits inside a duration ("in 298.403906ms").
+    let status_403 = lower.match_indices("403").any(|(i, _)| {
+        let before = lower[..i].chars().next_back();
+        let after = lower[i + 3..].chars().next();
+        !before.is_some_and(|c| c.is_ascii_digit() || c == '.')
+            && !after.is_some_and(|c| c.is_ascii_digit())
+    });
     if lower.contains("invalidaccesskeyid")
         || lower.contains("signaturedoesnotmatch")
-        || lower.contains("403")
+        || status_403
+        || lower.contains("forbidden")
         || lower.contains("access denied")
         || lower.contains("accessdenied")
     {
@@ -324,5 +332,22 @@ fn read_credentials(file: &Path, profile: &str) -> Result<(String, String), Stri
              aws_secret_access_key",
             file.display()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::explain;
+
+    #[test]
+    fn errors_are_classified_by_status_not_by_digits() {
+        let (m, transient) =
+            explain("Error performing GET in 298.403906ms - HTTP error: error sending request");
+        assert!(transient && m.contains("unreachable"), "{m}");
+        let (m, transient) =
+            explain("Client error with status 403 Forbidden: SignatureDoesNotMatch");
+        assert!(!transient && m.contains("refused the credentials"), "{m}");
+        let (m, transient) = explain("Client error with status 404 Not Found: NoSuchBucket");
+        assert!(!transient && m.contains("does not exist"), "{m}");
     }
 }

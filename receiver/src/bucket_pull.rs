@@ -73,3 +73,94 @@ pub async fn pull(config: &Config, target: &mut Target) -> Result<Pulled, Bucket
     }
     Ok(out)
 }
+
+/// `restore --from s3://bucket/prefix`: downloads into `dir` the bundles the
+/// point needs, chosen by name — for a seq or `latest`, the newest chain
+/// holding it, its complete at or before the point, and everything between;
+/// for a time, every bundle of the sender (the times are inside the
+/// manifests) — then the usual restore plans from `dir`. `base` gives the
+/// endpoint and credentials (the receiver's `[bucket]`, else the AWS
+/// environment). Returns the number of files fetched.
+pub async fn fetch_for_restore(
+    url: &str,
+    base: Option<&ferry_common::bucket::BucketConfig>,
+    dir: &std::path::Path,
+    at: &crate::restore::At,
+    sender: Option<&str>,
+) -> Result<usize, String> {
+    use crate::restore::At;
+    use ferry_common::manifest::Kind;
+    let cfg = ferry_common::bucket::BucketConfig {
+        url: url.to_owned(),
+        ..base.cloned().unwrap_or(ferry_common::bucket::BucketConfig {
+            url: String::new(),
+            endpoint: std::env::var("AWS_ENDPOINT").ok(),
+            region: std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
+            credentials_file: None,
+            profile: "default".into(),
+            poll_interval: std::time::Duration::from_secs(30),
+        })
+    };
+    let bucket = Bucket::open(&cfg)?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // (sender, chain, seq, kind, object name)
+    let mut all = Vec::new();
+    for (name, _) in bucket.list_after(None).await.map_err(|e| e.to_string())? {
+        let parsed =
+            parse_bundle_file_name(&name).or_else(|| parse_volume_file_name(&name).map(|(b, _)| b));
+        if let Some(b) = parsed
+            && sender.is_none_or(|s| s == b.sender)
+        {
+            all.push((b.sender, b.chain, b.seq.0, b.kind, name));
+        }
+    }
+    let senders: std::collections::BTreeSet<&String> = all.iter().map(|a| &a.0).collect();
+    if senders.len() > 1 {
+        return Err(format!(
+            "{url} holds bundles of several senders ({}); choose one with --sender",
+            senders.into_iter().cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    let chosen: Vec<&String> = match at {
+        At::Time(_) => all.iter().map(|a| &a.4).collect(),
+        At::Latest | At::Seq(_) => {
+            let chain = all
+                .iter()
+                .filter(|a| match at {
+                    At::Seq(n) => a.2 == *n,
+                    _ => true,
+                })
+                .map(|a| a.1.clone())
+                .max()
+                .ok_or_else(|| format!("{url} holds no such bundle"))?;
+            let target = match at {
+                At::Seq(n) => *n,
+                _ => all
+                    .iter()
+                    .filter(|a| a.1 == chain)
+                    .map(|a| a.2)
+                    .max()
+                    .unwrap_or(0),
+            };
+            let complete = all
+                .iter()
+                .filter(|a| a.1 == chain && a.3 == Kind::Complete && a.2 <= target)
+                .map(|a| a.2)
+                .max()
+                .ok_or_else(|| {
+                    format!("{url} holds no complete at or before #{target} to build on (pruned?)")
+                })?;
+            all.iter()
+                .filter(|a| a.1 == chain && (complete..=target).contains(&a.2))
+                .map(|a| &a.4)
+                .collect()
+        }
+    };
+    for name in &chosen {
+        bucket
+            .download(name, &dir.join(name.as_str()))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(chosen.len())
+}

@@ -102,9 +102,11 @@ struct RestoreArgs {
     #[arg(long)]
     dry_run: bool,
     /// A directory of bundles to restore from instead of this receiver's
-    /// inbox (the sender's delivered bundles, a copy of the history); no
-    /// configuration or running receiver needed.
-    #[arg(long, value_name = "DIR")]
+    /// inbox (the sender's delivered bundles, a copy of the history), or a
+    /// bucket (`s3://bucket/prefix`: only the bundles the point needs are
+    /// downloaded; endpoint and credentials from `[bucket]`, else the AWS
+    /// environment); no configuration or running receiver needed.
+    #[arg(long, value_name = "DIR|s3://…")]
     from: Option<PathBuf>,
     /// For a PostgreSQL history into SQLite: a PostgreSQL server (URL) where
     /// a scratch database may be created and dropped; default: the target's.
@@ -429,8 +431,32 @@ async fn restore(args: RestoreArgs, config: Option<&Config>) -> ExitCode {
             ..Default::default()
         },
     };
+    let mut req = req;
+    // A bucket as the history: what the plan needs, fetched into a scratch
+    // directory first.
+    let from_bucket = req.from.to_string_lossy().starts_with("s3://");
+    let scratch = std::env::temp_dir().join(format!("ferry-restore-s3-{}", std::process::id()));
+    if from_bucket {
+        let url = req.from.to_string_lossy().into_owned();
+        let fetched = ferry_receiver::bucket_pull::fetch_for_restore(
+            &url,
+            config.and_then(|c| c.bucket.as_ref()),
+            &scratch,
+            &req.at,
+            req.sender.as_deref(),
+        )
+        .await;
+        if let Err(e) = fetched {
+            let _ = std::fs::remove_dir_all(&scratch);
+            return fail(format!("restore from {url}: {e}"), false);
+        }
+        req.from = scratch.clone();
+    }
     let result = ferry_receiver::restore::restore(&req).await;
     let _ = std::fs::remove_dir_all(&req.staging);
+    if from_bucket {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
     match result {
         Ok(o) if args.json => {
             println!("{}", serde_json::to_string_pretty(&o).unwrap_or_default());

@@ -276,6 +276,39 @@ async fn one_sender_three_receivers_through_a_bucket() {
     .unwrap();
     ok(&run("ferry-sender", &tx, &["push"]));
 
+    // The bucket as the history: point #4 restored into a new SQLite file
+    // (only the bundles it needs downloaded) equals the late receiver's copy,
+    // which stopped there.
+    let restored = l.p("restored.sqlite3");
+    let out = run(
+        "ferry-receiver",
+        &r3,
+        &[
+            "restore",
+            "--from",
+            "s3://ferry/app",
+            "--at",
+            "4",
+            "--into",
+            &format!("sqlite://{}", restored.display()),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let mut a = sqlite(&restored).await;
+    let mut b = sqlite(&r3.parent().unwrap().join("copy.sqlite3")).await;
+    for t in ["phone", "report"] {
+        assert_eq!(
+            sqlite_rows(&mut a, t).await,
+            sqlite_rows(&mut b, t).await,
+            "restored {t}"
+        );
+    }
+
     // The daemon polls the bucket.
     let mut cmd = Command::new(ferry_tests::binary("ferry-receiver"));
     cmd.arg("--config")
