@@ -35,6 +35,19 @@ pub struct BucketConfig {
     /// Receivers: how often the bucket is asked for new bundles.
     #[serde(default = "default_poll", with = "crate::duration")]
     pub poll_interval: std::time::Duration,
+    /// Sender: retention of the bucket (`ferry-sender prune-bucket`, and
+    /// the daemon hourly). Keeps the newest this many completes of the
+    /// current chain and everything after the oldest of them; unset: the
+    /// sender never deletes (lifecycle rules may).
+    #[serde(default)]
+    pub keep_completes: Option<usize>,
+    /// Sender: nothing younger than this is deleted.
+    #[serde(default = "default_keep_for", with = "crate::duration")]
+    pub keep_for: std::time::Duration,
+}
+
+fn default_keep_for() -> std::time::Duration {
+    std::time::Duration::from_secs(2 * 86_400)
 }
 
 fn default_region() -> String {
@@ -184,6 +197,19 @@ impl Bucket {
     /// The objects under the prefix whose names sort after `after` (all of
     /// them without), with their sizes, in name order.
     pub async fn list_after(&self, after: Option<&str>) -> Result<Vec<(String, u64)>, BucketError> {
+        Ok(self
+            .list_dated(after)
+            .await?
+            .into_iter()
+            .map(|(n, s, _)| (n, s))
+            .collect())
+    }
+
+    /// [`list_after`](Self::list_after) with each object's time of creation.
+    pub async fn list_dated(
+        &self,
+        after: Option<&str>,
+    ) -> Result<Vec<(String, u64, chrono::DateTime<chrono::Utc>)>, BucketError> {
         use futures_util::TryStreamExt;
         let stream = match after {
             Some(a) => self
@@ -195,9 +221,9 @@ impl Bucket {
             .try_collect()
             .await
             .map_err(|e| self.err("listing", "", &e))?;
-        let mut out: Vec<(String, u64)> = metas
+        let mut out: Vec<(String, u64, chrono::DateTime<chrono::Utc>)> = metas
             .into_iter()
-            .filter_map(|m| Some((m.location.filename()?.to_owned(), m.size)))
+            .filter_map(|m| Some((m.location.filename()?.to_owned(), m.size, m.last_modified)))
             .collect();
         out.sort();
         Ok(out)

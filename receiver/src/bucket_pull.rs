@@ -99,6 +99,8 @@ pub async fn fetch_for_restore(
             credentials_file: None,
             profile: "default".into(),
             poll_interval: std::time::Duration::from_secs(30),
+            keep_completes: None,
+            keep_for: std::time::Duration::from_secs(2 * 86_400),
         })
     };
     let bucket = Bucket::open(&cfg)?;

@@ -92,3 +92,74 @@ async fn round(
     }
     Ok(())
 }
+
+/// What `prune-bucket` removed (or, dry, would remove).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Pruned {
+    pub removed: Vec<String>,
+    pub kept: usize,
+}
+
+/// Sender-side retention of the bucket, chain-aware: in this sender's newest
+/// chain, the newest `keep_completes` completes and everything after the
+/// oldest of them stay (every point from there is restorable); older objects
+/// go once they are older than `keep_for`. Other (earlier) chains' objects go
+/// once older than `keep_for`, when the newest chain has those completes.
+pub async fn prune(
+    config: &Config,
+    cfg: &BucketConfig,
+    dry_run: bool,
+) -> Result<Pruned, PushError> {
+    use ferry_common::manifest::{Kind, parse_bundle_file_name, parse_volume_file_name};
+    let Some(keep) = cfg.keep_completes.filter(|k| *k > 0) else {
+        return Err(PushError::Config(
+            "`[bucket] keep_completes` is not set: the sender does not delete from the bucket \
+             (set it, e.g. 2, or use the bucket's lifecycle rules)"
+                .into(),
+        ));
+    };
+    let bucket = Bucket::open(cfg).map_err(PushError::Config)?;
+    let listed = bucket.list_dated(None).await.map_err(PushError::Bucket)?;
+    // (chain, seq, kind, name, created)
+    let mine: Vec<_> = listed
+        .into_iter()
+        .filter_map(|(name, _, at)| {
+            let b = parse_bundle_file_name(&name)
+                .or_else(|| parse_volume_file_name(&name).map(|(b, _)| b))?;
+            (b.sender == config.sender_id).then_some((b.chain, b.seq.0, b.kind, name, at))
+        })
+        .collect();
+    let Some(newest_chain) = mine.iter().map(|m| m.0.clone()).max() else {
+        return Ok(Pruned::default());
+    };
+    let mut completes: Vec<u64> = mine
+        .iter()
+        .filter(|m| m.0 == newest_chain && m.2 == Kind::Complete)
+        .map(|m| m.1)
+        .collect();
+    completes.sort_unstable();
+    completes.dedup();
+    let out_of_keep = completes.len() >= keep;
+    let protected_from = completes.iter().rev().nth(keep - 1).copied();
+    let cutoff = chrono::Utc::now()
+        - chrono::Duration::from_std(cfg.keep_for).unwrap_or(chrono::Duration::days(2));
+    let mut out = Pruned::default();
+    for (chain, seq, _, name, at) in mine {
+        let old_enough = at < cutoff;
+        let needed = if chain == newest_chain {
+            protected_from.is_none_or(|p| seq >= p)
+        } else {
+            !out_of_keep
+        };
+        if needed || !old_enough {
+            out.kept += 1;
+            continue;
+        }
+        if !dry_run {
+            bucket.delete(&name).await.map_err(PushError::Bucket)?;
+            tracing::info!(object = %name, "removed from the bucket (retention)");
+        }
+        out.removed.push(name);
+    }
+    Ok(out)
+}

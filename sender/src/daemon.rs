@@ -65,6 +65,11 @@ pub async fn run(config: Arc<Config>, mut signals: StopSignals) -> anyhow::Resul
     let mut partials = config.partial.interval.map(ticker);
     let mut retries =
         (config.push.is_some() || config.bucket.is_some()).then(|| ticker(retry_interval(&config)));
+    let mut bucket_prune = config
+        .bucket
+        .as_ref()
+        .filter(|b| b.keep_completes.is_some())
+        .map(|_| ticker(Duration::from_secs(3600)));
     let mut running: Option<(Work, JoinHandle<()>)> = None;
     let mut complete_due = false;
 
@@ -137,6 +142,15 @@ pub async fn run(config: Arc<Config>, mut signals: StopSignals) -> anyhow::Resul
                 match &running {
                     Some((work, _)) => tracing::warn!(busy = %work, "partial tick skipped: the previous job is still running"),
                     None => running = Some(start(&config, Work::Bundle(Kind::Partial))),
+                }
+            }
+            () = tick(&mut bucket_prune) => {
+                if let Some(b) = &config.bucket {
+                    match crate::bucket_push::prune(&config, b, false).await {
+                        Ok(p) if !p.removed.is_empty() => tracing::info!(removed = p.removed.len(), kept = p.kept, "bucket retention"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "bucket retention failed; the next hour tries again"),
+                    }
                 }
             }
             () = tick(&mut retries) => {

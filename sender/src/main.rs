@@ -92,6 +92,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove what `[bucket] keep_completes` and `keep_for` no longer keep
+    /// from the bucket (chain-aware: every kept point stays restorable).
+    PruneBucket {
+        /// List what would go, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a commented example configuration.
     ExampleConfig,
     /// Write man pages and shell completions under DIR (for packaging).
@@ -230,6 +239,31 @@ async fn run(command: Command, config: Config) -> ExitCode {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
+            }
+        }
+        Command::PruneBucket { dry_run, json } => {
+            let Some(b) = &config.bucket else {
+                eprintln!("ferry-sender: prune-bucket: the configuration has no [bucket] section");
+                return ExitCode::from(2);
+            };
+            match ferry_sender::bucket_push::prune(&config, b, dry_run).await {
+                Ok(p) if json => print_json(&p),
+                Ok(p) => {
+                    let verb = if dry_run { "would remove" } else { "removed" };
+                    for f in &p.removed {
+                        println!("{verb} {f}");
+                    }
+                    println!("{} object(s) {verb}, {} kept", p.removed.len(), p.kept);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ferry-sender: prune-bucket: {e}");
+                    if e.is_transient() {
+                        ExitCode::from(75)
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
             }
         }
         Command::ExampleConfig | Command::GenerateDocs { .. } => ExitCode::SUCCESS,

@@ -309,6 +309,44 @@ async fn one_sender_three_receivers_through_a_bucket() {
         );
     }
 
+    // Sender-side retention: keep the newest complete and what follows it.
+    let keep = |extra: &str| {
+        std::fs::write(
+            &tx,
+            format!(
+                "{base}{}{extra}",
+                s3.section(l.dir.path(), "s3://ferry/app", SECRET)
+            ),
+        )
+        .unwrap();
+    };
+    keep("");
+    let out = run("ferry-sender", &tx, &["prune-bucket"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("keep_completes"),
+        "{}",
+        text(&out.stderr)
+    );
+    keep("keep_completes = 1\n");
+    let out = ok(&run("ferry-sender", &tx, &["prune-bucket", "--dry-run"]));
+    assert!(
+        out.contains("0 object(s) would remove"),
+        "younger than keep_for: {out}"
+    );
+    ok(&run("ferry-sender", &tx, &["complete"]));
+    keep("keep_completes = 1\nkeep_for = \"0s\"\n");
+    let out = ok(&run("ferry-sender", &tx, &["prune-bucket"]));
+    assert!(out.contains("6 object(s) removed"), "{out}");
+    let left: Vec<String> = std::fs::read_dir(s3.root.path().join("ferry/app"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].contains("-000000000007-complete"), "{left:?}");
+
     // The daemon polls the bucket.
     let mut cmd = Command::new(ferry_tests::binary("ferry-receiver"));
     cmd.arg("--config")
