@@ -356,3 +356,153 @@ async fn one_sender_three_receivers_through_a_bucket() {
     let mut d = Daemon::spawn(cmd);
     d.wait_for("fetched from the bucket", Duration::from_secs(30));
 }
+
+/// Peak RSS in KiB of a finished command run under GNU time (`-f %M`).
+fn peak_kib(stderr: &str) -> u64 {
+    stderr
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("maxrss_kib="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+/// A complete of about 320 MiB (incompressible) as one object: a multipart
+/// upload in 16 MiB parts, downloaded and applied by a receiver; both agents'
+/// peak RSS stays within 64 MiB.
+#[tokio::test]
+async fn a_large_complete_goes_up_in_parts() {
+    let s3 = S3::start();
+    let l = Lite::new("").await;
+    let mut app = sqlite(&l.p("app.sqlite3")).await;
+    sqlx::raw_sql(
+        "CREATE TABLE blob (id INTEGER PRIMARY KEY, data BLOB, updated_at TEXT NOT NULL);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 320)
+         INSERT INTO blob SELECT i, randomblob(1048576), '2024-01-01 00:00:00' FROM n;",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
+    let tx = l.p("sender.toml");
+    let base = std::fs::read_to_string(&tx).unwrap();
+    std::fs::write(
+        &tx,
+        format!(
+            "{base}[bundle]\nvolume_bytes = 0\n{}",
+            s3.section(l.dir.path(), "s3://ferry/big", SECRET)
+        ),
+    )
+    .unwrap();
+    let timed = |bin: &str, cfg: &Path, args: &[&str]| {
+        Command::new("/usr/bin/time")
+            .args(["-f", "maxrss_kib=%M"])
+            .arg(ferry_tests::binary(bin))
+            .arg("--config")
+            .arg(cfg)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let out = timed("ferry-sender", &tx, &["complete", "--no-push"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let extract_kib = peak_kib(&text(&out.stderr));
+    let out = timed("ferry-sender", &tx, &["push"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let sender_kib = peak_kib(&text(&out.stderr));
+    let objects: Vec<(String, u64)> = std::fs::read_dir(s3.root.path().join("ferry/big"))
+        .unwrap()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .collect();
+    assert_eq!(objects.len(), 1, "{objects:?}");
+    assert!(objects[0].1 > 300 << 20, "{objects:?}");
+
+    let rx = l.p("rxbig");
+    std::fs::create_dir_all(rx.join("inbox")).unwrap();
+    let cfg = rx.join("receiver.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\ninbox = {:?}\n[target]\nurl = \"sqlite://{}/copy.sqlite3\"\n[media]\nimages = {:?}\n{}",
+            rx.join("state"),
+            rx.join("inbox"),
+            rx.display(),
+            rx.join("media"),
+            s3.section(&rx, "s3://ferry/big", SECRET)
+        ),
+    )
+    .unwrap();
+    let out = timed("ferry-receiver", &cfg, &["load"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let receiver_kib = peak_kib(&text(&out.stderr));
+    let mut copy = sqlite(&rx.join("copy.sqlite3")).await;
+    let (n, bytes): (i64, i64) = sqlx::query_as("SELECT count(*), sum(length(data)) FROM blob")
+        .fetch_one(&mut copy)
+        .await
+        .unwrap();
+    assert_eq!((n, bytes), (320, 320 << 20));
+    // The same bundle from a local inbox: what the load itself costs.
+    let local = l.p("rxlocal");
+    std::fs::create_dir_all(local.join("inbox")).unwrap();
+    std::fs::copy(
+        s3.root.path().join("ferry/big").join(&objects[0].0),
+        local.join("inbox").join(&objects[0].0),
+    )
+    .unwrap();
+    let lcfg = local.join("receiver.toml");
+    std::fs::write(
+        &lcfg,
+        format!(
+            "state_dir = {:?}\ninbox = {:?}\n[target]\nurl = \"sqlite://{}/copy.sqlite3\"\n[media]\nimages = {:?}\n",
+            local.join("state"),
+            local.join("inbox"),
+            local.display(),
+            local.join("media"),
+        ),
+    )
+    .unwrap();
+    let out = timed("ferry-receiver", &lcfg, &["load"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let local_kib = peak_kib(&text(&out.stderr));
+    eprintln!(
+        "peak RSS: sender extract {} MiB, push {} MiB; receiver load from the bucket {} MiB, from a local inbox {} MiB",
+        extract_kib / 1024,
+        sender_kib / 1024,
+        receiver_kib / 1024,
+        local_kib / 1024
+    );
+    assert!(
+        sender_kib < 64 * 1024,
+        "the push's peak RSS {sender_kib} KiB"
+    );
+    // Fetching adds little to what the load costs by itself.
+    assert!(
+        receiver_kib < local_kib + 64 * 1024,
+        "fetching from the bucket: {receiver_kib} KiB against {local_kib} KiB from a local inbox"
+    );
+    // Every row's head and length as on the source (the bundle's checksums
+    // covered every byte on the way).
+    let sample =
+        "SELECT id || ':' || length(data) || ':' || hex(substr(data, 1, 32)) FROM blob ORDER BY id";
+    let a: Vec<String> = sqlx::query_scalar(sample)
+        .fetch_all(&mut app)
+        .await
+        .unwrap();
+    let b: Vec<String> = sqlx::query_scalar(sample)
+        .fetch_all(&mut copy)
+        .await
+        .unwrap();
+    assert_eq!(a, b);
+}

@@ -369,8 +369,15 @@ pub(super) struct Batch {
     width: usize,
     max_rows: usize,
     rows: Vec<Vec<serde_json::Value>>,
+    /// About how many bytes `rows` hold: a batch is flushed at
+    /// [`BATCH_BYTES`] too, so rows of large blobs never pile up 500 deep.
+    bytes: usize,
     doing: String,
 }
+
+/// The most a batch of rows holds before it is written (besides its row
+/// limit): 500 rows of 1 MiB blobs took 1.3 GB before this bound.
+const BATCH_BYTES: usize = 8 << 20;
 
 impl Batch {
     pub(super) fn new(head: String, tail: String, width: usize, doing: String) -> Self {
@@ -382,6 +389,7 @@ impl Batch {
             width,
             max_rows,
             rows: Vec::new(),
+            bytes: 0,
             doing,
         }
     }
@@ -391,8 +399,15 @@ impl Batch {
         conn: &mut SqliteConnection,
         row: Vec<serde_json::Value>,
     ) -> Result<(), LoadError> {
+        self.bytes += row
+            .iter()
+            .map(|v| match v {
+                serde_json::Value::String(s) => s.len(),
+                _ => 16,
+            })
+            .sum::<usize>();
         self.rows.push(row);
-        if self.rows.len() >= self.max_rows {
+        if self.rows.len() >= self.max_rows || self.bytes >= BATCH_BYTES {
             self.flush(conn).await?;
         }
         Ok(())
@@ -420,6 +435,7 @@ impl Batch {
             .await
             .map_err(LoadError::db_lazy(&self.doing))?;
         self.rows.clear();
+        self.bytes = 0;
         Ok(())
     }
 }
