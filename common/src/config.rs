@@ -42,3 +42,25 @@ impl Engine {
         }
     }
 }
+
+/// `[metrics]` (either agent): Prometheus metrics served by `run`, off by
+/// default.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `"127.0.0.1:9477"` (sender) / `"127.0.0.1:9478"` (receiver): serves
+    /// `GET /metrics` there. Keep it on loopback (or behind a firewall): the
+    /// metrics name tables and hosts.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// `[control]` (either agent): the HTTP control endpoint, off without it.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// `"127.0.0.1:9479"`. Plain HTTP: keep it on loopback and put TLS in a
+    /// reverse proxy.
+    pub listen: std::net::SocketAddr,
+    /// A file holding the bearer token (16 characters or more).
+    pub token_file: PathBuf,
+}

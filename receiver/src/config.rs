@@ -1,7 +1,7 @@
 //! The receiver's configuration: one TOML file, validated before any I/O; unknown
 //! keys are errors that name the key.
 
-pub use ferry_common::config::{ConfigError, Engine};
+pub use ferry_common::config::{ConfigError, ControlConfig, Engine, MetricsConfig};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,25 +41,6 @@ pub struct Config {
     pub control: Option<ControlConfig>,
     /// Bundles fetched from an S3-compatible bucket into the inbox.
     pub bucket: Option<ferry_common::bucket::BucketConfig>,
-}
-
-/// `[control]`: see [`crate::control`].
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ControlConfig {
-    /// `"127.0.0.1:9480"`; plain HTTP, keep it on loopback.
-    pub listen: std::net::SocketAddr,
-    /// A file holding the bearer token (16 characters or more).
-    pub token_file: PathBuf,
-}
-
-/// `[metrics]`: Prometheus metrics served by `run`, off by default.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// `"127.0.0.1:9478"`: serves `GET /metrics` there. Keep it on loopback
-    /// (or behind a firewall).
-    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `status` limits (see [`crate::health`]).

@@ -9,7 +9,6 @@ use crate::outbox::{self, Pending};
 use crate::push::{PushError, PushOutcome};
 use crate::state::State;
 use ferry_common::bucket::{Bucket, BucketConfig};
-use ferry_common::health::JobRecord;
 use std::time::{Duration, Instant};
 
 /// Attempts per push before it gives up (the bundles stay queued).
@@ -36,21 +35,7 @@ pub async fn push(config: &Config, cfg: &BucketConfig) -> Result<PushOutcome, Pu
         }
     };
     outcome.duration_ms = started.elapsed().as_millis() as u64;
-    state
-        .record_push(result.as_ref().err().map(|e| e.to_string()))
-        .await?;
-    crate::metrics::get().push(
-        result.is_ok(),
-        outcome.delivered.len(),
-        outcome.bytes,
-        outcome.duration_ms as f64 / 1000.0,
-    );
-    match &result {
-        Ok(()) => JobRecord::record_ok(&config.state_dir, "push"),
-        Err(e) => {
-            JobRecord::record_failure(&config.state_dir, "push", &e.to_string(), !e.is_transient())
-        }
-    }
+    crate::push::record(config, &mut state, &result, &outcome).await?;
     result.map(|()| outcome)
 }
 

@@ -2,7 +2,7 @@
 //! before any I/O. Unknown keys are errors that name the key (serde's
 //! `deny_unknown_fields`); every other error names the key and the fix.
 
-pub use ferry_common::config::{ConfigError, Engine};
+pub use ferry_common::config::{ConfigError, ControlConfig, Engine, MetricsConfig};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,26 +36,6 @@ pub struct Config {
     pub control: Option<ControlConfig>,
     /// Delivery into an S3-compatible bucket instead of `[push]` (SFTP).
     pub bucket: Option<ferry_common::bucket::BucketConfig>,
-}
-
-/// `[control]`: see [`crate::control`].
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ControlConfig {
-    /// `"127.0.0.1:9479"`. Plain HTTP: keep it on loopback and put TLS in a
-    /// reverse proxy.
-    pub listen: std::net::SocketAddr,
-    /// A file holding the bearer token (16 characters or more).
-    pub token_file: PathBuf,
-}
-
-/// `[metrics]`: Prometheus metrics served by `run`, off by default.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// `"127.0.0.1:9477"`: serves `GET /metrics` there. Keep it on loopback
-    /// (or behind a firewall): the metrics name tables and hosts.
-    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `status` limits. Each age limit left out is derived from the schedule; see

@@ -670,6 +670,20 @@ pub async fn push_pending(config: &Config, p: &PushConfig) -> Result<PushOutcome
         }
     };
     outcome.duration_ms = started.elapsed().as_millis() as u64;
+    record(config, &mut state, &result, &outcome).await?;
+    let recorded = state.last(None).await?.map_or(0, |b| b.seq);
+    prune_sent(config, recorded)?;
+    result.map(|()| outcome)
+}
+
+/// Records how a push (over SFTP or into a bucket) ended: for `status` (the
+/// state's last push, the health record) and for the metrics.
+pub(crate) async fn record(
+    config: &Config,
+    state: &mut State,
+    result: &Result<(), PushError>,
+    outcome: &PushOutcome,
+) -> Result<(), PushError> {
     state
         .record_push(result.as_ref().err().map(|e| e.to_string()))
         .await?;
@@ -679,15 +693,13 @@ pub async fn push_pending(config: &Config, p: &PushConfig) -> Result<PushOutcome
         outcome.bytes,
         outcome.duration_ms as f64 / 1000.0,
     );
-    match &result {
+    match result {
         Ok(()) => JobRecord::record_ok(&config.state_dir, "push"),
         Err(e) => {
             JobRecord::record_failure(&config.state_dir, "push", &e.to_string(), !e.is_transient())
         }
     }
-    let recorded = state.last(None).await?.map_or(0, |b| b.seq);
-    prune_sent(config, recorded)?;
-    result.map(|()| outcome)
+    Ok(())
 }
 
 /// One connection: delivers pending bundles in order until done or an error.
