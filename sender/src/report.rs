@@ -141,8 +141,15 @@ impl std::fmt::Display for Status {
             match b {
                 Some(b) => writeln!(
                     f,
-                    "last {label:<8} #{} at {}  {} rows  {} bytes  {} ms  ({})",
-                    b.seq, b.created_at, b.rows, b.bytes, b.duration_ms, b.file
+                    "last {label:<8} #{} at {} ({} ago)  {} rows  {} bytes  {} ms  ({})",
+                    b.seq,
+                    b.created_at,
+                    health::parse_time(&b.created_at)
+                        .map_or_else(|| "?".to_owned(), |t| health::human(health::age(t))),
+                    b.rows,
+                    b.bytes,
+                    b.duration_ms,
+                    b.file
                 )?,
                 None => writeln!(f, "last {label:<8} none")?,
             }
