@@ -276,6 +276,21 @@ impl Bucket {
         }
     }
 
+    /// `check` on a sender: one listing, and one small object written
+    /// (`.ferry-check-<sender>`, overwritten by each check, never a bundle
+    /// name, so receivers pass it by; a sender without delete rights cannot
+    /// remove it). Returns the object's name.
+    pub async fn check_writable(&self, sender: &str) -> Result<String, BucketError> {
+        self.probe().await?;
+        let name = format!(".ferry-check-{sender}");
+        let body = format!("written by `ferry-sender check` at {}\n", chrono::Utc::now());
+        self.store
+            .put(&self.path(&name), PutPayload::from(body.into_bytes()))
+            .await
+            .map_err(|e| self.err("writing", &name, &e))?;
+        Ok(name)
+    }
+
     /// Removes `name` (sender-side retention only).
     pub async fn delete(&self, name: &str) -> Result<(), BucketError> {
         self.store

@@ -11,6 +11,7 @@
 use crate::config::Config;
 use crate::load::Target;
 use ferry_common::bucket::{Bucket, BucketError};
+use ferry_common::health::JobRecord;
 use ferry_common::manifest::{parse_bundle_file_name, parse_volume_file_name};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -23,10 +24,44 @@ pub struct Pulled {
 
 static POLLS: AtomicU64 = AtomicU64::new(0);
 
+/// The job name of a fetch from the bucket in the health records.
+pub const FETCH: &str = "fetch";
+
+/// The position: the newest object name this receiver took.
+pub fn cursor(config: &Config) -> Option<String> {
+    std::fs::read_to_string(config.state_dir.join("bucket.cursor"))
+        .ok()
+        .map(|c| c.trim().to_owned())
+        .filter(|c| !c.is_empty())
+}
+
+/// Fetches what the bucket holds beyond this receiver's position into the
+/// inbox, and records how it went (for `status`, the health verdict and the
+/// metrics).
 pub async fn pull(config: &Config, target: &mut Target) -> Result<Pulled, BucketError> {
     let Some(cfg) = &config.bucket else {
         return Ok(Pulled::default());
     };
+    let result = fetch_new(config, cfg, target).await;
+    let m = crate::metrics::get();
+    match &result {
+        Ok(p) => {
+            JobRecord::record_ok(&config.state_dir, FETCH);
+            m.fetched(p.files, p.bytes);
+        }
+        Err(e) => {
+            JobRecord::record_failure(&config.state_dir, FETCH, &e.to_string(), !e.transient);
+            m.fetch_failed();
+        }
+    }
+    result
+}
+
+async fn fetch_new(
+    config: &Config,
+    cfg: &ferry_common::bucket::BucketConfig,
+    target: &mut Target,
+) -> Result<Pulled, BucketError> {
     let bucket = Bucket::open(cfg).map_err(|message| BucketError {
         doing: "opening".into(),
         target: cfg.url.clone(),
@@ -34,10 +69,7 @@ pub async fn pull(config: &Config, target: &mut Target) -> Result<Pulled, Bucket
         transient: false,
     })?;
     let cursor_file = config.state_dir.join("bucket.cursor");
-    let cursor = std::fs::read_to_string(&cursor_file)
-        .ok()
-        .map(|c| c.trim().to_owned())
-        .filter(|c| !c.is_empty());
+    let cursor = cursor(config);
     let full = POLLS.fetch_add(1, Ordering::Relaxed).is_multiple_of(10);
     let listed = bucket
         .list_after(if full { None } else { cursor.as_deref() })
@@ -56,7 +88,10 @@ pub async fn pull(config: &Config, target: &mut Target) -> Result<Pulled, Bucket
             Ok(l) => l.behind(&chain, seq),
             Err(_) => false,
         };
-        if !local.exists() && !applied {
+        // A quarantined bundle is not fetched again: `retry` or a newer
+        // object decides.
+        let quarantined = config.quarantine_dir().join(&name).exists();
+        if !local.exists() && !applied && !quarantined {
             let bytes = bucket.download(&name, &local).await?;
             tracing::info!(object = %name, bytes, bucket = %bucket.url, "fetched from the bucket");
             out.files += 1;

@@ -42,6 +42,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// With `[bucket]`: download what the bucket holds beyond this
+    /// receiver's position into the inbox, without applying it (`load` and
+    /// the daemon fetch first themselves).
+    Fetch,
     /// The daemon: watch the inbox, load, prune.
     Run,
     /// Last applied bundles, lag, pending, held, failures and the health; exits
@@ -211,12 +215,14 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                 Ok(v) => v,
                 Err(code) => return code,
             };
-            if config.bucket.is_some()
-                && let Err(e) = ferry_receiver::bucket_pull::pull(&config, &mut target).await
-            {
-                let t = e.transient;
-                return fail(e, t);
-            }
+            // The bucket out of reach: what the inbox already holds is
+            // still applied; the exit code then says the fetch failed.
+            let fetch_error = match config.bucket {
+                Some(_) => ferry_receiver::bucket_pull::pull(&config, &mut target)
+                    .await
+                    .err(),
+                None => None,
+            };
             let pass = run::pass(&config, &mut target).await;
             ferry_receiver::health::record_pass(
                 &config,
@@ -253,6 +259,10 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                             println!("nothing pending");
                         }
                     }
+                    if let Some(e) = fetch_error {
+                        let t = e.transient;
+                        return fail(e, t);
+                    }
                     // A failed hook does not hold the chain, but it is not success.
                     if r.failed.is_empty() && r.held.is_empty() && r.hook_failures.is_empty() {
                         ExitCode::SUCCESS
@@ -262,6 +272,28 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                 }
                 Err(e) => {
                     let t = matches!(e, run::PassError::Transient { .. });
+                    fail(e, t)
+                }
+            }
+        }
+        Command::Fetch => {
+            if config.bucket.is_none() {
+                return fail(
+                    "fetch: the configuration has no [bucket] section (bundles arrive in the inbox by SFTP)",
+                    false,
+                );
+            }
+            let (_lock, mut target) = match lock_and_connect(&config).await {
+                Ok(v) => v,
+                Err(code) => return code,
+            };
+            match ferry_receiver::bucket_pull::pull(&config, &mut target).await {
+                Ok(p) => {
+                    println!("fetched {} file(s), {} bytes", p.files, p.bytes);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    let t = e.transient;
                     fail(e, t)
                 }
             }

@@ -33,6 +33,11 @@ pub struct Metrics {
     held: Gauge,
     quarantined: Gauge,
     free: Family<DirLabel, Gauge>,
+    fetched: Counter,
+    fetched_bytes: Counter,
+    fetch_errors: Counter,
+    fetch_failures_in_a_row: Gauge,
+    fetch_last_success: Gauge<f64, AtomicU64>,
 }
 
 /// The process's metrics (recorded whether or not they are served).
@@ -57,6 +62,11 @@ impl Metrics {
             held: Gauge::default(),
             quarantined: Gauge::default(),
             free: Family::default(),
+            fetched: Counter::default(),
+            fetched_bytes: Counter::default(),
+            fetch_errors: Counter::default(),
+            fetch_failures_in_a_row: Gauge::default(),
+            fetch_last_success: Gauge::default(),
         };
         r.register(
             "bundles",
@@ -113,6 +123,32 @@ impl Metrics {
             Unit::Bytes,
             m.free.clone(),
         );
+        r.register(
+            "bucket_fetched_bundles",
+            "Bundle files downloaded from the bucket (`[bucket]`)",
+            m.fetched.clone(),
+        );
+        r.register_with_unit(
+            "bucket_fetched",
+            "Bytes downloaded from the bucket",
+            Unit::Bytes,
+            m.fetched_bytes.clone(),
+        );
+        r.register(
+            "bucket_fetch_errors",
+            "Polls of the bucket that failed",
+            m.fetch_errors.clone(),
+        );
+        r.register(
+            "bucket_fetch_failures_in_a_row",
+            "Polls of the bucket that failed since the last that succeeded",
+            m.fetch_failures_in_a_row.clone(),
+        );
+        r.register(
+            "bucket_last_success_timestamp_seconds",
+            "When a poll of the bucket last succeeded",
+            m.fetch_last_success.clone(),
+        );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
         m
     }
@@ -128,6 +164,17 @@ impl Metrics {
     /// A bundle was quarantined.
     pub fn failed(&self, k: &str) {
         self.bundles.get_or_create(&kind_result(k, "failed")).inc();
+    }
+
+    /// A poll of the bucket succeeded, downloading `files` of `bytes`.
+    pub fn fetched(&self, files: usize, bytes: u64) {
+        self.fetched.inc_by(files as u64);
+        self.fetched_bytes.inc_by(bytes);
+    }
+
+    /// A poll of the bucket failed.
+    pub fn fetch_failed(&self) {
+        self.fetch_errors.inc();
     }
 
     /// The bundles a pass held.
@@ -168,6 +215,14 @@ impl Metrics {
                 .map(|v| v.len())
                 .unwrap_or(0) as i64,
         );
+        if config.bucket.is_some() {
+            let fetch = JobRecord::read(&config.state_dir, crate::bucket_pull::FETCH);
+            self.fetch_failures_in_a_row
+                .set(i64::from(fetch.failures_in_a_row));
+            if let Some(t) = fetch.last_ok_at {
+                self.fetch_last_success.set(epoch_seconds(t));
+            }
+        }
         for dir in [&config.inbox, &config.state_dir] {
             if let Some(free) = free_bytes(dir) {
                 self.free

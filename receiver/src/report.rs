@@ -27,8 +27,19 @@ pub struct Status {
     pub target_error: Option<String>,
     /// How the latest load passes went.
     pub last_pass: JobRecord,
+    /// With `[bucket]`: where bundles come from, this receiver's position
+    /// there and how the latest polls went.
+    pub bucket: Option<BucketStatus>,
     /// The verdict `status` exits with (0 ok, 1 warning, 2 critical).
     pub health: Health,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BucketStatus {
+    pub url: String,
+    /// The newest object name taken.
+    pub position: Option<String>,
+    pub last_fetch: JobRecord,
 }
 
 pub async fn status(config: &Config) -> anyhow::Result<Status> {
@@ -41,6 +52,11 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
         failures,
         target_error: None,
         last_pass: JobRecord::read(&config.state_dir, health::LOAD),
+        bucket: config.bucket.as_ref().map(|b| BucketStatus {
+            url: b.url.clone(),
+            position: crate::bucket_pull::cursor(config),
+            last_fetch: JobRecord::read(&config.state_dir, crate::bucket_pull::FETCH),
+        }),
         health: Health::default(),
     };
     match Target::connect(config).await {
@@ -86,6 +102,13 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
         .map(|h| (h.file.clone(), h.reason.clone()))
         .collect();
     let mut verdict = health::judge(config, &status.applied, &held, status.failures.len());
+    if let Some(b) = &status.bucket {
+        b.last_fetch.judge(
+            &mut verdict,
+            &format!("fetching from {}", b.url),
+            config.health.failures_critical,
+        );
+    }
     if let Some(e) = &status.target_error {
         verdict.add(
             HealthLevel::Critical,
@@ -130,6 +153,22 @@ impl std::fmt::Display for Status {
                 "last load error ({}): {e}",
                 at.format("%Y-%m-%d %H:%M:%S UTC")
             )?;
+        }
+        if let Some(b) = &self.bucket {
+            writeln!(
+                f,
+                "bucket: {}, position {}",
+                b.url,
+                b.position.as_deref().unwrap_or("none (nothing fetched yet)")
+            )?;
+            let r = &b.last_fetch;
+            match r.last_ok_at {
+                Some(t) => writeln!(f, "last fetch that succeeded: {}", t.format("%Y-%m-%d %H:%M:%S UTC"))?,
+                None => writeln!(f, "last fetch that succeeded: never")?,
+            }
+            if let (true, Some(e), Some(at)) = (r.failing(), &r.last_error, r.last_error_at) {
+                writeln!(f, "last fetch error ({}): {e}", at.format("%Y-%m-%d %H:%M:%S UTC"))?;
+            }
         }
         writeln!(f, "pending: {}", self.pending.len())?;
         for p in &self.pending {
@@ -231,6 +270,9 @@ async fn check_basics(config: &Config) -> Vec<(bool, String)> {
             )),
         }
     }
+    if let Some(b) = &config.bucket {
+        out.push(check_bucket(b).await);
+    }
     match Target::connect(config).await {
         Ok(_) => out.push((
             true,
@@ -242,4 +284,16 @@ async fn check_basics(config: &Config) -> Vec<(bool, String)> {
         Err(e) => out.push((false, e.to_string())),
     }
     out
+}
+
+/// The bucket exists and these credentials may list it.
+async fn check_bucket(cfg: &ferry_common::bucket::BucketConfig) -> (bool, String) {
+    let bucket = match ferry_common::bucket::Bucket::open(cfg) {
+        Ok(b) => b,
+        Err(e) => return (false, e),
+    };
+    match bucket.probe().await {
+        Ok(()) => (true, format!("bucket {} reachable, listing allowed", bucket.url)),
+        Err(e) => (false, e.to_string()),
+    }
 }

@@ -36,6 +36,10 @@ pub async fn push(config: &Config, cfg: &BucketConfig) -> Result<PushOutcome, Pu
     };
     outcome.duration_ms = started.elapsed().as_millis() as u64;
     crate::push::record(config, &mut state, &result, &outcome).await?;
+    // `sent/` keeps what the SFTP path would (from the newest complete on):
+    // the bucket is the history, the copies here are for `resend`.
+    let recorded = state.last(None).await?.map_or(0, |b| b.seq);
+    crate::push::prune_sent(config, recorded)?;
     result.map(|()| outcome)
 }
 

@@ -933,7 +933,7 @@ fn backoff(attempt: u32, max: Duration) -> Duration {
 /// complete's final file counts as a complete: the volumes of an attempt that
 /// was killed (no final file anywhere, their seq recorded as something else or
 /// not at all) are orphans and removed, never mistaken for the newest complete.
-fn prune_sent(config: &Config, recorded: u64) -> Result<(), PushError> {
+pub(crate) fn prune_sent(config: &Config, recorded: u64) -> Result<(), PushError> {
     let sent = outbox::list(&config.sent_dir(), &config.sender_id)?;
     let queued = outbox::list(&config.outbox(), &config.sender_id)?;
     let finals: std::collections::HashSet<(u64, &str)> = sent

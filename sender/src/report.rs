@@ -37,10 +37,11 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
         watermarks: Watermarks::new(),
         outbox: outbox::list(&config.outbox(), &config.sender_id)?,
         outbox_bytes: 0,
-        push_to: config
-            .push
-            .as_ref()
-            .map(|p| format!("{}@{}:{}:{}", p.user, p.host, p.port, p.remote_dir)),
+        push_to: match (&config.push, &config.bucket) {
+            (Some(p), _) => Some(format!("{}@{}:{}:{}", p.user, p.host, p.port, p.remote_dir)),
+            (None, Some(b)) => Some(b.url.clone()),
+            (None, None) => None,
+        },
         last_push: None,
         jobs: Default::default(),
         health: Health::default(),
@@ -70,8 +71,8 @@ fn judge(config: &Config, s: &Status) -> Health {
     let mut h = Health::default();
     let limits = config.health_limits();
     for (job, r) in &s.jobs {
-        // A push record outlives a removed `[push]` section.
-        if job != "push" || config.push.is_some() {
+        // A push record outlives a removed `[push]` or `[bucket]` section.
+        if job != "push" || config.push.is_some() || config.bucket.is_some() {
             r.judge(&mut h, job, config.health.failures_critical);
         }
     }
@@ -172,7 +173,7 @@ impl std::fmt::Display for Status {
             writeln!(f, "  {}  {} bytes", p.file, p.bytes)?;
         }
         match (&self.push_to, &self.last_push) {
-            (None, _) => writeln!(f, "push: not configured (no [push] section)")?,
+            (None, _) => writeln!(f, "push: not configured (no [push] or [bucket] section)")?,
             (Some(to), None) => writeln!(f, "push: to {to}, never attempted")?,
             (Some(to), Some(p)) => {
                 writeln!(
@@ -255,10 +256,23 @@ pub async fn check(config: &Config) -> Vec<Finding> {
         ),
         (Some(_), Err(e)) => push(Level::Error, e.to_string()),
     }
+    if let Some(b) = &config.bucket {
+        match ferry_common::bucket::Bucket::open(b) {
+            Ok(bucket) => match bucket.check_writable(&config.sender_id).await {
+                Ok(object) => push(
+                    Level::Ok,
+                    format!("bucket {}: listing and writing allowed (wrote {object})", bucket.url),
+                ),
+                Err(e) => push(Level::Error, e.to_string()),
+            },
+            Err(e) => push(Level::Error, e),
+        }
+    }
     match &config.push {
+        None if config.bucket.is_some() => {}
         None => push(
             Level::Warn,
-            "no [push] section: bundles stay in the outbox".into(),
+            "no [push] or [bucket] section: bundles stay in the outbox".into(),
         ),
         Some(p) => match crate::push::Link::open(p).await {
             Ok(link) => {

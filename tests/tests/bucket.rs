@@ -506,3 +506,171 @@ async fn a_large_complete_goes_up_in_parts() {
         .unwrap();
     assert_eq!(a, b);
 }
+
+/// A loopback TCP relay in front of the S3 server that can cut its replies
+/// after a budget of bytes: the server itself is real, the network fails.
+struct Relay {
+    port: u16,
+    budget: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Relay {
+    fn start(upstream: u16) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicI64, Ordering};
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let budget = Arc::new(AtomicI64::new(i64::MAX));
+        let b = Arc::clone(&budget);
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let b = Arc::clone(&b);
+                std::thread::spawn(move || {
+                    let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                        return;
+                    };
+                    let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut c_in, &mut s_out);
+                        let _ = s_out.shutdown(std::net::Shutdown::Write);
+                    });
+                    let (mut s_in, mut c_out) = (server, client);
+                    let mut buf = [0u8; 16 << 10];
+                    loop {
+                        use std::io::{Read, Write};
+                        let n = match s_in.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if b.fetch_sub(n as i64, Ordering::SeqCst) <= n as i64 {
+                            break; // the budget is spent: the connection drops
+                        }
+                        if c_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = c_out.shutdown(std::net::Shutdown::Both);
+                    let _ = s_in.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Self { port, budget }
+    }
+
+    fn allow(&self, bytes: i64) {
+        self.budget
+            .store(bytes, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[tokio::test]
+async fn a_download_cut_off_loses_nothing_and_status_check_metrics_cover_the_bucket() {
+    let s3 = S3::start();
+    let relay = Relay::start(s3.port);
+    let l = Lite::new("").await;
+    let tx = l.p("sender.toml");
+    let base = std::fs::read_to_string(&tx).unwrap();
+    std::fs::write(
+        &tx,
+        format!("{base}{}", s3.section(l.dir.path(), "s3://ferry/app", SECRET)),
+    )
+    .unwrap();
+    // The receiver reaches the server through the relay.
+    let rx = receiver(&l, &s3, 1);
+    let cfg = std::fs::read_to_string(&rx)
+        .unwrap()
+        .replace(&format!(":{}\"", s3.port), &format!(":{}\"", relay.port));
+    std::fs::write(&rx, &cfg).unwrap();
+
+    // check, on both sides, asks the bucket.
+    let out = ok(&run("ferry-sender", &tx, &["check"]));
+    assert!(out.contains("bucket s3://ferry/app: listing and writing allowed"), "{out}");
+    let out = ok(&run("ferry-receiver", &rx, &["check"]));
+    assert!(out.contains("bucket s3://ferry/app reachable"), "{out}");
+
+    ok(&run("ferry-sender", &tx, &["complete"]));
+    let out = ok(&run("ferry-receiver", &rx, &["fetch"]));
+    assert!(out.contains("fetched 1 file(s)"), "{out}");
+    ok(&run("ferry-receiver", &rx, &["load"]));
+    same(&l, &rx).await;
+    let out = ok(&run("ferry-receiver", &rx, &["status"]));
+    assert!(out.contains("bucket: s3://ferry/app, position app-"), "{out}");
+
+    // A partial of ~2 MB of incompressible bytes; the download is cut after
+    // 256 KiB (every retry too).
+    let mut app = sqlite(&l.p("app.sqlite3")).await;
+    sqlx::raw_sql("UPDATE report SET photo = randomblob(2000000), updated_at = '2024-06-01 00:00:00' WHERE id = 2")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    ok(&run("ferry-sender", &tx, &["partial"]));
+    relay.allow(256 << 10);
+    let out = run("ferry-receiver", &rx, &["load"]);
+    assert_eq!(out.status.code(), Some(75), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("downloading s3://ferry/app/app-"),
+        "the download itself was cut: {}",
+        text(&out.stderr)
+    );
+    let inbox: Vec<String> = std::fs::read_dir(rx.parent().unwrap().join("inbox"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !inbox.iter().any(|n| n.contains("-000000000002-")),
+        "nothing of the cut download stays in the inbox: {inbox:?}"
+    );
+    let mut copy = sqlite(&rx.parent().unwrap().join("copy.sqlite3")).await;
+    let n: i64 = sqlx::query_scalar("SELECT length(photo) FROM report WHERE id = 2")
+        .fetch_one(&mut copy)
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0, "nothing of the partial applied");
+    let out = run("ferry-receiver", &rx, &["status"]);
+    assert_eq!(out.status.code(), Some(1), "a failing fetch warns: {}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("last fetch error"), "{}", text(&out.stdout));
+
+    // The network back: the next load fetches and applies it; status is ok.
+    relay.allow(i64::MAX);
+    ok(&run("ferry-receiver", &rx, &["load"]));
+    same(&l, &rx).await;
+    let out = ok(&run("ferry-receiver", &rx, &["status"]));
+    assert!(!out.contains("last fetch error"), "{out}");
+
+    // The daemon's metrics count what it fetched.
+    let mport = free_port();
+    std::fs::write(&rx, format!("{cfg}[metrics]\nlisten = \"127.0.0.1:{mport}\"\n")).unwrap();
+    sqlx::raw_sql("UPDATE report SET msg = 'metrics', updated_at = '2024-06-02 00:00:00' WHERE id = 1")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    ok(&run("ferry-sender", &tx, &["partial"]));
+    let mut cmd = Command::new(ferry_tests::binary("ferry-receiver"));
+    cmd.arg("--config").arg(&rx).arg("run").env("RUST_LOG", "info");
+    let mut d = Daemon::spawn(cmd);
+    d.wait_for("fetched from the bucket", Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = scrape(mport);
+        if m.contains("ferry_receiver_bucket_fetched_bundles_total 1")
+            && m.contains("ferry_receiver_bucket_fetch_failures_in_a_row 0")
+            && m.contains("ferry_receiver_bucket_last_success_timestamp_seconds")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "metrics: {m}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
