@@ -13,7 +13,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 /// `[bucket]` in either agent's configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -62,6 +62,11 @@ fn default_poll() -> std::time::Duration {
 
 /// Objects larger than this go up as multipart uploads, in parts of this size.
 pub const PART_BYTES: usize = 16 << 20;
+
+/// Downloads of objects larger than this are split in ranges of this size…
+pub const RANGE_BYTES: u64 = 4 << 20;
+/// …of which this many are fetched at once (memory: about their product).
+pub const RANGES_IN_FLIGHT: usize = 6;
 
 /// An error against the bucket: what was done, on which object, and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -230,14 +235,14 @@ impl Bucket {
     }
 
     /// Downloads `name` into `dest` (written whole under a temporary name,
-    /// then renamed).
+    /// then renamed). A large object comes down as ranges of
+    /// [`RANGE_BYTES`], [`RANGES_IN_FLIGHT`] at a time, each written at its
+    /// offset, every range bound to the first one's ETag (an object replaced
+    /// meanwhile fails the download instead of mixing two versions).
     pub async fn download(&self, name: &str, dest: &Path) -> Result<u64, BucketError> {
-        use futures_util::StreamExt;
-        let got = self
-            .store
-            .get(&self.path(name))
-            .await
-            .map_err(|e| self.err("downloading", name, &e))?;
+        use futures_util::{StreamExt, TryStreamExt};
+        use object_store::{GetOptions, GetRange};
+        let path = self.path(name);
         let tmp = crate::durable::temp_name(dest);
         let io = |e: std::io::Error| BucketError {
             doing: "writing".into(),
@@ -245,24 +250,80 @@ impl Bucket {
             message: e.to_string(),
             transient: true,
         };
-        let mut f = tokio::fs::File::create(&tmp).await.map_err(io)?;
-        let mut stream = got.into_stream();
-        let mut n = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = tokio::fs::remove_file(&tmp).await;
-                    return Err(self.err("downloading", name, &e));
-                }
-            };
-            n += chunk.len() as u64;
-            f.write_all(&chunk).await.map_err(io)?;
+        let first = self
+            .store
+            .get_opts(
+                &path,
+                GetOptions {
+                    range: Some(GetRange::Bounded(0..RANGE_BYTES)),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| self.err("downloading", name, &e))?;
+        let size = first.meta.size;
+        let etag = first.meta.e_tag.clone();
+        let file = std::sync::Arc::new(std::fs::File::create(&tmp).map_err(io)?);
+        let write_at = |data: bytes::Bytes, at: u64| {
+            let file = std::sync::Arc::clone(&file);
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    file.write_all_at(&data, at)
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            }
+        };
+        let result: Result<(), BucketError> = async {
+            let head = first
+                .bytes()
+                .await
+                .map_err(|e| self.err("downloading", name, &e))?;
+            write_at(head, 0).await.map_err(io)?;
+            let ranges = (RANGE_BYTES..size)
+                .step_by(RANGE_BYTES as usize)
+                .map(|at| at..(at + RANGE_BYTES).min(size));
+            futures_util::stream::iter(ranges)
+                .map(|r| {
+                    let opts = GetOptions {
+                        range: Some(GetRange::Bounded(r.clone())),
+                        if_match: etag.clone(),
+                        ..Default::default()
+                    };
+                    let path = &path;
+                    async move {
+                        let got = self.store.get_opts(path, opts).await?;
+                        Ok::<_, object_store::Error>((r.start, got.bytes().await?))
+                    }
+                })
+                .buffer_unordered(RANGES_IN_FLIGHT)
+                .map_err(|e| self.err("downloading", name, &e))
+                .try_for_each(|(at, data)| async move {
+                    if data.len() as u64 != (RANGE_BYTES).min(size - at) {
+                        return Err(BucketError {
+                            doing: "downloading".into(),
+                            target: format!("{}/{name}", self.url.trim_end_matches('/')),
+                            message: format!(
+                                "a range at {at} came back short ({} bytes)",
+                                data.len()
+                            ),
+                            transient: true,
+                        });
+                    }
+                    write_at(data, at).await.map_err(io)
+                })
+                .await?;
+            file.sync_all().map_err(io)
         }
-        f.sync_all().await.map_err(io)?;
-        drop(f);
+        .await;
+        drop(file);
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         crate::durable::commit_rename(&tmp, dest).map_err(io)?;
-        Ok(n)
+        Ok(size)
     }
 
     /// One listing request: the bucket exists and these credentials may list
@@ -283,7 +344,10 @@ impl Bucket {
     pub async fn check_writable(&self, sender: &str) -> Result<String, BucketError> {
         self.probe().await?;
         let name = format!(".ferry-check-{sender}");
-        let body = format!("written by `ferry-sender check` at {}\n", chrono::Utc::now());
+        let body = format!(
+            "written by `ferry-sender check` at {}\n",
+            chrono::Utc::now()
+        );
         self.store
             .put(&self.path(&name), PutPayload::from(body.into_bytes()))
             .await

@@ -159,15 +159,25 @@ impl std::fmt::Display for Status {
                 f,
                 "bucket: {}, position {}",
                 b.url,
-                b.position.as_deref().unwrap_or("none (nothing fetched yet)")
+                b.position
+                    .as_deref()
+                    .unwrap_or("none (nothing fetched yet)")
             )?;
             let r = &b.last_fetch;
             match r.last_ok_at {
-                Some(t) => writeln!(f, "last fetch that succeeded: {}", t.format("%Y-%m-%d %H:%M:%S UTC"))?,
+                Some(t) => writeln!(
+                    f,
+                    "last fetch that succeeded: {}",
+                    t.format("%Y-%m-%d %H:%M:%S UTC")
+                )?,
                 None => writeln!(f, "last fetch that succeeded: never")?,
             }
             if let (true, Some(e), Some(at)) = (r.failing(), &r.last_error, r.last_error_at) {
-                writeln!(f, "last fetch error ({}): {e}", at.format("%Y-%m-%d %H:%M:%S UTC"))?;
+                writeln!(
+                    f,
+                    "last fetch error ({}): {e}",
+                    at.format("%Y-%m-%d %H:%M:%S UTC")
+                )?;
             }
         }
         writeln!(f, "pending: {}", self.pending.len())?;
@@ -293,7 +303,10 @@ async fn check_bucket(cfg: &ferry_common::bucket::BucketConfig) -> (bool, String
         Err(e) => return (false, e),
     };
     match bucket.probe().await {
-        Ok(()) => (true, format!("bucket {} reachable, listing allowed", bucket.url)),
+        Ok(()) => (
+            true,
+            format!("bucket {} reachable, listing allowed", bucket.url),
+        ),
         Err(e) => (false, e.to_string()),
     }
 }

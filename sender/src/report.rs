@@ -261,7 +261,10 @@ pub async fn check(config: &Config) -> Vec<Finding> {
             Ok(bucket) => match bucket.check_writable(&config.sender_id).await {
                 Ok(object) => push(
                     Level::Ok,
-                    format!("bucket {}: listing and writing allowed (wrote {object})", bucket.url),
+                    format!(
+                        "bucket {}: listing and writing allowed (wrote {object})",
+                        bucket.url
+                    ),
                 ),
                 Err(e) => push(Level::Error, e.to_string()),
             },

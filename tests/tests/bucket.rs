@@ -529,28 +529,33 @@ impl Relay {
                     let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
                         return;
                     };
-                    let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut c_in, &mut s_out);
-                        let _ = s_out.shutdown(std::net::Shutdown::Write);
-                    });
-                    let (mut s_in, mut c_out) = (server, client);
-                    let mut buf = [0u8; 16 << 10];
-                    loop {
+                    let (c_in, s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    // Both directions spend the one budget; once it is
+                    // spent, the connection drops.
+                    fn pipe(
+                        mut from: std::net::TcpStream,
+                        mut to: std::net::TcpStream,
+                        b: &AtomicI64,
+                    ) {
                         use std::io::{Read, Write};
-                        let n = match s_in.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        if b.fetch_sub(n as i64, Ordering::SeqCst) <= n as i64 {
-                            break; // the budget is spent: the connection drops
+                        let mut buf = [0u8; 16 << 10];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if b.fetch_sub(n as i64, Ordering::SeqCst) <= n as i64
+                                || to.write_all(&buf[..n]).is_err()
+                            {
+                                break;
+                            }
                         }
-                        if c_out.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
                     }
-                    let _ = c_out.shutdown(std::net::Shutdown::Both);
-                    let _ = s_in.shutdown(std::net::Shutdown::Both);
+                    let b2 = Arc::clone(&b);
+                    std::thread::spawn(move || pipe(c_in, s_out, &b2));
+                    pipe(server, client, &b);
                 });
             }
         });
@@ -583,7 +588,10 @@ async fn a_download_cut_off_loses_nothing_and_status_check_metrics_cover_the_buc
     let base = std::fs::read_to_string(&tx).unwrap();
     std::fs::write(
         &tx,
-        format!("{base}{}", s3.section(l.dir.path(), "s3://ferry/app", SECRET)),
+        format!(
+            "{base}{}",
+            s3.section(l.dir.path(), "s3://ferry/app", SECRET)
+        ),
     )
     .unwrap();
     // The receiver reaches the server through the relay.
@@ -595,7 +603,10 @@ async fn a_download_cut_off_loses_nothing_and_status_check_metrics_cover_the_buc
 
     // check, on both sides, asks the bucket.
     let out = ok(&run("ferry-sender", &tx, &["check"]));
-    assert!(out.contains("bucket s3://ferry/app: listing and writing allowed"), "{out}");
+    assert!(
+        out.contains("bucket s3://ferry/app: listing and writing allowed"),
+        "{out}"
+    );
     let out = ok(&run("ferry-receiver", &rx, &["check"]));
     assert!(out.contains("bucket s3://ferry/app reachable"), "{out}");
 
@@ -605,7 +616,10 @@ async fn a_download_cut_off_loses_nothing_and_status_check_metrics_cover_the_buc
     ok(&run("ferry-receiver", &rx, &["load"]));
     same(&l, &rx).await;
     let out = ok(&run("ferry-receiver", &rx, &["status"]));
-    assert!(out.contains("bucket: s3://ferry/app, position app-"), "{out}");
+    assert!(
+        out.contains("bucket: s3://ferry/app, position app-"),
+        "{out}"
+    );
 
     // A partial of ~2 MB of incompressible bytes; the download is cut after
     // 256 KiB (every retry too).
@@ -617,7 +631,13 @@ async fn a_download_cut_off_loses_nothing_and_status_check_metrics_cover_the_buc
     ok(&run("ferry-sender", &tx, &["partial"]));
     relay.allow(256 << 10);
     let out = run("ferry-receiver", &rx, &["load"]);
-    assert_eq!(out.status.code(), Some(75), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     assert!(
         text(&out.stderr).contains("downloading s3://ferry/app/app-"),
         "the download itself was cut: {}",
@@ -639,8 +659,17 @@ async fn a_download_cut_off_loses_nothing_and_status_check_metrics_cover_the_buc
         .unwrap_or(0);
     assert_eq!(n, 0, "nothing of the partial applied");
     let out = run("ferry-receiver", &rx, &["status"]);
-    assert_eq!(out.status.code(), Some(1), "a failing fetch warns: {}", text(&out.stdout));
-    assert!(text(&out.stdout).contains("last fetch error"), "{}", text(&out.stdout));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failing fetch warns: {}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stdout).contains("last fetch error"),
+        "{}",
+        text(&out.stdout)
+    );
 
     // The network back: the next load fetches and applies it; status is ok.
     relay.allow(i64::MAX);
@@ -649,16 +678,58 @@ async fn a_download_cut_off_loses_nothing_and_status_check_metrics_cover_the_buc
     let out = ok(&run("ferry-receiver", &rx, &["status"]));
     assert!(!out.contains("last fetch error"), "{out}");
 
+    // An upload cut in its second part (a ~24 MB complete, 16 MiB parts):
+    // the bundle stays queued, and goes up whole once the network is back.
+    let via_relay = std::fs::read_to_string(&tx)
+        .unwrap()
+        .replace(&format!(":{}\"", s3.port), &format!(":{}\"", relay.port));
+    std::fs::write(&tx, via_relay).unwrap();
+    sqlx::raw_sql(
+        "WITH RECURSIVE n(i) AS (SELECT 10 UNION ALL SELECT i + 1 FROM n WHERE i < 33)
+         INSERT INTO report SELECT i, 1, 'big', randomblob(1000000), 0.5, '2024-06-01 12:00:00' FROM n",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
+    relay.allow(20 << 20);
+    let out = run("ferry-sender", &tx, &["complete"]);
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let queued = outbox_files(&l.p("sstate/outbox"));
+    assert!(
+        queued.iter().any(|f| f.contains("-complete")),
+        "the complete stays queued: {queued:?}"
+    );
+    relay.allow(i64::MAX);
+    ok(&run("ferry-sender", &tx, &["push"]));
+    assert!(outbox_files(&l.p("sstate/outbox")).is_empty());
+    ok(&run("ferry-receiver", &rx, &["load"]));
+    same(&l, &rx).await;
+
     // The daemon's metrics count what it fetched.
     let mport = free_port();
-    std::fs::write(&rx, format!("{cfg}[metrics]\nlisten = \"127.0.0.1:{mport}\"\n")).unwrap();
-    sqlx::raw_sql("UPDATE report SET msg = 'metrics', updated_at = '2024-06-02 00:00:00' WHERE id = 1")
-        .execute(&mut app)
-        .await
-        .unwrap();
+    std::fs::write(
+        &rx,
+        format!("{cfg}[metrics]\nlisten = \"127.0.0.1:{mport}\"\n"),
+    )
+    .unwrap();
+    sqlx::raw_sql(
+        "UPDATE report SET msg = 'metrics', updated_at = '2024-06-02 00:00:00' WHERE id = 1",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
     ok(&run("ferry-sender", &tx, &["partial"]));
     let mut cmd = Command::new(ferry_tests::binary("ferry-receiver"));
-    cmd.arg("--config").arg(&rx).arg("run").env("RUST_LOG", "info");
+    cmd.arg("--config")
+        .arg(&rx)
+        .arg("run")
+        .env("RUST_LOG", "info");
     let mut d = Daemon::spawn(cmd);
     d.wait_for("fetched from the bucket", Duration::from_secs(30));
     let deadline = Instant::now() + Duration::from_secs(20);
