@@ -38,6 +38,14 @@ ferry_needs() {
     echo "$0: installing s3s-fs (cargo install s3s-fs@0.14.1 --features binary --locked)"
     cargo install s3s-fs@0.14.1 --features binary --locked --quiet
   fi
+  # pyarrow and DuckDB read the Parquet exports back, from the package
+  # registry into a venv of their own.
+  local venv="${FERRY_PY:-$HOME/.cache/ferry-tests/venv}"
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import pyarrow, duckdb' 2>/dev/null; then
+    echo "$0: installing pyarrow and duckdb into $venv (pip)"
+    python3 -m venv "$venv" || { echo "$0: python3 -m venv failed; apt-get install -y python3-venv" >&2; exit 1; }
+    "$venv/bin/pip" install -q pyarrow duckdb
+  fi
   if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
     echo "$0: as root the PostgreSQL clusters run as the 'postgres' user, which is missing; reinstall the postgresql package" >&2
     exit 1

@@ -109,6 +109,29 @@ async fn fetch_new(
     Ok(out)
 }
 
+/// The bucket at `url`, with the endpoint and credentials of `base` (the
+/// receiver's `[bucket]`), else of the AWS environment (`AWS_ENDPOINT`,
+/// `AWS_REGION`, the keys).
+pub fn bucket_for(
+    url: &str,
+    base: Option<&ferry_common::bucket::BucketConfig>,
+) -> Result<Bucket, String> {
+    let cfg = ferry_common::bucket::BucketConfig {
+        url: url.to_owned(),
+        ..base.cloned().unwrap_or(ferry_common::bucket::BucketConfig {
+            url: String::new(),
+            endpoint: std::env::var("AWS_ENDPOINT").ok(),
+            region: std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
+            credentials_file: None,
+            profile: "default".into(),
+            poll_interval: std::time::Duration::from_secs(30),
+            keep_completes: None,
+            keep_for: std::time::Duration::from_secs(2 * 86_400),
+        })
+    };
+    Bucket::open(&cfg)
+}
+
 /// `restore --from s3://bucket/prefix`: downloads into `dir` the bundles the
 /// point needs, chosen by name — for a seq or `latest`, the newest chain
 /// holding it, its complete at or before the point, and everything between;
@@ -125,20 +148,7 @@ pub async fn fetch_for_restore(
 ) -> Result<usize, String> {
     use crate::restore::At;
     use ferry_common::manifest::Kind;
-    let cfg = ferry_common::bucket::BucketConfig {
-        url: url.to_owned(),
-        ..base.cloned().unwrap_or(ferry_common::bucket::BucketConfig {
-            url: String::new(),
-            endpoint: std::env::var("AWS_ENDPOINT").ok(),
-            region: std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
-            credentials_file: None,
-            profile: "default".into(),
-            poll_interval: std::time::Duration::from_secs(30),
-            keep_completes: None,
-            keep_for: std::time::Duration::from_secs(2 * 86_400),
-        })
-    };
-    let bucket = Bucket::open(&cfg)?;
+    let bucket = bucket_for(url, base)?;
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     // (sender, chain, seq, kind, object name)
     let mut all = Vec::new();

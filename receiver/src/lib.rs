@@ -13,6 +13,7 @@ pub mod bucket_pull;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod export;
 pub mod health;
 pub mod hooks;
 pub mod inbox;

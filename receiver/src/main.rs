@@ -35,6 +35,11 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    Parquet,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Apply every pending bundle in the inbox, then exit.
@@ -46,6 +51,30 @@ enum Command {
     /// receiver's position into the inbox, without applying it (`load` and
     /// the daemon fetch first themselves).
     Fetch,
+    /// The replicated tables as one Parquet file per table, as of the newest
+    /// applied bundle, with `_manifest.json` (docs/analytics.md).
+    Export {
+        #[arg(long, value_enum, default_value_t = ExportFormat::Parquet)]
+        format: ExportFormat,
+        /// A new directory, or `s3://bucket/prefix` (endpoint and
+        /// credentials from `[bucket]`, else the AWS environment).
+        #[arg(long)]
+        to: String,
+        /// Only these tables (schema.name or name, glob patterns); repeatable.
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// Export this column (`table.column`) as its text form; repeatable.
+        #[arg(long = "as-text")]
+        as_text: Vec<String>,
+        /// Export every column whose type has no mapping as its text form.
+        #[arg(long)]
+        unknown_as_text: bool,
+        /// The point: only `latest` (the target as it is) so far.
+        #[arg(long, default_value = "latest")]
+        at: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// The daemon: watch the inbox, load, prune.
     Run,
     /// Last applied bundles, lag, pending, held, failures and the health; exits
@@ -274,6 +303,49 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                     let t = matches!(e, run::PassError::Transient { .. });
                     fail(e, t)
                 }
+            }
+        }
+        Command::Export {
+            format: ExportFormat::Parquet,
+            to,
+            tables,
+            as_text,
+            unknown_as_text,
+            at,
+            json,
+        } => {
+            if at != "latest" {
+                return fail(
+                    format!(
+                        "export --at {at}: only `latest` is exported so far; for a past point, \
+                         `restore --at {at} --into sqlite://FILE` first, then export from a \
+                         configuration whose target is that file"
+                    ),
+                    false,
+                );
+            }
+            let req = ferry_receiver::export::Request {
+                to,
+                tables,
+                as_text,
+                unknown_as_text,
+            };
+            match ferry_receiver::export::export(&config, &req).await {
+                Ok(m) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
+                    } else {
+                        for t in &m.tables {
+                            println!(
+                                "exported {}: {} rows, {} bytes ({})",
+                                t.table, t.rows, t.bytes, t.file
+                            );
+                        }
+                        println!("to {} (_manifest.json written last)", req.to);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(format!("export: {e:#}"), false),
             }
         }
         Command::Fetch => {
