@@ -81,7 +81,7 @@ fn read_back(dir: &Path) -> Value {
 }
 
 fn export(cfg: &Path, args: &[&str]) -> Output {
-    let out = Command::new("/usr/bin/time")
+    Command::new("/usr/bin/time")
         .args(["-f", "peak_kib=%M"])
         .arg(binary("ferry-receiver"))
         .arg("--config")
@@ -89,8 +89,7 @@ fn export(cfg: &Path, args: &[&str]) -> Output {
         .arg("export")
         .args(args)
         .output()
-        .unwrap();
-    out
+        .unwrap()
 }
 
 fn text(b: &[u8]) -> String {

@@ -77,6 +77,18 @@ pub struct ColumnOut {
     pub parquet_type: String,
 }
 
+/// A column as pg_attribute describes it: name, declared type, base type's
+/// name and `typtype`, type modifier, array element's name and `typtype`.
+type PgColumn = (
+    String,
+    String,
+    String,
+    String,
+    i32,
+    Option<String>,
+    Option<String>,
+);
+
 struct Col {
     name: String,
     declared: String,
@@ -256,7 +268,7 @@ impl Out {
         })
     }
 
-    fn bad(&self, i: usize, e: columns::BadValue) -> anyhow::Error {
+    fn bad(&self, i: usize, e: &columns::BadValue) -> anyhow::Error {
         let c = &self.cols[i];
         anyhow!(
             "{}.{} (type {}), row {}: {}; export the column as text with `--as-text {}.{}`",
@@ -371,7 +383,7 @@ async fn postgres(
     for table in select(all, &req.tables)? {
         let (schema, name) = table.split_once('.').unwrap_or(("public", &table));
         let qualified = format!("{}.{}", quote(schema), quote(name));
-        let raw: Vec<(String, String, String, String, i32, Option<String>, Option<String>)> =
+        let raw: Vec<PgColumn> =
             sqlx::query_as(
                 "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
                         b.typname::text, b.typtype::text,
@@ -444,7 +456,7 @@ fn copy_line(out: &mut Out, line: &[u8]) -> anyhow::Result<()> {
         unescape(raw, &mut field)
             .map_err(|()| anyhow!("{}: COPY sent a field that is not UTF-8", out.table))?;
         if let Err(e) = out.builders[i].push_text(Some(&field)) {
-            return Err(out.bad(i, e));
+            return Err(out.bad(i, &e));
         }
     }
     out.row_done(line.len())
@@ -592,7 +604,7 @@ async fn sqlite(
                     }
                 };
                 if let Err(e) = pushed {
-                    return Err(out.bad(i, e));
+                    return Err(out.bad(i, &e));
                 }
             }
             out.row_done(bytes)?;
