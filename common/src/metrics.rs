@@ -24,6 +24,12 @@ pub struct KindResult {
     pub result: String,
 }
 
+/// The bucket (`s3://bucket/prefix`) a metric is about.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BucketLabel {
+    pub bucket: String,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirLabel {
     pub dir: String,

@@ -47,11 +47,11 @@ pub async fn pull(config: &Config, target: &mut Target) -> Result<Pulled, Bucket
     match &result {
         Ok(p) => {
             JobRecord::record_ok(&config.state_dir, FETCH);
-            m.fetched(p.files, p.bytes);
+            m.fetched(&cfg.url, p.files, p.bytes);
         }
         Err(e) => {
             JobRecord::record_failure(&config.state_dir, FETCH, &e.to_string(), !e.transient);
-            m.fetch_failed();
+            m.fetch_failed(&cfg.url);
         }
     }
     result

@@ -7,8 +7,8 @@ use crate::config::Config;
 use crate::health;
 use ferry_common::health::JobRecord;
 use ferry_common::metrics::{
-    DirLabel, KindLabel, KindResult, duration_histogram, epoch_seconds, free_bytes, kind,
-    kind_result,
+    BucketLabel, DirLabel, KindLabel, KindResult, duration_histogram, epoch_seconds, free_bytes,
+    kind, kind_result,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -33,11 +33,11 @@ pub struct Metrics {
     held: Gauge,
     quarantined: Gauge,
     free: Family<DirLabel, Gauge>,
-    fetched: Counter,
-    fetched_bytes: Counter,
-    fetch_errors: Counter,
-    fetch_failures_in_a_row: Gauge,
-    fetch_last_success: Gauge<f64, AtomicU64>,
+    fetched: Family<BucketLabel, Counter>,
+    fetched_bytes: Family<BucketLabel, Counter>,
+    fetch_errors: Family<BucketLabel, Counter>,
+    fetch_failures_in_a_row: Family<BucketLabel, Gauge>,
+    fetch_last_success: Family<BucketLabel, Gauge<f64, AtomicU64>>,
 }
 
 /// The process's metrics (recorded whether or not they are served).
@@ -62,11 +62,11 @@ impl Metrics {
             held: Gauge::default(),
             quarantined: Gauge::default(),
             free: Family::default(),
-            fetched: Counter::default(),
-            fetched_bytes: Counter::default(),
-            fetch_errors: Counter::default(),
-            fetch_failures_in_a_row: Gauge::default(),
-            fetch_last_success: Gauge::default(),
+            fetched: Family::default(),
+            fetched_bytes: Family::default(),
+            fetch_errors: Family::default(),
+            fetch_failures_in_a_row: Family::default(),
+            fetch_last_success: Family::default(),
         };
         r.register(
             "bundles",
@@ -166,15 +166,16 @@ impl Metrics {
         self.bundles.get_or_create(&kind_result(k, "failed")).inc();
     }
 
-    /// A poll of the bucket succeeded, downloading `files` of `bytes`.
-    pub fn fetched(&self, files: usize, bytes: u64) {
-        self.fetched.inc_by(files as u64);
-        self.fetched_bytes.inc_by(bytes);
+    /// A poll of `bucket` succeeded, downloading `files` of `bytes`.
+    pub fn fetched(&self, bucket: &str, files: usize, bytes: u64) {
+        let l = bucket_label(bucket);
+        self.fetched.get_or_create(&l).inc_by(files as u64);
+        self.fetched_bytes.get_or_create(&l).inc_by(bytes);
     }
 
-    /// A poll of the bucket failed.
-    pub fn fetch_failed(&self) {
-        self.fetch_errors.inc();
+    /// A poll of `bucket` failed.
+    pub fn fetch_failed(&self, bucket: &str) {
+        self.fetch_errors.get_or_create(&bucket_label(bucket)).inc();
     }
 
     /// The bundles a pass held.
@@ -215,12 +216,16 @@ impl Metrics {
                 .map(|v| v.len())
                 .unwrap_or(0) as i64,
         );
-        if config.bucket.is_some() {
+        if let Some(b) = &config.bucket {
+            let l = bucket_label(&b.url);
             let fetch = JobRecord::read(&config.state_dir, crate::bucket_pull::FETCH);
             self.fetch_failures_in_a_row
+                .get_or_create(&l)
                 .set(i64::from(fetch.failures_in_a_row));
             if let Some(t) = fetch.last_ok_at {
-                self.fetch_last_success.set(epoch_seconds(t));
+                self.fetch_last_success
+                    .get_or_create(&l)
+                    .set(epoch_seconds(t));
             }
         }
         for dir in [&config.inbox, &config.state_dir] {
@@ -232,6 +237,12 @@ impl Metrics {
                     .set(free as i64);
             }
         }
+    }
+}
+
+fn bucket_label(url: &str) -> BucketLabel {
+    BucketLabel {
+        bucket: url.to_owned(),
     }
 }
 

@@ -735,8 +735,10 @@ async fn a_download_cut_off_loses_nothing_and_status_check_metrics_cover_the_buc
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let m = scrape(mport);
-        if m.contains("ferry_receiver_bucket_fetched_bundles_total 1")
-            && m.contains("ferry_receiver_bucket_fetch_failures_in_a_row 0")
+        if m.contains("ferry_receiver_bucket_fetched_bundles_total{bucket=\"s3://ferry/app\"} 1")
+            && m.contains(
+                "ferry_receiver_bucket_fetch_failures_in_a_row{bucket=\"s3://ferry/app\"} 0",
+            )
             && m.contains("ferry_receiver_bucket_last_success_timestamp_seconds")
         {
             break;
