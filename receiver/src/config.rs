@@ -41,6 +41,8 @@ pub struct Config {
     pub control: Option<ControlConfig>,
     /// Bundles fetched from an S3-compatible bucket into the inbox.
     pub bucket: Option<ferry_common::bucket::BucketConfig>,
+    /// Parquet exports after loads (docs/analytics.md); off without it.
+    pub export: Option<crate::export::ExportConfig>,
 }
 
 /// `status` limits (see [`crate::health`]).

@@ -173,6 +173,7 @@ pub async fn run(config: &Config, mut signals: StopSignals) -> anyhow::Result<()
                 for h in &report.held {
                     tracing::debug!(bundle = %h.file, reason = %h.reason, "held");
                 }
+                crate::export::after_pass(config, &report).await;
             }
             Some(Err(error)) => {
                 let transient = matches!(error, run::PassError::Transient { .. });

@@ -261,6 +261,10 @@ async fn execute(command: Command, config: Config) -> ExitCode {
                     .as_ref()
                     .map(|(e, t)| (e.as_str(), *t)),
             );
+            // `[export]`, outside the load's transaction; never holds the chain.
+            if let Ok(r) = &pass {
+                ferry_receiver::export::after_pass(&config, r).await;
+            }
             match pass {
                 Ok(r) => {
                     if json {

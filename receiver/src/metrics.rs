@@ -33,6 +33,7 @@ pub struct Metrics {
     held: Gauge,
     quarantined: Gauge,
     free: Family<DirLabel, Gauge>,
+    exports: Family<ResultLabel, Counter>,
     fetched: Family<BucketLabel, Counter>,
     fetched_bytes: Family<BucketLabel, Counter>,
     fetch_errors: Family<BucketLabel, Counter>,
@@ -62,6 +63,7 @@ impl Metrics {
             held: Gauge::default(),
             quarantined: Gauge::default(),
             free: Family::default(),
+            exports: Family::default(),
             fetched: Family::default(),
             fetched_bytes: Family::default(),
             fetch_errors: Family::default(),
@@ -124,6 +126,11 @@ impl Metrics {
             m.free.clone(),
         );
         r.register(
+            "exports",
+            "Automatic Parquet exports (`[export]`), by result (ok, failed)",
+            m.exports.clone(),
+        );
+        r.register(
             "bucket_fetched_bundles",
             "Bundle files downloaded from the bucket (`[bucket]`)",
             m.fetched.clone(),
@@ -164,6 +171,15 @@ impl Metrics {
     /// A bundle was quarantined.
     pub fn failed(&self, k: &str) {
         self.bundles.get_or_create(&kind_result(k, "failed")).inc();
+    }
+
+    /// An automatic export ended.
+    pub fn exported(&self, ok: bool) {
+        self.exports
+            .get_or_create(&ResultLabel {
+                result: if ok { "ok" } else { "failed" }.into(),
+            })
+            .inc();
     }
 
     /// A poll of `bucket` succeeded, downloading `files` of `bytes`.
@@ -238,6 +254,11 @@ impl Metrics {
             }
         }
     }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
 }
 
 fn bucket_label(url: &str) -> BucketLabel {

@@ -30,6 +30,8 @@ pub struct Status {
     /// With `[bucket]`: where bundles come from, this receiver's position
     /// there and how the latest polls went.
     pub bucket: Option<BucketStatus>,
+    /// With `[export]`: how the latest automatic exports went.
+    pub last_export: Option<JobRecord>,
     /// The verdict `status` exits with (0 ok, 1 warning, 2 critical).
     pub health: Health,
 }
@@ -57,6 +59,10 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
             position: crate::bucket_pull::cursor(config),
             last_fetch: JobRecord::read(&config.state_dir, crate::bucket_pull::FETCH),
         }),
+        last_export: config
+            .export
+            .as_ref()
+            .map(|_| JobRecord::read(&config.state_dir, crate::export::EXPORT)),
         health: Health::default(),
     };
     match Target::connect(config).await {
@@ -102,6 +108,13 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
         .map(|h| (h.file.clone(), h.reason.clone()))
         .collect();
     let mut verdict = health::judge(config, &status.applied, &held, status.failures.len());
+    if let Some(x) = &status.last_export {
+        x.judge(
+            &mut verdict,
+            "the automatic export",
+            config.health.failures_critical,
+        );
+    }
     if let Some(b) = &status.bucket {
         b.last_fetch.judge(
             &mut verdict,
@@ -178,6 +191,19 @@ impl std::fmt::Display for Status {
                     "last fetch error ({}): {e}",
                     at.format("%Y-%m-%d %H:%M:%S UTC")
                 )?;
+            }
+        }
+        if let Some(x) = &self.last_export {
+            match x.last_ok_at {
+                Some(t) => writeln!(
+                    f,
+                    "last export that succeeded: {}",
+                    t.format("%Y-%m-%d %H:%M:%S UTC")
+                )?,
+                None => writeln!(f, "last export that succeeded: never")?,
+            }
+            if let (true, Some(e)) = (x.failing(), &x.last_error) {
+                writeln!(f, "last export error: {e}")?;
             }
         }
         writeln!(f, "pending: {}", self.pending.len())?;

@@ -373,3 +373,82 @@ async fn sqlite_target_as_parquet() {
     );
     assert_eq!(column(&v, "t.parquet", "at").1[0], "2024-01-01 00:00:00");
 }
+
+#[tokio::test]
+async fn the_daemon_exports_after_each_complete_and_a_failed_export_holds_nothing() {
+    use ferry_tests::lite::{Lite, run, sqlite};
+    let exports = tempfile::tempdir().unwrap();
+    let l = Lite::new(&format!("[export]\nto = {:?}\n", exports.path())).await;
+    let f = l.send("complete");
+    l.deliver(&f);
+    let out = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let dir = exports.path().join(
+        f.replace(".tar.zst", "")
+            .split('-')
+            .enumerate()
+            .filter(|(i, _)| *i != 1)
+            .map(|(_, s)| s)
+            .collect::<Vec<_>>()
+            .join("-"),
+    );
+    assert!(
+        dir.join("_manifest.json").exists(),
+        "{}: {:?}",
+        dir.display(),
+        std::fs::read_dir(exports.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect::<Vec<_>>()
+    );
+    let v = read_back(&dir);
+    assert_eq!(v["report.parquet"]["rows"], 2);
+    assert_eq!(v["phone.parquet"]["rows"], 2);
+
+    // A partial: no export (after = "complete").
+    let mut app = sqlite(&l.p("app.sqlite3")).await;
+    sqlx::raw_sql("UPDATE phone SET model = 'z', updated_at = '2024-06-01 00:00:00' WHERE id = 1")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let p = l.send("partial");
+    l.deliver(&p);
+    assert!(
+        run("ferry-receiver", &l.p("receiver.toml"), &["load"])
+            .status
+            .success()
+    );
+    assert_eq!(std::fs::read_dir(exports.path()).unwrap().count(), 1);
+
+    // An export that cannot be written: the complete still applies, status says why.
+    let cfg = std::fs::read_to_string(l.p("receiver.toml")).unwrap();
+    std::fs::write(
+        l.p("receiver.toml"),
+        cfg.replace(
+            &format!("{:?}", exports.path()),
+            "\"/proc/ferry-export-here\"",
+        ),
+    )
+    .unwrap();
+    sqlx::raw_sql("UPDATE phone SET model = 'y', updated_at = '2024-06-02 00:00:00' WHERE id = 2")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let c = l.send("complete");
+    l.deliver(&c);
+    let out = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+    assert!(
+        out.status.success(),
+        "a failed export holds nothing: {}",
+        text(&out.stderr)
+    );
+    l.assert_same().await;
+    let out = run("ferry-receiver", &l.p("receiver.toml"), &["status"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("last export error"),
+        "{}",
+        text(&out.stdout)
+    );
+}

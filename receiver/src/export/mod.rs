@@ -30,6 +30,85 @@ const BATCH_BYTES: usize = 16 << 20;
 const GROUP_ROWS: usize = 128 * 1024;
 const GROUP_BYTES: usize = 48 << 20;
 
+/// `[export]`: after a pass that applied a complete (or, with `after =
+/// "every"`, any bundle), the tables go out as Parquet into
+/// `<to>/<sender>-<seq>-<kind>/`, outside the load's transaction; a failure
+/// is logged and recorded (`status`, metrics) and never holds the chain.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    /// A directory, or `s3://bucket/prefix`.
+    pub to: String,
+    #[serde(default)]
+    pub after: After,
+    #[serde(default)]
+    pub tables: Vec<String>,
+    #[serde(default)]
+    pub as_text: Vec<String>,
+    #[serde(default)]
+    pub unknown_as_text: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum After {
+    /// After each applied complete.
+    #[default]
+    Complete,
+    /// After each pass that applied anything.
+    Every,
+}
+
+/// The job name of an automatic export in the health records.
+pub const EXPORT: &str = "export";
+
+/// Runs `[export]` after a pass, if the pass calls for one. Never fails the
+/// caller: the outcome is logged, recorded and counted.
+pub async fn after_pass(config: &Config, report: &crate::run::Report) {
+    let Some(cfg) = &config.export else { return };
+    let wanted = match cfg.after {
+        After::Complete => report.applied.iter().any(|a| a.kind == "complete"),
+        After::Every => !report.applied.is_empty(),
+    };
+    let Some(newest) = report.applied.last().filter(|_| wanted) else {
+        return;
+    };
+    let sender = ferry_common::manifest::parse_bundle_file_name(&newest.file)
+        .map_or_else(|| "ferry".to_owned(), |b| b.sender);
+    let name = format!("{sender}-{:012}-{}", newest.seq, newest.kind);
+    let to = format!("{}/{name}", cfg.to.trim_end_matches('/'));
+    let req = Request {
+        to: to.clone(),
+        tables: cfg.tables.clone(),
+        as_text: cfg.as_text.clone(),
+        unknown_as_text: cfg.unknown_as_text,
+    };
+    let started = std::time::Instant::now();
+    match export(config, &req).await {
+        Ok(m) => {
+            ferry_common::health::JobRecord::record_ok(&config.state_dir, EXPORT);
+            crate::metrics::get().exported(true);
+            tracing::info!(
+                to = %to,
+                tables = m.tables.len(),
+                rows = m.tables.iter().map(|t| t.rows).sum::<u64>(),
+                ms = started.elapsed().as_millis() as u64,
+                "exported as Parquet"
+            );
+        }
+        Err(e) => {
+            ferry_common::health::JobRecord::record_failure(
+                &config.state_dir,
+                EXPORT,
+                &format!("{e:#}"),
+                false,
+            );
+            crate::metrics::get().exported(false);
+            tracing::error!(to = %to, error = %format!("{e:#}"), "export failed; the chain goes on, the next complete exports again");
+        }
+    }
+}
+
 /// What to export, and where.
 #[derive(Debug, Clone)]
 pub struct Request {
