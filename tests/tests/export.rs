@@ -375,7 +375,7 @@ async fn sqlite_target_as_parquet() {
 }
 
 #[tokio::test]
-async fn the_daemon_exports_after_each_complete_and_a_failed_export_holds_nothing() {
+async fn exports_follow_each_applied_complete_and_a_failed_export_holds_nothing() {
     use ferry_tests::lite::{Lite, run, sqlite};
     let exports = tempfile::tempdir().unwrap();
     let l = Lite::new(&format!("[export]\nto = {:?}\n", exports.path())).await;
