@@ -5,7 +5,6 @@
 //! schedule; nothing here waits for them.
 
 use crate::config::Config;
-use crate::outbox::{self, Pending};
 use crate::push::{PushError, PushOutcome};
 use crate::state::State;
 use ferry_common::bucket::{Bucket, BucketConfig};
@@ -50,19 +49,11 @@ async fn round(
     state: &mut State,
     outcome: &mut PushOutcome,
 ) -> Result<(), PushError> {
-    let mut pending: Vec<Pending> = outbox::list(&config.outbox(), &config.sender_id)?;
-    let recorded = state.last(None).await?.map_or(0, |b| b.seq);
-    let chain = state.chain().await?;
-    pending.retain(|b| b.chain == chain && (b.volume.is_some() || b.seq <= recorded));
+    let pending = crate::push::deliverable(config, state).await?;
     if pending.is_empty() {
         return Ok(());
     }
     bucket.probe().await.map_err(PushError::Bucket)?;
-    let sent = config.sent_dir();
-    std::fs::create_dir_all(&sent).map_err(|source| PushError::Local {
-        path: sent.clone(),
-        source,
-    })?;
     for b in pending {
         let local = config.outbox().join(&b.file);
         let bytes = bucket
@@ -70,12 +61,7 @@ async fn round(
             .await
             .map_err(PushError::Bucket)?;
         tracing::info!(bundle = %b.file, bytes, bucket = %bucket.url, "bundle delivered");
-        ferry_common::durable::commit_rename(&local, &sent.join(&b.file)).map_err(|source| {
-            PushError::Local {
-                path: local.clone(),
-                source,
-            }
-        })?;
+        crate::push::move_to_sent(config, &b.file)?;
         outcome.delivered.push(b.file);
         outcome.bytes += bytes;
     }

@@ -709,18 +709,10 @@ async fn push_round(
     state: &mut State,
     outcome: &mut PushOutcome,
 ) -> Result<(), PushError> {
-    let mut pending: Vec<Pending> = outbox::list(&config.outbox(), &config.sender_id)?;
+    let pending = deliverable(config, state).await?;
+    let chain = state.chain().await?;
     // Delivered bundles the receiver may need again (see `resend`).
     let delivered = !outbox::list(&config.sent_dir(), &config.sender_id)?.is_empty();
-    // Only what the state has recorded: a job renames a bundle into the outbox
-    // a moment before it records it, and a bundle delivered but never recorded
-    // could have its seq issued again with other rows. Volumes of a complete
-    // still being written go out (the receiver commits nothing before the
-    // set's final file, which is only pushed once recorded).
-    let recorded = state.last(None).await?.map_or(0, |b| b.seq);
-    let chain = state.chain().await?;
-    // Only this state's chain: files another state left are never sent.
-    pending.retain(|b| b.chain == chain && (b.volume.is_some() || b.seq <= recorded));
     if pending.is_empty() && !delivered {
         return Ok(());
     }
@@ -742,6 +734,40 @@ async fn push_round(
     result
 }
 
+/// The outbox's bundles a push may deliver, in order: only what the state has
+/// recorded (a job renames a bundle into the outbox a moment before it
+/// records it, and a bundle delivered but never recorded could have its seq
+/// issued again with other rows), and only this state's chain (files another
+/// state left are never sent). Volumes of a complete still being written go
+/// out: the receiver commits nothing before the set's final file, which is
+/// only pushed once recorded.
+pub(crate) async fn deliverable(
+    config: &Config,
+    state: &mut State,
+) -> Result<Vec<Pending>, PushError> {
+    let mut pending = outbox::list(&config.outbox(), &config.sender_id)?;
+    let recorded = state.last(None).await?.map_or(0, |b| b.seq);
+    let chain = state.chain().await?;
+    pending.retain(|b| b.chain == chain && (b.volume.is_some() || b.seq <= recorded));
+    Ok(pending)
+}
+
+/// Moves a delivered bundle from the outbox into `sent/`; returns its new path.
+pub(crate) fn move_to_sent(config: &Config, file: &str) -> Result<std::path::PathBuf, PushError> {
+    let sent = config.sent_dir();
+    std::fs::create_dir_all(&sent).map_err(|source| PushError::Local {
+        path: sent.clone(),
+        source,
+    })?;
+    let local = config.outbox().join(file);
+    let kept = sent.join(file);
+    ferry_common::durable::commit_rename(&local, &kept).map_err(|source| PushError::Local {
+        path: local,
+        source,
+    })?;
+    Ok(kept)
+}
+
 /// Uploads `pending` in order over `link`, moving each to `sent/` once delivered.
 async fn deliver(
     config: &Config,
@@ -749,19 +775,10 @@ async fn deliver(
     pending: Vec<Pending>,
     outcome: &mut PushOutcome,
 ) -> Result<(), PushError> {
-    let sent = config.sent_dir();
-    std::fs::create_dir_all(&sent).map_err(|source| PushError::Local {
-        path: sent.clone(),
-        source,
-    })?;
     for b in pending {
         let local = config.outbox().join(&b.file);
         let (bytes, remote_mtime) = link.upload(&local, &b.file).await?;
-        let kept = sent.join(&b.file);
-        ferry_common::durable::commit_rename(&local, &kept).map_err(|source| PushError::Local {
-            path: local.clone(),
-            source,
-        })?;
+        let kept = move_to_sent(config, &b.file)?;
         mark_delivered(&kept, remote_mtime);
         outcome.delivered.push(b.file);
         outcome.bytes += bytes;
