@@ -69,9 +69,18 @@ enum Command {
         /// Export every column whose type has no mapping as its text form.
         #[arg(long)]
         unknown_as_text: bool,
-        /// The point: only `latest` (the target as it is) so far.
+        /// The point: `latest` (the target as it is), a bundle's seq, or a
+        /// time (as `restore --at`); a past point is rebuilt from the inbox's
+        /// history in a scratch database, which is dropped afterwards.
         #[arg(long, default_value = "latest")]
         at: String,
+        /// Instead of whole tables, the changes of the applied partial with
+        /// this seq (`_ferry_seq`, `_ferry_op`, then the columns).
+        #[arg(long, conflicts_with = "at")]
+        changes: Option<u64>,
+        /// The sender whose history is meant, when the inbox holds several.
+        #[arg(long)]
+        sender: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -316,25 +325,44 @@ async fn execute(command: Command, config: Config) -> ExitCode {
             as_text,
             unknown_as_text,
             at,
+            changes,
+            sender,
             json,
         } => {
-            if at != "latest" {
-                return fail(
-                    format!(
-                        "export --at {at}: only `latest` is exported so far; for a past point, \
-                         `restore --at {at} --into sqlite://FILE` first, then export from a \
-                         configuration whose target is that file"
-                    ),
-                    false,
-                );
+            let at = match at.parse() {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("ferry-receiver: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            // `[export]`'s column decisions hold for exports by hand too.
+            let (mut as_text, mut unknown_as_text) = (as_text, unknown_as_text);
+            if let Some(e) = &config.export {
+                as_text.extend(e.as_text.iter().cloned());
+                unknown_as_text |= e.unknown_as_text;
             }
             let req = ferry_receiver::export::Request {
                 to,
                 tables,
                 as_text,
                 unknown_as_text,
+                at,
+                sender,
             };
-            match ferry_receiver::export::export(&config, &req).await {
+            let done = match changes {
+                Some(seq) => {
+                    match ferry_receiver::export::partial_file(&config, seq, req.sender.as_deref())
+                    {
+                        Ok(file) => {
+                            ferry_receiver::export::export_changes(&config, &file, &req).await
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                None => ferry_receiver::export::export(&config, &req).await,
+            };
+            match done {
                 Ok(m) => {
                     if json {
                         println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());

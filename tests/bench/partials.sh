@@ -14,7 +14,8 @@
 # interleaved (each ferry round, then the anchor on its bundle), medians printed side by side with
 # the ratio, and each agent's peak RSS (from /usr/bin/time) at every size.
 # Usage: bash tests/bench/partials.sh   (ROWS=5000000 SIZES="10 10000 1000000" RUNS=3;
-#        STEPS_LOG=/tmp/steps.log RUST_LOG=debug keeps each step's log)
+#        STEPS_LOG=/tmp/steps.log RUST_LOG=debug keeps each step's log;
+#        PG_OPTS="-c wal_compression=lz4" adds server settings)
 set -euo pipefail
 [ -n "${BENCH_TRACE:-}" ] && set -x
 cd "$(dirname "$0")/../.."
@@ -63,7 +64,7 @@ CONF
 for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$sport") 2>/dev/null && break; sleep 0.05; done
 
 runuser -u postgres -- "$pgbin/initdb" -D "$work/data" -U postgres --auth=trust --no-sync -E UTF8 --locale=C >/dev/null
-runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/data" -l "$work/log" -w -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$work -c shared_buffers=256MB -c max_wal_size=8GB -c maintenance_work_mem=256MB" start >/dev/null
+runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/data" -l "$work/log" -w -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$work -c shared_buffers=256MB -c max_wal_size=8GB -c maintenance_work_mem=256MB ${PG_OPTS:-}" start >/dev/null
 psql=(psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres)
 "${psql[@]}" -c "CREATE DATABASE src" -c "CREATE DATABASE viz" -c "CREATE DATABASE anchor"
 echo "# building $ROWS rows ..."

@@ -305,6 +305,7 @@ async fn postgres_tables_as_parquet_read_back_by_pyarrow_and_duckdb() {
                     | "FIXED_LEN_BYTE_ARRAY"
             ) && (logical == "None"
                 || logical == "String"
+                || logical == "JSON"
                 || logical.starts_with("Int(")
                 || logical.starts_with("Decimal(")
                 || logical == "Date"
@@ -378,7 +379,11 @@ async fn sqlite_target_as_parquet() {
 async fn exports_follow_each_applied_complete_and_a_failed_export_holds_nothing() {
     use ferry_tests::lite::{Lite, run, sqlite};
     let exports = tempfile::tempdir().unwrap();
-    let l = Lite::new(&format!("[export]\nto = {:?}\n", exports.path())).await;
+    let l = Lite::new(&format!(
+        "[export]\nto = {:?}\nchanges = true\n",
+        exports.path()
+    ))
+    .await;
     let f = l.send("complete");
     l.deliver(&f);
     let out = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
@@ -419,7 +424,50 @@ async fn exports_follow_each_applied_complete_and_a_failed_export_holds_nothing(
             .status
             .success()
     );
-    assert_eq!(std::fs::read_dir(exports.path()).unwrap().count(), 1);
+    // A partial: no whole export (after = "complete"), its change set.
+    let mut made: Vec<String> = std::fs::read_dir(exports.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    made.sort();
+    assert_eq!(made.len(), 2, "{made:?}");
+    assert!(made[1].ends_with("-000000000002-changes"), "{made:?}");
+    let ch = read_back(&exports.path().join(&made[1]));
+    assert_eq!(
+        column(&ch, "phone.parquet", "_ferry_op").1,
+        &[Value::from("upsert")]
+    );
+    assert_eq!(
+        column(&ch, "phone.parquet", "_ferry_seq").1,
+        &[Value::from(2)]
+    );
+    assert_eq!(column(&ch, "phone.parquet", "id").1, &[Value::from(1)]);
+    assert_eq!(column(&ch, "phone.parquet", "model").1, &[Value::from("z")]);
+
+    // A past point of a SQLite history: #1, before the partial.
+    let at1 = exports.path().join("by-hand-at-1");
+    let out = run(
+        "ferry-receiver",
+        &l.p("receiver.toml"),
+        &["export", "--at", "1", "--to", at1.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let old = read_back(&at1);
+    assert_eq!(old["phone.parquet"]["rows"], 2);
+    let i = column(&old, "phone.parquet", "id")
+        .1
+        .iter()
+        .position(|v| v == 1)
+        .unwrap();
+    assert_ne!(column(&old, "phone.parquet", "model").1[i], "z", "as of #1");
+    assert!(
+        std::fs::read_dir(l.p("rstate")).map_or(true, |d| d
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with("export"))),
+        "the scratch SQLite file and staging are removed"
+    );
+    std::fs::remove_dir_all(&at1).unwrap();
 
     // An export that cannot be written: the complete still applies, status says why.
     let cfg = std::fs::read_to_string(l.p("receiver.toml")).unwrap();
@@ -451,4 +499,275 @@ async fn exports_follow_each_applied_complete_and_a_failed_export_holds_nothing(
         "{}",
         text(&out.stdout)
     );
+}
+
+/// A PostgreSQL chain (sender → inbox → receiver) with `[export] changes`:
+/// each applied partial's change files, a past point rebuilt and exported
+/// (`--at`), `--changes` by hand, and the refusals.
+#[tokio::test]
+async fn past_points_and_change_files_of_a_postgres_chain() {
+    let server = PgServer::start();
+    let shop = "CREATE TABLE shop (id int PRIMARY KEY, name text, price numeric(8,2),
+                  updated_at timestamptz NOT NULL DEFAULT now());
+                INSERT INTO shop (id, name, price) VALUES (1, 'one', 1.50), (2, 'two', 2.00), (3, 'three', 3.00);
+                CREATE TABLE tags (id int PRIMARY KEY, name text);
+                INSERT INTO tags VALUES (1, 'red'), (2, 'blue');";
+    let mut app = server
+        .create_db("app", &format!("{ZOO}{ZOO_ROWS}{shop}"))
+        .await;
+    server.create_db("viz", "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = |rel: &str| dir.path().join(rel);
+    let exports = p("exports");
+    std::fs::create_dir_all(p("inbox")).unwrap();
+    std::fs::write(
+        p("sender.toml"),
+        format!(
+            "sender_id = \"app\"\nstate_dir = {:?}\n[source]\nurl = {:?}\n[partial]\n\
+             change_column = \"updated_at\"\noverlap = \"0s\"\n",
+            p("sstate"),
+            server.url("app")
+        ),
+    )
+    .unwrap();
+    let cfg = p("receiver.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\ninbox = {:?}\n[target]\nurl = {:?}\n\
+             [export]\nto = {:?}\nchanges = true\nas_text = [\"zoo.ip\"]\n",
+            p("rstate"),
+            p("inbox"),
+            server.url("viz"),
+            exports
+        ),
+    )
+    .unwrap();
+    let send = |kind: &str| {
+        let out = Command::new(binary("ferry-sender"))
+            .arg("--config")
+            .arg(p("sender.toml"))
+            .arg(kind)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "sender {kind}: {}", text(&out.stderr));
+    };
+    let deliver_and_load = || {
+        let outbox = p("sstate/outbox");
+        for f in ferry_tests::outbox_files(&outbox) {
+            std::fs::copy(outbox.join(&f), p("inbox").join(&f)).unwrap();
+        }
+        let out = Command::new(binary("ferry-receiver"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("load")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stderr)
+    };
+    let exec = |sql: &'static str| sqlx::raw_sql(sql);
+
+    // #1 the complete, #2 a partial: updates, an insert, a table sent whole.
+    send("complete");
+    exec(
+        "UPDATE shop SET name = 'uno', price = 1.25, updated_at = now() WHERE id = 1;
+          INSERT INTO shop (id, name, price) VALUES (4, 'four', 4.00);
+          UPDATE zoo SET t = 'changed', updated_at = now() WHERE \"camelCase\" = 'a';
+          UPDATE tags SET name = 'green' WHERE id = 2;",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
+    send("partial");
+    let log = deliver_and_load();
+    let mut made: Vec<String> = std::fs::read_dir(&exports)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    made.sort();
+    assert_eq!(
+        made,
+        ["app-000000000002-changes", "app-000000000002-partial"],
+        "{log}"
+    );
+
+    // The change set of #2, typed as the whole export is.
+    let ch = read_back(&exports.join("app-000000000002-changes"));
+    let s = "shop.parquet";
+    assert_eq!(
+        column(&ch, s, "_ferry_seq"),
+        ("int64", &vec![Value::from(2), 2.into()])
+    );
+    assert_eq!(
+        column(&ch, s, "_ferry_op").1,
+        &[Value::from("upsert"), "upsert".into()]
+    );
+    let mut ids = column(&ch, s, "id").1.clone();
+    ids.sort_by_key(|v| v.as_i64());
+    assert_eq!(ids, [Value::from(1), 4.into()]);
+    assert_eq!(column(&ch, s, "price").0, "decimal128(8, 2)");
+    let whole = read_back(&exports.join("app-000000000002-partial"));
+    let z = "zoo.parquet";
+    assert_eq!(ch[z]["rows"], 1, "only the changed zoo row");
+    let a = column(&whole, z, "camelCase")
+        .1
+        .iter()
+        .position(|v| v == "a")
+        .unwrap();
+    assert_eq!(column(&whole, z, "t").1[a], "changed");
+    for (name, c) in whole[z]["columns"].as_object().unwrap() {
+        assert_eq!(
+            column(&ch, z, name),
+            (c["type"].as_str().unwrap(), &vec![c["values"][a].clone()]),
+            "zoo.{name}: the change file maps it as the whole export does"
+        );
+    }
+    for v in [&ch, &whole] {
+        let leaves = v[z]["leaves"].as_array().unwrap();
+        for col in ["j", "jb"] {
+            let leaf = leaves.iter().find(|l| l[0] == col).unwrap();
+            assert_eq!(leaf[2], "JSON", "{col}: the JSON logical type");
+        }
+    }
+    let m: Value = serde_json::from_slice(
+        &std::fs::read(exports.join("app-000000000002-changes/_manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m["contents"], "changes");
+    assert_eq!(m["source"]["seq"], 2);
+    assert_eq!(m["whole_tables"], serde_json::json!(["tags"]));
+    assert_eq!(column(&ch, "tags.parquet", "name").1.len(), 2);
+
+    // #3: a delete. Its change file carries the key; the rest is null.
+    exec("DELETE FROM shop WHERE id = 2")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    send("partial");
+    deliver_and_load();
+    let ch3 = read_back(&exports.join("app-000000000003-changes"));
+    assert_eq!(column(&ch3, s, "_ferry_op").1, &[Value::from("delete")]);
+    assert_eq!(column(&ch3, s, "id").1, &[Value::from(2)]);
+    assert_eq!(column(&ch3, s, "name").1, &[Value::Null]);
+    assert!(
+        !exports.join("app-000000000003-partial").exists(),
+        "after = \"complete\": no whole export for a pass of partials"
+    );
+    // The same by hand.
+    let by_hand = dir.path().join("by-hand");
+    let out = export(&cfg, &["--changes", "3", "--to", by_hand.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(read_back(&by_hand)[s], ch3[s]);
+
+    // A past point: #1, before any of it, rebuilt in a scratch database.
+    let at1 = dir.path().join("at1");
+    let out = export(
+        &cfg,
+        &[
+            "--at",
+            "1",
+            "--to",
+            at1.to_str().unwrap(),
+            "--as-text",
+            "zoo.ip",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(m["source"]["seq"], 1);
+    let old = read_back(&at1);
+    let mut names: Vec<(Value, Value)> = column(&old, s, "id")
+        .1
+        .iter()
+        .cloned()
+        .zip(column(&old, s, "name").1.iter().cloned())
+        .collect();
+    names.sort_by_key(|(id, _)| id.as_i64());
+    assert_eq!(
+        names,
+        [
+            (Value::from(1), Value::from("one")),
+            (2.into(), "two".into()),
+            (3.into(), "three".into())
+        ]
+    );
+    assert_eq!(column(&old, "tags.parquet", "name").1.len(), 2);
+    assert!(
+        column(&old, "tags.parquet", "name")
+            .1
+            .contains(&"blue".into())
+    );
+    // #2 rebuilt equals the automatic export of #2, table by table.
+    let at2 = dir.path().join("at2");
+    let out = export(
+        &cfg,
+        &[
+            "--at",
+            "2",
+            "--to",
+            at2.to_str().unwrap(),
+            "--as-text",
+            "zoo.ip",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rebuilt = read_back(&at2);
+    for f in [
+        "shop.parquet",
+        "tags.parquet",
+        "zoo.parquet",
+        "composite.parquet",
+    ] {
+        assert_eq!(rebuilt[f]["rows"], whole[f]["rows"], "{f}");
+        for (name, c) in whole[f]["columns"].as_object().unwrap() {
+            let mut a = c["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>();
+            let mut b = column(&rebuilt, f, name)
+                .1
+                .iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>();
+            a.sort();
+            b.sort();
+            assert_eq!(a, b, "{f}.{name} at #2");
+        }
+    }
+    let mut viz = server.connect("viz").await;
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname LIKE 'ferry\\_export%'")
+            .fetch_one(&mut viz)
+            .await
+            .unwrap();
+    assert_eq!(left, 0, "the scratch database is dropped");
+
+    // Refusals, each naming the fix.
+    let nowhere = dir.path().join("nowhere");
+    let out = export(&cfg, &["--changes", "1", "--to", nowhere.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("is a complete"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = export(&cfg, &["--changes", "9", "--to", nowhere.to_str().unwrap()]);
+    assert!(
+        text(&out.stderr).contains("ferry-receiver versions"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = export(
+        &cfg,
+        &["--at", "yesterday-ish", "--to", nowhere.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = export(&cfg, &["--at", "9", "--to", nowhere.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!nowhere.exists(), "nothing of a refused export stays");
 }

@@ -29,6 +29,8 @@ pub enum Kind {
     },
     /// Text, and every type exported as its text form.
     Text,
+    /// json and jsonb: the JSON text, annotated with Parquet's JSON logical type.
+    Json,
     Binary,
     Date,
     Time,
@@ -50,7 +52,7 @@ impl Kind {
             Kind::Float32 => DataType::Float32,
             Kind::Float64 => DataType::Float64,
             Kind::Decimal { precision, scale } => DataType::Decimal128(*precision, *scale),
-            Kind::Text => DataType::Utf8,
+            Kind::Text | Kind::Json => DataType::Utf8,
             Kind::Binary => DataType::Binary,
             Kind::Date => DataType::Date32,
             Kind::Time => DataType::Time64(TimeUnit::Microsecond),
@@ -58,6 +60,16 @@ impl Kind {
             Kind::TimestampUtc => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
             Kind::Enum => DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
             Kind::List(e) => DataType::List(Arc::new(Field::new("element", e.arrow(), true))),
+        }
+    }
+
+    /// The column's Arrow field (JSON carries the canonical `arrow.json`
+    /// extension, which the Parquet writer turns into the JSON logical type).
+    pub fn field(&self, name: &str) -> Field {
+        let f = Field::new(name, self.arrow(), true);
+        match self {
+            Kind::Json => f.with_extension_type(arrow_schema::extension::Json::default()),
+            _ => f,
         }
     }
 
@@ -102,8 +114,8 @@ impl Kind {
                     }
                 }
             }
-            "text" | "varchar" | "bpchar" | "name" | "citext" | "uuid" | "json" | "jsonb"
-            | "interval" => Kind::Text,
+            "text" | "varchar" | "bpchar" | "name" | "citext" | "uuid" | "interval" => Kind::Text,
+            "json" | "jsonb" => Kind::Json,
             "bytea" => Kind::Binary,
             "date" => Kind::Date,
             "time" => Kind::Time,
@@ -156,7 +168,7 @@ impl Builder {
             Kind::Decimal { precision, scale } => {
                 Builder::Decimal(Decimal128Builder::new(), *precision, *scale)
             }
-            Kind::Text => Builder::Text(StringBuilder::new()),
+            Kind::Text | Kind::Json => Builder::Text(StringBuilder::new()),
             Kind::Binary => Builder::Binary(BinaryBuilder::new()),
             Kind::Date => Builder::Date(Date32Builder::new()),
             Kind::Time => Builder::Time(Time64MicrosecondBuilder::new()),

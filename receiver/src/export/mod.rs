@@ -6,12 +6,16 @@
 //! directory), or uploaded file by file with `_manifest.json` last (a
 //! bucket). The type mapping is docs/analytics.md.
 
+mod changes;
 mod columns;
 
+pub use changes::export as export_changes;
+
 use crate::config::{Config, Engine};
+use crate::restore::At;
 use anyhow::{Context, anyhow, bail};
 use arrow_array::RecordBatch;
-use arrow_schema::{Field, Schema};
+use arrow_schema::Schema;
 use columns::{Builder, Kind};
 use futures_util::StreamExt;
 use parquet::arrow::ArrowWriter;
@@ -47,6 +51,10 @@ pub struct ExportConfig {
     pub as_text: Vec<String>,
     #[serde(default)]
     pub unknown_as_text: bool,
+    /// Each applied partial's changes as Parquet too, into
+    /// `<to>/<sender>-<seq>-changes/`, for a warehouse to merge.
+    #[serde(default)]
+    pub changes: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -66,6 +74,31 @@ pub const EXPORT: &str = "export";
 /// caller: the outcome is logged, recorded and counted.
 pub async fn after_pass(config: &Config, report: &crate::run::Report) {
     let Some(cfg) = &config.export else { return };
+    let req = |to: String| Request {
+        to,
+        tables: cfg.tables.clone(),
+        as_text: cfg.as_text.clone(),
+        unknown_as_text: cfg.unknown_as_text,
+        at: At::Latest,
+        sender: None,
+    };
+    let dest = |a: &crate::run::AppliedBundle, what: &str| {
+        let sender = ferry_common::manifest::parse_bundle_file_name(&a.file)
+            .map_or_else(|| "ferry".to_owned(), |b| b.sender);
+        format!(
+            "{}/{sender}-{:012}-{what}",
+            cfg.to.trim_end_matches('/'),
+            a.seq
+        )
+    };
+    if cfg.changes {
+        for a in report.applied.iter().filter(|a| a.kind == "partial") {
+            let to = dest(a, "changes");
+            let started = std::time::Instant::now();
+            let done = changes::export(config, &a.file, &req(to.clone())).await;
+            outcome(config, &to, started, done);
+        }
+    }
     let wanted = match cfg.after {
         After::Complete => report.applied.iter().any(|a| a.kind == "complete"),
         After::Every => !report.applied.is_empty(),
@@ -73,23 +106,52 @@ pub async fn after_pass(config: &Config, report: &crate::run::Report) {
     let Some(newest) = report.applied.last().filter(|_| wanted) else {
         return;
     };
-    let sender = ferry_common::manifest::parse_bundle_file_name(&newest.file)
-        .map_or_else(|| "ferry".to_owned(), |b| b.sender);
-    let name = format!("{sender}-{:012}-{}", newest.seq, newest.kind);
-    let to = format!("{}/{name}", cfg.to.trim_end_matches('/'));
-    let req = Request {
-        to: to.clone(),
-        tables: cfg.tables.clone(),
-        as_text: cfg.as_text.clone(),
-        unknown_as_text: cfg.unknown_as_text,
-    };
+    let to = dest(newest, &newest.kind);
     let started = std::time::Instant::now();
-    match export(config, &req).await {
+    let done = export(config, &req(to.clone())).await;
+    outcome(config, &to, started, done);
+}
+
+/// The inbox file of the partial with this seq (of `sender`, or of the only
+/// sender the inbox holds; the newest chain that has it).
+pub fn partial_file(config: &Config, seq: u64, sender: Option<&str>) -> anyhow::Result<String> {
+    let entries = crate::inbox::scan(&config.inbox)
+        .with_context(|| format!("reading {}", config.inbox.display()))?;
+    let mut senders: Vec<&str> = entries.iter().map(|e| e.sender.as_str()).collect();
+    senders.sort_unstable();
+    senders.dedup();
+    let sender = match (sender, senders.as_slice()) {
+        (Some(s), _) => s,
+        (None, [one]) => one,
+        (None, []) => bail!("{} holds no bundles", config.inbox.display()),
+        (None, many) => bail!(
+            "{} holds the bundles of several senders ({}); name one with --sender",
+            config.inbox.display(),
+            many.join(", ")
+        ),
+    };
+    entries
+        .iter()
+        .rev()
+        .find(|e| e.sender == sender && e.seq == seq)
+        .map(|e| e.file.clone())
+        .ok_or_else(|| {
+            anyhow!(
+                "no bundle #{seq} of {sender} in {} (`ferry-receiver versions` lists them)",
+                config.inbox.display()
+            )
+        })
+}
+
+/// Logs, records and counts an automatic export's outcome.
+fn outcome(config: &Config, to: &str, started: std::time::Instant, done: anyhow::Result<Manifest>) {
+    match done {
         Ok(m) => {
             ferry_common::health::JobRecord::record_ok(&config.state_dir, EXPORT);
             crate::metrics::get().exported(true);
             tracing::info!(
                 to = %to,
+                contents = m.contents,
                 tables = m.tables.len(),
                 rows = m.tables.iter().map(|t| t.rows).sum::<u64>(),
                 ms = started.elapsed().as_millis() as u64,
@@ -120,16 +182,29 @@ pub struct Request {
     pub as_text: Vec<String>,
     /// Every column without a mapping goes out as its text form.
     pub unknown_as_text: bool,
+    /// `Latest`: the target as it is. A past point is rebuilt from the
+    /// receiver's history (its inbox) in a scratch database first.
+    pub at: At,
+    /// The sender whose history a past point comes from, when the inbox holds
+    /// several.
+    pub sender: Option<String>,
 }
 
 /// `_manifest.json`.
 #[derive(Debug, Serialize)]
 pub struct Manifest {
     pub format: &'static str,
+    /// `tables`: each table whole as of `source`; `changes`: one partial's
+    /// changes (see [`changes`]).
+    pub contents: &'static str,
     pub created_at: String,
     /// The newest applied bundle: the point the tables describe.
     pub source: Option<Point>,
     pub tables: Vec<TableOut>,
+    /// Change files only: tables the partial sent whole; a table's rows that
+    /// its file lacks were deleted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub whole_tables: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -175,13 +250,24 @@ struct Col {
 }
 
 pub async fn export(config: &Config, req: &Request) -> anyhow::Result<Manifest> {
-    let to_bucket = req.to.starts_with("s3://");
-    let stage = if to_bucket {
+    let stage = stage_for(config, &req.to)?;
+    let result = match req.at {
+        At::Latest => write_all(&config.target.url, req, &stage).await,
+        _ => past(config, req, &stage).await,
+    };
+    deliver(config, &req.to, &stage, result).await
+}
+
+/// Where an export is written before it is delivered: beside a directory
+/// destination (`.name.part-PID`, renamed at the end), or in the state
+/// directory for a bucket. A directory that holds anything is refused.
+fn stage_for(config: &Config, to: &str) -> anyhow::Result<PathBuf> {
+    let stage = if to.starts_with("s3://") {
         config
             .state_dir
             .join(format!("export-{}", std::process::id()))
     } else {
-        let dest = Path::new(&req.to);
+        let dest = Path::new(to);
         if std::fs::read_dir(dest).is_ok_and(|mut d| d.next().is_some()) {
             bail!(
                 "{} exists and is not empty; export into a new directory (exports are never merged into an old one)",
@@ -190,27 +276,37 @@ pub async fn export(config: &Config, req: &Request) -> anyhow::Result<Manifest> 
         }
         let name = dest
             .file_name()
-            .ok_or_else(|| anyhow!("--to {:?} names no directory", req.to))?
+            .ok_or_else(|| anyhow!("--to {to:?} names no directory"))?
             .to_string_lossy();
         dest.with_file_name(format!(".{name}.part-{}", std::process::id()))
     };
     std::fs::create_dir_all(&stage).with_context(|| format!("creating {}", stage.display()))?;
-    let result = write_all(config, req, &stage).await;
-    let manifest = match result {
+    Ok(stage)
+}
+
+/// Delivers a written stage: renamed into place, or uploaded with
+/// `_manifest.json` last; on failure (or a failed write) the stage goes.
+async fn deliver(
+    config: &Config,
+    to: &str,
+    stage: &Path,
+    written: anyhow::Result<Manifest>,
+) -> anyhow::Result<Manifest> {
+    let manifest = match written {
         Ok(m) => m,
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&stage);
+            let _ = std::fs::remove_dir_all(stage);
             return Err(e);
         }
     };
-    if to_bucket {
-        let uploaded = upload(config, &req.to, &stage, &manifest).await;
-        let _ = std::fs::remove_dir_all(&stage);
+    if to.starts_with("s3://") {
+        let uploaded = upload(config, to, stage, &manifest).await;
+        let _ = std::fs::remove_dir_all(stage);
         uploaded?;
     } else {
-        let dest = Path::new(&req.to);
+        let dest = Path::new(to);
         let _ = std::fs::remove_dir(dest); // empty, if it exists
-        std::fs::rename(&stage, dest)
+        std::fs::rename(stage, dest)
             .with_context(|| format!("renaming {} to {}", stage.display(), dest.display()))?;
         if let Some(parent) = dest.parent() {
             let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
@@ -219,25 +315,101 @@ pub async fn export(config: &Config, req: &Request) -> anyhow::Result<Manifest> 
     Ok(manifest)
 }
 
-async fn write_all(config: &Config, req: &Request, stage: &Path) -> anyhow::Result<Manifest> {
+/// A past point: the history restored into a scratch database (a database on
+/// the target's PostgreSQL server, dropped afterwards; a SQLite file in the
+/// state directory, removed afterwards) and exported from there.
+async fn past(config: &Config, req: &Request, stage: &Path) -> anyhow::Result<Manifest> {
+    let pid = std::process::id();
+    let staging = config.state_dir.join(format!("export-restore-{pid}"));
+    let mut restore = crate::restore::Request {
+        at: req.at.clone(),
+        into: String::new(),
+        tables: req.tables.clone(),
+        media_into: None,
+        replace: false,
+        dry_run: false,
+        from: config.inbox.clone(),
+        sender: req.sender.clone(),
+        live_target: Some(config.target.url.clone()),
+        via: None,
+        staging: staging.clone(),
+        jobs: config.target.jobs,
+        limits: ferry_common::reader::Limits {
+            trust: crate::trust::from_config(config),
+            ..Default::default()
+        },
+    };
+    // The scratch database holds exactly the chosen tables.
+    let every = Request {
+        tables: Vec::new(),
+        ..req.clone()
+    };
+    let rebuilt = |o: crate::restore::Outcome| Point {
+        sender_id: o.sender,
+        seq: o.seq as i64,
+        kind: o.kind,
+        created_at: o.source_time,
+    };
+    let result = match config.target.engine() {
+        Some(Engine::Postgres) => {
+            let scratch =
+                crate::load::restore::ScratchDb::create(&config.target.url, "ferry_export").await?;
+            restore.into = scratch.url.clone();
+            let result = async {
+                let outcome = crate::restore::restore(&restore).await?;
+                let mut m = write_all(&scratch.url, &every, stage).await?;
+                m.source = Some(rebuilt(outcome));
+                Ok(m)
+            }
+            .await;
+            scratch.drop().await;
+            result
+        }
+        _ => {
+            let file = config.state_dir.join(format!("export-{pid}.sqlite"));
+            restore.into = format!("sqlite://{}", file.display());
+            let result = async {
+                let outcome = crate::restore::restore(&restore).await?;
+                let mut m = write_all(&restore.into, &every, stage).await?;
+                m.source = Some(rebuilt(outcome));
+                Ok(m)
+            }
+            .await;
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+            }
+            result
+        }
+    };
+    let _ = std::fs::remove_dir_all(&staging);
+    result
+}
+
+async fn write_all(url: &str, req: &Request, stage: &Path) -> anyhow::Result<Manifest> {
     let mut manifest = Manifest {
         format: "parquet",
+        contents: "tables",
         created_at: chrono::Utc::now().to_rfc3339(),
         source: None,
         tables: Vec::new(),
+        whole_tables: Vec::new(),
     };
-    match config.target.engine() {
-        Some(Engine::Postgres) => postgres(config, req, stage, &mut manifest).await?,
-        Some(Engine::Sqlite) => sqlite(config, req, stage, &mut manifest).await?,
+    match Engine::of_url(url) {
+        Some(Engine::Postgres) => postgres(url, req, stage, &mut manifest).await?,
+        Some(Engine::Sqlite) => sqlite(url, req, stage, &mut manifest).await?,
         None => bail!(
             "target.url {:?}: not a postgres:// or sqlite:// URL",
-            config.target.url
+            crate::config::redact_url(url)
         ),
     }
-    let path = stage.join("_manifest.json");
-    ferry_common::durable::write_atomic(&path, &serde_json::to_vec_pretty(&manifest)?)
-        .with_context(|| format!("writing {}", path.display()))?;
+    write_manifest(stage, &manifest)?;
     Ok(manifest)
+}
+
+fn write_manifest(stage: &Path, manifest: &Manifest) -> anyhow::Result<()> {
+    let path = stage.join("_manifest.json");
+    ferry_common::durable::write_atomic(&path, &serde_json::to_vec_pretty(manifest)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The tables the patterns select (all without), or an error naming the
@@ -322,7 +494,7 @@ impl Out {
     fn create(stage: &Path, table: &str, cols: Vec<Col>) -> anyhow::Result<Self> {
         let schema = Arc::new(Schema::new(
             cols.iter()
-                .map(|c| Field::new(&c.name, c.kind.arrow(), true))
+                .map(|c| c.kind.field(&c.name))
                 .collect::<Vec<_>>(),
         ));
         let props = WriterProperties::builder()
@@ -415,22 +587,81 @@ fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
-async fn postgres(
-    config: &Config,
-    req: &Request,
-    stage: &Path,
-    manifest: &mut Manifest,
-) -> anyhow::Result<()> {
-    let mut conn = sqlx::PgConnection::connect(&config.target.url)
+/// A session whose output COPY's text parser reads: ISO dates, ISO 8601
+/// intervals, UTC, round-tripping floats, hex bytea.
+async fn pg_session(url: &str) -> anyhow::Result<sqlx::PgConnection> {
+    let mut conn = sqlx::PgConnection::connect(url)
         .await
         .map_err(|e| anyhow!("target database: {}", ferry_common::db::describe(&e)))?;
     sqlx::raw_sql(
         "SET DateStyle = ISO, YMD; SET IntervalStyle = iso_8601; SET TimeZone = 'UTC';
-         SET extra_float_digits = 3; SET bytea_output = hex;
-         BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+         SET extra_float_digits = 3; SET bytea_output = hex",
     )
     .execute(&mut conn)
     .await?;
+    Ok(conn)
+}
+
+/// A PostgreSQL table's columns (`schema.name` quoted) with their kinds.
+async fn pg_columns(
+    conn: &mut sqlx::PgConnection,
+    qualified: &str,
+) -> anyhow::Result<Vec<(String, String, Option<Kind>)>> {
+    let raw: Vec<PgColumn> = sqlx::query_as(
+        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                b.typname::text, b.typtype::text,
+                CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END,
+                e.typname::text, e.typtype::text
+         FROM pg_attribute a
+         JOIN pg_type t ON t.oid = a.atttypid
+         JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+         LEFT JOIN pg_type e ON e.oid = b.typelem AND b.typcategory = 'A'
+         WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
+         ORDER BY a.attnum",
+    )
+    .bind(qualified)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(raw
+        .into_iter()
+        .map(|(n, declared, base, btype, typmod, elem, etype)| {
+            let kind = match (elem, etype) {
+                (Some(e), Some(et)) => Kind::of_postgres(&e, &et, typmod)
+                    .filter(|k| !matches!(k, Kind::List(_)))
+                    .map(|k| Kind::List(Box::new(k))),
+                _ => Kind::of_postgres(&base, &btype, typmod),
+            };
+            (n, declared, kind)
+        })
+        .collect())
+}
+
+/// Streams a `COPY (…) TO STDOUT` in text form into `out`.
+async fn copy_into(conn: &mut sqlx::PgConnection, sql: &str, out: &mut Out) -> anyhow::Result<()> {
+    let mut stream = conn.copy_out_raw(sql).await?;
+    let mut pending: Vec<u8> = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        pending.extend_from_slice(&chunk?);
+        let mut start = 0;
+        while let Some(nl) = pending[start..].iter().position(|b| *b == b'\n') {
+            copy_line(out, &pending[start..start + nl])?;
+            start += nl + 1;
+        }
+        pending.drain(..start);
+    }
+    Ok(())
+}
+
+async fn postgres(
+    url: &str,
+    req: &Request,
+    stage: &Path,
+    manifest: &mut Manifest,
+) -> anyhow::Result<()> {
+    let mut conn = pg_session(url).await?;
+    sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut conn)
+        .await?;
     let has_ledger: bool =
         sqlx::query_scalar("SELECT to_regclass('ferry_receiver.applied') IS NOT NULL")
             .fetch_one(&mut conn)
@@ -462,34 +693,7 @@ async fn postgres(
     for table in select(all, &req.tables)? {
         let (schema, name) = table.split_once('.').unwrap_or(("public", &table));
         let qualified = format!("{}.{}", quote(schema), quote(name));
-        let raw: Vec<PgColumn> =
-            sqlx::query_as(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
-                        b.typname::text, b.typtype::text,
-                        CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END,
-                        e.typname::text, e.typtype::text
-                 FROM pg_attribute a
-                 JOIN pg_type t ON t.oid = a.atttypid
-                 JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
-                 LEFT JOIN pg_type e ON e.oid = b.typelem AND b.typcategory = 'A'
-                 WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
-                 ORDER BY a.attnum",
-            )
-            .bind(&qualified)
-            .fetch_all(&mut conn)
-            .await?;
-        let cols = raw
-            .into_iter()
-            .map(|(n, declared, base, btype, typmod, elem, etype)| {
-                let kind = match (elem, etype) {
-                    (Some(e), Some(et)) => Kind::of_postgres(&e, &et, typmod)
-                        .filter(|k| !matches!(k, Kind::List(_)))
-                        .map(|k| Kind::List(Box::new(k))),
-                    _ => Kind::of_postgres(&base, &btype, typmod),
-                };
-                (n, declared, kind)
-            })
-            .collect();
+        let cols = pg_columns(&mut conn, &qualified).await?;
         let cols = decide(&table, cols, req)?;
         let select = cols
             .iter()
@@ -497,22 +701,12 @@ async fn postgres(
             .collect::<Vec<_>>()
             .join(", ");
         let mut out = Out::create(stage, &table, cols)?;
-        let mut stream = conn
-            .copy_out_raw(&format!(
-                "COPY (SELECT {select} FROM {qualified}) TO STDOUT"
-            ))
-            .await?;
-        let mut pending: Vec<u8> = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            pending.extend_from_slice(&chunk?);
-            let mut start = 0;
-            while let Some(nl) = pending[start..].iter().position(|b| *b == b'\n') {
-                copy_line(&mut out, &pending[start..start + nl])?;
-                start += nl + 1;
-            }
-            pending.drain(..start);
-        }
-        drop(stream);
+        copy_into(
+            &mut conn,
+            &format!("COPY (SELECT {select} FROM {qualified}) TO STDOUT"),
+            &mut out,
+        )
+        .await?;
         manifest.tables.push(out.finish()?);
     }
     sqlx::raw_sql("COMMIT").execute(&mut conn).await?;
@@ -582,12 +776,12 @@ fn unescape(raw: &[u8], out: &mut String) -> Result<(), ()> {
 }
 
 async fn sqlite(
-    config: &Config,
+    url: &str,
     req: &Request,
     stage: &Path,
     manifest: &mut Manifest,
 ) -> anyhow::Result<()> {
-    let mut conn = sqlx::SqliteConnection::connect(&config.target.url)
+    let mut conn = sqlx::SqliteConnection::connect(url)
         .await
         .map_err(|e| anyhow!("target database: {}", ferry_common::db::describe(&e)))?;
     sqlx::raw_sql("BEGIN").execute(&mut conn).await?;
@@ -624,22 +818,10 @@ async fn sqlite(
         )))
         .fetch_all(&mut conn)
         .await?;
-        // SQLite's affinity rules (https://sqlite.org/datatype3.html §3.1).
         let cols = info
             .into_iter()
             .map(|(n, declared)| {
-                let t = declared.to_uppercase();
-                let kind = if t.contains("INT") {
-                    Kind::Int64
-                } else if t.contains("CHAR") || t.contains("CLOB") || t.contains("TEXT") {
-                    Kind::Text
-                } else if t.contains("BLOB") || t.is_empty() {
-                    Kind::Binary
-                } else if t.contains("REAL") || t.contains("FLOA") || t.contains("DOUB") {
-                    Kind::Float64
-                } else {
-                    Kind::Text
-                };
+                let kind = sqlite_kind(&declared);
                 (n, declared, Some(kind))
             })
             .collect();
@@ -693,6 +875,23 @@ async fn sqlite(
     }
     sqlx::raw_sql("COMMIT").execute(&mut conn).await?;
     Ok(())
+}
+
+/// A SQLite column's kind, by SQLite's affinity rules
+/// (https://sqlite.org/datatype3.html §3.1).
+fn sqlite_kind(declared: &str) -> Kind {
+    let t = declared.to_uppercase();
+    if t.contains("INT") {
+        Kind::Int64
+    } else if t.contains("CHAR") || t.contains("CLOB") || t.contains("TEXT") {
+        Kind::Text
+    } else if t.contains("BLOB") || t.is_empty() {
+        Kind::Binary
+    } else if t.contains("REAL") || t.contains("FLOA") || t.contains("DOUB") {
+        Kind::Float64
+    } else {
+        Kind::Text
+    }
 }
 
 fn sql_string(s: &str) -> String {

@@ -468,7 +468,7 @@ pub(super) async fn copy_file(
 }
 
 /// Runs a `COPY … FROM STDIN` statement with a file's bytes.
-async fn copy_raw(
+pub(crate) async fn copy_raw(
     conn: &mut PgConnection,
     sql: &str,
     doing: &str,
@@ -636,7 +636,8 @@ fn lines_table(i: usize) -> String {
 /// JSON change lines are copied as CSV with delimiter and quote bytes that JSON
 /// text never holds raw (control characters are escaped in JSON), so each line
 /// arrives as one value, untouched: no backslash or quote processing.
-const COPY_LINES: &str = "(line) FROM STDIN WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')";
+pub(crate) const COPY_LINES: &str =
+    "(line) FROM STDIN WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')";
 
 const IS_UPSERT: &str = "starts_with(s.line, '{\"op\":\"upsert\",\"row\":')";
 const IS_DELETE: &str = "starts_with(s.line, '{\"op\":\"delete\",\"key\":')";
@@ -645,7 +646,7 @@ const IS_DELETE: &str = "starts_with(s.line, '{\"op\":\"delete\",\"key\":')";
 /// (`{"op":"upsert","row":`, `{"op":"delete","key":`) and the line ends with
 /// the closing `}`, so the object is cut out as text and parsed once rather
 /// than the whole line parsed and the object extracted and parsed again.
-const DOC: &str = "substr(s.line, 22, length(s.line) - 22)::json";
+pub(crate) const DOC: &str = "substr(s.line, 22, length(s.line) - 22)::json";
 
 /// The rows of a table's upsert lines, as `r` (typed as the table) beside the
 /// JSON document `s.doc`.
@@ -658,6 +659,16 @@ fn upserted_rows(t: &Table, i: usize) -> String {
     )
 }
 
+/// A column's value from a change line: `r.<column>` of the row typed by
+/// `json_populate_record`, except json columns, which travel as their exact
+/// text in a JSON string (`s.doc` is the line's object).
+pub(crate) fn column_value(c: &ferry_common::manifest::Column) -> String {
+    match c.sql_type.as_str() {
+        "json" | "json[]" => format!("(s.doc ->> {})::{}", quote_literal(&c.name), c.sql_type),
+        _ => format!("r.{}", quote_ident(&c.name)),
+    }
+}
+
 /// One `INSERT … SELECT … ON CONFLICT DO UPDATE` for every upsert line of
 /// table `i`.
 fn upsert_sql(t: &Table, i: usize) -> String {
@@ -668,15 +679,9 @@ fn upsert_sql(t: &Table, i: usize) -> String {
         .map(|c| quote_ident(&c.name))
         .collect::<Vec<_>>()
         .join(", ");
-    // json columns travel as their exact text in a JSON string.
     let exprs = cols
         .iter()
-        .map(|c| match c.sql_type.as_str() {
-            "json" | "json[]" => {
-                format!("(s.doc ->> {})::{}", quote_literal(&c.name), c.sql_type)
-            }
-            _ => format!("r.{}", quote_ident(&c.name)),
-        })
+        .map(|c| column_value(c))
         .collect::<Vec<_>>()
         .join(", ");
     let pk = t

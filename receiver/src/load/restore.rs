@@ -415,6 +415,55 @@ async fn open_sqlite(temp: &Path) -> Result<sqlx::sqlite::SqliteConnection, Rest
         })?)
 }
 
+/// A database ferry creates on a PostgreSQL server for one job and drops
+/// afterwards (whatever happened): where a past point is rebuilt before it
+/// becomes a SQLite file or a Parquet export.
+pub struct ScratchDb {
+    admin: sqlx::postgres::PgConnection,
+    pub name: String,
+    /// The scratch database's URL.
+    pub url: String,
+}
+
+impl ScratchDb {
+    /// Creates `<prefix>_<pid>` on the server of `server_url` (whose own
+    /// database is only connected to).
+    pub async fn create(server_url: &str, prefix: &str) -> Result<Self, RestoreError> {
+        use sqlx::ConnectOptions;
+        let options: sqlx::postgres::PgConnectOptions = server_url.parse().map_err(|e| {
+            RestoreError::Usage(format!("{}: {e}", crate::config::redact_url(server_url)))
+        })?;
+        let name = format!("{prefix}_{}", std::process::id());
+        let mut admin = session(server_url).await?;
+        sqlx::raw_sql(q(format!("CREATE DATABASE {}", quote_ident(&name))))
+            .execute(&mut admin)
+            .await
+            .map_err(|e| {
+                RestoreError::Refused(format!(
+                    "could not create the scratch database {name} on {}: {e}; the user needs \
+                     CREATEDB there (ALTER ROLE … CREATEDB), or give another server",
+                    crate::config::redact_url(server_url)
+                ))
+            })?;
+        let url = options.database(&name).to_url_lossy().to_string();
+        Ok(Self { admin, name, url })
+    }
+
+    /// Drops the database (its sessions too); a failure is logged.
+    pub async fn drop(mut self) {
+        if let Err(e) = sqlx::raw_sql(q(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote_ident(&self.name)
+        )))
+        .execute(&mut self.admin)
+        .await
+        {
+            tracing::warn!(database = %self.name, error = %e, "could not drop the scratch database; drop it by hand");
+        }
+        let _ = self.admin.close().await;
+    }
+}
+
 /// A PostgreSQL history: restored into a scratch database, copied into the
 /// SQLite file, the scratch database dropped whatever happened.
 async fn via_postgres(
@@ -424,24 +473,8 @@ async fn via_postgres(
     scratch: Scratch<'_>,
     bundles: &mut Bundles<'_>,
 ) -> Result<(), RestoreError> {
-    use sqlx::ConnectOptions;
-    let options: sqlx::postgres::PgConnectOptions = scratch
-        .url
-        .parse()
-        .map_err(|e| RestoreError::Usage(format!("--via: {e}")))?;
-    let name = format!("ferry_restore_{}", std::process::id());
-    let mut admin = session(scratch.url).await?;
-    sqlx::raw_sql(q(format!("CREATE DATABASE {}", quote_ident(&name))))
-        .execute(&mut admin)
-        .await
-        .map_err(|e| {
-            RestoreError::Refused(format!(
-                "could not create the scratch database {name} on {}: {e}; the user needs \
-                 CREATEDB there (or give another server with --via)",
-                crate::config::redact_url(scratch.url)
-            ))
-        })?;
-    let url = options.database(&name).to_url_lossy().to_string();
+    let scratch_db = ScratchDb::create(scratch.url, "ferry_restore").await?;
+    let url = scratch_db.url.clone();
     let result = async {
         postgres(&url, base, tables, false, false, scratch.jobs, bundles).await?;
         let mut pg = session(&url).await?;
@@ -464,15 +497,7 @@ async fn via_postgres(
         Ok::<(), RestoreError>(())
     }
     .await;
-    if let Err(e) = sqlx::raw_sql(q(format!(
-        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-        quote_ident(&name)
-    )))
-    .execute(&mut admin)
-    .await
-    {
-        tracing::warn!(database = %name, error = %e, "could not drop the scratch database; drop it by hand");
-    }
+    scratch_db.drop().await;
     result
 }
 
