@@ -96,7 +96,11 @@ pub async fn after_pass(config: &Config, report: &crate::run::Report) {
             let to = dest(a, "changes");
             let started = std::time::Instant::now();
             let done = changes::export(config, &a.file, &req(to.clone())).await;
-            outcome(config, &to, started, done);
+            let retry = format!(
+                "make it by hand: ferry-receiver export --changes {} --to {to}",
+                a.seq
+            );
+            outcome(config, &to, started, done, &retry);
         }
     }
     let wanted = match cfg.after {
@@ -109,7 +113,13 @@ pub async fn after_pass(config: &Config, report: &crate::run::Report) {
     let to = dest(newest, &newest.kind);
     let started = std::time::Instant::now();
     let done = export(config, &req(to.clone())).await;
-    outcome(config, &to, started, done);
+    outcome(
+        config,
+        &to,
+        started,
+        done,
+        "the next complete exports again",
+    );
 }
 
 /// The inbox file of the partial with this seq (of `sender`, or of the only
@@ -144,7 +154,13 @@ pub fn partial_file(config: &Config, seq: u64, sender: Option<&str>) -> anyhow::
 }
 
 /// Logs, records and counts an automatic export's outcome.
-fn outcome(config: &Config, to: &str, started: std::time::Instant, done: anyhow::Result<Manifest>) {
+fn outcome(
+    config: &Config,
+    to: &str,
+    started: std::time::Instant,
+    done: anyhow::Result<Manifest>,
+    retry: &str,
+) {
     match done {
         Ok(m) => {
             ferry_common::health::JobRecord::record_ok(&config.state_dir, EXPORT);
@@ -166,7 +182,7 @@ fn outcome(config: &Config, to: &str, started: std::time::Instant, done: anyhow:
                 false,
             );
             crate::metrics::get().exported(false);
-            tracing::error!(to = %to, error = %format!("{e:#}"), "export failed; the chain goes on, the next complete exports again");
+            tracing::error!(to = %to, error = %format!("{e:#}"), "export failed; the chain goes on; {retry}");
         }
     }
 }
