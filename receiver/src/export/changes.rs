@@ -80,15 +80,19 @@ async fn write(
     };
     let names: Vec<String> = m.tables.iter().map(display).collect();
     let chosen = super::select(names, &req.tables)?;
-    let tables = m.tables.iter().filter(|t| chosen.contains(&display(t)));
+    // The tables the partial carries changes of.
+    let tables = m
+        .tables
+        .iter()
+        .filter(|t| chosen.contains(&display(t)) && data_members(v, t).next().is_some());
     match config.target.engine() {
         Some(Engine::Postgres) => {
             let mut conn = super::pg_session(&config.target.url).await?;
             sqlx::raw_sql("BEGIN").execute(&mut conn).await?;
             for t in tables {
-                if let Some(out) = postgres(&mut conn, v, t, req, stage).await? {
-                    manifest.tables.push(out);
-                }
+                manifest
+                    .tables
+                    .push(postgres(&mut conn, v, t, req, stage).await?);
             }
             sqlx::raw_sql("ROLLBACK").execute(&mut conn).await?;
         }
@@ -97,9 +101,9 @@ async fn write(
                 .await
                 .map_err(|e| anyhow!("target database: {}", ferry_common::db::describe(&e)))?;
             for t in tables {
-                if let Some(out) = sqlite(&mut conn, v, t, req, stage).await? {
-                    manifest.tables.push(out);
-                }
+                manifest
+                    .tables
+                    .push(sqlite(&mut conn, v, t, req, stage).await?);
             }
         }
     }
@@ -170,10 +174,7 @@ async fn postgres(
     t: &Table,
     req: &Request,
     stage: &Path,
-) -> anyhow::Result<Option<super::TableOut>> {
-    if data_members(v, t).next().is_none() {
-        return Ok(None);
-    }
+) -> anyhow::Result<super::TableOut> {
     let table = display(t);
     let qualified = t.name.quoted();
     let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
@@ -222,7 +223,7 @@ async fn postgres(
         &mut out,
     )
     .await?;
-    Ok(Some(out.finish()?))
+    out.finish()
 }
 
 async fn sqlite(
@@ -231,10 +232,7 @@ async fn sqlite(
     t: &Table,
     req: &Request,
     stage: &Path,
-) -> anyhow::Result<Option<super::TableOut>> {
-    if data_members(v, t).next().is_none() {
-        return Ok(None);
-    }
+) -> anyhow::Result<super::TableOut> {
     let table = display(t);
     let info: Vec<(String, String)> = sqlx::query_as("SELECT name, type FROM pragma_table_info(?)")
         .bind(&t.name.name)
@@ -271,7 +269,7 @@ async fn sqlite(
             out.row_done(line.len())?;
         }
     }
-    Ok(Some(out.finish()?))
+    out.finish()
 }
 
 /// One value of a SQLite bundle's JSON (see the SQLite loader's `bind_json`).
