@@ -747,3 +747,106 @@ async fn a_download_cut_off_loses_nothing_and_status_check_metrics_cover_the_buc
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Exports into a bucket: `[export]` after a complete and a partial's change
+/// set, and one by hand; each table's file whole, `_manifest.json` naming
+/// every file with its size; wrong credentials refused with nothing written.
+#[tokio::test]
+async fn exports_go_into_a_bucket() {
+    let s3 = S3::start();
+    let l = Lite::new("").await;
+    let tx = l.p("sender.toml");
+    let base = std::fs::read_to_string(&tx).unwrap();
+    std::fs::write(
+        &tx,
+        format!(
+            "{base}{}",
+            s3.section(l.dir.path(), "s3://ferry/app", SECRET)
+        ),
+    )
+    .unwrap();
+    let rx = receiver(&l, &s3, 1);
+    let cfg = std::fs::read_to_string(&rx).unwrap();
+    std::fs::write(
+        &rx,
+        format!("{cfg}[export]\nto = \"s3://ferry/exports\"\nchanges = true\n"),
+    )
+    .unwrap();
+    ok(&run("ferry-sender", &tx, &["complete"]));
+    ok(&run("ferry-receiver", &rx, &["load"]));
+    let mut app = sqlite(&l.p("app.sqlite3")).await;
+    sqlx::raw_sql(
+        "UPDATE report SET msg = 'changed', updated_at = '2024-06-01 00:00:00' WHERE id = 1",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
+    ok(&run("ferry-sender", &tx, &["partial"]));
+    ok(&run("ferry-receiver", &rx, &["load"]));
+    ok(&run(
+        "ferry-receiver",
+        &rx,
+        &["export", "--to", "s3://ferry/hand/latest"],
+    ));
+
+    // s3s-fs keeps each object as a file under <root>/<bucket>/<key>.
+    let objects = s3.root.path().join("ferry");
+    let mut sets: Vec<PathBuf> = std::fs::read_dir(objects.join("exports"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    sets.sort();
+    sets.push(objects.join("hand/latest"));
+    let names: Vec<String> = sets
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(names[0].ends_with("-000000000001-complete"), "{names:?}");
+    assert!(names[1].ends_with("-000000000002-changes"), "{names:?}");
+    for set in &sets {
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(set.join("_manifest.json")).unwrap()).unwrap();
+        let tables = m["tables"].as_array().unwrap();
+        assert!(!tables.is_empty(), "{m}");
+        for t in tables {
+            let file = std::fs::read(set.join(t["file"].as_str().unwrap())).unwrap();
+            assert_eq!(file.len() as u64, t["bytes"].as_u64().unwrap(), "{t}");
+            assert!(file.starts_with(b"PAR1") && file.ends_with(b"PAR1"), "{t}");
+        }
+    }
+    let changes: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sets[1].join("_manifest.json")).unwrap()).unwrap();
+    assert_eq!(changes["contents"], "changes");
+    let report = changes["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == "report")
+        .unwrap();
+    assert_eq!(report["rows"], 1, "{changes}");
+
+    // Wrong credentials: refused, nothing written, the state directory clean.
+    let bad = std::fs::read_to_string(&rx)
+        .unwrap()
+        .replace("credentials-25", "credentials-5");
+    let _ = s3.section(rx.parent().unwrap(), "s3://ferry/app", "wrong");
+    std::fs::write(&rx, bad).unwrap();
+    let out = run(
+        "ferry-receiver",
+        &rx,
+        &["export", "--to", "s3://ferry/hand/refused"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(!objects.join("hand/refused").exists());
+    let state = rx.parent().unwrap().join("state");
+    assert!(
+        std::fs::read_dir(&state)
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with("export")),
+        "the stage is removed"
+    );
+    eprintln!("{}", text(&out.stderr));
+}
