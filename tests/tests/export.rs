@@ -198,6 +198,39 @@ async fn postgres_tables_as_parquet_read_back_by_pyarrow_and_duckdb() {
         "{d} vs {sum_f}"
     );
     assert_eq!(d[4].as_i64(), Some(n_ts));
+    // And row for row: DuckDB joins the Parquet file with psql's CSV of the
+    // target's table by key; no row may be missing on either side or differ.
+    let csv = dir.path().join("big.csv");
+    let psql = ferry_tests::pg::pg_bin().join("psql");
+    let out = Command::new(&psql)
+        .arg(server.url("viz"))
+        .arg("-c")
+        .arg(format!(
+            "\\copy (SELECT id, t, f, (extract(epoch FROM ts) * 1000000)::bigint FROM big) TO '{}' CSV",
+            csv.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(
+            "import duckdb, sys\n\
+             print(duckdb.sql(f\"SELECT count(*) FILTER (WHERE a.id IS NULL OR b.id IS NULL \
+               OR a.t IS DISTINCT FROM b.t OR a.f IS DISTINCT FROM b.f OR epoch_us(a.ts) IS DISTINCT FROM b.us), \
+               count(*) FROM read_parquet('{sys.argv[1]}') a FULL JOIN read_csv('{sys.argv[2]}', header = false, \
+               columns = {{'id': 'BIGINT', 't': 'VARCHAR', 'f': 'DOUBLE', 'us': 'BIGINT'}}) b USING (id)\").fetchall()[0])",
+        )
+        .arg(to.join("big.parquet"))
+        .arg(&csv)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("(0, {n})"),
+        "rows of big that differ, of all rows"
+    );
 
     // The type zoo, value by value, as docs/analytics.md maps it.
     let z = "zoo.parquet";
