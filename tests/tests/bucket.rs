@@ -80,6 +80,12 @@ impl S3 {
     }
 }
 
+/// Adds `text` at the end of the configuration file `path`.
+fn append(path: &Path, text: &str) {
+    let base = std::fs::read_to_string(path).unwrap();
+    std::fs::write(path, format!("{base}{text}")).unwrap();
+}
+
 /// A receiver of its own (state, inbox, SQLite copy) reading the bucket.
 fn receiver(l: &Lite, s3: &S3, n: u32) -> PathBuf {
     let dir = l.p(&format!("rx{n}"));
@@ -128,14 +134,7 @@ async fn one_sender_three_receivers_through_a_bucket() {
     let l = Lite::new("").await;
     let tx = l.p("sender.toml");
     let base = std::fs::read_to_string(&tx).unwrap();
-    std::fs::write(
-        &tx,
-        format!(
-            "{base}{}",
-            s3.section(l.dir.path(), "s3://ferry/app", SECRET)
-        ),
-    )
-    .unwrap();
+    append(&tx, &s3.section(l.dir.path(), "s3://ferry/app", SECRET));
     let (r1, r2, r3) = (
         receiver(&l, &s3, 1),
         receiver(&l, &s3, 2),
@@ -384,15 +383,13 @@ async fn a_large_complete_goes_up_in_parts() {
     .await
     .unwrap();
     let tx = l.p("sender.toml");
-    let base = std::fs::read_to_string(&tx).unwrap();
-    std::fs::write(
+    append(
         &tx,
-        format!(
-            "{base}[bundle]\nvolume_bytes = 0\n{}",
+        &format!(
+            "[bundle]\nvolume_bytes = 0\n{}",
             s3.section(l.dir.path(), "s3://ferry/big", SECRET)
         ),
-    )
-    .unwrap();
+    );
     let timed = |bin: &str, cfg: &Path, args: &[&str]| {
         Command::new("/usr/bin/time")
             .args(["-f", "maxrss_kib=%M"])
@@ -585,15 +582,7 @@ async fn a_download_cut_off_loses_nothing_and_status_check_metrics_cover_the_buc
     let relay = Relay::start(s3.port);
     let l = Lite::new("").await;
     let tx = l.p("sender.toml");
-    let base = std::fs::read_to_string(&tx).unwrap();
-    std::fs::write(
-        &tx,
-        format!(
-            "{base}{}",
-            s3.section(l.dir.path(), "s3://ferry/app", SECRET)
-        ),
-    )
-    .unwrap();
+    append(&tx, &s3.section(l.dir.path(), "s3://ferry/app", SECRET));
     // The receiver reaches the server through the relay.
     let rx = receiver(&l, &s3, 1);
     let cfg = std::fs::read_to_string(&rx)
@@ -756,22 +745,12 @@ async fn exports_go_into_a_bucket() {
     let s3 = S3::start();
     let l = Lite::new("").await;
     let tx = l.p("sender.toml");
-    let base = std::fs::read_to_string(&tx).unwrap();
-    std::fs::write(
-        &tx,
-        format!(
-            "{base}{}",
-            s3.section(l.dir.path(), "s3://ferry/app", SECRET)
-        ),
-    )
-    .unwrap();
+    append(&tx, &s3.section(l.dir.path(), "s3://ferry/app", SECRET));
     let rx = receiver(&l, &s3, 1);
-    let cfg = std::fs::read_to_string(&rx).unwrap();
-    std::fs::write(
+    append(
         &rx,
-        format!("{cfg}[export]\nto = \"s3://ferry/exports\"\nchanges = true\n"),
-    )
-    .unwrap();
+        "[export]\nto = \"s3://ferry/exports\"\nchanges = true\n",
+    );
     ok(&run("ferry-sender", &tx, &["complete"]));
     ok(&run("ferry-receiver", &rx, &["load"]));
     let mut app = sqlite(&l.p("app.sqlite3")).await;
