@@ -512,6 +512,7 @@ mod tests {
             mtime_ns: None,
             volume: None,
             whole: false,
+            carried: None,
         }
     }
 
@@ -533,6 +534,7 @@ mod tests {
             schema_fingerprint: String::new(),
             tables: vec![],
             watermarks: Default::default(),
+            snapshot_xmin: None,
             volume: None,
             members,
             seal: None,

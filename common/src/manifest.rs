@@ -18,6 +18,12 @@ use std::fmt;
 /// ferry".
 pub const FORMAT: u32 = 4;
 
+/// The format of a complete that carries tables from an earlier one
+/// ([`Member::carried`]): written only then, so that a receiver that cannot
+/// follow a reference refuses the bundle ("upgrade ferry") instead of missing a
+/// table, and every other bundle stays readable by older receivers.
+pub const CARRYING_FORMAT: u32 = 5;
+
 /// The member right after `manifest.json` (format 3 on): the BLAKE3 of
 /// `manifest.json`'s bytes, as hex and a newline, so that a damaged manifest
 /// (which lists every other checksum) cannot pass.
@@ -263,6 +269,29 @@ pub struct Member {
     /// and the receiver deletes the rows it lacks.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub whole: bool,
+    /// In a complete (format 5): this data member is not in this bundle but in
+    /// an earlier complete of the same chain, whose data of the table the
+    /// sender proved unchanged (see [`Carried`]). Path, size, checksum, rows
+    /// and format are the earlier member's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carried: Option<Carried>,
+}
+
+/// Where a carried member's bytes are: the bundle file (in the same directory
+/// as the carrying bundle: the receiver's inbox, or a `--from` directory) that
+/// holds the member under the same path with the same checksum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Carried {
+    /// The complete that dumped the table.
+    pub seq: Seq,
+    /// The file that holds the member: the complete's file, or the volume of
+    /// its set that holds it.
+    pub file: String,
+    /// The oldest transaction that complete's snapshot did not see
+    /// (PostgreSQL's `txid_snapshot_xmin`): a row version from it or any later
+    /// one means the table changed since. The sender's test; informational
+    /// for receivers.
+    pub xmin: u64,
 }
 
 /// A complete large enough to be sent in volumes (so that the receiver can load
@@ -321,6 +350,11 @@ pub struct Manifest {
     /// uses them to recover its state after a crash.
     #[serde(default)]
     pub watermarks: BTreeMap<String, Option<String>>,
+    /// A PostgreSQL complete: the oldest transaction its snapshot did not see
+    /// (see [`Carried::xmin`]), so that a later complete can tell which tables
+    /// certainly did not change since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_xmin: Option<u64>,
     /// Set in every file of a volume set (see [`Volume`]); absent in a bundle
     /// that is one file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -368,6 +402,13 @@ impl Manifest {
             }
         }
         out
+    }
+
+    /// The members this bundle carries from earlier completes.
+    pub fn carried(&self) -> impl Iterator<Item = (&Member, &Carried)> {
+        self.members
+            .iter()
+            .filter_map(|m| m.carried.as_ref().map(|c| (m, c)))
     }
 
     /// Total rows over all data members.

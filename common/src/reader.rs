@@ -10,7 +10,7 @@
 
 use crate::bundle::HashingReader;
 use crate::checksum::Algorithm;
-use crate::manifest::{FORMAT, MANIFEST_SUM, Manifest, Member, OLDEST_FORMAT, Role};
+use crate::manifest::{CARRYING_FORMAT, Kind, MANIFEST_SUM, Manifest, Member, OLDEST_FORMAT, Role};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader, Read};
@@ -95,6 +95,21 @@ pub enum ReadError {
     /// wrong with what is there, so it is not quarantined.
     #[error("{}: {reason}; nothing of it was applied, and it is tried again when more of it arrives", bundle.display())]
     Incomplete { bundle: PathBuf, reason: String },
+    /// A complete carries tables from an earlier complete whose file is not
+    /// beside it: nothing is wrong with either, the history lacks a file.
+    #[error(
+        "{} carries {tables} unchanged from complete #{seq}, whose file {file} is not beside it; \
+         copy that file into {} (from the sender's `sent` directory or a copy of the history), \
+         or have the sender take a full complete (`ferry-sender resync`)",
+        bundle.display(),
+        bundle.parent().map(|p| p.display().to_string()).unwrap_or_default()
+    )]
+    CarriedMissing {
+        bundle: PathBuf,
+        file: String,
+        seq: u64,
+        tables: String,
+    },
 }
 
 /// The error a member consumer returns (inside an `io::Error`) when it stopped
@@ -119,7 +134,9 @@ impl ReadError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            ReadError::Incomplete { .. } | ReadError::Stopped { .. }
+            ReadError::Incomplete { .. }
+                | ReadError::Stopped { .. }
+                | ReadError::CarriedMissing { .. }
         )
     }
 
@@ -200,11 +217,11 @@ fn first_manifest<R: Read>(
         .map_err(|e| ReadError::malformed(bundle, format!("manifest unreadable: {e}")))?;
     let manifest: Manifest = serde_json::from_slice(&json)
         .map_err(|e| ReadError::malformed(bundle, format!("manifest.json: {e}")))?;
-    if !(OLDEST_FORMAT..=FORMAT).contains(&manifest.format) {
+    if !(OLDEST_FORMAT..=CARRYING_FORMAT).contains(&manifest.format) {
         return Err(ReadError::malformed(
             bundle,
             format!(
-                "format {} is not supported (this ferry reads formats {OLDEST_FORMAT} to {FORMAT}); upgrade ferry",
+                "format {} is not supported (this ferry reads formats {OLDEST_FORMAT} to {CARRYING_FORMAT}); upgrade ferry",
                 manifest.format
             ),
         ));
@@ -301,6 +318,9 @@ fn check_members_consistent(bundle: &Path, manifest: &Manifest) -> Result<(), Re
         }
     }
     for m in &manifest.members {
+        if let Some(c) = &m.carried {
+            check_carried(bundle, manifest, m, c)?;
+        }
         if m.role != Role::Data {
             continue;
         }
@@ -323,6 +343,121 @@ fn check_members_consistent(bundle: &Path, manifest: &Manifest) -> Result<(), Re
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// A carried member must point at an earlier complete of the same sender and
+/// chain, by a plain file name, from a complete of the carrying format.
+fn check_carried(
+    bundle: &Path,
+    manifest: &Manifest,
+    m: &Member,
+    c: &crate::manifest::Carried,
+) -> Result<(), ReadError> {
+    let named = crate::manifest::parse_bundle_file_name(&c.file)
+        .or_else(|| crate::manifest::parse_volume_file_name(&c.file).map(|(b, _)| b));
+    let fits = manifest.kind == Kind::Complete
+        && manifest.format >= CARRYING_FORMAT
+        && m.role == Role::Data
+        && m.volume.is_none()
+        && c.seq < manifest.seq
+        && named.is_some_and(|n| {
+            n.sender == manifest.sender_id
+                && n.chain == manifest.chain
+                && n.seq == c.seq
+                && n.kind == Kind::Complete
+        });
+    if fits {
+        Ok(())
+    } else {
+        Err(ReadError::malformed(
+            bundle,
+            format!(
+                "member {} is carried from {:?} (#{}), which is not an earlier complete of this \
+                 sender and chain",
+                m.path, c.file, c.seq
+            ),
+        ))
+    }
+}
+
+/// Hands the members a complete carries from earlier completes to `on_member`,
+/// each verified in its own file: that file's manifest (sum, trust) must be of
+/// the complete named, list the member with the same size and checksum, and
+/// its content must match. Every file is read whole, so it is verified whole.
+fn read_carried(
+    last: &Path,
+    limits: &Limits,
+    manifest: &Manifest,
+    on_member: &mut dyn FnMut(&Member, &mut dyn Read) -> io::Result<()>,
+) -> Result<(), ReadError> {
+    let mut by_file: std::collections::BTreeMap<&str, Vec<&Member>> = Default::default();
+    for (m, c) in manifest.carried() {
+        by_file.entry(c.file.as_str()).or_default().push(m);
+    }
+    for (file, wanted) in by_file {
+        let seq = wanted[0].carried.as_ref().map_or(0, |c| c.seq.0);
+        let path = last.with_file_name(file);
+        if !path.is_file() {
+            let mut tables: Vec<String> = wanted
+                .iter()
+                .filter_map(|m| m.table.as_ref().map(|t| t.to_string()))
+                .collect();
+            tables.dedup();
+            return Err(ReadError::CarriedMissing {
+                bundle: last.to_owned(),
+                file: file.to_owned(),
+                seq,
+                tables: tables.join(", "),
+            });
+        }
+        let held = read_manifest(&path, limits)?;
+        if held.sender_id != manifest.sender_id
+            || held.chain != manifest.chain
+            || held.seq.0 != seq
+            || held.kind != Kind::Complete
+        {
+            return Err(ReadError::malformed(
+                &path,
+                format!(
+                    "{} carries members from it as complete #{seq} of sender {}, but it is {} #{} of {}",
+                    last.display(),
+                    manifest.sender_id,
+                    held.kind,
+                    held.seq,
+                    held.sender_id
+                ),
+            ));
+        }
+        let mut want: HashMap<&str, &Member> = HashMap::new();
+        for m in wanted {
+            let same = held.members.iter().any(|h| {
+                h.path == m.path
+                    && h.volume.is_none()
+                    && h.carried.is_none()
+                    && h.size == m.size
+                    && h.checksum == m.checksum
+                    && h.table == m.table
+                    && h.format == m.format
+            });
+            if !same {
+                return Err(ReadError::malformed(
+                    last,
+                    format!(
+                        "it carries member {} from {file}, which does not hold it with that size \
+                         and checksum",
+                        m.path
+                    ),
+                ));
+            }
+            want.insert(m.path.as_str(), m);
+        }
+        let mut f = |x: &Member, r: &mut dyn Read| match want.remove(x.path.as_str()) {
+            Some(w) => on_member(w, r),
+            None => Ok(()),
+        };
+        read_bundle_file(&path, limits, &mut f)?;
     }
     Ok(())
 }
@@ -388,7 +523,7 @@ fn read_members<R: Read>(
     let here: Vec<&Member> = manifest
         .members
         .iter()
-        .filter(|m| m.volume.is_none())
+        .filter(|m| m.volume.is_none() && m.carried.is_none())
         .collect();
     let mut expected: HashMap<&str, &Member> = here.iter().map(|m| (m.path.as_str(), *m)).collect();
     let listed: std::collections::HashSet<&str> =
@@ -511,10 +646,14 @@ pub fn read_set(
         match (last_manifest, volumes_in_final) {
             (Some(_), Some(0)) if read.is_empty() => {
                 let mut f = |m: &Member, r: &mut dyn Read| on_member(m, r);
-                return read_bundle(last, limits, &mut f);
+                let m = read_bundle(last, limits, &mut f)?;
+                read_carried(last, limits, &m, on_member)?;
+                return Ok(m);
             }
             (Some(m), Some(n)) if n < index as usize => {
-                return read_final(last, limits, m, &read, on_member, on_final);
+                let m = read_final(last, limits, m, &read, on_member, on_final)?;
+                read_carried(last, limits, &m, on_member)?;
+                return Ok(m);
             }
             _ => {}
         }

@@ -19,12 +19,14 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 /// Which inbox entries may go, each with the reason: `ledger_of` per sender,
-/// `base_of` a partial's complete (from its manifest); ages from the files'
-/// modification times.
+/// `base_of` a partial's complete (from its manifest), `carried_of` the
+/// earlier completes a complete carries tables from (they stay as long as it
+/// does); ages from the files' modification times.
 pub fn select<'a>(
     entries: &'a [Entry],
     ledger_of: impl Fn(&str) -> LedgerState,
     base_of: impl Fn(&Entry) -> Option<u64>,
+    carried_of: impl Fn(&Entry) -> Vec<u64>,
     retention: &Retention,
     now: SystemTime,
 ) -> Vec<(&'a Entry, String)> {
@@ -73,9 +75,16 @@ pub fn select<'a>(
                 floor = floor.min(base.unwrap_or(e.seq));
             }
         }
+        // A kept complete keeps the completes it carries tables from (they
+        // hold data, never references: one pass finds them all).
+        let needed: std::collections::HashSet<u64> = applied
+            .iter()
+            .filter(|e| e.chain == l.chain && e.kind == Kind::Complete && e.seq >= floor)
+            .flat_map(|e| carried_of(e))
+            .collect();
         for e in applied {
             if e.chain == l.chain {
-                if e.seq < floor {
+                if e.seq < floor && !needed.contains(&e.seq) {
                     out.push((
                         e,
                         format!(

@@ -97,6 +97,9 @@ pub struct Plan {
     pub point: Manifest,
     /// The complete's manifest: the tables a restore can rebuild.
     pub base: Manifest,
+    /// Files of earlier completes the complete carries unchanged tables from
+    /// (read with it, from the same directory).
+    pub carried: Vec<std::path::PathBuf>,
 }
 
 impl Plan {
@@ -109,6 +112,7 @@ impl Plan {
         self.bundles
             .iter()
             .flat_map(|e| e.files())
+            .chain(self.carried.iter())
             .filter_map(|f| std::fs::metadata(f).ok())
             .map(|m| m.len())
             .sum()
@@ -173,12 +177,14 @@ pub fn plan(dir: &Path, at: &At, sender: Option<&str>) -> Result<Plan, RestoreEr
             Ok(bundles) => {
                 let point = manifest_of(&list[p])?;
                 let base = manifest_of(&bundles[0])?;
+                let carried = carried_files(&bundles[0], &base)?;
                 return Ok(Plan {
                     sender,
                     chain: chain.clone(),
                     bundles,
                     point,
                     base,
+                    carried,
                 });
             }
             Err(why) => refusals.push(why),
@@ -199,6 +205,29 @@ pub fn plan(dir: &Path, at: &At, sender: Option<&str>) -> Result<Plan, RestoreEr
             At::Time(t) => format!("or before {}", t.to_rfc3339()),
         }
     )))
+}
+
+/// The files of earlier completes that complete `e` carries tables from, each
+/// there beside it, or a refusal naming the one missing.
+fn carried_files(e: &Entry, m: &Manifest) -> Result<Vec<std::path::PathBuf>, RestoreError> {
+    let mut files: Vec<(&str, u64)> = m.carried().map(|(_, c)| (c.file.as_str(), c.seq.0)).collect();
+    files.sort_unstable();
+    files.dedup();
+    let mut out = Vec::new();
+    for (file, seq) in files {
+        let path = e.path.with_file_name(file);
+        if !path.is_file() {
+            return Err(RestoreError::Refused(format!(
+                "complete #{} carries tables unchanged from complete #{seq}, whose file {file} is \
+                 not in {}: copy it there (from the sender's `sent` directory or another copy of \
+                 the history) and restore again",
+                e.seq,
+                e.path.parent().map(|p| p.display().to_string()).unwrap_or_default()
+            )));
+        }
+        out.push(path);
+    }
+    Ok(out)
 }
 
 /// The newest bundle of a chain (sorted by seq) reachable from one of its
@@ -433,7 +462,12 @@ pub async fn restore(req: &Request) -> Result<Outcome, RestoreError> {
         seq: plan.seq(),
         kind: plan.point.kind.to_string(),
         source_time: plan.point.created_at.to_rfc3339(),
-        bundles: plan.bundles.iter().map(|e| e.file.clone()).collect(),
+        bundles: plan
+            .carried
+            .iter()
+            .map(|f| format!("{} (carried tables)", f.file_name().unwrap_or_default().to_string_lossy()))
+            .chain(plan.bundles.iter().map(|e| e.file.clone()))
+            .collect(),
         tables: tables.iter().map(|t| t.to_string()).collect(),
         rows,
         bytes: plan.bytes(),

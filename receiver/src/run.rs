@@ -598,10 +598,17 @@ pub async fn prune(
                     .map(|m| m.base_seq.0)
             })
     };
+    // Only a complete's manifest says what it carries (completes are few).
+    let carried_of = |e: &Entry| -> Vec<u64> {
+        read_manifest(e.header_file(), &Limits::default())
+            .map(|m| m.carried().map(|(_, c)| c.seq.0).collect())
+            .unwrap_or_default()
+    };
     let chosen = crate::prune::select(
         &entries,
         |s| ledgers.get(s).cloned().unwrap_or_default(),
         base_of,
+        carried_of,
         &config.retention,
         std::time::SystemTime::now(),
     );

@@ -57,8 +57,14 @@ pub async fn list(config: &Config, target: &mut Target) -> Result<Versions, Load
         // A partial is restorable when it is kept and so is every bundle of
         // its chain back to its complete: the ledger lists a chain's bundles
         // together, in order, so that is the previous point's verdict.
+        // A complete that carries tables needs the files it carries them from.
         let ok = if a.kind == "complete" {
-            kept
+            entry.is_some_and(|e| {
+                read_manifest(e.header_file(), &Limits::default()).is_ok_and(|m| {
+                    m.carried()
+                        .all(|(_, c)| e.path.with_file_name(&c.file).is_file())
+                })
+            })
         } else {
             kept && points
                 .last()

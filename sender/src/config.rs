@@ -183,6 +183,12 @@ pub struct CompleteConfig {
     pub schedule: String,
     /// How a PostgreSQL complete encodes table data.
     pub copy_format: CopyFormat,
+    /// PostgreSQL: a table proved unchanged since the complete that last
+    /// dumped it is carried by reference to that complete's data instead of
+    /// being dumped again, for at most this many completes in a row (then it
+    /// is dumped whole, so a reference never reaches far back). 0 dumps every
+    /// table every time.
+    pub carry_unchanged: u32,
 }
 
 impl Default for CompleteConfig {
@@ -190,6 +196,7 @@ impl Default for CompleteConfig {
         Self {
             schedule: "30 3 * * *".to_owned(),
             copy_format: CopyFormat::Binary,
+            carry_unchanged: 6,
         }
     }
 }

@@ -101,7 +101,7 @@ pub async fn run_sealing(
     sealed: Option<tokio::sync::watch::Sender<u32>>,
 ) -> Result<JobOutcome, JobError> {
     let lock = StateLock::acquire(&config.state_dir)?;
-    run_locked(config, requested, tables, &lock, sealed).await
+    run_locked(config, requested, tables, &lock, sealed, false).await
 }
 
 /// A complete of chosen tables (`ferry-sender complete --table`): it travels
@@ -143,6 +143,42 @@ fn force_whole(tables: &mut [TableMeta], patterns: &[String]) -> Result<Vec<Stri
     Ok(chosen)
 }
 
+/// The tables a complete may carry from the complete that last dumped them
+/// (if the extraction proves them unchanged): described the same, in the
+/// configured COPY format, dumped fewer than `[complete] carry_unchanged`
+/// completes ago.
+async fn carry_candidates(
+    config: &Config,
+    state: &mut State,
+    tables: &[TableMeta],
+) -> Result<std::collections::HashMap<String, Vec<manifest::Member>>, JobError> {
+    let mut out = std::collections::HashMap::new();
+    if config.complete.carry_unchanged == 0 {
+        return Ok(out);
+    }
+    let format = match config.complete.copy_format {
+        crate::config::CopyFormat::Binary => manifest::DataFormat::PgCopyBinary,
+        crate::config::CopyFormat::Text => manifest::DataFormat::PgCopyText,
+    };
+    let homes = state.homes().await?;
+    for t in tables {
+        let Some(home) = homes.get(&t.key()) else {
+            continue;
+        };
+        let Some(seq) = home.members.first().and_then(|m| m.carried.as_ref()).map(|c| c.seq.0)
+        else {
+            continue;
+        };
+        if home.table == t.info
+            && home.members.iter().all(|m| m.format == Some(format) && m.carried.is_some())
+            && state.completes_since(seq).await? < u64::from(config.complete.carry_unchanged)
+        {
+            out.insert(t.key(), home.members.clone());
+        }
+    }
+    Ok(out)
+}
+
 /// Whether a complete was ever taken (partials need one to build on).
 pub async fn has_complete(config: &Config) -> Result<bool, JobError> {
     let mut state = State::open(&config.state_dir).await?;
@@ -162,7 +198,8 @@ pub struct ResyncOutcome {
 /// bundles it supersedes (the receiver would skip them anyway).
 pub async fn resync(config: &Config, wait: std::time::Duration) -> Result<ResyncOutcome, JobError> {
     let lock = StateLock::acquire_waiting(&config.state_dir, wait).await?;
-    let complete = run_locked(config, Kind::Complete, &[], &lock, None).await;
+    // Full: a receiver that needs a resync may lack what a reference points at.
+    let complete = run_locked(config, Kind::Complete, &[], &lock, None, true).await;
     record(config, Kind::Complete, &complete);
     let complete = complete?;
     let seq = complete.seq.unwrap_or(0);
@@ -193,6 +230,7 @@ async fn run_locked(
     only: &[String],
     _lock: &StateLock,
     sealed: Option<tokio::sync::watch::Sender<u32>>,
+    full: bool,
 ) -> Result<JobOutcome, JobError> {
     let started = Instant::now();
     let spinner = ferry_common::service::progress_spinner(format!("taking a {requested}"));
@@ -209,7 +247,7 @@ async fn run_locked(
 
     let mut source = Source::connect(config).await?;
     let mut tables = source.tables(config).await?;
-    let settings = ExtractSettings::from_config(config);
+    let mut settings = ExtractSettings::from_config(config);
     let fingerprint =
         manifest::schema_fingerprint(&tables.iter().map(|t| t.info.clone()).collect::<Vec<_>>());
 
@@ -260,6 +298,9 @@ async fn run_locked(
         source.set_delete_capture(&tables, false).await?;
     }
 
+    if kind == Kind::Complete && !full {
+        settings.carry = std::sync::Arc::new(carry_candidates(config, &mut state, &tables).await?);
+    }
     let seq = state.next_seq().await?;
     let prev_seq = state.last(None).await?.map(|b| Seq(b.seq));
     let base_seq = match kind {
@@ -287,6 +328,7 @@ async fn run_locked(
         schema_fingerprint: fingerprint,
         tables: tables.iter().map(|t: &TableMeta| t.info.clone()).collect(),
         watermarks: Default::default(),
+        snapshot_xmin: None,
         volume: None,
         members: Vec::new(),
         seal: None,
@@ -345,9 +387,25 @@ async fn run_locked(
         });
     }
 
+    let mut members = members;
+    let carried_tables = extracted.carried.iter().filter_map(|m| m.table.clone()).collect::<std::collections::BTreeSet<_>>();
+    members.extend(extracted.carried.iter().cloned());
+    if !carried_tables.is_empty() {
+        note = Some(format!(
+            "{} of {} tables unchanged since the complete that dumped them: carried by reference",
+            carried_tables.len(),
+            tables.len()
+        ));
+    }
     let manifest = Manifest {
+        format: if carried_tables.is_empty() {
+            FORMAT
+        } else {
+            manifest::CARRYING_FORMAT
+        },
         created_at: chrono::Utc::now(),
         watermarks: extracted.watermarks.clone(),
+        snapshot_xmin: extracted.snapshot_xmin,
         volume: assembled.volume(),
         members,
         ..header

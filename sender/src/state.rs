@@ -38,6 +38,57 @@ pub struct BundleRecord {
     pub schema_fingerprint: String,
 }
 
+/// The table homes after complete `manifest` (written as `file`): a table it
+/// dumped lives in it (or the volume of it that holds each member); a table
+/// it carried keeps its earlier home. Only PostgreSQL completes (the ones with
+/// a snapshot horizon) make homes.
+fn homes(manifest: &Manifest, file: &str) -> Vec<(String, Home)> {
+    let Some(xmin) = manifest.snapshot_xmin else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for t in &manifest.tables {
+        let members: Vec<ferry_common::manifest::Member> = manifest
+            .members
+            .iter()
+            .filter(|m| m.role == Role::Data && m.table.as_ref() == Some(&t.name))
+            .map(|m| {
+                let mut m = m.clone();
+                if m.carried.is_none() {
+                    let holder = match m.volume {
+                        Some(k) => ferry_common::manifest::volume_file_name(
+                            &manifest.sender_id,
+                            &manifest.chain,
+                            manifest.seq,
+                            manifest.kind,
+                            k,
+                        ),
+                        None => file.to_owned(),
+                    };
+                    m.carried = Some(ferry_common::manifest::Carried {
+                        seq: manifest.seq,
+                        file: holder,
+                        xmin,
+                    });
+                    m.volume = None;
+                }
+                m
+            })
+            .collect();
+        if members.is_empty() {
+            continue;
+        }
+        out.push((
+            t.name.to_string(),
+            Home {
+                table: t.clone(),
+                members,
+            },
+        ));
+    }
+    out
+}
+
 /// The outcome of the last push.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PushStatus {
@@ -89,8 +140,22 @@ CREATE TABLE IF NOT EXISTS push_status (
 CREATE TABLE IF NOT EXISTS chain (
   id INTEGER PRIMARY KEY CHECK (id = 1),
   chain TEXT NOT NULL);
+-- Where each table's data last went whole (see `Home`): a later complete
+-- that proves a table unchanged carries this instead of dumping it again.
+CREATE TABLE IF NOT EXISTS carry_homes (
+  table_key TEXT PRIMARY KEY,
+  home TEXT NOT NULL);
 PRAGMA user_version = 3;
 ";
+
+/// Where a table's data last went whole: the complete's members of it (each
+/// with the file that holds it) and the table as that complete described it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Home {
+    pub table: ferry_common::manifest::Table,
+    /// The data members, each with `carried` set to where it is.
+    pub members: Vec<ferry_common::manifest::Member>,
+}
 
 impl State {
     /// Opens (creating if needed) the state database in `state_dir`.
@@ -322,6 +387,21 @@ impl State {
                 .await
                 .map_err(err("storing watermarks"))?;
         }
+        if manifest.kind == Kind::Complete {
+            sqlx::query("DELETE FROM carry_homes")
+                .execute(&mut *tx)
+                .await
+                .map_err(err("resetting table homes"))?;
+            for (key, home) in homes(manifest, file) {
+                let json = serde_json::to_string(&home).unwrap_or_default();
+                sqlx::query("INSERT INTO carry_homes (table_key, home) VALUES (?, ?)")
+                    .bind(key)
+                    .bind(json)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err("recording table homes"))?;
+            }
+        }
         for m in manifest.members.iter().filter(|m| m.role == Role::Media) {
             let (Some(set), Some(mtime)) = (&m.media_set, m.mtime_ns) else {
                 continue;
@@ -344,6 +424,31 @@ impl State {
         }
         tx.commit().await.map_err(err("committing a bundle"))?;
         Ok(())
+    }
+
+    /// Where each table's data last went whole (by `schema.table`), as of the
+    /// newest complete.
+    pub async fn homes(&mut self) -> Result<std::collections::HashMap<String, Home>, StateError> {
+        let rows: Vec<(String, String)> = sqlx::query_as("SELECT table_key, home FROM carry_homes")
+            .fetch_all(&mut self.conn)
+            .await
+            .map_err(self.err("reading table homes"))?;
+        // A row this version cannot read is dropped: that table is dumped.
+        Ok(rows
+            .into_iter()
+            .filter_map(|(k, h)| serde_json::from_str(&h).ok().map(|h| (k, h)))
+            .collect())
+    }
+
+    /// How many completes were taken after bundle `seq`.
+    pub async fn completes_since(&mut self, seq: u64) -> Result<u64, StateError> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM bundles WHERE kind = 'complete' AND seq > ?")
+                .bind(seq as i64)
+                .fetch_one(&mut self.conn)
+                .await
+                .map_err(self.err("counting completes"))?;
+        Ok(n as u64)
     }
 
     /// How often bundle `seq` was sent again.

@@ -167,6 +167,10 @@ pub struct ExtractSettings {
     pub jobs: usize,
     /// PostgreSQL completes: binary COPY (else text).
     pub binary_copy: bool,
+    /// PostgreSQL completes: the tables that may be carried from an earlier
+    /// complete if proved unchanged since (by `schema.table`), with the
+    /// members to carry (see `state::Home`). Empty: every table is dumped.
+    pub carry: std::sync::Arc<std::collections::HashMap<String, Vec<manifest::Member>>>,
 }
 
 impl ExtractSettings {
@@ -177,6 +181,7 @@ impl ExtractSettings {
             delete_log_retention: config.partial.delete_log_retention,
             jobs: config.source.jobs,
             binary_copy: config.complete.copy_format == crate::config::CopyFormat::Binary,
+            carry: Default::default(),
         }
     }
 }
@@ -185,6 +190,11 @@ impl ExtractSettings {
 #[derive(Debug, Default)]
 pub struct Extracted {
     pub watermarks: Watermarks,
+    /// A PostgreSQL complete: its snapshot's horizon (see
+    /// `manifest::Manifest::snapshot_xmin`).
+    pub snapshot_xmin: Option<u64>,
+    /// A complete: the members it carries from earlier completes.
+    pub carried: Vec<manifest::Member>,
 }
 
 /// The source database.

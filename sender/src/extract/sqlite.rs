@@ -271,7 +271,10 @@ impl SqliteSource {
             }
         }
         stage_text(stager, "schema/post-data.sql", Role::PostData, post).await?;
-        Ok(Extracted { watermarks })
+        Ok(Extracted {
+            watermarks,
+            ..Default::default()
+        })
     }
 
     /// The watermarks visible in the current snapshot; `previous` where a table
@@ -551,7 +554,10 @@ impl SqliteSource {
             });
             self.export(t, path, sql, deletes, whole, stager).await?;
         }
-        Ok(Extracted { watermarks: next })
+        Ok(Extracted {
+            watermarks: next,
+            ..Default::default()
+        })
     }
 
     pub async fn set_delete_capture(

@@ -245,6 +245,7 @@ pub fn member(path: String, role: ferry_common::manifest::Role) -> Member {
         mtime_ns: None,
         volume: None,
         whole: false,
+        carried: None,
     }
 }
 

@@ -9,7 +9,7 @@ use crate::extract::{
 };
 use ferry_common::TableName;
 use ferry_common::ident::{quote_ident, quote_literal};
-use ferry_common::manifest::{DataFormat, Role};
+use ferry_common::manifest::{DataFormat, Member, Role};
 use futures_util::TryStreamExt;
 use sqlx::postgres::PgConnection;
 use std::collections::{HashSet, VecDeque};
@@ -33,26 +33,42 @@ impl PgSource {
         // Whatever happens inside, the exporting transaction ends here.
         let result = self.complete_in_snapshot(tables, settings, stager).await;
         let ended = crate::extract::end_snapshot(&mut self.conn).await;
-        result?;
+        let (snapshot_xmin, carried) = result?;
         ended?;
         let mut watermarks = Watermarks::new();
         for t in tables.iter().filter(|t| t.change.is_some()) {
             watermarks.insert(t.key(), Some(horizon.clone()));
         }
         watermarks.insert(DELETES_KEY.into(), Some(horizon));
-        Ok(Extracted { watermarks })
+        Ok(Extracted {
+            watermarks,
+            snapshot_xmin: Some(snapshot_xmin),
+            carried,
+        })
     }
 
+    /// Returns the snapshot's horizon and the members carried from earlier
+    /// completes.
     async fn complete_in_snapshot(
         &mut self,
         tables: &[TableMeta],
         settings: &ExtractSettings,
         stager: &Stager,
-    ) -> Result<(), ExtractError> {
+    ) -> Result<(u64, Vec<Member>), ExtractError> {
         let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
             .fetch_one(&mut self.conn)
             .await
             .map_err(ExtractError::db("exporting the snapshot"))?;
+        // The snapshot's horizon (the oldest transaction it does not see) and
+        // its end (the first transaction id it does not know).
+        let (xmin, xmax): (i64, i64) = sqlx::query_as(
+            "SELECT txid_snapshot_xmin(s)::bigint, txid_snapshot_xmax(s)::bigint
+             FROM txid_current_snapshot() s",
+        )
+        .fetch_one(&mut self.conn)
+        .await
+        .map_err(ExtractError::db("reading the snapshot's horizon"))?;
+        let carried = Arc::new(Mutex::new(Vec::new()));
         if !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
             return Err(ExtractError::Selection(format!(
                 "unexpected snapshot id {snapshot:?}"
@@ -87,10 +103,19 @@ impl PgSource {
             let queue = queue.clone();
             let stager = stager.clone();
             let binary = settings.binary_copy;
+            let (carry, carried) = (settings.carry.clone(), carried.clone());
             readers.spawn(async move {
                 loop {
                     let next = queue.lock().map(|mut q| q.pop_front()).ok().flatten();
                     let Some(table) = next else { break };
+                    if let Some(home) = carry.get(&table.key())
+                        && unchanged(&mut conn, &table, home, xmax as u64).await?
+                    {
+                        if let Ok(mut c) = carried.lock() {
+                            c.extend(home.iter().cloned());
+                        }
+                        continue;
+                    }
                     copy_table(&mut conn, &table, &stager, binary).await?;
                 }
                 crate::extract::end_snapshot(&mut conn).await
@@ -101,7 +126,9 @@ impl PgSource {
         }
 
         let sequences = self.sequences(tables).await?;
-        stage_text(stager, "schema/sequences.sql", Role::Sequences, sequences).await
+        stage_text(stager, "schema/sequences.sql", Role::Sequences, sequences).await?;
+        let carried = std::mem::take(&mut *carried.lock().unwrap_or_else(|p| p.into_inner()));
+        Ok((xmin as u64, carried))
     }
 
     /// Runs pg_dump for one section with the exported snapshot, returning its SQL.
@@ -236,6 +263,65 @@ fn plain_sql(dump: &str) -> String {
             _ => format!("{l}\n"),
         })
         .collect()
+}
+
+/// Whether `table` certainly holds, in this snapshot (whose end is `xmax`),
+/// exactly the rows of the earlier complete whose members are `home`.
+///
+/// The test, one scan of the table reading only each row version's `xmin`:
+/// every visible row version was written by a transaction older than the
+/// earlier snapshot's horizon (so it was visible to that snapshot too: it was
+/// committed before it, and is not deleted now), and there are as many as that
+/// complete dumped (so none was deleted since). An insert, an update (a new
+/// version), a delete, a TRUNCATE, a COPY, whatever the session settings or
+/// triggers, leaves a newer `xmin` or a lower count. A 32-bit `xmin` is
+/// widened against `xmax`: exact for every version younger than 2^32
+/// transactions, which all versions the test must catch are (it refuses when
+/// the earlier horizon is 2^31 or more transactions back); a wrongly widened
+/// ancient version can only look newer, never older, than it is.
+async fn unchanged(
+    conn: &mut PgConnection,
+    table: &TableMeta,
+    home: &[Member],
+    xmax: u64,
+) -> Result<bool, ExtractError> {
+    let Some(since) = home.first().and_then(|m| m.carried.as_ref()) else {
+        return Ok(false);
+    };
+    let Some(span) = xmax.checked_sub(since.xmin).filter(|s| *s < 1 << 31) else {
+        return Ok(false);
+    };
+    let rows: u64 = home.iter().filter_map(|m| m.rows).sum();
+    let started = std::time::Instant::now();
+    let sql = format!(
+        "SELECT count(*) AS n,
+                count(*) FILTER (WHERE (($1::bigint - xmin::text::bigint) % 4294967296
+                                         + 4294967296) % 4294967296 <= $2::bigint) AS newer
+         FROM {}",
+        table.info.name.quoted()
+    );
+    let (n, newer): (i64, i64) = sqlx::query_as(q(sql))
+        .bind((xmax % (1 << 32)) as i64)
+        .bind(span as i64)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(ExtractError::db_lazy(&format!("checking {} for changes", table.key())))?;
+    let same = n as u64 == rows && newer == 0;
+    tracing::info!(
+        table = %table.key(),
+        since = since.seq.0,
+        rows = n,
+        newer_versions = newer,
+        carried = same,
+        ms = started.elapsed().as_millis() as u64,
+        "{}",
+        if same {
+            "table unchanged since that complete: carried, not dumped"
+        } else {
+            "table changed since that complete: dumped"
+        }
+    );
+    Ok(same)
 }
 
 /// Bytes after which a table's COPY data continues in a new member (a *part*), so

@@ -64,7 +64,10 @@ impl PgSource {
             out.insert(t.key(), Some(horizon.clone()));
         }
         out.insert(DELETES_KEY.into(), Some(horizon));
-        Ok(Extracted { watermarks: out })
+        Ok(Extracted {
+            watermarks: out,
+            ..Default::default()
+        })
     }
 
     async fn partial_in_snapshot(

@@ -1,0 +1,338 @@
+//! Completes that carry unchanged tables by reference (`[complete]
+//! carry_unchanged`), with the real binaries and a real PostgreSQL server:
+//! which tables a complete carries, that every way of changing a table makes
+//! the next complete dump it (an update, a delete, a delete and an insert that
+//! keep the count, a TRUNCATE and reload, writes with triggers off, a
+//! transaction still open while the previous complete was taken), that the
+//! receiver's copy and every restore equal the source after each complete,
+//! and what happens when the carried-from file is missing or pruned.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use ferry_common::manifest::{Kind, Manifest};
+use ferry_tests::fixtures::{ZOO, ZOO_ROWS};
+use ferry_tests::pg::{PgServer, exec, table_rows};
+use ferry_tests::{binary, bundle_contents, name_in};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// Ten equal tables of 2,000 rows, beside the type zoo.
+fn tables_sql() -> String {
+    let mut sql = String::new();
+    for i in 0..10 {
+        sql.push_str(&format!(
+            "CREATE TABLE t{i} (id int PRIMARY KEY, v text NOT NULL,
+               updated_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO t{i} (id, v) SELECT g, md5(g::text || '{i}') FROM generate_series(1, 2000) g;\n"
+        ));
+    }
+    sql
+}
+
+type Content = BTreeMap<String, Vec<String>>;
+
+struct Site {
+    server: PgServer,
+    dir: tempfile::TempDir,
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+impl Site {
+    async fn new() -> Self {
+        let server = PgServer::start();
+        server
+            .create_db("app", &format!("{ZOO}{ZOO_ROWS}{}", tables_sql()))
+            .await;
+        server.create_db("viz", "").await;
+        let s = Self {
+            server,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        std::fs::create_dir_all(s.path("inbox")).unwrap();
+        // Far more than this test's completes (the limit is tested at the end).
+        s.sender_config("carry_unchanged = 100");
+        std::fs::write(
+            s.path("receiver.toml"),
+            format!(
+                "state_dir = {:?}\ninbox = {:?}\n[target]\nurl = {:?}\n[retention]\n\
+                 keep_completes = 1\ncomplete = \"0s\"\npartial = \"0s\"\n",
+                s.path("rstate"),
+                s.path("inbox"),
+                s.server.url("viz"),
+            ),
+        )
+        .unwrap();
+        s
+    }
+
+    fn sender_config(&self, complete: &str) {
+        std::fs::write(
+            self.path("sender.toml"),
+            format!(
+                "sender_id = \"app\"\nstate_dir = {:?}\n[source]\nurl = {:?}\n[partial]\n\
+                 change_column = \"updated_at\"\n[complete]\n{complete}\n",
+                self.path("sstate"),
+                self.server.url("app"),
+            ),
+        )
+        .unwrap();
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn outbox(&self) -> PathBuf {
+        self.path("sstate/outbox")
+    }
+
+    fn run(&self, bin: &str, config: &str, args: &[&str]) -> Output {
+        Command::new(binary(bin))
+            .arg("--config")
+            .arg(self.path(config))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    }
+
+    /// A sender job (`complete` or `resync`): the complete's seq, manifest
+    /// and file size.
+    fn complete(&self, command: &str) -> (u64, Manifest, u64) {
+        let out = self.run("ferry-sender", "sender.toml", &[command, "--no-push"]);
+        assert!(out.status.success(), "sender {command}: {}", text(&out.stderr));
+        let seq = ferry_tests::outbox_files(&self.outbox())
+            .into_iter()
+            .filter_map(|n| ferry_common::manifest::parse_bundle_file_name(&n))
+            .map(|b| b.seq.0)
+            .max()
+            .unwrap();
+        let path = self.outbox().join(name_in(&self.outbox(), "app", seq, Kind::Complete));
+        let m = bundle_contents(&path).0;
+        (seq, m, std::fs::metadata(&path).unwrap().len())
+    }
+
+    /// Delivers the outbox to the inbox and loads it.
+    fn deliver_and_load(&self) {
+        for f in ferry_tests::outbox_files(&self.outbox()) {
+            let to = self.path("inbox").join(&f);
+            if !to.exists() {
+                std::fs::copy(self.outbox().join(&f), to).unwrap();
+            }
+        }
+        let out = self.run("ferry-receiver", "receiver.toml", &["load"]);
+        assert!(out.status.success(), "load: {}{}", text(&out.stdout), text(&out.stderr));
+    }
+
+    async fn content(&self, db: &str) -> Content {
+        let mut conn = self.server.connect(db).await;
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT format('%I', table_name) FROM information_schema.tables
+             WHERE table_schema = 'public' AND table_type = 'BASE TABLE' ORDER BY 1",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        let mut out = Content::new();
+        for n in names {
+            out.insert(n.clone(), table_rows(&mut conn, &n).await);
+        }
+        out
+    }
+
+    async fn app(&self, sql: &str) {
+        exec(&mut self.server.connect("app").await, sql).await;
+    }
+}
+
+/// The tables a complete carries, and from which seqs.
+fn carried(m: &Manifest) -> BTreeMap<String, u64> {
+    m.carried()
+        .filter_map(|(x, c)| x.table.as_ref().map(|t| (t.name.clone(), c.seq.0)))
+        .collect()
+}
+
+fn all_tables(m: &Manifest) -> BTreeSet<String> {
+    m.tables.iter().map(|t| t.name.name.clone()).collect()
+}
+
+#[tokio::test]
+async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
+    let site = Site::new().await;
+    let (first, m1, full_bytes) = site.complete("complete");
+    assert!(carried(&m1).is_empty(), "the first complete dumps everything");
+    assert_eq!(m1.format, ferry_common::manifest::FORMAT);
+    site.deliver_and_load();
+    let mut recorded = vec![(first, site.content("app").await)];
+
+    // One table of eleven changes: the rest are carried from #first, and the
+    // complete is a fraction of the full one.
+    site.app("UPDATE t3 SET v = 'changed', updated_at = now() WHERE id = 7;")
+        .await;
+    let (second, m2, bytes) = site.complete("complete");
+    let c = carried(&m2);
+    let expect: BTreeSet<String> = all_tables(&m2).into_iter().filter(|t| t != "t3").collect();
+    assert_eq!(c.keys().cloned().collect::<BTreeSet<_>>(), expect);
+    assert!(c.values().all(|s| *s == first), "{c:?}");
+    assert_eq!(m2.format, ferry_common::manifest::CARRYING_FORMAT);
+    assert!(
+        bytes * 5 <= full_bytes,
+        "a complete of 1 changed table in 11 is {bytes} bytes, the full one {full_bytes}"
+    );
+    site.deliver_and_load();
+    recorded.push((second, site.content("app").await));
+    assert_eq!(site.content("viz").await, recorded.last().unwrap().1);
+
+    // Every kind of change is caught; each step changes one table, so the
+    // next complete dumps that one (and t3 again only if it changed).
+    let steps: &[(&str, &str)] = &[
+        ("t5", "DELETE FROM t5 WHERE id = 11;"),
+        (
+            "t6",
+            "SET session_replication_role = replica;
+             UPDATE t6 SET v = 'no triggers' WHERE id = 1;
+             RESET session_replication_role;",
+        ),
+        (
+            "t8",
+            "DELETE FROM t8 WHERE id = 5; INSERT INTO t8 (id, v) VALUES (5000, 'same count');",
+        ),
+        (
+            "t9",
+            "CREATE TABLE keep AS SELECT * FROM t9; TRUNCATE t9;
+             INSERT INTO t9 SELECT * FROM keep; DROP TABLE keep;",
+        ),
+        ("zoo", "UPDATE zoo SET t = 'zoo changed' WHERE id = 1;"),
+    ];
+    for (table, sql) in steps {
+        site.app(sql).await;
+        let (seq, m, _) = site.complete("complete");
+        let c = carried(&m);
+        assert!(!c.contains_key(*table), "#{seq} carried {table} after `{sql}`");
+        assert!(c.contains_key("t0"), "#{seq} dumped the unchanged t0: {c:?}");
+        site.deliver_and_load();
+        recorded.push((seq, site.content("app").await));
+        assert_eq!(site.content("viz").await, recorded.last().unwrap().1, "after #{seq}");
+    }
+
+    // A transaction still open while a complete is taken: its rows are not
+    // in that complete, and the next one must not carry the table.
+    let mut open = site.server.connect("app").await;
+    exec(&mut open, "BEGIN; INSERT INTO t7 (id, v) VALUES (9001, 'late');").await;
+    let (during, m, _) = site.complete("complete");
+    assert!(carried(&m).contains_key("t7"), "t7 had not changed as #{during} saw it");
+    site.deliver_and_load();
+    recorded.push((during, site.content("app").await));
+    exec(&mut open, "COMMIT;").await;
+    drop(open);
+    let (after, m, _) = site.complete("complete");
+    assert!(!carried(&m).contains_key("t7"), "#{after} carried t7 past a late commit");
+    site.deliver_and_load();
+    recorded.push((after, site.content("app").await));
+    assert_eq!(site.content("viz").await, recorded.last().unwrap().1);
+    assert!(
+        site.content("viz").await["t7"].iter().any(|r| r.contains("late")),
+        "the late row reached the copy"
+    );
+
+    // Every complete restores exactly, following its references, from the
+    // sender's directory and from the receiver's history.
+    let from = site.outbox();
+    for (seq, want) in &recorded {
+        let db = format!("r{seq}");
+        site.server.create_db(&db, "").await;
+        let out = site.run(
+            "ferry-receiver",
+            "receiver.toml",
+            &["restore", "--at", &seq.to_string(), "--into", &site.server.url(&db), "--from", from.to_str().unwrap()],
+        );
+        assert!(out.status.success(), "restore #{seq}: {}", text(&out.stderr));
+        assert_eq!(&site.content(&db).await, want, "restore at #{seq}");
+    }
+
+    // Retention keeps the newest complete only, and the completes it carries
+    // from: pruning removes the rest, never those.
+    let newest = site.complete("complete");
+    let carried_from: BTreeSet<u64> = carried(&newest.1).values().copied().collect();
+    assert!(carried_from.contains(&first), "{carried_from:?}");
+    site.deliver_and_load();
+    let out = site.run("ferry-receiver", "receiver.toml", &["prune"]);
+    assert!(out.status.success(), "prune: {}", text(&out.stderr));
+    let kept: BTreeSet<u64> = std::fs::read_dir(site.path("inbox"))
+        .unwrap()
+        .filter_map(|e| ferry_common::manifest::parse_bundle_file_name(&e.unwrap().file_name().to_string_lossy()))
+        .map(|b| b.seq.0)
+        .collect();
+    let mut want = carried_from.clone();
+    want.insert(newest.0);
+    assert_eq!(kept, want, "kept: the newest complete and those it carries from");
+    assert!(want.len() < newest.0 as usize, "nothing to prune: {want:?}");
+    let db = "rnewest";
+    site.server.create_db(db, "").await;
+    let out = site.run("ferry-receiver", "receiver.toml", &["restore", "--into", &site.server.url(db)]);
+    assert!(out.status.success(), "restore after prune: {}", text(&out.stderr));
+    assert_eq!(site.content(db).await, site.content("app").await);
+
+    // The carried-from file missing: a restore from a directory without it
+    // refuses, naming it, and writes nothing; a receiver given the carrying
+    // complete alone applies nothing and says what to copy.
+    let lone = site.path("lone");
+    std::fs::create_dir_all(&lone).unwrap();
+    let newest_name = name_in(&site.outbox(), "app", newest.0, Kind::Complete);
+    std::fs::copy(site.outbox().join(&newest_name), lone.join(&newest_name)).unwrap();
+    let first_name = name_in(&site.outbox(), "app", first, Kind::Complete);
+    site.server.create_db("rlone", "").await;
+    let out = site.run(
+        "ferry-receiver",
+        "receiver.toml",
+        &["restore", "--into", &site.server.url("rlone"), "--from", lone.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains(&first_name), "{}", text(&out.stderr));
+    assert!(site.content("rlone").await.is_empty(), "a refused restore wrote tables");
+    site.server.create_db("fresh", "").await;
+    std::fs::write(
+        site.path("fresh.toml"),
+        format!(
+            "state_dir = {:?}\ninbox = {:?}\n[target]\nurl = {:?}\n",
+            site.path("fstate"),
+            lone,
+            site.server.url("fresh")
+        ),
+    )
+    .unwrap();
+    let out = site.run("ferry-receiver", "fresh.toml", &["load"]);
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains(&first_name) && said.contains("resync"), "{said}");
+    assert!(site.content("fresh").await.is_empty(), "{said}");
+    assert!(lone.join(&newest_name).exists(), "the complete was quarantined: {said}");
+    // Copying the files in is the fix.
+    for seq in &carried_from {
+        let name = name_in(&site.outbox(), "app", *seq, Kind::Complete);
+        std::fs::copy(site.outbox().join(&name), lone.join(&name)).unwrap();
+    }
+    let out = site.run("ferry-receiver", "fresh.toml", &["load"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(site.content("fresh").await, site.content("app").await);
+
+    // A resync is always full; so is every complete with carrying off, and a
+    // table is dumped again after `carry_unchanged` completes.
+    let (_, m, _) = site.complete("resync");
+    assert!(carried(&m).is_empty(), "a resync carried {:?}", carried(&m));
+    site.sender_config("carry_unchanged = 2");
+    let (a, m, _) = site.complete("complete");
+    assert!(carried(&m).contains_key("t0"));
+    let (_, m, _) = site.complete("complete");
+    assert!(carried(&m).contains_key("t0"));
+    let (_, m, _) = site.complete("complete");
+    assert!(carried(&m).is_empty(), "carried past 2 completes after #{}: {:?}", a - 1, carried(&m));
+    site.sender_config("carry_unchanged = 0");
+    let (_, m, _) = site.complete("complete");
+    assert!(carried(&m).is_empty());
+    assert_eq!(m.format, ferry_common::manifest::FORMAT);
+}
