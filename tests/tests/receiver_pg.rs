@@ -662,7 +662,13 @@ async fn pruning_keeps_the_newest_complete_and_anything_unapplied() {
     .await;
     let mut src = p.server.connect("app").await;
     let c1 = p.send("complete");
-    exec(&mut src, "INSERT INTO parent (id) VALUES (7)").await;
+    // Both tables change, so the next complete dumps both and needs nothing
+    // of c1 (a complete that carries tables keeps their complete: carry.rs).
+    exec(
+        &mut src,
+        "INSERT INTO parent (id) VALUES (7); INSERT INTO child (id, parent_id) VALUES (70, 7)",
+    )
+    .await;
     let p2 = p.send("partial");
     for f in [&c1, &p2] {
         p.deliver(f);
@@ -714,7 +720,13 @@ async fn pruning_keeps_what_points_inside_the_lifetime_build_on() {
     .await;
     let mut src = p.server.connect("app").await;
     let c1 = p.send("complete");
-    exec(&mut src, "INSERT INTO parent (id) VALUES (7)").await;
+    // Both tables change, so the next complete dumps both and needs nothing
+    // of c1 (a complete that carries tables keeps their complete: carry.rs).
+    exec(
+        &mut src,
+        "INSERT INTO parent (id) VALUES (7); INSERT INTO child (id, parent_id) VALUES (70, 7)",
+    )
+    .await;
     let p2 = p.send("partial");
     for f in [&c1, &p2] {
         p.deliver(f);
