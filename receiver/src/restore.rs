@@ -210,7 +210,10 @@ pub fn plan(dir: &Path, at: &At, sender: Option<&str>) -> Result<Plan, RestoreEr
 /// The files of earlier completes that complete `e` carries tables from, each
 /// there beside it, or a refusal naming the one missing.
 fn carried_files(e: &Entry, m: &Manifest) -> Result<Vec<std::path::PathBuf>, RestoreError> {
-    let mut files: Vec<(&str, u64)> = m.carried().map(|(_, c)| (c.file.as_str(), c.seq.0)).collect();
+    let mut files: Vec<(&str, u64)> = m
+        .carried()
+        .map(|(_, c)| (c.file.as_str(), c.seq.0))
+        .collect();
     files.sort_unstable();
     files.dedup();
     let mut out = Vec::new();
@@ -222,7 +225,10 @@ fn carried_files(e: &Entry, m: &Manifest) -> Result<Vec<std::path::PathBuf>, Res
                  not in {}: copy it there (from the sender's `sent` directory or another copy of \
                  the history) and restore again",
                 e.seq,
-                e.path.parent().map(|p| p.display().to_string()).unwrap_or_default()
+                e.path
+                    .parent()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
             )));
         }
         out.push(path);
@@ -465,7 +471,12 @@ pub async fn restore(req: &Request) -> Result<Outcome, RestoreError> {
         bundles: plan
             .carried
             .iter()
-            .map(|f| format!("{} (carried tables)", f.file_name().unwrap_or_default().to_string_lossy()))
+            .map(|f| {
+                format!(
+                    "{} (carried tables)",
+                    f.file_name().unwrap_or_default().to_string_lossy()
+                )
+            })
             .chain(plan.bundles.iter().map(|e| e.file.clone()))
             .collect(),
         tables: tables.iter().map(|t| t.to_string()).collect(),

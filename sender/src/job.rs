@@ -165,12 +165,19 @@ async fn carry_candidates(
         let Some(home) = homes.get(&t.key()) else {
             continue;
         };
-        let Some(seq) = home.members.first().and_then(|m| m.carried.as_ref()).map(|c| c.seq.0)
+        let Some(seq) = home
+            .members
+            .first()
+            .and_then(|m| m.carried.as_ref())
+            .map(|c| c.seq.0)
         else {
             continue;
         };
         if home.table == t.info
-            && home.members.iter().all(|m| m.format == Some(format) && m.carried.is_some())
+            && home
+                .members
+                .iter()
+                .all(|m| m.format == Some(format) && m.carried.is_some())
             && state.completes_since(seq).await? < u64::from(config.complete.carry_unchanged)
         {
             out.insert(t.key(), home.members.clone());
@@ -388,7 +395,11 @@ async fn run_locked(
     }
 
     let mut members = members;
-    let carried_tables = extracted.carried.iter().filter_map(|m| m.table.clone()).collect::<std::collections::BTreeSet<_>>();
+    let carried_tables = extracted
+        .carried
+        .iter()
+        .filter_map(|m| m.table.clone())
+        .collect::<std::collections::BTreeSet<_>>();
     members.extend(extracted.carried.iter().cloned());
     if !carried_tables.is_empty() {
         note = Some(format!(

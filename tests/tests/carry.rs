@@ -104,14 +104,20 @@ impl Site {
     /// and file size.
     fn complete(&self, command: &str) -> (u64, Manifest, u64) {
         let out = self.run("ferry-sender", "sender.toml", &[command, "--no-push"]);
-        assert!(out.status.success(), "sender {command}: {}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "sender {command}: {}",
+            text(&out.stderr)
+        );
         let seq = ferry_tests::outbox_files(&self.outbox())
             .into_iter()
             .filter_map(|n| ferry_common::manifest::parse_bundle_file_name(&n))
             .map(|b| b.seq.0)
             .max()
             .unwrap();
-        let path = self.outbox().join(name_in(&self.outbox(), "app", seq, Kind::Complete));
+        let path = self
+            .outbox()
+            .join(name_in(&self.outbox(), "app", seq, Kind::Complete));
         let m = bundle_contents(&path).0;
         (seq, m, std::fs::metadata(&path).unwrap().len())
     }
@@ -125,7 +131,12 @@ impl Site {
             }
         }
         let out = self.run("ferry-receiver", "receiver.toml", &["load"]);
-        assert!(out.status.success(), "load: {}{}", text(&out.stdout), text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "load: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
     }
 
     async fn content(&self, db: &str) -> Content {
@@ -164,7 +175,10 @@ fn all_tables(m: &Manifest) -> BTreeSet<String> {
 async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
     let site = Site::new().await;
     let (first, m1, full_bytes) = site.complete("complete");
-    assert!(carried(&m1).is_empty(), "the first complete dumps everything");
+    assert!(
+        carried(&m1).is_empty(),
+        "the first complete dumps everything"
+    );
     assert_eq!(m1.format, ferry_common::manifest::FORMAT);
     site.deliver_and_load();
     let mut recorded = vec![(first, site.content("app").await)];
@@ -212,30 +226,52 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
         site.app(sql).await;
         let (seq, m, _) = site.complete("complete");
         let c = carried(&m);
-        assert!(!c.contains_key(*table), "#{seq} carried {table} after `{sql}`");
-        assert!(c.contains_key("t0"), "#{seq} dumped the unchanged t0: {c:?}");
+        assert!(
+            !c.contains_key(*table),
+            "#{seq} carried {table} after `{sql}`"
+        );
+        assert!(
+            c.contains_key("t0"),
+            "#{seq} dumped the unchanged t0: {c:?}"
+        );
         site.deliver_and_load();
         recorded.push((seq, site.content("app").await));
-        assert_eq!(site.content("viz").await, recorded.last().unwrap().1, "after #{seq}");
+        assert_eq!(
+            site.content("viz").await,
+            recorded.last().unwrap().1,
+            "after #{seq}"
+        );
     }
 
     // A transaction still open while a complete is taken: its rows are not
     // in that complete, and the next one must not carry the table.
     let mut open = site.server.connect("app").await;
-    exec(&mut open, "BEGIN; INSERT INTO t7 (id, v) VALUES (9001, 'late');").await;
+    exec(
+        &mut open,
+        "BEGIN; INSERT INTO t7 (id, v) VALUES (9001, 'late');",
+    )
+    .await;
     let (during, m, _) = site.complete("complete");
-    assert!(carried(&m).contains_key("t7"), "t7 had not changed as #{during} saw it");
+    assert!(
+        carried(&m).contains_key("t7"),
+        "t7 had not changed as #{during} saw it"
+    );
     site.deliver_and_load();
     recorded.push((during, site.content("app").await));
     exec(&mut open, "COMMIT;").await;
     drop(open);
     let (after, m, _) = site.complete("complete");
-    assert!(!carried(&m).contains_key("t7"), "#{after} carried t7 past a late commit");
+    assert!(
+        !carried(&m).contains_key("t7"),
+        "#{after} carried t7 past a late commit"
+    );
     site.deliver_and_load();
     recorded.push((after, site.content("app").await));
     assert_eq!(site.content("viz").await, recorded.last().unwrap().1);
     assert!(
-        site.content("viz").await["t7"].iter().any(|r| r.contains("late")),
+        site.content("viz").await["t7"]
+            .iter()
+            .any(|r| r.contains("late")),
         "the late row reached the copy"
     );
 
@@ -248,9 +284,21 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
         let out = site.run(
             "ferry-receiver",
             "receiver.toml",
-            &["restore", "--at", &seq.to_string(), "--into", &site.server.url(&db), "--from", from.to_str().unwrap()],
+            &[
+                "restore",
+                "--at",
+                &seq.to_string(),
+                "--into",
+                &site.server.url(&db),
+                "--from",
+                from.to_str().unwrap(),
+            ],
         );
-        assert!(out.status.success(), "restore #{seq}: {}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "restore #{seq}: {}",
+            text(&out.stderr)
+        );
         assert_eq!(&site.content(&db).await, want, "restore at #{seq}");
     }
 
@@ -264,17 +312,32 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
     assert!(out.status.success(), "prune: {}", text(&out.stderr));
     let kept: BTreeSet<u64> = std::fs::read_dir(site.path("inbox"))
         .unwrap()
-        .filter_map(|e| ferry_common::manifest::parse_bundle_file_name(&e.unwrap().file_name().to_string_lossy()))
+        .filter_map(|e| {
+            ferry_common::manifest::parse_bundle_file_name(
+                &e.unwrap().file_name().to_string_lossy(),
+            )
+        })
         .map(|b| b.seq.0)
         .collect();
     let mut want = carried_from.clone();
     want.insert(newest.0);
-    assert_eq!(kept, want, "kept: the newest complete and those it carries from");
+    assert_eq!(
+        kept, want,
+        "kept: the newest complete and those it carries from"
+    );
     assert!(want.len() < newest.0 as usize, "nothing to prune: {want:?}");
     let db = "rnewest";
     site.server.create_db(db, "").await;
-    let out = site.run("ferry-receiver", "receiver.toml", &["restore", "--into", &site.server.url(db)]);
-    assert!(out.status.success(), "restore after prune: {}", text(&out.stderr));
+    let out = site.run(
+        "ferry-receiver",
+        "receiver.toml",
+        &["restore", "--into", &site.server.url(db)],
+    );
+    assert!(
+        out.status.success(),
+        "restore after prune: {}",
+        text(&out.stderr)
+    );
     assert_eq!(site.content(db).await, site.content("app").await);
 
     // The carried-from file missing: a restore from a directory without it
@@ -289,11 +352,24 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
     let out = site.run(
         "ferry-receiver",
         "receiver.toml",
-        &["restore", "--into", &site.server.url("rlone"), "--from", lone.to_str().unwrap()],
+        &[
+            "restore",
+            "--into",
+            &site.server.url("rlone"),
+            "--from",
+            lone.to_str().unwrap(),
+        ],
     );
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains(&first_name), "{}", text(&out.stderr));
-    assert!(site.content("rlone").await.is_empty(), "a refused restore wrote tables");
+    assert!(
+        text(&out.stderr).contains(&first_name),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        site.content("rlone").await.is_empty(),
+        "a refused restore wrote tables"
+    );
     site.server.create_db("fresh", "").await;
     std::fs::write(
         site.path("fresh.toml"),
@@ -308,9 +384,15 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
     let out = site.run("ferry-receiver", "fresh.toml", &["load"]);
     let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert!(!out.status.success(), "{said}");
-    assert!(said.contains(&first_name) && said.contains("resync"), "{said}");
+    assert!(
+        said.contains(&first_name) && said.contains("resync"),
+        "{said}"
+    );
     assert!(site.content("fresh").await.is_empty(), "{said}");
-    assert!(lone.join(&newest_name).exists(), "the complete was quarantined: {said}");
+    assert!(
+        lone.join(&newest_name).exists(),
+        "the complete was quarantined: {said}"
+    );
     // Copying the files in is the fix.
     for seq in &carried_from {
         let name = name_in(&site.outbox(), "app", *seq, Kind::Complete);
@@ -330,9 +412,59 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
     let (_, m, _) = site.complete("complete");
     assert!(carried(&m).contains_key("t0"));
     let (_, m, _) = site.complete("complete");
-    assert!(carried(&m).is_empty(), "carried past 2 completes after #{}: {:?}", a - 1, carried(&m));
+    assert!(
+        carried(&m).is_empty(),
+        "carried past 2 completes after #{}: {:?}",
+        a - 1,
+        carried(&m)
+    );
     site.sender_config("carry_unchanged = 0");
     let (_, m, _) = site.complete("complete");
     assert!(carried(&m).is_empty());
     assert_eq!(m.format, ferry_common::manifest::FORMAT);
+}
+
+/// A complete in volumes: each carried member points at the volume that
+/// holds it, and the receiver and a restore read it from there.
+#[tokio::test]
+async fn members_carried_from_volumes() {
+    let site = Site::new().await;
+    site.sender_config("carry_unchanged = 100\n[bundle]\nvolume_bytes = 1");
+    let (first, m1, _) = site.complete("complete");
+    assert!(m1.volume.is_some(), "the first complete is not in volumes");
+    site.deliver_and_load();
+    site.app("UPDATE t3 SET v = 'changed', updated_at = now() WHERE id = 7;")
+        .await;
+    let (second, m2, _) = site.complete("complete");
+    let files: BTreeSet<String> = m2.carried().map(|(_, c)| c.file.clone()).collect();
+    assert!(
+        !files.is_empty() && !carried(&m2).contains_key("t3"),
+        "{files:?}"
+    );
+    assert!(
+        files
+            .iter()
+            .all(|f| f.contains(&format!("{first:012}-complete.")))
+            && files.iter().any(|f| f.contains(".v0")),
+        "carried from the volumes (and the final file) of #{first}: {files:?}"
+    );
+    site.deliver_and_load();
+    let want = site.content("app").await;
+    assert_eq!(site.content("viz").await, want);
+    site.server.create_db("r", "").await;
+    let out = site.run(
+        "ferry-receiver",
+        "receiver.toml",
+        &[
+            "restore",
+            "--at",
+            &second.to_string(),
+            "--into",
+            &site.server.url("r"),
+            "--from",
+            site.outbox().to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(site.content("r").await, want);
 }

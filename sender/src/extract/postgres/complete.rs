@@ -305,7 +305,10 @@ async fn unchanged(
         .bind(span as i64)
         .fetch_one(&mut *conn)
         .await
-        .map_err(ExtractError::db_lazy(&format!("checking {} for changes", table.key())))?;
+        .map_err(ExtractError::db_lazy(&format!(
+            "checking {} for changes",
+            table.key()
+        )))?;
     let same = n as u64 == rows && newer == 0;
     tracing::info!(
         table = %table.key(),
