@@ -56,6 +56,8 @@ RUST_LOG=warn "$sender" --config "$work/carry.toml" complete --no-push >/dev/nul
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 newest() { ls -t "$1"/*-complete.tar.zst | head -1; }
+# Every file of the newest complete (a large one is a volume set).
+files_of_newest() { local f; f=$(newest "$1"); ls "${f%.tar.zst}".*tar.zst; }
 full_s=(); carry_s=(); full_b=(); carry_b=()
 for i in $(seq "$RUNS"); do
   "${psql[@]}" -d src -c "UPDATE t$((i % TABLES)) SET label = 'round $i', updated_at = now() WHERE id = $i" -c CHECKPOINT
@@ -63,15 +65,16 @@ for i in $(seq "$RUNS"); do
     s=$(date +%s.%N)
     RUST_LOG=warn "$sender" --config "$work/$kind.toml" complete --no-push >/dev/null
     e=$(echo "$(date +%s.%N) - $s" | bc)
-    b=$(stat -c %s "$(newest "$work/$kind-state/outbox")")
+    b=$(files_of_newest "$work/$kind-state/outbox" | xargs stat -c %s | paste -sd+ | bc)
     if [ $kind = full ]; then full_s+=("$e"); full_b+=("$b"); else carry_s+=("$e"); carry_b+=("$b"); fi
   done
   # Only the newest full complete is kept (disk); the carrying sender keeps
   # its history (its completes carry from the first).
-  ls -t "$work/full-state/outbox"/*-complete.tar.zst | tail -n +2 | xargs -r rm -f
+  keep=$(files_of_newest "$work/full-state/outbox")
+  for f in "$work/full-state/outbox"/*.tar.zst; do grep -qxF "$f" <<<"$keep" || rm -f "$f"; done
 done
 # Both newest completes load into copies equal to the source.
-cp "$(newest "$work/full-state/outbox")" "$work/full-inbox/"
+cp $(files_of_newest "$work/full-state/outbox") "$work/full-inbox/"
 cp "$work/carry-state/outbox"/*.tar.zst "$work/carry-inbox/"
 for kind in full carry; do
   s=$(date +%s.%N)
