@@ -145,6 +145,10 @@ CREATE TABLE IF NOT EXISTS chain (
 CREATE TABLE IF NOT EXISTS carry_homes (
   table_key TEXT PRIMARY KEY,
   home TEXT NOT NULL);
+-- The statistics' change counters at the newest complete: a hint only.
+CREATE TABLE IF NOT EXISTS change_counters (
+  table_key TEXT PRIMARY KEY,
+  n INTEGER NOT NULL);
 PRAGMA user_version = 3;
 ";
 
@@ -438,6 +442,48 @@ impl State {
             .into_iter()
             .filter_map(|(k, h)| serde_json::from_str(&h).ok().map(|h| (k, h)))
             .collect())
+    }
+
+    /// The change counters recorded at the newest complete.
+    pub async fn change_counters(
+        &mut self,
+    ) -> Result<std::collections::HashMap<String, i64>, StateError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT table_key, n FROM change_counters")
+            .fetch_all(&mut self.conn)
+            .await
+            .map_err(self.err("reading change counters"))?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Replaces the recorded change counters.
+    pub async fn set_change_counters(
+        &mut self,
+        counters: &std::collections::HashMap<String, i64>,
+    ) -> Result<(), StateError> {
+        let mut tx = self.conn.begin().await.map_err(|source| StateError {
+            path: self.path.clone(),
+            doing: "recording change counters",
+            source,
+        })?;
+        let path = self.path.clone();
+        let err = |source| StateError {
+            path: path.clone(),
+            doing: "recording change counters",
+            source,
+        };
+        sqlx::query("DELETE FROM change_counters")
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        for (k, n) in counters {
+            sqlx::query("INSERT INTO change_counters (table_key, n) VALUES (?, ?)")
+                .bind(k)
+                .bind(n)
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?;
+        }
+        tx.commit().await.map_err(err)
     }
 
     /// How many completes were taken after bundle `seq`.

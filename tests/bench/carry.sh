@@ -7,7 +7,8 @@
 # rounds): wall time and bundle bytes of each, medians of $RUNS rounds, and
 # the ratios. Both bundles are then loaded into two receivers' databases and
 # compared with the source.
-# Usage: bash tests/bench/carry.sh   (TABLES=10 TROWS=1000000 RUNS=3)
+# Usage: bash tests/bench/carry.sh   (TABLES=10 TROWS=1000000 RUNS=3;
+#        STEPS_LOG=/tmp/steps.log keeps the senders' info logs)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source tests/needs.sh
@@ -58,12 +59,13 @@ median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 newest() { ls -t "$1"/*-complete.tar.zst | head -1; }
 # Every file of the newest complete (a large one is a volume set).
 files_of_newest() { local f; f=$(newest "$1"); ls "${f%.tar.zst}".*tar.zst; }
-full_s=(); carry_s=(); full_b=(); carry_b=()
+full_s=(); carry_s=(); full_b=(); carry_b=(); level=warn; [ -n "${STEPS_LOG:-}" ] && level=info
 for i in $(seq "$RUNS"); do
   "${psql[@]}" -d src -c "UPDATE t$((i % TABLES)) SET label = 'round $i', updated_at = now() WHERE id = $i" -c CHECKPOINT
   for kind in full carry; do
     s=$(date +%s.%N)
-    RUST_LOG=warn "$sender" --config "$work/$kind.toml" complete --no-push >/dev/null
+    RUST_LOG=$level "$sender" --config "$work/$kind.toml" complete --no-push \
+      >/dev/null 2>>"${STEPS_LOG:-/dev/stderr}"
     e=$(echo "$(date +%s.%N) - $s" | bc)
     b=$(files_of_newest "$work/$kind-state/outbox" | xargs stat -c %s | paste -sd+ | bc)
     if [ $kind = full ]; then full_s+=("$e"); full_b+=("$b"); else carry_s+=("$e"); carry_b+=("$b"); fi

@@ -35,6 +35,8 @@ type Content = BTreeMap<String, Vec<String>>;
 struct Site {
     server: PgServer,
     dir: tempfile::TempDir,
+    /// The last sender job's log.
+    log: std::sync::Mutex<String>,
 }
 
 fn text(b: &[u8]) -> String {
@@ -51,6 +53,7 @@ impl Site {
         let s = Self {
             server,
             dir: tempfile::tempdir().unwrap(),
+            log: Default::default(),
         };
         std::fs::create_dir_all(s.path("inbox")).unwrap();
         // Far more than this test's completes (the limit is tested at the end).
@@ -101,14 +104,28 @@ impl Site {
     }
 
     /// A sender job (`complete` or `resync`): the complete's seq, manifest
-    /// and file size.
-    fn complete(&self, command: &str) -> (u64, Manifest, u64) {
-        let out = self.run("ferry-sender", "sender.toml", &[command, "--no-push"]);
+    /// and file size. The statistics are reset first, so that their change
+    /// counters (a hint that dumps a table without testing it) say nothing
+    /// and every carry is decided by the test itself.
+    async fn complete(&self, command: &str) -> (u64, Manifest, u64) {
+        exec(
+            &mut self.server.connect("app").await,
+            "SELECT pg_stat_reset()",
+        )
+        .await;
+        let out = Command::new(binary("ferry-sender"))
+            .arg("--config")
+            .arg(self.path("sender.toml"))
+            .args([command, "--no-push"])
+            .env("RUST_LOG", "warn,ferry_sender::extract=info")
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "sender {command}: {}",
             text(&out.stderr)
         );
+        *self.log.lock().unwrap() = text(&out.stderr);
         let seq = ferry_tests::outbox_files(&self.outbox())
             .into_iter()
             .filter_map(|n| ferry_common::manifest::parse_bundle_file_name(&n))
@@ -174,7 +191,7 @@ fn all_tables(m: &Manifest) -> BTreeSet<String> {
 #[tokio::test]
 async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
     let site = Site::new().await;
-    let (first, m1, full_bytes) = site.complete("complete");
+    let (first, m1, full_bytes) = site.complete("complete").await;
     assert!(
         carried(&m1).is_empty(),
         "the first complete dumps everything"
@@ -187,7 +204,7 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
     // complete is a fraction of the full one.
     site.app("UPDATE t3 SET v = 'changed', updated_at = now() WHERE id = 7;")
         .await;
-    let (second, m2, bytes) = site.complete("complete");
+    let (second, m2, bytes) = site.complete("complete").await;
     let c = carried(&m2);
     let expect: BTreeSet<String> = all_tables(&m2).into_iter().filter(|t| t != "t3").collect();
     assert_eq!(c.keys().cloned().collect::<BTreeSet<_>>(), expect);
@@ -224,11 +241,19 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
     ];
     for (table, sql) in steps {
         site.app(sql).await;
-        let (seq, m, _) = site.complete("complete");
+        let (seq, m, _) = site.complete("complete").await;
         let c = carried(&m);
         assert!(
             !c.contains_key(*table),
             "#{seq} carried {table} after `{sql}`"
+        );
+        // The test itself found the change (the statistics were reset).
+        let log = site.log.lock().unwrap().clone();
+        assert!(
+            log.contains(&format!(
+                "table changed since that complete: dumped table=public.{table} "
+            )),
+            "{log}"
         );
         assert!(
             c.contains_key("t0"),
@@ -251,7 +276,7 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
         "BEGIN; INSERT INTO t7 (id, v) VALUES (9001, 'late');",
     )
     .await;
-    let (during, m, _) = site.complete("complete");
+    let (during, m, _) = site.complete("complete").await;
     assert!(
         carried(&m).contains_key("t7"),
         "t7 had not changed as #{during} saw it"
@@ -260,10 +285,17 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
     recorded.push((during, site.content("app").await));
     exec(&mut open, "COMMIT;").await;
     drop(open);
-    let (after, m, _) = site.complete("complete");
+    let (after, m, _) = site.complete("complete").await;
     assert!(
         !carried(&m).contains_key("t7"),
         "#{after} carried t7 past a late commit"
+    );
+    assert!(
+        site.log
+            .lock()
+            .unwrap()
+            .contains("table changed since that complete: dumped table=public.t7 "),
+        "the late commit was found by the test itself"
     );
     site.deliver_and_load();
     recorded.push((after, site.content("app").await));
@@ -304,7 +336,7 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
 
     // Retention keeps the newest complete only, and the completes it carries
     // from: pruning removes the rest, never those.
-    let newest = site.complete("complete");
+    let newest = site.complete("complete").await;
     let carried_from: BTreeSet<u64> = carried(&newest.1).values().copied().collect();
     assert!(carried_from.contains(&first), "{carried_from:?}");
     site.deliver_and_load();
@@ -404,14 +436,14 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
 
     // A resync is always full; so is every complete with carrying off, and a
     // table is dumped again after `carry_unchanged` completes.
-    let (_, m, _) = site.complete("resync");
+    let (_, m, _) = site.complete("resync").await;
     assert!(carried(&m).is_empty(), "a resync carried {:?}", carried(&m));
     site.sender_config("carry_unchanged = 2");
-    let (a, m, _) = site.complete("complete");
+    let (a, m, _) = site.complete("complete").await;
     assert!(carried(&m).contains_key("t0"));
-    let (_, m, _) = site.complete("complete");
+    let (_, m, _) = site.complete("complete").await;
     assert!(carried(&m).contains_key("t0"));
-    let (_, m, _) = site.complete("complete");
+    let (_, m, _) = site.complete("complete").await;
     assert!(
         carried(&m).is_empty(),
         "carried past 2 completes after #{}: {:?}",
@@ -419,7 +451,7 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
         carried(&m)
     );
     site.sender_config("carry_unchanged = 0");
-    let (_, m, _) = site.complete("complete");
+    let (_, m, _) = site.complete("complete").await;
     assert!(carried(&m).is_empty());
     assert_eq!(m.format, ferry_common::manifest::FORMAT);
 }
@@ -430,12 +462,12 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
 async fn members_carried_from_volumes() {
     let site = Site::new().await;
     site.sender_config("carry_unchanged = 100\n[bundle]\nvolume_bytes = 1");
-    let (first, m1, _) = site.complete("complete");
+    let (first, m1, _) = site.complete("complete").await;
     assert!(m1.volume.is_some(), "the first complete is not in volumes");
     site.deliver_and_load();
     site.app("UPDATE t3 SET v = 'changed', updated_at = now() WHERE id = 7;")
         .await;
-    let (second, m2, _) = site.complete("complete");
+    let (second, m2, _) = site.complete("complete").await;
     let files: BTreeSet<String> = m2.carried().map(|(_, c)| c.file.clone()).collect();
     assert!(
         !files.is_empty() && !carried(&m2).contains_key("t3"),

@@ -293,6 +293,21 @@ impl Source {
         }
     }
 
+    /// PostgreSQL: per table (`schema.table`), the statistics system's count
+    /// of rows inserted, updated and deleted. Not transactional and reset by a
+    /// crash or `pg_stat_reset`: only a hint that a table changed (a complete
+    /// dumps such a table without testing it; see `state::Home`). Empty for
+    /// SQLite.
+    pub async fn change_counters(
+        &mut self,
+        tables: &[TableMeta],
+    ) -> Result<std::collections::HashMap<String, i64>, ExtractError> {
+        match self {
+            Source::Postgres(s) => s.change_counters(tables).await,
+            Source::Sqlite(_) => Ok(Default::default()),
+        }
+    }
+
     /// Installs (or, when `enabled` is false, removes) the delete-capture triggers.
     pub async fn set_delete_capture(
         &mut self,

@@ -85,9 +85,16 @@ impl PgSource {
         stage_text(stager, "schema/pre-data.sql", Role::PreData, pre).await?;
         stage_text(stager, "schema/post-data.sql", Role::PostData, post).await?;
 
-        // Readers: `jobs` connections sharing the snapshot, largest tables first.
+        // Readers: `jobs` connections sharing the snapshot, largest tables
+        // first; tables that may be carried last (their test is one scan,
+        // much cheaper than a dump, and a dump started early ends early).
         let mut order: Vec<TableMeta> = tables.to_vec();
-        order.sort_by_key(|t| std::cmp::Reverse(t.size_hint));
+        order.sort_by_key(|t| {
+            (
+                settings.carry.contains_key(&t.key()),
+                std::cmp::Reverse(t.size_hint),
+            )
+        });
         let queue = Arc::new(Mutex::new(VecDeque::from(order)));
         let mut readers = tokio::task::JoinSet::new();
         for _ in 0..settings.jobs.min(tables.len()).max(1) {
@@ -129,6 +136,34 @@ impl PgSource {
         stage_text(stager, "schema/sequences.sql", Role::Sequences, sequences).await?;
         let carried = std::mem::take(&mut *carried.lock().unwrap_or_else(|p| p.into_inner()));
         Ok((xmin as u64, carried))
+    }
+
+    /// See [`crate::extract::Source::change_counters`].
+    pub async fn change_counters(
+        &mut self,
+        tables: &[TableMeta],
+    ) -> Result<std::collections::HashMap<String, i64>, ExtractError> {
+        let schemas: Vec<String> = tables
+            .iter()
+            .map(|t| t.info.name.schema.clone().unwrap_or_default())
+            .collect();
+        let names: Vec<String> = tables.iter().map(|t| t.info.name.name.clone()).collect();
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT s.schemaname::text, s.relname::text,
+                    (s.n_tup_ins + s.n_tup_upd + s.n_tup_del)::bigint
+             FROM pg_stat_all_tables s
+             JOIN unnest($1::text[], $2::text[]) AS sel(schema, name)
+               ON sel.schema = s.schemaname AND sel.name = s.relname",
+        )
+        .bind(&schemas)
+        .bind(&names)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(ExtractError::db("reading table statistics"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(s, n, c)| (TableName::new(Some(&s), &n).to_string(), c))
+            .collect())
     }
 
     /// Runs pg_dump for one section with the exported snapshot, returning its SQL.
@@ -274,11 +309,11 @@ fn plain_sql(dump: &str) -> String {
 /// committed before it, and is not deleted now), and there are as many as that
 /// complete dumped (so none was deleted since). An insert, an update (a new
 /// version), a delete, a TRUNCATE, a COPY, whatever the session settings or
-/// triggers, leaves a newer `xmin` or a lower count. A 32-bit `xmin` is
-/// widened against `xmax`: exact for every version younger than 2^32
-/// transactions, which all versions the test must catch are (it refuses when
-/// the earlier horizon is 2^31 or more transactions back); a wrongly widened
-/// ancient version can only look newer, never older, than it is.
+/// triggers, leaves a newer `xmin` or a lower count. Ages are exact for
+/// every version younger than 2^31 transactions, which all versions the test
+/// must catch are (it refuses when the earlier horizon is 2^30 or more
+/// transactions back); a frozen version is as old as can be, and an ancient
+/// one whose age wrapped can only look newer, never older, than it is.
 async fn unchanged(
     conn: &mut PgConnection,
     table: &TableMeta,
@@ -288,21 +323,25 @@ async fn unchanged(
     let Some(since) = home.first().and_then(|m| m.carried.as_ref()) else {
         return Ok(false);
     };
-    let Some(span) = xmax.checked_sub(since.xmin).filter(|s| *s < 1 << 31) else {
+    if xmax
+        .checked_sub(since.xmin)
+        .is_none_or(|span| span >= 1 << 30)
+    {
         return Ok(false);
-    };
+    }
     let rows: u64 = home.iter().filter_map(|m| m.rows).sum();
     let started = std::time::Instant::now();
+    // `age()` counts back from one transaction id, the same for every row
+    // and for the horizon: a version is newer than the horizon exactly when
+    // its age is at most the horizon's.
     let sql = format!(
         "SELECT count(*) AS n,
-                count(*) FILTER (WHERE (($1::bigint - xmin::text::bigint) % 4294967296
-                                         + 4294967296) % 4294967296 <= $2::bigint) AS newer
+                count(*) FILTER (WHERE age(xmin) <= age($1::text::xid)) AS newer
          FROM {}",
         table.info.name.quoted()
     );
     let (n, newer): (i64, i64) = sqlx::query_as(q(sql))
-        .bind((xmax % (1 << 32)) as i64)
-        .bind(span as i64)
+        .bind((since.xmin % (1 << 32)).to_string())
         .fetch_one(&mut *conn)
         .await
         .map_err(ExtractError::db_lazy(&format!(
