@@ -36,6 +36,80 @@ impl LedgerState {
         chain < self.chain.as_str()
             || (chain == self.chain && self.base_seq.is_some_and(|b| b > seq))
     }
+
+    /// The order rule, in one place (the planner asks it of the ledger as it
+    /// would be after the bundles planned before; a load asks it of the ledger
+    /// inside its transaction, so two racing loads never apply a bundle
+    /// twice): whether bundle `seq` of `chain`, of `kind`, built on complete
+    /// `base`, applies next. A complete applies unless behind (of a newer
+    /// chain it resyncs the copy); a partial must be the next of the copy's
+    /// chain and build on its applied complete.
+    pub fn admits(&self, chain: &str, seq: u64, kind: Kind, base: Option<u64>) -> Result<(), NotNext> {
+        if self.behind(chain, seq) {
+            return Err(NotNext::Behind {
+                last: self.last_seq.unwrap_or(0),
+            });
+        }
+        if kind == Kind::Complete {
+            return Ok(());
+        }
+        if self.base_seq.is_none() {
+            return Err(NotNext::NoComplete);
+        }
+        if chain != self.chain {
+            return Err(NotNext::OtherChain(other_chain(chain, seq, &self.chain)));
+        }
+        let expected = self.last_seq.unwrap_or(0) + 1;
+        if seq != expected {
+            return Err(NotNext::Gap { expected });
+        }
+        if base != self.base_seq {
+            return Err(NotNext::Base {
+                builds_on: base,
+                applied: self.base_seq,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Why a bundle does not apply next (see [`LedgerState::admits`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotNext {
+    /// Applied already, or of a chain older than the copy's.
+    Behind { last: u64 },
+    /// A partial, and no complete is applied.
+    NoComplete,
+    /// A partial of another chain than the copy's (the message says why and the fix).
+    OtherChain(String),
+    /// A partial after a gap: `expected` is the next one.
+    Gap { expected: u64 },
+    /// A partial built on another complete than the applied one.
+    Base {
+        builds_on: Option<u64>,
+        applied: Option<u64>,
+    },
+}
+
+impl std::fmt::Display for NotNext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let seq = |s: &Option<u64>| s.map_or("none".to_owned(), |b| format!("#{b}"));
+        match self {
+            NotNext::Behind { last } => write!(f, "already applied (the copy is at #{last})"),
+            NotNext::NoComplete => f.write_str("waits for a complete bundle (none applied yet)"),
+            NotNext::OtherChain(why) => f.write_str(why),
+            NotNext::Gap { expected } => write!(
+                f,
+                "waits for bundle #{expected}, which has not arrived (gap)"
+            ),
+            NotNext::Base { builds_on, applied } => write!(
+                f,
+                "builds on complete {}, but the last applied complete is {}",
+                seq(builds_on),
+                seq(applied)
+            ),
+        }
+    }
 }
 
 /// Why a partial of another chain than the copy's cannot apply, and the fix.
@@ -80,7 +154,6 @@ pub fn plan(
     base_of: impl Fn(&Entry) -> Option<u64>,
     quarantined: &[u64],
 ) -> Vec<Step> {
-    let last = ledger.last_seq.unwrap_or(0);
     let mut steps = Vec::new();
     let (done, pending): (Vec<&Entry>, Vec<&Entry>) =
         entries.iter().partition(|e| ledger.behind(&e.chain, e.seq));
@@ -95,53 +168,40 @@ pub fn plan(
             .iter()
             .map(|e| Step::Superseded((*e).clone())),
     );
-    let mut chain = ledger.chain.clone();
-    let mut expected = last + 1;
-    let mut base = ledger.base_seq;
+    // The ledger as it will be after the bundles planned so far.
+    let mut after = ledger.clone();
     let mut blocked: Option<String> = None;
     for e in &pending[start..] {
         if let Some(why) = &blocked {
             steps.push(Step::Hold((*e).clone(), why.clone()));
             continue;
         }
-        if e.kind == Kind::Complete {
-            steps.push(Step::Apply((*e).clone()));
-            chain = e.chain.clone();
-            expected = e.seq + 1;
-            base = Some(e.seq);
-            continue;
-        }
-        if e.chain != chain && base.is_some() {
-            let why = other_chain(&e.chain, e.seq, &chain);
-            steps.push(Step::OtherChain((*e).clone(), why.clone()));
-            blocked = Some(why);
-            continue;
-        }
-        let why = if base.is_none() {
-            Some("waits for a complete bundle (none applied yet)".to_owned())
-        } else if e.seq != expected {
-            Some(if quarantined.contains(&expected) {
-                format!("held behind quarantined bundle #{expected}: retry it or send a complete")
-            } else {
-                format!("waits for bundle #{expected}, which has not arrived (gap)")
-            })
-        } else if base_of(e) != base {
-            Some(format!(
-                "builds on complete #{}, but the last applied complete is #{}",
-                base_of(e).map_or("?".into(), |b| b.to_string()),
-                base.map_or("none".into(), |b| b.to_string())
-            ))
-        } else {
-            None
+        let base = match e.kind {
+            Kind::Complete => Some(e.seq),
+            Kind::Partial => base_of(e),
         };
-        match why {
-            Some(why) => {
-                steps.push(Step::Hold((*e).clone(), why.clone()));
+        match after.admits(&e.chain, e.seq, e.kind, base) {
+            Ok(()) => {
+                steps.push(Step::Apply((*e).clone()));
+                after.last_seq = Some(e.seq);
+                if e.kind == Kind::Complete {
+                    after.chain = e.chain.clone();
+                    after.base_seq = Some(e.seq);
+                }
+            }
+            Err(NotNext::OtherChain(why)) => {
+                steps.push(Step::OtherChain((*e).clone(), why.clone()));
                 blocked = Some(why);
             }
-            None => {
-                steps.push(Step::Apply((*e).clone()));
-                expected += 1;
+            Err(not_next) => {
+                let why = match not_next {
+                    NotNext::Gap { expected } if quarantined.contains(&expected) => format!(
+                        "held behind quarantined bundle #{expected}: retry it or send a complete"
+                    ),
+                    other => other.to_string(),
+                };
+                steps.push(Step::Hold((*e).clone(), why.clone()));
+                blocked = Some(why);
             }
         }
     }

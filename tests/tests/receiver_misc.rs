@@ -188,8 +188,8 @@ async fn newer_formats_damaged_manifests_and_unlisted_tables_are_refused() {
         "columns": [], "primary_key": ["id"], "foreign_keys": []}]);
     let cases = [
         (
-            "format 5",
-            manifest_json(5, std::slice::from_ref(&member)),
+            "format 6",
+            manifest_json(6, std::slice::from_ref(&member)),
             "media/images/a",
             "upgrade ferry",
         ),

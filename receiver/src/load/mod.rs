@@ -227,44 +227,30 @@ where
 /// Checks a bundle against the ledger inside the load transaction: the guard that
 /// makes a bundle apply exactly once even if two loads raced.
 pub(crate) fn check_order(m: &Manifest, ledger: &LedgerState) -> Result<(), LoadError> {
-    let last = ledger.last_seq.unwrap_or(0);
-    if ledger.behind(&m.chain, m.seq.0) {
-        return Err(LoadError::AlreadyApplied {
-            sender: m.sender_id.clone(),
-            seq: m.seq.0,
-            last,
-        });
+    use crate::plan::NotNext;
+    match ledger.admits(&m.chain, m.seq.0, m.kind, Some(m.base_seq.0)) {
+        Ok(()) => {}
+        Err(NotNext::Behind { last }) => {
+            return Err(LoadError::AlreadyApplied {
+                sender: m.sender_id.clone(),
+                seq: m.seq.0,
+                last,
+            });
+        }
+        Err(why) => {
+            return Err(LoadError::Refused(format!("{} #{} {why}", m.kind, m.seq)));
+        }
     }
-    let new_chain = m.chain != ledger.chain && ledger.last_seq.is_some();
-    if m.kind == ferry_common::manifest::Kind::Partial {
-        if new_chain {
-            return Err(LoadError::Refused(crate::plan::other_chain(
-                &m.chain,
-                m.seq.0,
-                &ledger.chain,
-            )));
-        }
-        if m.seq.0 != last + 1 {
-            return Err(LoadError::Refused(format!(
-                "partial #{} cannot apply after #{last}: bundles are missing",
-                m.seq
-            )));
-        }
-        if ledger.base_seq != Some(m.base_seq.0) {
-            return Err(LoadError::Refused(format!(
-                "partial #{} builds on complete #{}, but the last applied complete is {}",
-                m.seq,
-                m.base_seq,
-                ledger.base_seq.map_or("none".into(), |b| format!("#{b}"))
-            )));
-        }
-    } else if new_chain {
+    if m.kind == ferry_common::manifest::Kind::Complete
+        && m.chain != ledger.chain
+        && ledger.last_seq.is_some()
+    {
         tracing::warn!(
             sender = %m.sender_id,
             seq = m.seq.0,
             chain = %m.chain,
             previous_chain = %ledger.chain,
-            previous_seq = last,
+            previous_seq = ledger.last_seq.unwrap_or(0),
             "the sender's state was replaced (a new chain, numbered from the start): \
              loading its complete as a resync; the previous chain's bundles are never applied"
         );
