@@ -44,7 +44,13 @@ impl LedgerState {
     /// `base`, applies next. A complete applies unless behind (of a newer
     /// chain it resyncs the copy); a partial must be the next of the copy's
     /// chain and build on its applied complete.
-    pub fn admits(&self, chain: &str, seq: u64, kind: Kind, base: Option<u64>) -> Result<(), NotNext> {
+    pub fn admits(
+        &self,
+        chain: &str,
+        seq: u64,
+        kind: Kind,
+        base: Option<u64>,
+    ) -> Result<(), NotNext> {
         if self.behind(chain, seq) {
             return Err(NotNext::Behind {
                 last: self.last_seq.unwrap_or(0),
