@@ -8,40 +8,14 @@ use crate::config::Config;
 use crate::hooks::{self, HookFailure};
 use crate::inbox::{self, Entry};
 use crate::load::{LoadError, Target};
-use crate::media::{self, MediaError};
 use crate::plan::{self, Step};
 use crate::quarantine;
-use crate::verify;
-use ferry_common::manifest::{Kind, Manifest};
-use ferry_common::reader::{Limits, ReadError, read_manifest};
+use ferry_common::manifest::Manifest;
+use ferry_common::reader::{Limits, read_manifest};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    #[error("verification failed: {0}")]
-    Verify(#[from] ReadError),
-    #[error(transparent)]
-    Media(#[from] MediaError),
-    #[error(transparent)]
-    Load(#[from] LoadError),
-    #[error("{0}")]
-    Mismatch(String),
-    #[error(transparent)]
-    NoSpace(#[from] crate::space::NoSpace),
-}
-
-impl ApplyError {
-    pub fn is_transient(&self) -> bool {
-        match self {
-            ApplyError::Load(e) => e.is_transient(),
-            ApplyError::Verify(e) => e.is_transient(),
-            // The operator frees space; the bundle is not at fault.
-            ApplyError::NoSpace(_) => true,
-            _ => false,
-        }
-    }
-}
+pub use crate::load::bundle::ApplyError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PassError {
@@ -415,51 +389,34 @@ async fn apply_one(
 }
 
 /// Verifies and commits one bundle; returns its rows, media files and manifest.
-/// A PostgreSQL complete streams (in parallel where it can); the rest is staged
-/// and verified first.
 async fn load_bundle(
     config: &Config,
     target: &mut Target,
     e: &Entry,
     started: Instant,
 ) -> Result<(u64, u64, Manifest), ApplyError> {
-    let staging = config.staging_dir().join(&e.file);
-    let streamed = e.kind == Kind::Complete && matches!(target, Target::Postgres(_));
+    let streamed = target.streams(e.kind);
     // What it declares must fit before anything is staged (an unreadable
     // manifest is left to verification, which names the damage).
     if let Ok(m) = read_manifest(e.header_file(), &Limits::default()) {
         crate::space::check(config, &e.file, &m, streamed)?;
     }
-    if e.kind == Kind::Complete
-        && let Target::Postgres(pg) = target
-    {
-        let jobs = config.target.jobs;
-        let mut loaded = streamed_complete(config, pg, e, &staging, jobs).await;
-        if jobs > 1 && loaded.is_err() {
-            crate::load::staged::abandon(pg).await;
-            if let Err(ApplyError::Load(err)) = &loaded
-                && !err.is_transient()
-            {
-                tracing::warn!(error = %err, "the parallel load could not be staged; loading in one transaction instead");
-                loaded = streamed_complete(config, pg, e, &staging, 1).await;
-            }
-        }
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&staging)).await;
-        return loaded;
-    }
-    let path = e.path.clone();
-    let (limits, wait) = (load_limits(config), config.limits.volume_wait);
-    let v = tokio::task::spawn_blocking(move || verify::stage(&path, &staging, &limits, wait))
-        .await
-        .map_err(|j| ApplyError::Mismatch(format!("verification panicked: {j}")))??;
-    tracing::info!(
-        ms = started.elapsed().as_millis() as u64,
-        "bundle verified and staged"
-    );
-    check_name(e, &v.manifest)?;
-    let media_files = media::install(&v, &config.media).await?;
-    let rows = target.apply(&v, &e.file, &sql_hooks(config, e)).await?;
-    Ok((rows, media_files, v.manifest.clone()))
+    let expect = |m: &Manifest| check_name(e, m);
+    let job = crate::load::bundle::LoadJob {
+        path: e.path.clone(),
+        header: e.header_file().to_owned(),
+        staging: config.staging_dir().join(&e.file),
+        limits: load_limits(config),
+        wait: config.limits.volume_wait,
+        kind: e.kind,
+        file: &e.file,
+        sql_hooks: sql_hooks(config, e),
+        media: &config.media,
+        jobs: config.target.jobs,
+        expect: &expect,
+        started,
+    };
+    target.load(&job).await
 }
 
 /// What every bundle read for loading is held to: its size, and the senders
@@ -494,60 +451,6 @@ fn check_name(e: &Entry, m: &Manifest) -> Result<(), ApplyError> {
         )));
     }
     Ok(())
-}
-
-/// A PostgreSQL complete, verified while it loads: COPY data streams from the
-/// bundle into the database, and the load transaction commits only after every
-/// checksum matched (no staging copy of the data, and reading overlaps loading).
-/// With `jobs` > 1 tables load in parallel into staging schemas and are swapped
-/// in (`load::staged`); with 1, everything happens in the load transaction.
-async fn streamed_complete(
-    config: &Config,
-    pg: &mut crate::load::postgres::PgTarget,
-    e: &Entry,
-    staging: &std::path::Path,
-    jobs: usize,
-) -> Result<(u64, u64, Manifest), ApplyError> {
-    let fire = pg.fire_triggers;
-    let limits = load_limits(config);
-    let manifest = read_manifest(e.header_file(), &limits)?;
-    check_name(e, &manifest)?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-    let (path, dir) = (e.path.clone(), staging.to_owned());
-    let wait = config.limits.volume_wait;
-    let reader =
-        tokio::task::spawn_blocking(move || verify::stream(&path, &dir, &limits, wait, &tx));
-    let begun = if jobs > 1 {
-        crate::load::staged::begin(pg, &manifest, &mut rx, jobs).await
-    } else {
-        pg.begin_streamed_complete(&manifest, &mut rx).await
-    };
-    drop(rx); // unblocks the reader if loading stopped early
-    let verified = reader
-        .await
-        .map_err(|j| ApplyError::Mismatch(format!("verification panicked: {j}")))?;
-    // A bundle that failed verification for its own reasons (corrupted,
-    // truncated) is reported as such, whatever the database made of the data
-    // that streamed before the failure showed.
-    let read_failed_alone = matches!(&verified, Err(e) if !matches!(e, ferry_common::reader::ReadError::Stopped { .. }));
-    let loaded: Result<(u64, u64, Manifest), ApplyError> = match (begun, verified) {
-        (_, Err(read)) if read_failed_alone => Err(read.into()),
-        // The loader's own failure explains more than "the loader stopped".
-        (Err(err), _) => Err(err.into()),
-        (Ok(_), Err(read)) => Err(read.into()),
-        (Ok((tx, rows, media)), Ok(all)) => {
-            check_name(e, &all)?;
-            let media_files = media::install_owned(media, config.media.clone()).await?;
-            let sql_hooks = sql_hooks(config, e);
-            crate::load::postgres::finish(tx, &all, &e.file, rows, &sql_hooks, fire).await?;
-            Ok((rows, media_files, all))
-        }
-    };
-    let (rows, media_files, all) = loaded?;
-    if jobs > 1 {
-        crate::load::staged::after_commit(pg).await;
-    }
-    Ok((rows, media_files, all))
 }
 
 fn sql_hooks(config: &Config, e: &Entry) -> Vec<String> {

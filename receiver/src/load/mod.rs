@@ -11,6 +11,7 @@
 //! - partial: upserts parents first, then deletes children first, with deferrable
 //!   constraints deferred.
 
+pub mod bundle;
 mod post_data;
 pub mod postgres;
 pub mod restore;
