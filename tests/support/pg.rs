@@ -238,6 +238,26 @@ pub async fn table_rows(conn: &mut PgConnection, table: &str) -> Vec<String> {
         .unwrap_or_else(|e| panic!("reading {table}: {e}"))
 }
 
+/// Every table of schema `public`, by quoted name, with its rows as
+/// [`table_rows`] gives them: a database's content, to compare whole.
+pub async fn public_content(
+    conn: &mut PgConnection,
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT format('%I', table_name) FROM information_schema.tables
+         WHERE table_schema = 'public' AND table_type = 'BASE TABLE' ORDER BY 1",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap_or_else(|e| panic!("listing tables: {e}"));
+    let mut out = std::collections::BTreeMap::new();
+    for n in names {
+        let rows = table_rows(conn, &n).await;
+        out.insert(n, rows);
+    }
+    out
+}
+
 fn run(cmd: &mut Command) {
     let status = cmd.status().expect("run command");
     assert!(status.success(), "{cmd:?} failed");

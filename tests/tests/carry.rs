@@ -11,7 +11,7 @@
 
 use ferry_common::manifest::{Kind, Manifest};
 use ferry_tests::fixtures::{ZOO, ZOO_ROWS};
-use ferry_tests::pg::{PgServer, exec, table_rows};
+use ferry_tests::pg::{PgServer, exec};
 use ferry_tests::{binary, bundle_contents, name_in};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -108,11 +108,24 @@ impl Site {
     /// counters (a hint that dumps a table without testing it) say nothing
     /// and every carry is decided by the test itself.
     async fn complete(&self, command: &str) -> (u64, Manifest, u64) {
-        exec(
-            &mut self.server.connect("app").await,
-            "SELECT pg_stat_reset()",
-        )
-        .await;
+        // A backend that just ended flushes its counters after its client
+        // left: reset until nothing more arrives.
+        let mut conn = self.server.connect("app").await;
+        for _ in 0..100 {
+            exec(&mut conn, "SELECT pg_stat_reset()").await;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let moved: i64 = sqlx::query_scalar(
+                "SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0)::bigint
+                 FROM pg_stat_user_tables",
+            )
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+            if moved == 0 {
+                break;
+            }
+        }
+        drop(conn);
         let out = Command::new(binary("ferry-sender"))
             .arg("--config")
             .arg(self.path("sender.toml"))
@@ -157,19 +170,7 @@ impl Site {
     }
 
     async fn content(&self, db: &str) -> Content {
-        let mut conn = self.server.connect(db).await;
-        let names: Vec<String> = sqlx::query_scalar(
-            "SELECT format('%I', table_name) FROM information_schema.tables
-             WHERE table_schema = 'public' AND table_type = 'BASE TABLE' ORDER BY 1",
-        )
-        .fetch_all(&mut conn)
-        .await
-        .unwrap();
-        let mut out = Content::new();
-        for n in names {
-            out.insert(n.clone(), table_rows(&mut conn, &n).await);
-        }
-        out
+        ferry_tests::pg::public_content(&mut self.server.connect(db).await).await
     }
 
     async fn app(&self, sql: &str) {

@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 use ferry_tests::fixtures::{ZOO, ZOO_ROWS};
-use ferry_tests::pg::{PgServer, exec, table_rows};
+use ferry_tests::pg::{PgServer, exec};
 use ferry_tests::{binary, bundle_contents, outbox_files};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -133,20 +133,7 @@ impl Shop {
     }
 
     async fn content(&self, db: &str) -> Content {
-        let mut conn = self.server.connect(db).await;
-        let names: Vec<String> = sqlx::query_scalar(
-            "SELECT format('%I', table_name) FROM information_schema.tables
-             WHERE table_schema = 'public' AND table_type = 'BASE TABLE' ORDER BY 1",
-        )
-        .fetch_all(&mut conn)
-        .await
-        .unwrap();
-        let mut out = Content::new();
-        for n in names {
-            let rows = table_rows(&mut conn, &n).await;
-            out.insert(n, rows);
-        }
-        out
+        ferry_tests::pg::public_content(&mut self.server.connect(db).await).await
     }
 
     async fn app(&self, sql: &str) {
