@@ -77,7 +77,8 @@ pub struct Pruned {
 
 /// Sender-side retention of the bucket, chain-aware: in this sender's newest
 /// chain, the newest `keep_completes` completes and everything after the
-/// oldest of them stay (every point from there is restorable); older objects
+/// oldest of them stay (every point from there is restorable), with the
+/// completes they carry tables from; older objects
 /// go once they are older than `keep_for`. Other (earlier) chains' objects go
 /// once older than `keep_for`, when the newest chain has those completes.
 pub async fn prune(
@@ -116,13 +117,24 @@ pub async fn prune(
     completes.dedup();
     let out_of_keep = completes.len() >= keep;
     let protected_from = completes.iter().rev().nth(keep - 1).copied();
+    // The completes a kept one carries tables from stay with it.
+    let kept_completes: Vec<u64> = completes
+        .iter()
+        .copied()
+        .filter(|s| protected_from.is_none_or(|p| *s >= p))
+        .collect();
+    let carried_from = crate::state::State::open(&config.state_dir)
+        .await?
+        .carried_from(&kept_completes)
+        .await?;
     let cutoff = chrono::Utc::now()
         - chrono::Duration::from_std(cfg.keep_for).unwrap_or(chrono::Duration::days(2));
     let mut out = Pruned::default();
-    for (chain, seq, _, name, at) in mine {
+    for (chain, seq, kind, name, at) in mine {
         let old_enough = at < cutoff;
         let needed = if chain == newest_chain {
             protected_from.is_none_or(|p| seq >= p)
+                || (kind == Kind::Complete && carried_from.contains(&seq))
         } else {
             !out_of_keep
         };

@@ -945,8 +945,9 @@ fn backoff(attempt: u32, max: Duration) -> Duration {
     base.mul_f64(0.5 + rand::random::<f64>())
 }
 
-/// Keeps in `sent/` the newest complete and everything after it (enough to
-/// rebuild a receiver by hand); older delivered bundles are removed. Only a
+/// Keeps in `sent/` the newest complete, the completes it carries tables
+/// from, and everything after it (enough to rebuild a receiver by hand);
+/// older delivered bundles are removed. Only a
 /// complete's final file counts as a complete: the volumes of an attempt that
 /// was killed (no final file anywhere, their seq recorded as something else or
 /// not at all) are orphans and removed, never mistaken for the newest complete.
@@ -965,12 +966,27 @@ pub(crate) fn prune_sent(config: &Config, recorded: u64) -> Result<(), PushError
     let newest = sent
         .iter()
         .rev()
-        .find(|b| b.kind == "complete" && b.volume.is_none())
-        .map(|b| b.seq);
-    for b in sent
-        .iter()
-        .filter(|b| orphan(b) || newest.is_some_and(|n| b.seq < n))
-    {
+        .find(|b| b.kind == "complete" && b.volume.is_none());
+    // The completes the newest one carries tables from stay with it (a
+    // receiver rebuilt from sent/ needs them); an unreadable manifest keeps
+    // everything.
+    let needed: Option<std::collections::HashSet<u64>> = match newest {
+        Some(n) => ferry_common::reader::read_manifest(
+            &config.sent_dir().join(&n.file),
+            &ferry_common::reader::Limits::default(),
+        )
+        .ok()
+        .map(|m| m.carried().map(|(_, c)| c.seq.0).collect()),
+        None => Some(Default::default()),
+    };
+    let newest = newest.map(|b| b.seq);
+    let drop = |b: &Pending| {
+        newest.is_some_and(|n| b.seq < n)
+            && needed
+                .as_ref()
+                .is_some_and(|k| !(b.kind == "complete" && k.contains(&b.seq)))
+    };
+    for b in sent.iter().filter(|b| orphan(b) || drop(b)) {
         let path = config.sent_dir().join(&b.file);
         match std::fs::remove_file(&path) {
             Ok(()) => {}

@@ -145,6 +145,11 @@ CREATE TABLE IF NOT EXISTS chain (
 CREATE TABLE IF NOT EXISTS carry_homes (
   table_key TEXT PRIMARY KEY,
   home TEXT NOT NULL);
+-- Which earlier completes each complete carries tables from.
+CREATE TABLE IF NOT EXISTS carried_from (
+  seq INTEGER NOT NULL,
+  from_seq INTEGER NOT NULL,
+  PRIMARY KEY (seq, from_seq));
 -- The statistics' change counters at the newest complete: a hint only.
 CREATE TABLE IF NOT EXISTS change_counters (
   table_key TEXT PRIMARY KEY,
@@ -391,6 +396,16 @@ impl State {
                 .await
                 .map_err(err("storing watermarks"))?;
         }
+        let from: std::collections::BTreeSet<u64> =
+            manifest.carried().map(|(_, c)| c.seq.0).collect();
+        for f in from {
+            sqlx::query("INSERT OR IGNORE INTO carried_from (seq, from_seq) VALUES (?, ?)")
+                .bind(manifest.seq.0 as i64)
+                .bind(f as i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(err("recording carried tables"))?;
+        }
         if manifest.kind == Kind::Complete {
             sqlx::query("DELETE FROM carry_homes")
                 .execute(&mut *tx)
@@ -441,6 +456,22 @@ impl State {
         Ok(rows
             .into_iter()
             .filter_map(|(k, h)| serde_json::from_str(&h).ok().map(|h| (k, h)))
+            .collect())
+    }
+
+    /// The completes that the completes `seqs` carry tables from.
+    pub async fn carried_from(
+        &mut self,
+        seqs: &[u64],
+    ) -> Result<std::collections::HashSet<u64>, StateError> {
+        let rows: Vec<(i64, i64)> = sqlx::query_as("SELECT seq, from_seq FROM carried_from")
+            .fetch_all(&mut self.conn)
+            .await
+            .map_err(self.err("reading carried tables"))?;
+        Ok(rows
+            .into_iter()
+            .filter(|(s, _)| seqs.contains(&(*s as u64)))
+            .map(|(_, f)| f as u64)
             .collect())
     }
 

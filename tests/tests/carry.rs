@@ -501,3 +501,91 @@ async fn members_carried_from_volumes() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(site.content("r").await, want);
 }
+
+/// The sender's `sent/` directory, pushed over SFTP to the receiver's
+/// embedded endpoint: it keeps the newest complete and the completes it
+/// carries from (a restore from `sent/` alone works), and drops them once a
+/// full complete needs none.
+#[tokio::test]
+async fn sent_keeps_the_completes_the_newest_carries_from() {
+    use ferry_tests::daemon::Daemon;
+    use ferry_tests::sshd::keygen;
+    let site = Site::new().await;
+    let keys = site.path("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    keygen(&keys.join("host_key"), "ed25519");
+    keygen(&keys.join("client_key"), "ed25519");
+    std::fs::copy(keys.join("client_key.pub"), keys.join("authorized_keys")).unwrap();
+    let port = ferry_tests::pg::free_port();
+    std::fs::write(
+        keys.join("known_hosts"),
+        format!(
+            "[127.0.0.1]:{port} {}",
+            std::fs::read_to_string(keys.join("host_key.pub")).unwrap()
+        ),
+    )
+    .unwrap();
+    let mut receiver = std::fs::read_to_string(site.path("receiver.toml")).unwrap();
+    receiver.push_str(&format!(
+        "[daemon]\nrescan_interval = \"1h\"\n[sftp_server]\nlisten = \"127.0.0.1:{port}\"\n\
+         host_key = {:?}\nauthorized_keys = {:?}\n",
+        keys.join("host_key"),
+        keys.join("authorized_keys")
+    ));
+    std::fs::write(site.path("receiver.toml"), receiver).unwrap();
+    site.sender_config(&format!(
+        "carry_unchanged = 100\n[push]\nhost = \"127.0.0.1\"\nport = {port}\nuser = \"ferry\"\n\
+         key_file = {:?}\nknown_hosts = {:?}\nremote_dir = \"/\"\nattempts = 1\n",
+        keys.join("client_key"),
+        keys.join("known_hosts")
+    ));
+    let mut cmd = Command::new(binary("ferry-receiver"));
+    cmd.arg("--config")
+        .arg(site.path("receiver.toml"))
+        .arg("run")
+        .env("RUST_LOG", "info");
+    let mut daemon = Daemon::spawn(cmd);
+    daemon.wait_for(
+        "SFTP endpoint listening",
+        std::time::Duration::from_secs(20),
+    );
+    let sent = site.path("sstate/sent");
+    let seqs_in = |dir: &std::path::Path| -> BTreeSet<u64> {
+        ferry_tests::outbox_files(dir)
+            .iter()
+            .filter_map(|n| ferry_common::manifest::parse_bundle_file_name(n))
+            .map(|b| b.seq.0)
+            .collect()
+    };
+    let push = |args: &[&str]| {
+        let out = site.run("ferry-sender", "sender.toml", args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    };
+    push(&["complete"]);
+    site.app("UPDATE t3 SET v = 'changed', updated_at = now() WHERE id = 7;")
+        .await;
+    push(&["complete"]);
+    site.app("UPDATE t4 SET v = 'changed', updated_at = now() WHERE id = 7;")
+        .await;
+    push(&["complete"]);
+    // #3 carries t3 from #2 and the rest from #1: all three stay.
+    assert_eq!(seqs_in(&sent), BTreeSet::from([1, 2, 3]));
+    let want = site.content("app").await;
+    site.server.create_db("from_sent", "").await;
+    let out = site.run(
+        "ferry-receiver",
+        "receiver.toml",
+        &[
+            "restore",
+            "--into",
+            &site.server.url("from_sent"),
+            "--from",
+            sent.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(site.content("from_sent").await, want);
+    // A resync needs nothing earlier: the rest goes.
+    push(&["resync"]);
+    assert_eq!(seqs_in(&sent), BTreeSet::from([4]));
+}
