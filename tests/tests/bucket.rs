@@ -829,3 +829,78 @@ async fn exports_go_into_a_bucket() {
     );
     eprintln!("{}", text(&out.stderr));
 }
+
+/// A PostgreSQL sender whose completes carry unchanged tables: sender-side
+/// retention keeps the completes a kept complete carries from, and a receiver
+/// replicating from the bucket alone rebuilds an equal copy.
+#[tokio::test]
+async fn retention_keeps_what_a_kept_complete_carries_from() {
+    use ferry_tests::pg::{PgServer, exec, public_content};
+    let pg = PgServer::start();
+    let mut tables = String::new();
+    for t in ["a", "b", "c"] {
+        tables.push_str(&format!(
+            "CREATE TABLE {t} (id int PRIMARY KEY, v text, updated_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO {t} (id, v) SELECT g, md5(g::text) FROM generate_series(1, 500) g;\n"
+        ));
+    }
+    pg.create_db("app", &tables).await;
+    pg.create_db("viz", "").await;
+    let s3 = S3::start();
+    let dir = tempfile::tempdir().unwrap();
+    let tx = dir.path().join("sender.toml");
+    std::fs::write(
+        &tx,
+        format!(
+            "sender_id = \"app\"\nstate_dir = {:?}\n[source]\nurl = {:?}\n[partial]\n\
+             change_column = \"updated_at\"\n{}keep_completes = 1\nkeep_for = \"0s\"\n",
+            dir.path().join("sstate"),
+            pg.url("app"),
+            s3.section(dir.path(), "s3://ferry/app", SECRET)
+        ),
+    )
+    .unwrap();
+    let mut src = pg.connect("app").await;
+    ok(&run("ferry-sender", &tx, &["complete"]));
+    exec(
+        &mut src,
+        "UPDATE b SET v = 'x', updated_at = now() WHERE id = 1",
+    )
+    .await;
+    ok(&run("ferry-sender", &tx, &["complete"]));
+    exec(
+        &mut src,
+        "UPDATE c SET v = 'x', updated_at = now() WHERE id = 1",
+    )
+    .await;
+    ok(&run("ferry-sender", &tx, &["complete"]));
+    let out = ok(&run("ferry-sender", &tx, &["prune-bucket"]));
+    let left: std::collections::BTreeSet<u64> = std::fs::read_dir(s3.root.path().join("ferry/app"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            ferry_common::manifest::parse_bundle_file_name(&e.file_name().to_string_lossy())
+        })
+        .map(|b| b.seq.0)
+        .collect();
+    // #3 carries a from #1 and b from #2.
+    assert_eq!(left, [1, 2, 3].into(), "{out}");
+    let rx = dir.path().join("receiver.toml");
+    std::fs::create_dir_all(dir.path().join("inbox")).unwrap();
+    std::fs::write(
+        &rx,
+        format!(
+            "state_dir = {:?}\ninbox = {:?}\n[target]\nurl = {:?}\n{}",
+            dir.path().join("rstate"),
+            dir.path().join("inbox"),
+            pg.url("viz"),
+            s3.section(dir.path(), "s3://ferry/app", SECRET)
+        ),
+    )
+    .unwrap();
+    ok(&run("ferry-receiver", &rx, &["load"]));
+    assert_eq!(
+        public_content(&mut pg.connect("viz").await).await,
+        public_content(&mut src).await
+    );
+}
