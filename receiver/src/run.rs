@@ -501,11 +501,22 @@ pub async fn prune(
                     .map(|m| m.base_seq.0)
             })
     };
-    // Only a complete's manifest says what it carries (completes are few).
+    // What a complete carries tables from: the ledger says (rows from before
+    // it, and bundles not applied, their manifest).
+    let carried: std::collections::HashMap<(&str, &str, u64), &Vec<u64>> = ledger_rows
+        .iter()
+        .filter_map(|a| {
+            let from = a.carried_from.as_ref()?;
+            Some(((a.sender_id.as_str(), a.chain.as_str(), a.seq as u64), from))
+        })
+        .collect();
     let carried_of = |e: &Entry| -> Vec<u64> {
-        read_manifest(e.header_file(), &Limits::default())
-            .map(|m| m.carried().map(|(_, c)| c.seq.0).collect())
-            .unwrap_or_default()
+        match carried.get(&(e.sender.as_str(), e.chain.as_str(), e.seq)) {
+            Some(from) => from.to_vec(),
+            None => read_manifest(e.header_file(), &Limits::default())
+                .map(|m| m.carried().map(|(_, c)| c.seq.0).collect())
+                .unwrap_or_default(),
+        }
     };
     let chosen = crate::prune::select(
         &entries,

@@ -57,13 +57,17 @@ pub async fn list(config: &Config, target: &mut Target) -> Result<Versions, Load
         // A partial is restorable when it is kept and so is every bundle of
         // its chain back to its complete: the ledger lists a chain's bundles
         // together, in order, so that is the previous point's verdict.
-        // A complete that carries tables needs the files it carries them from.
+        // A complete that carries tables needs the completes it carries them
+        // from (the ledger says which; rows from before it, the manifest).
         let ok = if a.kind == "complete" {
-            entry.is_some_and(|e| {
-                read_manifest(e.header_file(), &Limits::default()).is_ok_and(|m| {
+            entry.is_some_and(|e| match &a.carried_from {
+                Some(from) => from
+                    .iter()
+                    .all(|s| present.contains_key(&(a.sender_id.as_str(), a.chain.as_str(), *s))),
+                None => read_manifest(e.header_file(), &Limits::default()).is_ok_and(|m| {
                     m.carried()
                         .all(|(_, c)| e.path.with_file_name(&c.file).is_file())
-                })
+                }),
             })
         } else {
             kept && points

@@ -60,11 +60,11 @@ for seq in range(3, n + 1):
         os.link(source[kind], dest)
 PY
 sqlite3 "$work/copy.db" "WITH RECURSIVE g(s) AS (SELECT 3 UNION ALL SELECT s + 1 FROM g WHERE s < $BUNDLES)
-  INSERT INTO ferry_applied (sender_id, chain, seq, kind, base_seq, created_at, file, rows, schema_fingerprint, tables)
+  INSERT INTO ferry_applied (sender_id, chain, seq, kind, base_seq, created_at, file, rows, schema_fingerprint, tables, carried_from)
   SELECT 'app', '$chain', s, CASE WHEN (s - 1) % $EVERY = 0 THEN 'complete' ELSE 'partial' END,
          s - ((s - 1) % $EVERY), strftime('%Y-%m-%dT%H:%M:%SZ', 'now', '+' || s || ' seconds'),
          'app-$chain-' || printf('%012d', s) || '-' || CASE WHEN (s - 1) % $EVERY = 0 THEN 'complete' ELSE 'partial' END || '.tar.zst',
-         1, '', json_array('t') FROM g"
+         1, '', json_array('t'), json_array() FROM g"
 secs() { local s; s=$(date +%s.%N); "$@" >/dev/null 2>"$work/err" || { cat "$work/err" >&2; return 1; }; echo "$(date +%s.%N) - $s" | bc; }
 v=$(secs "$receiver" --config "$work/receiver.toml" versions)
 p=$(secs "$receiver" --config "$work/receiver.toml" prune)

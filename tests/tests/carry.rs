@@ -359,6 +359,25 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
         "kept: the newest complete and those it carries from"
     );
     assert!(want.len() < newest.0 as usize, "nothing to prune: {want:?}");
+    // `versions` (from the ledger) calls the newest complete restorable while
+    // the completes it carries from are there, and not once one is gone.
+    let restorable = |seq: u64| -> bool {
+        let out = site.run("ferry-receiver", "receiver.toml", &["versions", "--json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["seq"] == seq)
+            .map(|p| p["restorable"] == true)
+            .unwrap()
+    };
+    assert!(restorable(newest.0));
+    let gone = name_in(&site.path("inbox"), "app", first, Kind::Complete);
+    std::fs::rename(site.path("inbox").join(&gone), site.path(&gone)).unwrap();
+    assert!(!restorable(newest.0), "#{} without #{first}", newest.0);
+    std::fs::rename(site.path(&gone), site.path("inbox").join(&gone)).unwrap();
     let db = "rnewest";
     site.server.create_db(db, "").await;
     let out = site.run(

@@ -105,6 +105,10 @@ pub struct LedgerRow {
     /// rows written before).
     #[serde(default)]
     pub tables: Option<Vec<String>>,
+    /// The completes this one carries tables from (recorded since carried
+    /// tables; `None` in rows written before: the manifest says).
+    #[serde(default)]
+    pub carried_from: Option<Vec<u64>>,
 }
 
 impl LedgerRow {
@@ -124,8 +128,19 @@ impl LedgerRow {
             file: col(r, "file")?,
             rows: col(r, "rows")?,
             tables: tables.and_then(|t| serde_json::from_str(&t).ok()),
+            carried_from: col::<Option<String>, _>(r, "carried_from")?
+                .and_then(|t| serde_json::from_str(&t).ok()),
         })
     }
+}
+
+/// The completes a bundle carries tables from, as the ledger records them (a
+/// JSON array of seqs).
+pub(crate) fn ledger_carried(m: &Manifest) -> String {
+    let mut seqs: Vec<u64> = m.carried().map(|(_, c)| c.seq.0).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    serde_json::to_string(&seqs).unwrap_or_default()
 }
 
 /// A bundle's tables as the ledger records them (a JSON array of names).

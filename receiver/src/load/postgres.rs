@@ -84,6 +84,12 @@ DO $$ BEGIN
                    AND column_name = 'tables') THEN
     ALTER TABLE ferry_receiver.applied ADD COLUMN tables text;
   END IF;
+  -- Added later: the completes a complete carries tables from (a JSON array).
+  IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                 WHERE table_schema = 'ferry_receiver' AND table_name = 'applied'
+                   AND column_name = 'carried_from') THEN
+    ALTER TABLE ferry_receiver.applied ADD COLUMN carried_from text;
+  END IF;
 END $$;";
 
 impl PgTarget {
@@ -141,7 +147,7 @@ impl PgTarget {
     pub async fn applied_all(&mut self) -> Result<Vec<super::LedgerRow>, LoadError> {
         let rows = sqlx::query(
             "SELECT sender_id, chain, seq, kind, base_seq, created_at::text AS c,
-                    applied_at::text AS a, file, rows, tables
+                    applied_at::text AS a, file, rows, tables, carried_from
              FROM ferry_receiver.applied ORDER BY sender_id, chain, seq",
         )
         .fetch_all(&mut self.conn)
@@ -344,8 +350,8 @@ pub async fn finish(
     sqlx::query(
         "INSERT INTO ferry_receiver.applied
            (sender_id, seq, kind, base_seq, created_at, file, rows, schema_fingerprint,
-            manifest_id, chain, tables)
-         VALUES ($1, $2, $3, $4, $5::timestamptz, $6, $7, $8, $9, $10, $11)",
+            manifest_id, chain, tables, carried_from)
+         VALUES ($1, $2, $3, $4, $5::timestamptz, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(&m.sender_id)
     .bind(m.seq.0 as i64)
@@ -358,6 +364,7 @@ pub async fn finish(
     .bind(m.identity())
     .bind(&m.chain)
     .bind(super::ledger_tables(m))
+    .bind(super::ledger_carried(m))
     .execute(&mut *tx)
     .await
     .map_err(LoadError::db("recording the bundle in the ledger"))?;

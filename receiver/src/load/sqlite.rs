@@ -38,6 +38,7 @@ const APPLIED_COLUMNS: &str = "(
   manifest_id TEXT,
   chain TEXT NOT NULL DEFAULT '',
   tables TEXT,
+  carried_from TEXT,
   PRIMARY KEY (sender_id, chain, seq))";
 
 fn ledger_ddl() -> String {
@@ -89,7 +90,8 @@ impl SqliteTarget {
             .await
             .map_err(LoadError::db("creating the ledger"))?;
         // Added later, in this order: what identifies each applied bundle
-        // beyond its seq; the chain, part of the key (a rebuild); the tables.
+        // beyond its seq; the chain, part of the key (a rebuild); the tables;
+        // the completes a complete carries tables from.
         let added = [
             (
                 "manifest_id",
@@ -99,6 +101,10 @@ impl SqliteTarget {
             (
                 "tables",
                 "ALTER TABLE ferry_applied ADD COLUMN tables TEXT".to_owned(),
+            ),
+            (
+                "carried_from",
+                "ALTER TABLE ferry_applied ADD COLUMN carried_from TEXT".to_owned(),
             ),
         ];
         for (column, ddl) in added {
@@ -155,7 +161,8 @@ impl SqliteTarget {
             "SELECT json_group_array(json_object(
                'sender_id', sender_id, 'chain', chain, 'seq', seq, 'kind', kind,
                'base_seq', base_seq, 'created_at', created_at, 'applied_at', applied_at,
-               'file', file, 'rows', rows, 'tables', json(tables)))
+               'file', file, 'rows', rows, 'tables', json(tables),
+               'carried_from', json(carried_from)))
              FROM ferry_applied",
         )
         .fetch_one(&mut self.conn)
@@ -227,8 +234,8 @@ impl SqliteTarget {
         sqlx::query(
             "INSERT INTO ferry_applied
                (sender_id, seq, kind, base_seq, created_at, file, rows, schema_fingerprint,
-                manifest_id, chain, tables)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                manifest_id, chain, tables, carried_from)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&m.sender_id)
         .bind(m.seq.0 as i64)
@@ -241,6 +248,7 @@ impl SqliteTarget {
         .bind(m.identity())
         .bind(&m.chain)
         .bind(super::ledger_tables(m))
+        .bind(super::ledger_carried(m))
         .execute(&mut *tx)
         .await
         .map_err(LoadError::db("recording the bundle in the ledger"))?;
