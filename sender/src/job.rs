@@ -312,7 +312,11 @@ async fn run_locked(
         Kind::Partial => Default::default(),
     };
     if kind == Kind::Complete && !full {
+        let prints = state.catalog_prints().await?;
         let mut carry = carry_candidates(config, &mut state, &tables).await?;
+        // No print from the previous complete, no carrying.
+        carry.retain(|t, _| prints.contains_key(t));
+        settings.catalog_prints = std::sync::Arc::new(prints);
         let before = state.change_counters().await?;
         carry.retain(|t, _| match (before.get(t), counters.get(t)) {
             (Some(a), Some(b)) => a == b,
@@ -452,7 +456,14 @@ async fn run_locked(
     let duration_ms = started.elapsed().as_millis() as u64;
     let sent = dedup.map(|d| d.take_sent()).unwrap_or_default();
     state
-        .commit_bundle(&manifest, &file_name, bytes, duration_ms, &sent)
+        .commit_bundle(
+            &manifest,
+            &file_name,
+            bytes,
+            duration_ms,
+            &sent,
+            &extracted.catalog_prints,
+        )
         .await?;
     if kind == Kind::Complete {
         state.set_change_counters(&counters).await?;

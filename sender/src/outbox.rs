@@ -157,7 +157,7 @@ pub async fn recover(
         // The line fingerprints are not in the manifest: the next partial may re-send
         // a few overlap rows, which is harmless.
         state
-            .commit_bundle(&manifest, &p.file, p.bytes, 0, &[])
+            .commit_bundle(&manifest, &p.file, p.bytes, 0, &[], &Default::default())
             .await?;
     }
     let last = state.last(None).await?.map_or(0, |b| b.seq);

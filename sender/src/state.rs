@@ -150,6 +150,12 @@ CREATE TABLE IF NOT EXISTS carried_from (
   seq INTEGER NOT NULL,
   from_seq INTEGER NOT NULL,
   PRIMARY KEY (seq, from_seq));
+-- Each table's catalog print at the newest complete (see
+-- extract::postgres::complete::catalog_print): a table whose print changed
+-- is never carried.
+CREATE TABLE IF NOT EXISTS catalog_prints (
+  table_key TEXT PRIMARY KEY,
+  print TEXT NOT NULL);
 -- The statistics' change counters at the newest complete: a hint only.
 CREATE TABLE IF NOT EXISTS change_counters (
   table_key TEXT PRIMARY KEY,
@@ -337,7 +343,9 @@ impl State {
 
     /// Records a durable bundle: its row, the watermarks after it, its media and
     /// the fingerprints of its change lines, in one transaction. A complete resets
-    /// watermarks and the media index.
+    /// watermarks and the media index, and records where each table's data is
+    /// and each table's catalog print (none for a bundle adopted after a
+    /// crash: its tables are not carried by the next complete).
     pub async fn commit_bundle(
         &mut self,
         manifest: &Manifest,
@@ -345,6 +353,7 @@ impl State {
         bytes: u64,
         duration_ms: u64,
         sent_lines: &[crate::extract::stage::LineHash],
+        catalog_prints: &std::collections::HashMap<String, String>,
     ) -> Result<(), StateError> {
         let path = self.path.clone();
         let err = |doing| {
@@ -411,6 +420,20 @@ impl State {
                 .execute(&mut *tx)
                 .await
                 .map_err(err("resetting table homes"))?;
+            // With the homes, in the same transaction: a print never
+            // outlives the data it describes.
+            sqlx::query("DELETE FROM catalog_prints")
+                .execute(&mut *tx)
+                .await
+                .map_err(err("resetting catalog prints"))?;
+            for (key, print) in catalog_prints {
+                sqlx::query("INSERT INTO catalog_prints (table_key, print) VALUES (?, ?)")
+                    .bind(key)
+                    .bind(print)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err("recording catalog prints"))?;
+            }
             for (key, home) in homes(manifest, file) {
                 let json = serde_json::to_string(&home).unwrap_or_default();
                 sqlx::query("INSERT INTO carry_homes (table_key, home) VALUES (?, ?)")
@@ -473,6 +496,18 @@ impl State {
             .filter(|(s, _)| seqs.contains(&(*s as u64)))
             .map(|(_, f)| f as u64)
             .collect())
+    }
+
+    /// The catalog prints recorded at the newest complete.
+    pub async fn catalog_prints(
+        &mut self,
+    ) -> Result<std::collections::HashMap<String, String>, StateError> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT table_key, print FROM catalog_prints")
+                .fetch_all(&mut self.conn)
+                .await
+                .map_err(self.err("reading catalog prints"))?;
+        Ok(rows.into_iter().collect())
     }
 
     /// The change counters recorded at the newest complete.

@@ -3,7 +3,8 @@
 //! which tables a complete carries, that every way of changing a table makes
 //! the next complete dump it (an update, a delete, a delete and an insert that
 //! keep the count, a TRUNCATE and reload, writes with triggers off, a
-//! transaction still open while the previous complete was taken), that the
+//! transaction still open while the previous complete was taken, a column
+//! dropped and added again, an enum label renamed), that the
 //! receiver's copy and every restore equal the source after each complete,
 //! and what happens when the carried-from file is missing or pruned.
 
@@ -239,6 +240,14 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
              INSERT INTO t9 SELECT * FROM keep; DROP TABLE keep;",
         ),
         ("zoo", "UPDATE zoo SET t = 'zoo changed' WHERE id = 1;"),
+        // Data that changes without a row written: a last column dropped and
+        // added again the same, and an enum label renamed.
+        (
+            "t2",
+            "ALTER TABLE t2 DROP COLUMN updated_at;
+             ALTER TABLE t2 ADD COLUMN updated_at timestamptz NOT NULL DEFAULT now();",
+        ),
+        ("zoo", "ALTER TYPE mood RENAME VALUE 'sad' TO 'blue';"),
     ];
     for (table, sql) in steps {
         site.app(sql).await;

@@ -171,6 +171,9 @@ pub struct ExtractSettings {
     /// complete if proved unchanged since (by `schema.table`), with the
     /// members to carry (see `state::Home`). Empty: every table is dumped.
     pub carry: std::sync::Arc<std::collections::HashMap<String, Vec<manifest::Member>>>,
+    /// Each table's catalog print at the previous complete: a table is
+    /// carried only if its print is the same now.
+    pub catalog_prints: std::sync::Arc<std::collections::HashMap<String, String>>,
 }
 
 impl ExtractSettings {
@@ -182,6 +185,7 @@ impl ExtractSettings {
             jobs: config.source.jobs,
             binary_copy: config.complete.copy_format == crate::config::CopyFormat::Binary,
             carry: Default::default(),
+            catalog_prints: Default::default(),
         }
     }
 }
@@ -195,6 +199,9 @@ pub struct Extracted {
     pub snapshot_xmin: Option<u64>,
     /// A complete: the members it carries from earlier completes.
     pub carried: Vec<manifest::Member>,
+    /// A PostgreSQL complete: each table's catalog print (see
+    /// `ExtractSettings::catalog_prints`).
+    pub catalog_prints: std::collections::HashMap<String, String>,
 }
 
 /// The source database.

@@ -33,7 +33,7 @@ impl PgSource {
         // Whatever happens inside, the exporting transaction ends here.
         let result = self.complete_in_snapshot(tables, settings, stager).await;
         let ended = crate::extract::end_snapshot(&mut self.conn).await;
-        let (snapshot_xmin, carried) = result?;
+        let (snapshot_xmin, carried, catalog_prints) = result?;
         ended?;
         let mut watermarks = Watermarks::new();
         for t in tables.iter().filter(|t| t.change.is_some()) {
@@ -44,17 +44,18 @@ impl PgSource {
             watermarks,
             snapshot_xmin: Some(snapshot_xmin),
             carried,
+            catalog_prints,
         })
     }
 
-    /// Returns the snapshot's horizon and the members carried from earlier
-    /// completes.
+    /// Returns the snapshot's horizon, the members carried from earlier
+    /// completes, and every table's catalog print.
     async fn complete_in_snapshot(
         &mut self,
         tables: &[TableMeta],
         settings: &ExtractSettings,
         stager: &Stager,
-    ) -> Result<(u64, Vec<Member>), ExtractError> {
+    ) -> Result<(u64, Vec<Member>, std::collections::HashMap<String, String>), ExtractError> {
         let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
             .fetch_one(&mut self.conn)
             .await
@@ -69,6 +70,7 @@ impl PgSource {
         .await
         .map_err(ExtractError::db("reading the snapshot's horizon"))?;
         let carried = Arc::new(Mutex::new(Vec::new()));
+        let prints = Arc::new(Mutex::new(std::collections::HashMap::new()));
         if !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
             return Err(ExtractError::Selection(format!(
                 "unexpected snapshot id {snapshot:?}"
@@ -111,19 +113,31 @@ impl PgSource {
             let stager = stager.clone();
             let binary = settings.binary_copy;
             let (carry, carried) = (settings.carry.clone(), carried.clone());
+            let (prints, prints_before) = (prints.clone(), settings.catalog_prints.clone());
             readers.spawn(async move {
                 loop {
                     let next = queue.lock().map(|mut q| q.pop_front()).ok().flatten();
                     let Some(table) = next else { break };
-                    if let Some(home) = carry.get(&table.key())
-                        && unchanged(&mut conn, &table, home, xmax as u64).await?
-                    {
-                        if let Ok(mut c) = carried.lock() {
-                            c.extend(home.iter().cloned());
+                    if let Some(home) = carry.get(&table.key()) {
+                        let expected = prints_before.get(&table.key());
+                        let (same, print) =
+                            unchanged(&mut conn, &table, home, expected, xmax as u64).await?;
+                        if same {
+                            if let Ok(mut c) = carried.lock() {
+                                c.extend(home.iter().cloned());
+                            }
+                            if let Ok(mut p) = prints.lock() {
+                                p.insert(table.key(), print);
+                            }
+                            continue;
                         }
-                        continue;
                     }
                     copy_table(&mut conn, &table, &stager, binary).await?;
+                    // After the COPY, under its lock: what the next complete compares.
+                    let print = catalog_print(&mut conn, &table).await?;
+                    if let Ok(mut p) = prints.lock() {
+                        p.insert(table.key(), print);
+                    }
                 }
                 crate::extract::end_snapshot(&mut conn).await
             });
@@ -135,7 +149,8 @@ impl PgSource {
         let sequences = self.sequences(tables).await?;
         stage_text(stager, "schema/sequences.sql", Role::Sequences, sequences).await?;
         let carried = std::mem::take(&mut *carried.lock().unwrap_or_else(|p| p.into_inner()));
-        Ok((xmin as u64, carried))
+        let prints = std::mem::take(&mut *prints.lock().unwrap_or_else(|p| p.into_inner()));
+        Ok((xmin as u64, carried, prints))
     }
 
     /// See [`crate::extract::Source::change_counters`].
@@ -318,16 +333,17 @@ async fn unchanged(
     conn: &mut PgConnection,
     table: &TableMeta,
     home: &[Member],
+    expected_print: Option<&String>,
     xmax: u64,
-) -> Result<bool, ExtractError> {
+) -> Result<(bool, String), ExtractError> {
     let Some(since) = home.first().and_then(|m| m.carried.as_ref()) else {
-        return Ok(false);
+        return Ok((false, catalog_print(conn, table).await?));
     };
     if xmax
         .checked_sub(since.xmin)
         .is_none_or(|span| span >= 1 << 30)
     {
-        return Ok(false);
+        return Ok((false, catalog_print(conn, table).await?));
     }
     let rows: u64 = home.iter().filter_map(|m| m.rows).sum();
     let started = std::time::Instant::now();
@@ -348,12 +364,17 @@ async fn unchanged(
             "checking {} for changes",
             table.key()
         )))?;
-    let same = n as u64 == rows && newer == 0;
+    // The scan holds the table's lock: what the catalog says now holds for
+    // what was read. A column dropped and added again under the same name and
+    // type, or an enum label renamed, changes data without writing a row.
+    let print = catalog_print(conn, table).await?;
+    let same = n as u64 == rows && newer == 0 && expected_print == Some(&print);
     tracing::info!(
         table = %table.key(),
         since = since.seq.0,
         rows = n,
         newer_versions = newer,
+        catalog_same = expected_print == Some(&print),
         carried = same,
         ms = started.elapsed().as_millis() as u64,
         "{}",
@@ -363,7 +384,35 @@ async fn unchanged(
             "table changed since that complete: dumped"
         }
     );
-    Ok(same)
+    Ok((same, print))
+}
+
+/// What the catalog says of a table's rows beyond its described columns:
+/// each column's number, name, type and modifier, the labels of the enums it
+/// uses (directly, as an array's element, or under a domain), and the
+/// relation's file (a rewrite, TRUNCATE or VACUUM FULL makes a new one). Taken
+/// at every complete (with the table's lock held) for the next one's test.
+async fn catalog_print(conn: &mut PgConnection, table: &TableMeta) -> Result<String, ExtractError> {
+    sqlx::query_scalar(
+        "SELECT c.relfilenode::text || '|' || coalesce(string_agg(
+                  a.attnum || ':' || a.attname || ':' || a.atttypid || ':' || a.atttypmod || ':' ||
+                  coalesce((SELECT string_agg(e.enumlabel, ',' ORDER BY e.enumtypid, e.enumsortorder)
+                            FROM pg_enum e
+                            WHERE e.enumtypid IN (a.atttypid, t.typelem, t.typbasetype)), ''),
+                  ';' ORDER BY a.attnum), '')
+         FROM pg_class c
+         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+         JOIN pg_type t ON t.oid = a.atttypid
+         WHERE c.oid = $1::regclass
+         GROUP BY c.relfilenode",
+    )
+    .bind(table.info.name.quoted())
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(ExtractError::db_lazy(&format!(
+        "reading the catalog of {}",
+        table.key()
+    )))
 }
 
 /// Bytes after which a table's COPY data continues in a new member (a *part*), so
