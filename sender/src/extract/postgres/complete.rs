@@ -397,7 +397,7 @@ async fn unchanged(
 /// at every complete (with the table's lock held) for the next one's test.
 async fn catalog_print(conn: &mut PgConnection, table: &TableMeta) -> Result<String, ExtractError> {
     sqlx::query_scalar(
-        "SELECT c.relkind || '|' || c.relfilenode::text || '|' || coalesce(string_agg(
+        "SELECT c.relkind::text || '|' || c.relfilenode::text || '|' || coalesce(string_agg(
                   a.attnum || ':' || a.attname || ':' || a.atttypid || ':' || a.atttypmod || ':' ||
                   coalesce((SELECT string_agg(e.enumlabel, ',' ORDER BY e.enumtypid, e.enumsortorder)
                             FROM pg_enum e
