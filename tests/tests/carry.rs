@@ -344,6 +344,41 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
         assert_eq!(&site.content(&db).await, want, "restore at #{seq}");
     }
 
+    // The newest, carrying, complete as a SQLite development database: the
+    // staged loader gets the carried tables too (every table, every row).
+    let dev = site.path("dev.sqlite3");
+    let (last, want) = recorded.last().unwrap();
+    let out = site.run(
+        "ferry-receiver",
+        "receiver.toml",
+        &[
+            "restore",
+            "--at",
+            &last.to_string(),
+            "--into",
+            &format!("sqlite://{}", dev.display()),
+            "--from",
+            from.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut lite = ferry_tests::lite::sqlite(&dev).await;
+    for (table, rows) in want {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM \"{}\"",
+            table.trim_matches('"')
+        )))
+        .fetch_one(&mut lite)
+        .await
+        .unwrap_or_else(|e| panic!("{table} in the SQLite file: {e}"));
+        assert_eq!(n as usize, rows.len(), "{table} in the SQLite file");
+    }
+    let v: String = sqlx::query_scalar("SELECT v FROM t3 WHERE id = 7")
+        .fetch_one(&mut lite)
+        .await
+        .unwrap();
+    assert_eq!(v, "changed");
+
     // Retention keeps the newest complete only, and the completes it carries
     // from: pruning removes the rest, never those.
     let newest = site.complete("complete").await;
