@@ -174,6 +174,16 @@ impl Site {
         ferry_tests::pg::public_content(&mut self.server.connect(db).await).await
     }
 
+    /// `ferry-receiver restore --into INTO --from FROM [--at SEQ]`.
+    fn restore(&self, into: &str, from: &std::path::Path, at: Option<u64>) -> Output {
+        let at = at.map(|s| s.to_string());
+        let mut args = vec!["restore", "--into", into, "--from", from.to_str().unwrap()];
+        if let Some(at) = &at {
+            args.extend(["--at", at.as_str()]);
+        }
+        self.run("ferry-receiver", "receiver.toml", &args)
+    }
+
     async fn app(&self, sql: &str) {
         exec(&mut self.server.connect("app").await, sql).await;
     }
@@ -323,19 +333,7 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
     for (seq, want) in &recorded {
         let db = format!("r{seq}");
         site.server.create_db(&db, "").await;
-        let out = site.run(
-            "ferry-receiver",
-            "receiver.toml",
-            &[
-                "restore",
-                "--at",
-                &seq.to_string(),
-                "--into",
-                &site.server.url(&db),
-                "--from",
-                from.to_str().unwrap(),
-            ],
-        );
+        let out = site.restore(&site.server.url(&db), &from, Some(*seq));
         assert!(
             out.status.success(),
             "restore #{seq}: {}",
@@ -348,19 +346,7 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
     // staged loader gets the carried tables too (every table, every row).
     let dev = site.path("dev.sqlite3");
     let (last, want) = recorded.last().unwrap();
-    let out = site.run(
-        "ferry-receiver",
-        "receiver.toml",
-        &[
-            "restore",
-            "--at",
-            &last.to_string(),
-            "--into",
-            &format!("sqlite://{}", dev.display()),
-            "--from",
-            from.to_str().unwrap(),
-        ],
-    );
+    let out = site.restore(&format!("sqlite://{}", dev.display()), &from, Some(*last));
     assert!(out.status.success(), "{}", text(&out.stderr));
     let mut lite = ferry_tests::lite::sqlite(&dev).await;
     for (table, rows) in want {
@@ -445,17 +431,7 @@ async fn unchanged_tables_are_carried_and_every_change_is_dumped() {
     std::fs::copy(site.outbox().join(&newest_name), lone.join(&newest_name)).unwrap();
     let first_name = name_in(&site.outbox(), "app", first, Kind::Complete);
     site.server.create_db("rlone", "").await;
-    let out = site.run(
-        "ferry-receiver",
-        "receiver.toml",
-        &[
-            "restore",
-            "--into",
-            &site.server.url("rlone"),
-            "--from",
-            lone.to_str().unwrap(),
-        ],
-    );
+    let out = site.restore(&site.server.url("rlone"), &lone, None);
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains(&first_name),
@@ -548,19 +524,7 @@ async fn members_carried_from_volumes() {
     let want = site.content("app").await;
     assert_eq!(site.content("viz").await, want);
     site.server.create_db("r", "").await;
-    let out = site.run(
-        "ferry-receiver",
-        "receiver.toml",
-        &[
-            "restore",
-            "--at",
-            &second.to_string(),
-            "--into",
-            &site.server.url("r"),
-            "--from",
-            site.outbox().to_str().unwrap(),
-        ],
-    );
+    let out = site.restore(&site.server.url("r"), &site.outbox(), Some(second));
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(site.content("r").await, want);
 }
@@ -635,17 +599,7 @@ async fn sent_keeps_the_completes_the_newest_carries_from() {
     assert_eq!(seqs_in(&sent), BTreeSet::from([1, 2, 3]));
     let want = site.content("app").await;
     site.server.create_db("from_sent", "").await;
-    let out = site.run(
-        "ferry-receiver",
-        "receiver.toml",
-        &[
-            "restore",
-            "--into",
-            &site.server.url("from_sent"),
-            "--from",
-            sent.to_str().unwrap(),
-        ],
-    );
+    let out = site.restore(&site.server.url("from_sent"), &sent, None);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(site.content("from_sent").await, want);
     // A resync needs nothing earlier: the rest goes.
