@@ -139,7 +139,8 @@ wait_for() {
   echo "$0: the copy never answered '$2' to: $1" >&2; return 1
 }
 wait_for "SELECT body FROM note WHERE id = 1" first
-sqlite3 /srv/ferry-doc-app/app.sqlite3 "INSERT INTO note VALUES (2, 'second', '2026-01-02 00:00:00')"
+# The app writes with a busy timeout, as apps do: the sender reads beside it.
+sqlite3 -cmd ".timeout 10000" /srv/ferry-doc-app/app.sqlite3 "INSERT INTO note VALUES (2, 'second', '2026-01-02 00:00:00')"
 wait_for "SELECT body FROM note WHERE id = 2" second
 stat -c '%a %U:%G %n' /etc/ferry /etc/ferry/sender.toml /etc/ferry/receiver.toml /var/lib/ferry-sender/id_ed25519
 sudo -u ferry-receiver ferry-receiver --config /etc/ferry/receiver.toml status
