@@ -190,6 +190,9 @@ pub struct Limits {
     /// more arrives). A set whose newest volume is older than this is not started.
     #[serde(with = "ferry_common::duration")]
     pub volume_wait: Duration,
+    /// What each file system a bundle is staged or installed on must keep free
+    /// after it (see [`crate::space`]).
+    pub keep_free: KeepFree,
 }
 
 impl Default for Limits {
@@ -197,6 +200,62 @@ impl Default for Limits {
         Self {
             max_bundle_bytes: 256 << 30,
             volume_wait: Duration::from_secs(300),
+            keep_free: KeepFree::default(),
+        }
+    }
+}
+
+/// `[limits] keep_free`: a byte count (`2147483648`) or a share of the file
+/// system (`"10%"`). Unset: 5 % of the file system, at most 4 GiB — a large
+/// disk need not keep hundreds of gigabytes idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeepFree {
+    #[default]
+    Default,
+    Bytes(u64),
+    Percent(u64),
+}
+
+impl KeepFree {
+    /// The bytes to keep free on a file system of `total` bytes.
+    pub fn of(self, total: u64) -> u64 {
+        match self {
+            KeepFree::Default => (total / 100 * 5).min(4 << 30),
+            KeepFree::Bytes(n) => n,
+            KeepFree::Percent(p) => total / 100 * p,
+        }
+    }
+}
+
+impl std::fmt::Display for KeepFree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeepFree::Default => f.write_str("5% of the file system, at most 4 GiB"),
+            KeepFree::Bytes(n) => write!(f, "`keep_free = {n}`"),
+            KeepFree::Percent(p) => write!(f, "`keep_free = \"{p}%\"` of the file system"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for KeepFree {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        let bad = || {
+            serde::de::Error::custom(
+                "keep_free is a byte count (e.g. 2147483648) or a percentage from 0 to 99 (e.g. \"10%\")",
+            )
+        };
+        match Raw::deserialize(d).map_err(|_| bad())? {
+            Raw::Bytes(n) => Ok(KeepFree::Bytes(n)),
+            Raw::Text(t) => match t.trim().strip_suffix('%').map(|p| p.trim().parse::<u64>()) {
+                Some(Ok(p)) if p < 100 => Ok(KeepFree::Percent(p)),
+                _ => Err(bad()),
+            },
         }
     }
 }
@@ -353,5 +412,40 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("hooks[0]") && e.contains("command"), "{e}");
+    }
+
+    #[test]
+    fn keep_free_is_bytes_or_a_share_and_the_default_is_capped() {
+        let with = |v: &str| {
+            Config::parse(
+                &format!(
+                    "state_dir='/s'\ninbox='/i'\n[target]\nurl='sqlite:///x'\n[limits]\n{v}\n"
+                ),
+                Path::new("r.toml"),
+            )
+            .map(|c| c.limits.keep_free)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(with("").unwrap(), KeepFree::Default);
+        assert_eq!(
+            with("keep_free = 1048576").unwrap(),
+            KeepFree::Bytes(1 << 20)
+        );
+        assert_eq!(with("keep_free = \"10%\"").unwrap(), KeepFree::Percent(10));
+        for bad in [
+            "keep_free = \"100%\"",
+            "keep_free = \"lots\"",
+            "keep_free = -1",
+        ] {
+            let e = with(bad).unwrap_err();
+            assert!(
+                e.contains("keep_free") && e.contains("percentage"),
+                "{bad}: {e}"
+            );
+        }
+        assert_eq!(KeepFree::Default.of(16 << 20), (16 << 20) / 100 * 5);
+        assert_eq!(KeepFree::Default.of(10 << 40), 4 << 30);
+        assert_eq!(KeepFree::Percent(10).of(1000), 100);
+        assert_eq!(KeepFree::Bytes(7).of(1000), 7);
     }
 }

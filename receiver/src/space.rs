@@ -5,19 +5,16 @@
 //! and the numbers, instead of filling the disk the receiver and its database
 //! live on.
 
-use crate::config::Config;
+use crate::config::{Config, KeepFree};
 use ferry_common::manifest::{DataFormat, Manifest, Role};
 use std::path::{Path, PathBuf};
-
-/// What a file system must keep free after a bundle: this share of its size.
-pub const MARGIN_PERCENT: u64 = 5;
 
 /// Not enough room for a bundle on a file system.
 #[derive(Debug, thiserror::Error)]
 #[error(
     "not enough free space for bundle {bundle} in {}: it needs {needed} bytes there and {free} are \
-     free, of which {margin} ({MARGIN_PERCENT}% of the file system) must stay free; free space \
-     there (or move `state_dir` or the media directories), then it is loaded — nothing of it was applied",
+     free, of which {margin} ({rule}) must stay free; free space there (or move `state_dir` or \
+     the media directories, or lower `[limits] keep_free`), then it is loaded — nothing of it was applied",
     dir.display()
 )]
 pub struct NoSpace {
@@ -26,6 +23,7 @@ pub struct NoSpace {
     pub needed: u64,
     pub free: u64,
     pub margin: u64,
+    pub rule: KeepFree,
 }
 
 /// (file system id, free bytes for an unprivileged writer, total bytes) of the
@@ -81,7 +79,7 @@ pub fn check(config: &Config, bundle: &str, m: &Manifest, streamed: bool) -> Res
         }
     }
     for (_, dir, needed, free, total) in per_fs {
-        let margin = total / 100 * MARGIN_PERCENT;
+        let margin = config.limits.keep_free.of(total);
         if needed.saturating_add(margin) > free {
             return Err(NoSpace {
                 bundle: bundle.to_owned(),
@@ -89,6 +87,7 @@ pub fn check(config: &Config, bundle: &str, m: &Manifest, streamed: bool) -> Res
                 needed,
                 free,
                 margin,
+                rule: config.limits.keep_free,
             });
         }
     }

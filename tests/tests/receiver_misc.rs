@@ -435,6 +435,24 @@ async fn a_bundle_that_does_not_fit_waits_for_free_space() {
         .status()
         .unwrap();
     assert!(grown.success());
+    // The operator's own margin counts instead of the default: 95% of 200 MB
+    // leaves no room for the 20 MB bundle; a byte count that fits lets it in.
+    let config = std::fs::read_to_string(l.p("receiver.toml")).unwrap();
+    std::fs::write(
+        l.p("receiver.toml"),
+        format!("{config}[limits]\nkeep_free = \"95%\"\n"),
+    )
+    .unwrap();
+    let out = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
+    let said = text(&out.stdout) + &text(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{said}");
+    assert!(said.contains("keep_free = \"95%\""), "{said}");
+    assert!(!l.p("media-dst/big.bin").exists());
+    std::fs::write(
+        l.p("receiver.toml"),
+        format!("{config}[limits]\nkeep_free = {}\n", 100 << 20),
+    )
+    .unwrap();
     let out = run("ferry-receiver", &l.p("receiver.toml"), &["load"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     l.assert_same().await;
