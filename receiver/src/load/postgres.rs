@@ -453,14 +453,26 @@ pub(super) fn data_table(member: &Member) -> Result<&TableName, LoadError> {
 /// The COPY statement loading `member` into `table` (a quoted name), in the
 /// member's format. FREEZE: the table was created or truncated in this
 /// transaction, so its rows can be written frozen (no hint-bit rewrites or
-/// anti-wraparound vacuum later).
-fn copy_in_sql(table: &str, member: &Member) -> String {
-    match member.format {
+/// anti-wraparound vacuum later). A partitioned table routes its rows to
+/// its partitions and refuses FREEZE.
+async fn copy_in_sql(
+    conn: &mut PgConnection,
+    table: &str,
+    member: &Member,
+) -> Result<String, LoadError> {
+    let partitioned: bool =
+        sqlx::query_scalar("SELECT relkind = 'p' FROM pg_class WHERE oid = $1::regclass")
+            .bind(table)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(LoadError::db(format!("looking up {table}")))?;
+    let freeze = if partitioned { "" } else { ", FREEZE" };
+    Ok(match member.format {
         Some(DataFormat::PgCopyBinary) => {
-            format!("COPY {table} FROM STDIN WITH (FORMAT binary, FREEZE)")
+            format!("COPY {table} FROM STDIN WITH (FORMAT binary{freeze})")
         }
-        _ => format!("COPY {table} FROM STDIN WITH (FREEZE)"),
-    }
+        _ => format!("COPY {table} FROM STDIN WITH (FORMAT text{freeze})"),
+    })
 }
 
 /// COPYs one staged data file into `table` (a quoted name).
@@ -471,7 +483,8 @@ pub(super) async fn copy_file(
     path: &std::path::Path,
 ) -> Result<u64, LoadError> {
     let doing = format!("loading {} ({})", table, member.path);
-    copy_raw(conn, &copy_in_sql(table, member), &doing, path).await
+    let sql = copy_in_sql(conn, table, member).await?;
+    copy_raw(conn, &sql, &doing, path).await
 }
 
 /// Runs a `COPY … FROM STDIN` statement with a file's bytes.
@@ -512,8 +525,9 @@ pub(super) async fn copy_stream<T: Into<Option<Piece>>>(
     rx: &mut tokio::sync::mpsc::Receiver<T>,
 ) -> Result<u64, LoadError> {
     let doing = format!("loading {} ({})", table, member.path);
+    let sql = copy_in_sql(conn, table, member).await?;
     let mut copy = conn
-        .copy_in_raw(&copy_in_sql(table, member))
+        .copy_in_raw(&sql)
         .await
         .map_err(LoadError::db(doing.clone()))?;
     while let Some(p) = rx.recv().await {

@@ -667,7 +667,8 @@ fn clean_statements(pre: &str) -> String {
 }
 
 /// The objects of schema `$1` that `ALTER … SET SCHEMA` moves one by one
-/// (indexes, owned sequences and row types follow their table), each with
+/// (indexes, owned sequences and row types follow their table; partitions do
+/// not follow theirs), each with
 /// whether schema `$2` already has one of that name (and arguments).
 pub(super) const MOVABLE: &str = "
 SELECT kind, name, taken FROM (
@@ -678,8 +679,11 @@ SELECT kind, name, taken FROM (
                  WHERE xn.nspname = $2 AND x.relname = c.relname) AS taken
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
   WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
-    AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-                    AND d.objid = c.oid AND d.deptype IN ('a', 'i'))
+    -- a partition is moved on its own (its parent takes only itself along);
+    -- a partitioned table depends on its own key columns
+    AND (c.relispartition
+         OR NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                        AND d.objid = c.oid AND d.refobjid <> c.oid AND d.deptype IN ('a', 'i')))
   UNION ALL
   SELECT CASE t.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END, quote_ident(t.typname),
          EXISTS (SELECT 1 FROM pg_type x JOIN pg_namespace xn ON xn.oid = x.typnamespace

@@ -133,6 +133,9 @@ pub struct TableMeta {
     pub change_indexed: bool,
     /// A size estimate used to start the largest tables first.
     pub size_hint: i64,
+    /// A PostgreSQL partitioned table: its rows are its partitions', read
+    /// through it (`COPY` refuses the table itself).
+    pub partitioned: bool,
 }
 
 impl TableMeta {

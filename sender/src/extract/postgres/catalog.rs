@@ -13,7 +13,12 @@ impl PgSource {
     pub async fn catalog(&mut self) -> Result<Vec<CatalogTable>, ExtractError> {
         let rows = sqlx::query(
             "SELECT c.oid::int8 AS oid, n.nspname::text AS schema, c.relname::text AS name,
-                    greatest(c.relpages, 0)::int8 AS pages
+                    c.relkind = 'p' AS partitioned,
+                    -- a partitioned table's size is its partitions'
+                    CASE c.relkind WHEN 'p' THEN
+                      (SELECT coalesce(sum(greatest(p.relpages, 0)), 0)
+                       FROM pg_partition_tree(c.oid) t JOIN pg_class p ON p.oid = t.relid)
+                    ELSE greatest(c.relpages, 0) END::int8 AS pages
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
                AND n.nspname <> 'information_schema'
@@ -50,6 +55,7 @@ impl PgSource {
                     change_kinds: HashMap::new(),
                     indexed_first: HashSet::new(),
                     size_hint: col(&r, "pages")?,
+                    partitioned: col(&r, "partitioned")?,
                 },
             ));
         }

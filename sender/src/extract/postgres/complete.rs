@@ -458,12 +458,15 @@ async fn copy_table(
     let mut part = 1;
     let mut sink = Part::open(new_part(part)?, binary).await?;
     let mut rows = 0u64;
+    // A partitioned table's rows are read through it: `COPY` of the table
+    // itself is refused, and its partitions are not listed as tables.
+    let from = match table.partitioned {
+        true => format!("(SELECT * FROM {})", table.info.name.quoted()),
+        false => table.info.name.quoted(),
+    };
     let sql = match binary {
-        true => format!(
-            "COPY {} TO STDOUT (FORMAT binary)",
-            table.info.name.quoted()
-        ),
-        false => format!("COPY {} TO STDOUT", table.info.name.quoted()),
+        true => format!("COPY {from} TO STDOUT (FORMAT binary)"),
+        false => format!("COPY {from} TO STDOUT"),
     };
     let mut stream = conn
         .copy_out_raw(&sql)
