@@ -104,6 +104,29 @@ pub async fn run_sealing(
     run_locked(config, requested, tables, &lock, sealed, false).await
 }
 
+/// The selected tables' schema fingerprint: columns, types and keys, and for
+/// partitioned tables their partitions (a database without any fingerprints
+/// as before partitions counted, so no complete is forced by an upgrade).
+fn schema_fingerprint(tables: &[TableMeta]) -> String {
+    use sha2::{Digest, Sha256};
+    let infos: Vec<_> = tables.iter().map(|t| t.info.clone()).collect();
+    let base = manifest::schema_fingerprint(&infos);
+    let mut layouts: Vec<(String, &str)> = tables
+        .iter()
+        .filter_map(|t| t.partitions.as_deref().map(|p| (t.key(), p)))
+        .collect();
+    if layouts.is_empty() {
+        return base;
+    }
+    layouts.sort();
+    let mut h = Sha256::new();
+    h.update(base.as_bytes());
+    for (table, layout) in layouts {
+        h.update(format!("\npartitions of {table}\n{layout}").as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
 /// A complete of chosen tables (`ferry-sender complete --table`): it travels
 /// as the chain's next partial, carrying those tables whole, so the receiver
 /// replaces exactly their rows (an upsert of the set and a delete of every row
@@ -255,8 +278,7 @@ async fn run_locked(
     let mut source = Source::connect(config).await?;
     let mut tables = source.tables(config).await?;
     let mut settings = ExtractSettings::from_config(config);
-    let fingerprint =
-        manifest::schema_fingerprint(&tables.iter().map(|t| t.info.clone()).collect::<Vec<_>>());
+    let fingerprint = schema_fingerprint(&tables);
 
     let mut kind = requested;
     let mut note = None;
@@ -290,8 +312,8 @@ async fn run_locked(
             Some(c) if c.schema_fingerprint != fingerprint => {
                 forced.clear();
                 let msg = format!(
-                    "the selected tables' schema changed since complete #{} (columns, types or \
-                     keys): taking a complete instead of a partial",
+                    "the selected tables' schema changed since complete #{} (columns, types, \
+                     keys or partitions): taking a complete instead of a partial",
                     c.seq
                 );
                 tracing::warn!(base_seq = c.seq, "{msg}");

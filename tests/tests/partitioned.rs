@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
+use ferry_common::manifest::Kind;
 use ferry_tests::pg::{PgServer, exec};
 use ferry_tests::{binary, outbox_files};
 use std::collections::BTreeMap;
@@ -171,6 +172,22 @@ async fn partitioned_tables_travel_in_completes_partials_and_restores() {
     let after_partial = site.content("app").await;
     assert_ne!(after_partial, first);
     assert_eq!(site.content("viz").await, after_partial);
+    assert_eq!(site.placement("viz").await, site.placement("app").await);
+
+    // A partition added on the source (next year's, say): the receiver's copy
+    // lacks it, so the next partial is taken as a complete.
+    site.app(
+        "CREATE TABLE events_2031 PARTITION OF events FOR VALUES FROM ('2031-01-01') TO ('2032-01-01');
+         INSERT INTO events (id, at, kind) VALUES (3001, '2031-02-02', 'view');",
+    )
+    .await;
+    let seq = site.send_and_load("partial");
+    let newest = ferry_tests::name_in(&site.path("sstate/outbox"), "app", seq, Kind::Complete);
+    assert!(
+        site.path("sstate/outbox").join(&newest).exists(),
+        "the partial after a partition was added should be a complete ({newest})"
+    );
+    assert_eq!(site.content("viz").await, site.content("app").await);
     assert_eq!(site.placement("viz").await, site.placement("app").await);
 
     // A second complete replaces the copy (the swap moves every partition).

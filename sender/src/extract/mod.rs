@@ -133,9 +133,13 @@ pub struct TableMeta {
     pub change_indexed: bool,
     /// A size estimate used to start the largest tables first.
     pub size_hint: i64,
-    /// A PostgreSQL partitioned table: its rows are its partitions', read
-    /// through it (`COPY` refuses the table itself).
-    pub partitioned: bool,
+    /// Set for a PostgreSQL partitioned table, whose rows are its partitions'
+    /// and are read through it (`COPY` refuses the table itself): its layout,
+    /// each partition (at any depth) with its bounds and partition key, a
+    /// line each. Part of the schema fingerprint: a partition added, detached
+    /// or re-bounded makes the next partial a complete, so the receiver's copy
+    /// never lacks the partition a row belongs in.
+    pub partitions: Option<String>,
 }
 
 impl TableMeta {

@@ -15,8 +15,8 @@ pub struct CatalogTable {
     /// Columns some index starts with.
     pub indexed_first: HashSet<String>,
     pub size_hint: i64,
-    /// A PostgreSQL partitioned table: its rows are its partitions'.
-    pub partitioned: bool,
+    /// A PostgreSQL partitioned table's layout (see [`super::TableMeta`]).
+    pub partitions: Option<String>,
 }
 
 fn matches(patterns: &[glob::Pattern], name: &str) -> bool {
@@ -203,7 +203,7 @@ pub fn resolve(
             auto,
             change_indexed,
             size_hint: t.size_hint,
-            partitioned: t.partitioned,
+            partitions: t.partitions,
         });
     }
     let names: HashSet<String> = selected.iter().map(TableMeta::key).collect();

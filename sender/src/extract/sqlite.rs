@@ -98,7 +98,7 @@ impl SqliteSource {
                 change_kinds: HashMap::new(),
                 indexed_first: HashSet::new(),
                 size_hint: 0,
-                partitioned: false,
+                partitions: None,
             };
             let mut pk: Vec<(i64, String)> = Vec::new();
             for c in cols {

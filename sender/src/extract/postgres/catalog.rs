@@ -13,7 +13,14 @@ impl PgSource {
     pub async fn catalog(&mut self) -> Result<Vec<CatalogTable>, ExtractError> {
         let rows = sqlx::query(
             "SELECT c.oid::int8 AS oid, n.nspname::text AS schema, c.relname::text AS name,
-                    c.relkind = 'p' AS partitioned,
+                    CASE c.relkind WHEN 'p' THEN
+                      (SELECT string_agg(format('%I.%I %s %s', pn.nspname, p.relname,
+                                                coalesce(pg_get_expr(p.relpartbound, p.oid), '-'),
+                                                coalesce(pg_get_partkeydef(p.oid), '-')),
+                                         E'\n' ORDER BY pn.nspname, p.relname)
+                       FROM pg_partition_tree(c.oid) t JOIN pg_class p ON p.oid = t.relid
+                       JOIN pg_namespace pn ON pn.oid = p.relnamespace)
+                    END AS partitions,
                     -- a partitioned table's size is its partitions'
                     CASE c.relkind WHEN 'p' THEN
                       (SELECT coalesce(sum(greatest(p.relpages, 0)), 0)
@@ -55,7 +62,7 @@ impl PgSource {
                     change_kinds: HashMap::new(),
                     indexed_first: HashSet::new(),
                     size_hint: col(&r, "pages")?,
-                    partitioned: col(&r, "partitioned")?,
+                    partitions: col(&r, "partitions")?,
                 },
             ));
         }

@@ -460,7 +460,7 @@ async fn copy_table(
     let mut rows = 0u64;
     // A partitioned table's rows are read through it: `COPY` of the table
     // itself is refused, and its partitions are not listed as tables.
-    let from = match table.partitioned {
+    let from = match table.partitions.is_some() {
         true => format!("(SELECT * FROM {})", table.info.name.quoted()),
         false => table.info.name.quoted(),
     };
