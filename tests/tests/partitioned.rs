@@ -1,9 +1,11 @@
 //! Partitioned tables with the real binaries and a real PostgreSQL server: a
 //! table partitioned by range, one range partitioned again by list, a default
-//! partition, and a table whose foreign key points at the partitioned one.
-//! Completes, partials (a row moved between partitions by an update of the
-//! partition key, deletes) and restores give copies equal to the source, every
-//! row in the same partition, through the staged load and its swap.
+//! partition, a table whose foreign key points at the partitioned one, and a
+//! partitioned table left out by `[source] exclude` (its partitions go with
+//! it). Completes, partials (a row moved between partitions by an update of
+//! the partition key, deletes), a partition added (the next partial becomes a
+//! complete) and restores give copies equal to the source, every row in the
+//! same partition, through the staged load and its swap.
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
@@ -34,6 +36,9 @@ INSERT INTO events (id, at, kind, body)
   FROM generate_series(1, 900) g;
 INSERT INTO notes (id, event_id, event_at, event_kind, body)
   SELECT id, id, at, kind, 'note ' || id FROM events WHERE id % 10 = 0;
+CREATE TABLE audit (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+CREATE TABLE audit_2025 PARTITION OF audit FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+INSERT INTO audit VALUES (1, '2025-02-02');
 ";
 
 type Content = BTreeMap<String, Vec<String>>;
@@ -60,7 +65,7 @@ impl Site {
         std::fs::write(
             s.path("sender.toml"),
             format!(
-                "sender_id = \"app\"\nstate_dir = {:?}\n[source]\nurl = {:?}\n[partial]\n\
+                "sender_id = \"app\"\nstate_dir = {:?}\n[source]\nurl = {:?}\nexclude = [\"public.audit\"]\n[partial]\n\
                  change_column = \"updated_at\"\noverlap = \"0s\"\n",
                 s.path("sstate"),
                 s.server.url("app"),
@@ -124,8 +129,11 @@ impl Site {
             .unwrap()
     }
 
+    /// The content of `db` without the excluded partitioned table `audit`.
     async fn content(&self, db: &str) -> Content {
-        ferry_tests::pg::public_content(&mut self.server.connect(db).await).await
+        let mut c = ferry_tests::pg::public_content(&mut self.server.connect(db).await).await;
+        c.retain(|t, _| !t.starts_with("audit"));
+        c
     }
 
     async fn app(&self, sql: &str) {
@@ -155,6 +163,13 @@ async fn partitioned_tables_travel_in_completes_partials_and_restores() {
     );
     assert_eq!(site.content("viz").await, first);
     assert_eq!(site.placement("viz").await, site.placement("app").await);
+    // The excluded partitioned table is left out with its partitions.
+    let audit: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_class WHERE relname LIKE 'audit%'")
+            .fetch_one(&mut site.server.connect("viz").await)
+            .await
+            .unwrap();
+    assert_eq!(audit, 0);
 
     // Inserts into every leaf, a row moved to another partition by its key,
     // one moved within the sub-partitioned range, deletes, a note added.

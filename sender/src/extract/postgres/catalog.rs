@@ -67,6 +67,23 @@ impl PgSource {
             ));
         }
         self.all_tables = tables.iter().map(|(_, t)| t.info.name.clone()).collect();
+        let parts: Vec<(String, String, String, String)> = sqlx::query_as(
+            "SELECT n.nspname::text, c.relname::text, pn.nspname::text, p.relname::text
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
+                  pg_partition_tree(c.oid) t JOIN pg_class p ON p.oid = t.relid
+                  JOIN pg_namespace pn ON pn.oid = p.relnamespace
+             WHERE c.relkind = 'p' AND NOT c.relispartition AND t.relid <> c.oid",
+        )
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(ExtractError::db("listing partitions"))?;
+        self.partitions.clear();
+        for (s, t, ps, p) in parts {
+            self.partitions
+                .entry(TableName::new(Some(&s), &t))
+                .or_default()
+                .push(TableName::new(Some(&ps), &p));
+        }
         let oids: Vec<i64> = tables.iter().map(|(o, _)| *o).collect();
         let by_oid: HashMap<i64, usize> = oids.iter().enumerate().map(|(i, o)| (*o, i)).collect();
 

@@ -189,9 +189,12 @@ impl PgSource {
         section: &str,
     ) -> Result<String, ExtractError> {
         let selected: HashSet<&TableName> = tables.iter().map(|t| &t.info.name).collect();
+        let partitions = |t: &TableName| self.partitions.get(t).into_iter().flatten();
+        // A partition may live in another schema than its table.
         let schemas: std::collections::BTreeSet<&str> = tables
             .iter()
-            .filter_map(|t| t.info.name.schema.as_deref())
+            .flat_map(|t| std::iter::once(&t.info.name).chain(partitions(&t.info.name)))
+            .filter_map(|t| t.schema.as_deref())
             .collect();
         let (url, password) = split_password(&self.url);
         let mut cmd = tokio::process::Command::new(&self.pg_dump);
@@ -220,9 +223,13 @@ impl PgSource {
         for s in &schemas {
             cmd.arg(format!("--schema={}", quote_ident(s)));
         }
+        // A table left out takes its partitions along (pg_dump before 16 does
+        // not: their DDL would name the missing table).
         for t in &self.all_tables {
             if !selected.contains(t) && t.schema.as_deref().is_some_and(|s| schemas.contains(s)) {
-                cmd.arg(format!("--exclude-table={}", t.quoted()));
+                for t in std::iter::once(t).chain(partitions(t)) {
+                    cmd.arg(format!("--exclude-table={}", t.quoted()));
+                }
             }
         }
         let out = cmd.output().await.map_err(|e| ExtractError::PgDump {

@@ -47,6 +47,10 @@ pub struct PgSource {
     version: String,
     /// Every table of the catalog (selected or not), from the last `catalog()`.
     all_tables: Vec<TableName>,
+    /// The partitions (at any depth) of each partitioned table of
+    /// `all_tables`: pg_dump must leave them out with their table, and
+    /// dump their schemas with it.
+    partitions: HashMap<TableName, Vec<TableName>>,
     /// Columns carried as text in JSON (json and json[]), by table.
     json_columns: HashMap<TableName, HashSet<String>>,
 }
@@ -79,6 +83,7 @@ impl PgSource {
             timezone: config.timezone.clone(),
             version,
             all_tables: Vec::new(),
+            partitions: HashMap::new(),
             json_columns: HashMap::new(),
         })
     }
