@@ -460,13 +460,11 @@ async fn copy_in_sql(
     table: &str,
     member: &Member,
 ) -> Result<String, LoadError> {
-    let partitioned: bool =
-        sqlx::query_scalar("SELECT relkind = 'p' FROM pg_class WHERE oid = $1::regclass")
-            .bind(table)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(LoadError::db(format!("looking up {table}")))?;
-    let freeze = if partitioned { "" } else { ", FREEZE" };
+    let freeze = if partitioned(conn, table).await? {
+        ""
+    } else {
+        ", FREEZE"
+    };
     Ok(match member.format {
         Some(DataFormat::PgCopyBinary) => {
             format!("COPY {table} FROM STDIN WITH (FORMAT binary{freeze})")
@@ -618,7 +616,10 @@ pub(super) async fn run_script(
 
 /// Refuses a partial whose tables or columns the target lacks (schema drift: a
 /// complete is needed), naming what is missing.
-async fn check_tables(conn: &mut PgConnection, tables: &[Table]) -> Result<(), LoadError> {
+/// Checks every table exists on the target with every column; returns, for
+/// each, the name its deletes go to (see [`rows_of`]).
+async fn check_tables(conn: &mut PgConnection, tables: &[Table]) -> Result<Vec<String>, LoadError> {
+    let mut targets = Vec::with_capacity(tables.len());
     for t in tables {
         let schema = t.name.schema.clone().unwrap_or_else(|| "public".into());
         let cols: Vec<String> = sqlx::query_scalar(
@@ -645,8 +646,31 @@ async fn check_tables(conn: &mut PgConnection, tables: &[Table]) -> Result<(), L
                 t.name, c.name
             )));
         }
+        targets.push(rows_of(conn, &t.name.quoted()).await?);
     }
-    Ok(())
+    Ok(targets)
+}
+
+/// How statements that read or delete `table`'s rows name it (`table` is a
+/// quoted name): `ONLY table` for a plain table, so a table that others
+/// inherit from (`INHERITS`) means its own rows only, as `COPY` does; the
+/// bare name for a partitioned table, whose rows are all its partitions'
+/// (`ONLY` would mean none).
+pub(crate) async fn rows_of(conn: &mut PgConnection, table: &str) -> Result<String, LoadError> {
+    Ok(if partitioned(conn, table).await? {
+        table.to_owned()
+    } else {
+        format!("ONLY {table}")
+    })
+}
+
+/// Whether `table` (a quoted name) is a partitioned table on the target.
+pub(crate) async fn partitioned(conn: &mut PgConnection, table: &str) -> Result<bool, LoadError> {
+    sqlx::query_scalar("SELECT relkind = 'p' FROM pg_class WHERE oid = $1::regclass")
+        .bind(table)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(LoadError::db(format!("looking up {table}")))
 }
 
 /// The temporary table a partial's change lines of table `i` are copied into.
@@ -743,8 +767,9 @@ fn upsert_sql(t: &Table, i: usize) -> String {
     )
 }
 
-/// One `DELETE` for every delete line of table `i`.
-fn delete_sql(t: &Table, i: usize) -> String {
+/// One `DELETE` for every delete line of table `i`, from `target` (see
+/// [`rows_of`]).
+fn delete_sql(t: &Table, i: usize, target: &str) -> String {
     let name = t.name.quoted();
     let on = t
         .primary_key
@@ -753,7 +778,7 @@ fn delete_sql(t: &Table, i: usize) -> String {
         .collect::<Vec<_>>()
         .join(" AND ");
     format!(
-        "DELETE FROM {name} t USING (
+        "DELETE FROM {target} t USING (
            SELECT r.* FROM {lines} s, json_populate_record(NULL::{name}, {DOC}) r
            WHERE {IS_DELETE}) d
          WHERE {on}",
@@ -761,8 +786,8 @@ fn delete_sql(t: &Table, i: usize) -> String {
     )
 }
 
-/// For a table sent whole: deletes the rows its set lacks.
-fn delete_absent_sql(t: &Table, i: usize) -> String {
+/// For a table sent whole: deletes the rows its set lacks from `target`.
+fn delete_absent_sql(t: &Table, i: usize, target: &str) -> String {
     let on = t
         .primary_key
         .iter()
@@ -770,8 +795,7 @@ fn delete_absent_sql(t: &Table, i: usize) -> String {
         .collect::<Vec<_>>()
         .join(" AND ");
     format!(
-        "DELETE FROM {name} t WHERE NOT EXISTS (SELECT 1 FROM {rows} WHERE {on})",
-        name = t.name.quoted(),
+        "DELETE FROM {target} t WHERE NOT EXISTS (SELECT 1 FROM {rows} WHERE {on})",
         rows = upserted_rows(t, i)
     )
 }
@@ -783,7 +807,7 @@ fn delete_absent_sql(t: &Table, i: usize) -> String {
 /// of it is held in memory.
 pub(super) async fn load_partial(conn: &mut PgConnection, v: &Verified) -> Result<u64, LoadError> {
     let m = &v.manifest;
-    check_tables(conn, &m.tables).await?;
+    let targets = check_tables(conn, &m.tables).await?;
     sqlx::raw_sql("SET CONSTRAINTS ALL DEFERRED")
         .execute(&mut *conn)
         .await
@@ -846,14 +870,14 @@ pub(super) async fn load_partial(conn: &mut PgConnection, v: &Verified) -> Resul
         }
         rows += exec(
             conn,
-            delete_sql(t, i),
+            delete_sql(t, i, &targets[i]),
             format!("applying deletes to {}", t.name),
         )
         .await?;
         if whole[i] {
             rows += exec(
                 conn,
-                delete_absent_sql(t, i),
+                delete_absent_sql(t, i, &targets[i]),
                 format!("deleting the rows {} no longer holds", t.name),
             )
             .await?;

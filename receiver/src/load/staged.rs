@@ -626,7 +626,10 @@ async fn copy_worker(
         };
         let table = staging.table(data_table(&member)?)?;
         if truncated.insert(table.clone()) {
-            sqlx::raw_sql(q(format!("TRUNCATE {table}")))
+            // ONLY: a table others inherit from must not empty (or lock)
+            // tables another connection is loading.
+            let rows = super::postgres::rows_of(&mut tx, &table).await?;
+            sqlx::raw_sql(q(format!("TRUNCATE {rows}")))
                 .execute(&mut *tx)
                 .await
                 .map_err(LoadError::db(format!("truncating {table}")))?;

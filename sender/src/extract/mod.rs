@@ -147,6 +147,17 @@ impl TableMeta {
         self.info.name.to_string()
     }
 
+    /// How PostgreSQL queries name the table's rows: `ONLY table`, so a
+    /// table others inherit from (`INHERITS`) gives its own rows only, as its
+    /// complete's `COPY` does; a partitioned table by its bare name (its rows
+    /// are its partitions'; `ONLY` would give none).
+    pub fn pg_rows(&self) -> String {
+        match self.partitions {
+            Some(_) => self.info.name.quoted(),
+            None => format!("ONLY {}", self.info.name.quoted()),
+        }
+    }
+
     /// A table with a change column sent whole on request (`ferry-sender
     /// complete --table`): every row goes, even when the previous bundle sent
     /// the same set, and no delete lines (the set replaces the copy's rows).
@@ -409,10 +420,13 @@ pub(crate) fn partial_graph(tables: &[TableMeta]) -> Vec<(usize, usize, &manifes
 /// them all until none adds a row. `insert` opens each statement (`INSERT
 /// INTO`, `INSERT OR IGNORE INTO`) and `tail` ends it (`ON CONFLICT DO
 /// NOTHING`, or nothing), the engines' two ways of skipping keys already there.
-/// Each statement comes with the index of the table whose key set it adds to.
+/// `rows` names a table's rows in a query ([`TableMeta::pg_rows`] on
+/// PostgreSQL). Each statement comes with the index of the table whose key
+/// set it adds to.
 pub(crate) fn closure_statements(
     tables: &[TableMeta],
     keys: impl Fn(usize) -> String,
+    rows: impl Fn(&TableMeta) -> String,
     insert: &str,
     tail: &str,
 ) -> Vec<(String, String, usize)> {
@@ -425,18 +439,18 @@ pub(crate) fn closure_statements(
                 format!(
                     "{kc} kc JOIN {cname} c ON {ckey}",
                     kc = keys(ci),
-                    cname = c.info.name.quoted(),
+                    cname = rows(c),
                     ckey = join_on("c", &c.info.primary_key, "kc", &c.info.primary_key),
                 )
             } else {
-                format!("{} c", c.info.name.quoted())
+                format!("{} c", rows(c))
             };
             let sql = format!(
                 "{insert} {kp} SELECT DISTINCT {ppk} FROM {from_child}
                  JOIN {pname} p ON {fkjoin} {tail}",
                 kp = keys(pi),
                 ppk = column_list(Some("p"), &p.info.primary_key),
-                pname = p.info.name.quoted(),
+                pname = rows(p),
                 fkjoin = join_on("p", &fk.referenced_columns, "c", &fk.columns),
             );
             let doing = format!("following foreign keys from {} to {}", c.key(), p.key());

@@ -488,7 +488,13 @@ impl SqliteSource {
                     t.key()
                 )))?;
         }
-        let closure = closure_statements(tables, keys, "INSERT OR IGNORE INTO", "");
+        let closure = closure_statements(
+            tables,
+            keys,
+            |t| t.info.name.quoted(),
+            "INSERT OR IGNORE INTO",
+            "",
+        );
         loop {
             let mut added = 0;
             for (sql, doing, _) in &closure {

@@ -104,8 +104,9 @@ impl PgSource {
                 None => "WHERE $1::text IS NULL".into(),
             };
             let sql = format!(
-                "INSERT INTO {k} SELECT {pk} FROM {name} {filter}",
-                k = keys(i)
+                "INSERT INTO {k} SELECT {pk} FROM {rows} {filter}",
+                k = keys(i),
+                rows = t.pg_rows()
             );
             sqlx::query(q(sql))
                 .bind(wm.clone())
@@ -118,7 +119,13 @@ impl PgSource {
             ranges[i] = Some((filter, wm));
         }
         // 2. Rows the changed rows reference, until nothing new is added.
-        let closure = closure_statements(tables, keys, "INSERT INTO", "ON CONFLICT DO NOTHING");
+        let closure = closure_statements(
+            tables,
+            keys,
+            TableMeta::pg_rows,
+            "INSERT INTO",
+            "ON CONFLICT DO NOTHING",
+        );
         // Tables whose key set the closure added to: their rows are read by
         // key; the others' by the change column's range that selected them.
         let mut grown = std::collections::HashSet::new();
@@ -189,7 +196,7 @@ impl PgSource {
                 // In key order, so that an unchanged table fingerprints the same.
                 format!(
                     "{name} t ORDER BY {pk}",
-                    name = t.info.name.quoted(),
+                    name = t.pg_rows(),
                     pk = column_list(Some("t"), &t.info.primary_key)
                 )
             } else if let Some((filter, _)) = by_range {
@@ -197,11 +204,11 @@ impl PgSource {
                 // snapshot: read it again by the change column's index. The
                 // join by key costs three times as much (10,000 index probes),
                 // or a scan of the whole table when the planner prefers one.
-                format!("{name} t {filter}", name = t.info.name.quoted())
+                format!("{name} t {filter}", name = t.pg_rows())
             } else {
                 format!(
                     "{name} t JOIN {k} k ON {on}",
-                    name = t.info.name.quoted(),
+                    name = t.pg_rows(),
                     k = keys(i),
                     on = join_on("t", &t.info.primary_key, "k", &t.info.primary_key),
                 )
@@ -241,8 +248,8 @@ impl PgSource {
                     "SELECT '{{\"op\":\"delete\",\"key\":' || k || '}}' FROM (
                        SELECT DISTINCT d.key::text AS k FROM ferry.deleted_rows d
                        WHERE d.table_name = $1 AND {since}
-                         AND NOT EXISTS (SELECT 1 FROM {name} t WHERE {exists})) x",
-                    name = t.info.name.quoted(),
+                         AND NOT EXISTS (SELECT 1 FROM {rows} t WHERE {exists})) x",
+                    rows = t.pg_rows(),
                     since = if wm.is_some() {
                         "d.deleted_at >= $2::timestamptz"
                     } else {
