@@ -604,6 +604,15 @@ async fn copy_worker(
     mut rx: mpsc::Receiver<Work>,
 ) -> Result<u64, LoadError> {
     let mut conn = session(&url).await?;
+    // A copy connection touches only staging tables, which nothing but the
+    // other copy connections locks, and they all commit only at the end: a
+    // lock wait here is one loader waiting for another, a deadlock PostgreSQL
+    // cannot see. Give up after a minute; the load then runs in one
+    // transaction.
+    sqlx::raw_sql("SET lock_timeout = '60s'")
+        .execute(&mut conn)
+        .await
+        .map_err(LoadError::db("setting up a copy connection"))?;
     let mut tx = conn
         .begin()
         .await
