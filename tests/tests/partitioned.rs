@@ -296,4 +296,26 @@ async fn inherited_tables_travel_with_their_own_rows() {
     assert_eq!(own("viz").await, own("app").await);
     site.send_and_load("complete");
     assert_eq!(own("viz").await, own("app").await);
+
+    // The child without its parent: refused, both named, nothing written.
+    let config = std::fs::read_to_string(site.path("sender.toml"))
+        .unwrap()
+        .replace("\"public.audit\"", "\"public.base\"");
+    std::fs::write(site.path("sender-no-base.toml"), config).unwrap();
+    let before = outbox_files(&site.path("sstate/outbox"));
+    let out = Command::new(binary("ferry-sender"))
+        .arg("--config")
+        .arg(site.path("sender-no-base.toml"))
+        .args(["complete", "--no-push"])
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("table public.kid inherits from public.base, which is not selected")
+            && err.contains("select public.base too")
+            && err.contains("or exclude public.kid"),
+        "{err}"
+    );
+    assert_eq!(outbox_files(&site.path("sstate/outbox")), before);
 }

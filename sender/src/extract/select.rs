@@ -17,6 +17,8 @@ pub struct CatalogTable {
     pub size_hint: i64,
     /// A PostgreSQL partitioned table's layout (see [`super::TableMeta`]).
     pub partitions: Option<String>,
+    /// The tables it inherits from (PostgreSQL `INHERITS`; not partitions).
+    pub inherits: Vec<ferry_common::TableName>,
 }
 
 fn matches(patterns: &[glob::Pattern], name: &str) -> bool {
@@ -86,10 +88,18 @@ pub fn resolve(
     let mut selected = Vec::new();
     // The `[partial.tables]` stanzas that apply to a selected table.
     let mut used: HashSet<&str> = HashSet::new();
+    // Selected tables that inherit, with their parents.
+    let mut heirs: Vec<(String, Vec<String>)> = Vec::new();
     for t in catalog {
         let key = t.info.name.to_string();
         if (!include.is_empty() && !matches(&include, &key)) || matches(&exclude, &key) {
             continue;
+        }
+        if !t.inherits.is_empty() {
+            heirs.push((
+                key.clone(),
+                t.inherits.iter().map(|p| p.to_string()).collect(),
+            ));
         }
         let rule = config.table_rule(&key);
         if let Some((k, _)) = rule {
@@ -207,6 +217,17 @@ pub fn resolve(
         });
     }
     let names: HashSet<String> = selected.iter().map(TableMeta::key).collect();
+    // Its DDL (`CREATE TABLE … INHERITS`) names the parent: without it the
+    // receiver could not create the table.
+    for (child, parents) in &heirs {
+        for parent in parents.iter().filter(|p| !names.contains(*p)) {
+            problems.push(format!(
+                "table {child} inherits from {parent}, which is not selected: the receiver \
+                 cannot create {child} without it; select {parent} too (each table travels \
+                 with its own rows) or exclude {child}"
+            ));
+        }
+    }
     for key in config.partial.tables.keys() {
         if !used.contains(key.as_str()) {
             problems.push(format!(

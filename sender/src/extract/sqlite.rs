@@ -99,6 +99,7 @@ impl SqliteSource {
                 indexed_first: HashSet::new(),
                 size_hint: 0,
                 partitions: None,
+                inherits: Vec::new(),
             };
             let mut pk: Vec<(i64, String)> = Vec::new();
             for c in cols {

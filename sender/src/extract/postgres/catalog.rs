@@ -63,6 +63,7 @@ impl PgSource {
                     indexed_first: HashSet::new(),
                     size_hint: col(&r, "pages")?,
                     partitions: col(&r, "partitions")?,
+                    inherits: Vec::new(),
                 },
             ));
         }
@@ -77,6 +78,22 @@ impl PgSource {
         .fetch_all(&mut self.conn)
         .await
         .map_err(ExtractError::db("listing partitions"))?;
+        let inherited: Vec<(String, String, String, String)> = sqlx::query_as(
+            "SELECT cn.nspname::text, c.relname::text, pn.nspname::text, p.relname::text
+             FROM pg_inherits i
+             JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
+             JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace
+             WHERE NOT c.relispartition ORDER BY i.inhseqno",
+        )
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(ExtractError::db("listing inherited tables"))?;
+        for (cs, c, ps, p) in inherited {
+            let child = TableName::new(Some(&cs), &c);
+            if let Some((_, t)) = tables.iter_mut().find(|(_, t)| t.info.name == child) {
+                t.inherits.push(TableName::new(Some(&ps), &p));
+            }
+        }
         self.partitions.clear();
         for (s, t, ps, p) in parts {
             self.partitions
