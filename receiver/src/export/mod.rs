@@ -716,18 +716,12 @@ async fn postgres(
             .map(|c| quote(&c.name))
             .collect::<Vec<_>>()
             .join(", ");
-        // A table's own rows (not those of tables inheriting from it); a
-        // partitioned table's are its partitions'.
-        let partitioned: bool =
-            sqlx::query_scalar("SELECT relkind = 'p' FROM pg_class WHERE oid = $1::regclass")
-                .bind(&qualified)
-                .fetch_one(&mut conn)
-                .await?;
-        let only = if partitioned { "" } else { "ONLY " };
+        // A table's own rows (not those of tables inheriting from it).
+        let rows = crate::load::postgres::rows_of(&mut conn, &qualified).await?;
         let mut out = Out::create(stage, &table, cols)?;
         copy_into(
             &mut conn,
-            &format!("COPY (SELECT {select} FROM {only}{qualified}) TO STDOUT"),
+            &format!("COPY (SELECT {select} FROM {rows}) TO STDOUT"),
             &mut out,
         )
         .await?;

@@ -615,15 +615,14 @@ pub(super) async fn run_script(
 }
 
 /// Refuses a partial whose tables or columns the target lacks (schema drift: a
-/// complete is needed), naming what is missing.
-/// Checks every table exists on the target with every column; returns, for
-/// each, the name its deletes go to (see [`rows_of`]).
+/// complete is needed), naming what is missing. Returns, for each table, the
+/// name its deletes go to (see [`rows_of`]).
 async fn check_tables(conn: &mut PgConnection, tables: &[Table]) -> Result<Vec<String>, LoadError> {
     let mut targets = Vec::with_capacity(tables.len());
     for t in tables {
         let schema = t.name.schema.clone().unwrap_or_else(|| "public".into());
-        let cols: Vec<String> = sqlx::query_scalar(
-            "SELECT a.attname::text FROM pg_attribute a
+        let cols: Vec<(String, bool)> = sqlx::query_as(
+            "SELECT a.attname::text, c.relkind = 'p' FROM pg_attribute a
              JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
         )
@@ -632,21 +631,25 @@ async fn check_tables(conn: &mut PgConnection, tables: &[Table]) -> Result<Vec<S
         .fetch_all(&mut *conn)
         .await
         .map_err(LoadError::db(format!("checking table {}", t.name)))?;
-        if cols.is_empty() {
+        let Some(&(_, partitioned)) = cols.first() else {
             return Err(LoadError::Refused(format!(
                 "table {} does not exist on the target; a complete bundle creates it \
                  (ferry-sender complete)",
                 t.name
             )));
-        }
-        if let Some(c) = t.columns.iter().find(|c| !cols.contains(&c.name)) {
+        };
+        if let Some(c) = t
+            .columns
+            .iter()
+            .find(|c| !cols.iter().any(|(name, _)| *name == c.name))
+        {
             return Err(LoadError::Refused(format!(
                 "table {} on the target has no column {:?}; the source's schema changed: \
                  take a complete (ferry-sender complete)",
                 t.name, c.name
             )));
         }
-        targets.push(rows_of(conn, &t.name.quoted()).await?);
+        targets.push(rows_name(&t.name.quoted(), partitioned));
     }
     Ok(targets)
 }
@@ -657,11 +660,15 @@ async fn check_tables(conn: &mut PgConnection, tables: &[Table]) -> Result<Vec<S
 /// bare name for a partitioned table, whose rows are all its partitions'
 /// (`ONLY` would mean none).
 pub(crate) async fn rows_of(conn: &mut PgConnection, table: &str) -> Result<String, LoadError> {
-    Ok(if partitioned(conn, table).await? {
+    Ok(rows_name(table, partitioned(conn, table).await?))
+}
+
+fn rows_name(table: &str, partitioned: bool) -> String {
+    if partitioned {
         table.to_owned()
     } else {
         format!("ONLY {table}")
-    })
+    }
 }
 
 /// Whether `table` (a quoted name) is a partitioned table on the target.

@@ -13,19 +13,7 @@ impl PgSource {
     pub async fn catalog(&mut self) -> Result<Vec<CatalogTable>, ExtractError> {
         let rows = sqlx::query(
             "SELECT c.oid::int8 AS oid, n.nspname::text AS schema, c.relname::text AS name,
-                    CASE c.relkind WHEN 'p' THEN
-                      (SELECT string_agg(format('%I.%I %s %s', pn.nspname, p.relname,
-                                                coalesce(pg_get_expr(p.relpartbound, p.oid), '-'),
-                                                coalesce(pg_get_partkeydef(p.oid), '-')),
-                                         E'\n' ORDER BY pn.nspname, p.relname)
-                       FROM pg_partition_tree(c.oid) t JOIN pg_class p ON p.oid = t.relid
-                       JOIN pg_namespace pn ON pn.oid = p.relnamespace)
-                    END AS partitions,
-                    -- a partitioned table's size is its partitions'
-                    CASE c.relkind WHEN 'p' THEN
-                      (SELECT coalesce(sum(greatest(p.relpages, 0)), 0)
-                       FROM pg_partition_tree(c.oid) t JOIN pg_class p ON p.oid = t.relid)
-                    ELSE greatest(c.relpages, 0) END::int8 AS pages
+                    greatest(c.relpages, 0)::int8 AS pages
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
                AND n.nspname <> 'information_schema'
@@ -62,47 +50,72 @@ impl PgSource {
                     change_kinds: HashMap::new(),
                     indexed_first: HashSet::new(),
                     size_hint: col(&r, "pages")?,
-                    partitions: col(&r, "partitions")?,
+                    partitions: None,
                     inherits: Vec::new(),
                 },
             ));
         }
         self.all_tables = tables.iter().map(|(_, t)| t.info.name.clone()).collect();
-        let parts: Vec<(String, String, String, String)> = sqlx::query_as(
-            "SELECT n.nspname::text, c.relname::text, pn.nspname::text, p.relname::text
-             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
-                  pg_partition_tree(c.oid) t JOIN pg_class p ON p.oid = t.relid
-                  JOIN pg_namespace pn ON pn.oid = p.relnamespace
-             WHERE c.relkind = 'p' AND NOT c.relispartition AND t.relid <> c.oid",
+        let oids: Vec<i64> = tables.iter().map(|(o, _)| *o).collect();
+        let by_oid: HashMap<i64, usize> = oids.iter().enumerate().map(|(i, o)| (*o, i)).collect();
+
+        // Partitioned tables: every member of each one's tree (itself first),
+        // for its layout (see `TableMeta::partitions`), its size (its
+        // partitions') and the partitions pg_dump must leave out with it.
+        let tree: Vec<(i64, String, String, String, i64)> = sqlx::query_as(
+            "SELECT c.oid::int8, pn.nspname::text, p.relname::text,
+                    format('%I.%I %s %s', pn.nspname, p.relname,
+                           coalesce(pg_get_expr(p.relpartbound, p.oid), '-'),
+                           coalesce(pg_get_partkeydef(p.oid), '-')),
+                    greatest(p.relpages, 0)::int8
+             FROM pg_class c, pg_partition_tree(c.oid) t
+             JOIN pg_class p ON p.oid = t.relid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+             WHERE c.relkind = 'p' AND NOT c.relispartition
+             ORDER BY c.oid, t.relid <> c.oid, pn.nspname, p.relname",
         )
         .fetch_all(&mut self.conn)
         .await
         .map_err(ExtractError::db("listing partitions"))?;
-        let inherited: Vec<(String, String, String, String)> = sqlx::query_as(
-            "SELECT cn.nspname::text, c.relname::text, pn.nspname::text, p.relname::text
-             FROM pg_inherits i
-             JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
+        self.partitions.clear();
+        for (root, schema, name, line, pages) in tree {
+            let Some(&i) = by_oid.get(&root) else {
+                continue;
+            };
+            let t = &mut tables[i].1;
+            match &mut t.partitions {
+                // The table itself: the partitions' pages are its size.
+                None => {
+                    t.partitions = Some(line);
+                    t.size_hint = 0;
+                }
+                Some(layout) => {
+                    layout.push('\n');
+                    layout.push_str(&line);
+                    self.partitions
+                        .entry(t.info.name.clone())
+                        .or_default()
+                        .push(TableName::new(Some(&schema), &name));
+                }
+            }
+            t.size_hint += pages;
+        }
+        let inherited: Vec<(i64, String, String)> = sqlx::query_as(
+            "SELECT i.inhrelid::int8, pn.nspname::text, p.relname::text
+             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
              JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace
-             WHERE NOT c.relispartition ORDER BY i.inhseqno",
+             WHERE NOT c.relispartition ORDER BY i.inhrelid, i.inhseqno",
         )
         .fetch_all(&mut self.conn)
         .await
         .map_err(ExtractError::db("listing inherited tables"))?;
-        for (cs, c, ps, p) in inherited {
-            let child = TableName::new(Some(&cs), &c);
-            if let Some((_, t)) = tables.iter_mut().find(|(_, t)| t.info.name == child) {
-                t.inherits.push(TableName::new(Some(&ps), &p));
+        for (child, schema, name) in inherited {
+            if let Some(&i) = by_oid.get(&child) {
+                tables[i]
+                    .1
+                    .inherits
+                    .push(TableName::new(Some(&schema), &name));
             }
         }
-        self.partitions.clear();
-        for (s, t, ps, p) in parts {
-            self.partitions
-                .entry(TableName::new(Some(&s), &t))
-                .or_default()
-                .push(TableName::new(Some(&ps), &p));
-        }
-        let oids: Vec<i64> = tables.iter().map(|(o, _)| *o).collect();
-        let by_oid: HashMap<i64, usize> = oids.iter().enumerate().map(|(i, o)| (*o, i)).collect();
 
         let cols = sqlx::query(
             "SELECT a.attrelid::int8 AS rel, a.attname::text AS name,

@@ -467,9 +467,10 @@ async fn copy_table(
     let mut rows = 0u64;
     // A partitioned table's rows are read through it: `COPY` of the table
     // itself is refused, and its partitions are not listed as tables.
-    let from = match table.partitions.is_some() {
-        true => format!("(SELECT * FROM {})", table.info.name.quoted()),
-        false => table.info.name.quoted(),
+    let from = if table.partitions.is_some() {
+        format!("(SELECT * FROM {})", table.info.name.quoted())
+    } else {
+        table.info.name.quoted()
     };
     let sql = match binary {
         true => format!("COPY {from} TO STDOUT (FORMAT binary)"),
